@@ -1,0 +1,288 @@
+//! A tenant's two-factor settings and the combinations that make sense.
+
+use chrono::Duration;
+use serde::{Deserialize, Serialize};
+
+use crate::values::{Method, Role};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Enforcement {
+    EveryLogin,
+    UnrecognizedDevices,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Enrollment {
+    Optional,
+    Required,
+}
+
+/// The code timeouts an admin can choose from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CodeTimeout {
+    #[serde(rename = "2m")]
+    M2,
+    #[serde(rename = "5m")]
+    M5,
+    #[serde(rename = "15m")]
+    M15,
+    #[serde(rename = "30m")]
+    M30,
+    #[serde(rename = "60m")]
+    M60,
+    #[serde(rename = "4h")]
+    H4,
+    #[serde(rename = "12h")]
+    H12,
+}
+
+impl CodeTimeout {
+    pub fn duration(&self) -> Duration {
+        match self {
+            CodeTimeout::M2 => Duration::minutes(2),
+            CodeTimeout::M5 => Duration::minutes(5),
+            CodeTimeout::M15 => Duration::minutes(15),
+            CodeTimeout::M30 => Duration::minutes(30),
+            CodeTimeout::M60 => Duration::minutes(60),
+            CodeTimeout::H4 => Duration::hours(4),
+            CodeTimeout::H12 => Duration::hours(12),
+        }
+    }
+}
+
+/// Consecutive wrong codes before the user is locked out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaxInvalidAttempts {
+    #[serde(rename = "3")]
+    Three,
+    #[serde(rename = "5")]
+    Five,
+    #[serde(rename = "10")]
+    Ten,
+    /// "No limit" still locks after [`MaxInvalidAttempts::UNLIMITED_CAP`] failures in a row.
+    Unlimited,
+}
+
+impl MaxInvalidAttempts {
+    pub const UNLIMITED_CAP: u32 = 100;
+
+    pub fn limit(&self) -> u32 {
+        match self {
+            MaxInvalidAttempts::Three => 3,
+            MaxInvalidAttempts::Five => 5,
+            MaxInvalidAttempts::Ten => 10,
+            MaxInvalidAttempts::Unlimited => Self::UNLIMITED_CAP,
+        }
+    }
+}
+
+/// How often the code of one challenge may be sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResendLimit {
+    #[serde(rename = "3")]
+    Three,
+    #[serde(rename = "5")]
+    Five,
+    Unlimited,
+}
+
+impl ResendLimit {
+    pub fn limit(&self) -> Option<u32> {
+        match self {
+            ResendLimit::Three => Some(3),
+            ResendLimit::Five => Some(5),
+            ResendLimit::Unlimited => None,
+        }
+    }
+}
+
+/// Who is asked for a second factor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Scope {
+    AllUsers,
+    SelectedRoles {
+        roles: Vec<Role>,
+    },
+    /// Only users an admin has switched on one by one.
+    PerUser,
+    /// Users who opt in themselves.
+    Voluntary,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TwoFactorSettings {
+    pub enabled: bool,
+    pub enforcement: Enforcement,
+    pub allowed_methods: Vec<Method>,
+    pub default_method: Method,
+    pub allow_fallback: bool,
+    pub enrollment: Enrollment,
+    pub code_timeout: CodeTimeout,
+    pub max_invalid_attempts: MaxInvalidAttempts,
+    pub resend_limit: ResendLimit,
+    pub sms_provider: Option<String>,
+    pub scope: Scope,
+    pub replace_backup_codes_on_use: bool,
+    /// Session lifetime in seconds.
+    pub session_duration_secs: i64,
+}
+
+impl Default for TwoFactorSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            enforcement: Enforcement::UnrecognizedDevices,
+            allowed_methods: vec![Method::Email],
+            default_method: Method::Email,
+            allow_fallback: true,
+            enrollment: Enrollment::Optional,
+            code_timeout: CodeTimeout::H4,
+            max_invalid_attempts: MaxInvalidAttempts::Three,
+            resend_limit: ResendLimit::Unlimited,
+            sms_provider: None,
+            scope: Scope::AllUsers,
+            replace_backup_codes_on_use: false,
+            session_duration_secs: 90 * 24 * 3600,
+        }
+    }
+}
+
+/// A refused combination, naming the field an admin has to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SettingsError {
+    pub field: &'static str,
+    pub message: &'static str,
+}
+
+impl TwoFactorSettings {
+    pub const MIN_SESSION_SECS: i64 = 5 * 60;
+    pub const MAX_SESSION_SECS: i64 = 400 * 24 * 3600;
+
+    pub fn session_duration(&self) -> Duration {
+        Duration::seconds(self.session_duration_secs)
+    }
+
+    pub fn allows(&self, method: Method) -> bool {
+        self.allowed_methods.contains(&method)
+    }
+
+    /// Checks the combination; returns the settings with methods in canonical order.
+    pub fn validated(mut self) -> Result<Self, SettingsError> {
+        let err = |field, message| Err(SettingsError { field, message });
+        self.allowed_methods.sort();
+        self.allowed_methods.dedup();
+        if self.allowed_methods.is_empty() {
+            return err("allowed_methods", "allow at least one method");
+        }
+        if !self.allows(self.default_method) {
+            return err("default_method", "must be one of the allowed methods");
+        }
+        if self.allows(Method::Sms)
+            && self
+                .sms_provider
+                .as_deref()
+                .is_none_or(|p| p.trim().is_empty())
+        {
+            return err(
+                "sms_provider",
+                "an SMS provider is required when SMS is allowed",
+            );
+        }
+        if self.enrollment == Enrollment::Required && !self.allows(Method::Totp) {
+            return err(
+                "enrollment",
+                "required enrollment needs the authenticator app (totp) among the allowed methods",
+            );
+        }
+        if let Scope::SelectedRoles { roles } = &self.scope {
+            if roles.is_empty() {
+                return err("scope", "select at least one role");
+            }
+        }
+        if !(Self::MIN_SESSION_SECS..=Self::MAX_SESSION_SECS).contains(&self.session_duration_secs)
+        {
+            return err(
+                "session_duration_secs",
+                "must be between 5 minutes and 400 days",
+            );
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_as_documented() {
+        let s = TwoFactorSettings::default().validated().unwrap();
+        assert!(!s.enabled);
+        assert_eq!(s.code_timeout.duration(), Duration::hours(4));
+        assert_eq!(s.max_invalid_attempts.limit(), 3);
+        assert_eq!(s.resend_limit.limit(), None);
+        assert_eq!(s.session_duration(), Duration::days(90));
+    }
+
+    #[test]
+    fn refused_combinations_name_their_field() {
+        let base = TwoFactorSettings::default();
+        let cases = [
+            (
+                TwoFactorSettings {
+                    allowed_methods: vec![],
+                    ..base.clone()
+                },
+                "allowed_methods",
+            ),
+            (
+                TwoFactorSettings {
+                    default_method: Method::Totp,
+                    ..base.clone()
+                },
+                "default_method",
+            ),
+            (
+                TwoFactorSettings {
+                    allowed_methods: vec![Method::Email, Method::Sms],
+                    ..base.clone()
+                },
+                "sms_provider",
+            ),
+            (
+                TwoFactorSettings {
+                    enrollment: Enrollment::Required,
+                    ..base.clone()
+                },
+                "enrollment",
+            ),
+            (
+                TwoFactorSettings {
+                    session_duration_secs: 10,
+                    ..base.clone()
+                },
+                "session_duration_secs",
+            ),
+        ];
+        for (settings, field) in cases {
+            assert_eq!(settings.validated().unwrap_err().field, field);
+        }
+    }
+
+    #[test]
+    fn settings_round_trip_through_json_with_the_documented_names() {
+        let json = serde_json::to_value(TwoFactorSettings::default()).unwrap();
+        assert_eq!(json["code_timeout"], "4h");
+        assert_eq!(json["max_invalid_attempts"], "3");
+        assert_eq!(json["resend_limit"], "unlimited");
+        let back: TwoFactorSettings = serde_json::from_value(json).unwrap();
+        assert_eq!(back, TwoFactorSettings::default());
+    }
+}

@@ -1,0 +1,35 @@
+//! Why a user command was refused (refusals write no event).
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserError {
+    #[error("the user already exists")]
+    AlreadyExists,
+    #[error("no such user")]
+    NotFound,
+    #[error("no such challenge, or it is already finished")]
+    ChallengeNotFound,
+    #[error("the challenge has expired")]
+    ChallengeExpired,
+    #[error("the account is locked")]
+    LockedOut,
+    #[error("the resend limit of this challenge is reached")]
+    ResendLimitReached,
+    #[error("this method has no code to resend")]
+    NothingToResend,
+    #[error("that method is not available for this challenge")]
+    MethodNotAvailable,
+    #[error("the code does not fit the challenge's method")]
+    ProofDoesNotFitChallenge,
+    #[error("no such session")]
+    SessionNotFound,
+    #[error("an authenticator app is already enrolled")]
+    AlreadyEnrolled,
+    #[error("no authenticator enrollment is in progress")]
+    NoEnrollmentInProgress,
+    #[error("exactly {expected} backup codes are issued at once")]
+    WrongBackupCodeCount { expected: usize },
+    #[error("the user is not locked")]
+    NotLocked,
+    #[error("a reason is required for this admin action")]
+    ReasonRequired,
+}

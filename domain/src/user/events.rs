@@ -1,0 +1,247 @@
+//! What happened to a user: the audit record of their account and sign-ins.
+//! Shipped event shapes are versioned (`event_version`), never silently changed.
+
+use chrono::{DateTime, Utc};
+use cqrs_es::DomainEvent;
+use serde::{Deserialize, Serialize};
+
+use crate::context::Ctx;
+use crate::ids::{ChallengeId, SessionId, TenantId, UserId};
+use crate::secrets::{PasswordHash, SealedSecret, SecretHash};
+use crate::values::{Email, Method, Phone, Role, Username};
+
+/// Why a sign-in opened a session without a second factor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// The tenant's master toggle is off.
+    TwoFactorDisabled,
+    /// Service accounts sign in for API access and are exempt.
+    ServiceAccount,
+    /// None of the tenant's allowed methods is set up for this user.
+    NoMethodAvailable,
+}
+
+/// How a challenge was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProofKind {
+    Totp,
+    Email,
+    Sms,
+    BackupCode,
+}
+
+impl From<Method> for ProofKind {
+    fn from(m: Method) -> Self {
+        match m {
+            Method::Totp => ProofKind::Totp,
+            Method::Email => ProofKind::Email,
+            Method::Sms => ProofKind::Sms,
+        }
+    }
+}
+
+impl ProofKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ProofKind::Totp => "totp",
+            ProofKind::Email => "email",
+            ProofKind::Sms => "sms",
+            ProofKind::BackupCode => "backup_code",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectionReason {
+    WrongCode,
+    /// A TOTP time step that was already accepted once.
+    ReusedTimeStep,
+}
+
+/// Whether and how a session's sign-in used a second factor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "two_factor")]
+pub enum SecondFactorUse {
+    Used { method: ProofKind },
+    Skipped { reason: SkipReason },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionEndReason {
+    SignedOut,
+    /// The user reached the cap of active sessions; the oldest made room.
+    Evicted,
+    Revoked,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum UserEvent {
+    UserRegistered {
+        user_id: UserId,
+        tenant_id: TenantId,
+        username: Username,
+        email: Option<Email>,
+        phone: Option<Phone>,
+        roles: Vec<Role>,
+        service_account: bool,
+        password_hash: PasswordHash,
+        ctx: Ctx,
+    },
+    PasswordRejected {
+        ctx: Ctx,
+    },
+    /// The right password, but the account is locked.
+    SignInRefusedLocked {
+        ctx: Ctx,
+    },
+    SecondFactorSkipped {
+        reason: SkipReason,
+        ctx: Ctx,
+    },
+    ChallengeIssued {
+        challenge_id: ChallengeId,
+        method: Method,
+        methods: Vec<Method>,
+        token_hash: SecretHash,
+        expires_at: DateTime<Utc>,
+        resend_limit: Option<u32>,
+        ctx: Ctx,
+    },
+    CodeResent {
+        challenge_id: ChallengeId,
+        method: Method,
+        generation: u32,
+        resends: u32,
+        ctx: Ctx,
+    },
+    ChallengeMethodSwitched {
+        challenge_id: ChallengeId,
+        from: Method,
+        to: Method,
+        generation: u32,
+        ctx: Ctx,
+    },
+    CodeRejected {
+        challenge_id: ChallengeId,
+        proof: ProofKind,
+        reason: RejectionReason,
+        failures: u32,
+        ctx: Ctx,
+    },
+    UserLockedOut {
+        failures: u32,
+        ended_sessions: Vec<SessionId>,
+        ctx: Ctx,
+    },
+    ChallengeExpired {
+        challenge_id: ChallengeId,
+        ctx: Ctx,
+    },
+    CodeVerified {
+        challenge_id: ChallengeId,
+        method: Method,
+        totp_step: Option<u64>,
+        ctx: Ctx,
+    },
+    BackupCodeUsed {
+        challenge_id: ChallengeId,
+        slot: usize,
+        remaining: usize,
+        ctx: Ctx,
+    },
+    SessionStarted {
+        session_id: SessionId,
+        token_hash: SecretHash,
+        expires_at: DateTime<Utc>,
+        second_factor: SecondFactorUse,
+        ctx: Ctx,
+    },
+    SessionEnded {
+        session_id: SessionId,
+        reason: SessionEndReason,
+        ctx: Ctx,
+    },
+    TotpEnrollmentStarted {
+        sealed: SealedSecret,
+        ctx: Ctx,
+    },
+    EnrollmentCodeRejected {
+        ctx: Ctx,
+    },
+    EnrollmentCompleted {
+        method: Method,
+        totp_step: u64,
+        ctx: Ctx,
+    },
+    BackupCodesIssued {
+        hashes: Vec<SecretHash>,
+        ctx: Ctx,
+    },
+    UserUnlocked {
+        ctx: Ctx,
+    },
+}
+
+impl UserEvent {
+    pub fn ctx(&self) -> &Ctx {
+        match self {
+            UserEvent::UserRegistered { ctx, .. }
+            | UserEvent::PasswordRejected { ctx }
+            | UserEvent::SignInRefusedLocked { ctx }
+            | UserEvent::SecondFactorSkipped { ctx, .. }
+            | UserEvent::ChallengeIssued { ctx, .. }
+            | UserEvent::CodeResent { ctx, .. }
+            | UserEvent::ChallengeMethodSwitched { ctx, .. }
+            | UserEvent::CodeRejected { ctx, .. }
+            | UserEvent::UserLockedOut { ctx, .. }
+            | UserEvent::ChallengeExpired { ctx, .. }
+            | UserEvent::CodeVerified { ctx, .. }
+            | UserEvent::BackupCodeUsed { ctx, .. }
+            | UserEvent::SessionStarted { ctx, .. }
+            | UserEvent::SessionEnded { ctx, .. }
+            | UserEvent::TotpEnrollmentStarted { ctx, .. }
+            | UserEvent::EnrollmentCodeRejected { ctx }
+            | UserEvent::EnrollmentCompleted { ctx, .. }
+            | UserEvent::BackupCodesIssued { ctx, .. }
+            | UserEvent::UserUnlocked { ctx } => ctx,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            UserEvent::UserRegistered { .. } => "UserRegistered",
+            UserEvent::PasswordRejected { .. } => "PasswordRejected",
+            UserEvent::SignInRefusedLocked { .. } => "SignInRefusedLocked",
+            UserEvent::SecondFactorSkipped { .. } => "SecondFactorSkipped",
+            UserEvent::ChallengeIssued { .. } => "ChallengeIssued",
+            UserEvent::CodeResent { .. } => "CodeResent",
+            UserEvent::ChallengeMethodSwitched { .. } => "ChallengeMethodSwitched",
+            UserEvent::CodeRejected { .. } => "CodeRejected",
+            UserEvent::UserLockedOut { .. } => "UserLockedOut",
+            UserEvent::ChallengeExpired { .. } => "ChallengeExpired",
+            UserEvent::CodeVerified { .. } => "CodeVerified",
+            UserEvent::BackupCodeUsed { .. } => "BackupCodeUsed",
+            UserEvent::SessionStarted { .. } => "SessionStarted",
+            UserEvent::SessionEnded { .. } => "SessionEnded",
+            UserEvent::TotpEnrollmentStarted { .. } => "TotpEnrollmentStarted",
+            UserEvent::EnrollmentCodeRejected { .. } => "EnrollmentCodeRejected",
+            UserEvent::EnrollmentCompleted { .. } => "EnrollmentCompleted",
+            UserEvent::BackupCodesIssued { .. } => "BackupCodesIssued",
+            UserEvent::UserUnlocked { .. } => "UserUnlocked",
+        }
+    }
+}
+
+impl DomainEvent for UserEvent {
+    fn event_type(&self) -> String {
+        self.name().to_string()
+    }
+
+    fn event_version(&self) -> String {
+        "1.0".to_string()
+    }
+}

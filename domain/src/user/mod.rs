@@ -1,0 +1,34 @@
+//! The user: credentials, factors, lockout, and the sign-ins with their
+//! challenges and sessions.
+//!
+//! Sign-ins live on the user's own event stream rather than in an aggregate of
+//! their own: failures count per user across challenges, a TOTP step and a
+//! backup code may be used once, and lockout must hold under parallel guessing.
+//! One stream gives all of that from the event store's optimistic concurrency
+//! alone. Snapshots keep a user with a long history as fast to load as a new one,
+//! and finished challenges and expired sessions are pruned from the state.
+
+mod aggregate;
+pub mod challenge;
+mod commands;
+mod error;
+mod events;
+pub mod lockout;
+
+pub use aggregate::{BackupCodeSlot, SessionState, TotpFactor, TwoFactorState, User};
+pub use challenge::Challenge;
+pub use commands::{
+    ChallengeRef, NewChallenge, NewSession, Proof, SignIn, UserCommand, VerifyCode,
+};
+pub use error::UserError;
+pub use events::{
+    ProofKind, RejectionReason, SecondFactorUse, SessionEndReason, SkipReason, UserEvent,
+};
+pub use lockout::Lockout;
+
+/// Backup codes issued at enrollment and on regeneration.
+pub const BACKUP_CODE_COUNT: usize = 8;
+/// Active sessions kept per user; starting one more ends the oldest.
+pub const MAX_ACTIVE_SESSIONS: usize = 50;
+/// Open challenges kept per user; issuing one more drops the oldest.
+pub const MAX_OPEN_CHALLENGES: usize = 20;

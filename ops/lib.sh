@@ -1,0 +1,290 @@
+# shellcheck shell=bash
+# Helpers shared by ops/ scripts: make sure the local services and tools the
+# twofold test suite talks to (PostgreSQL, NATS JetStream, oathtool, zbarimg,
+# Debian python3 + aiosmtpd) are installed and running.
+#
+# Usage: source this file, then call ensure_postgres / ensure_nats /
+# ensure_packages PKG... / ensure_test_peers. Each returns non-zero after
+# printing a "twofold: ..." message on stderr that says what to do by hand.
+
+set -euo pipefail
+
+# Connection strings. The Rust tests read the TWOFOLD_TEST_* variables; the
+# admin URL is used to create one fresh database per test. Defaults are the
+# local services managed below (literal defaults, not derived from
+# DATABASE_URL, so tests never create databases somewhere unexpected).
+export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+export NATS_URL="${NATS_URL:-nats://127.0.0.1:4222}"
+export TWOFOLD_TEST_DATABASE_URL="${TWOFOLD_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+export TWOFOLD_TEST_NATS_URL="${TWOFOLD_TEST_NATS_URL:-nats://127.0.0.1:4222}"
+
+# CI runs with no stdin: never let apt, sudo or psql wait for an answer.
+export DEBIAN_FRONTEND=noninteractive
+
+# Set once apt-get update has run; exported so ops/test -> ops/deps shares it.
+export TWOFOLD_APT_UPDATED="${TWOFOLD_APT_UPDATED:-0}"
+
+TWOFOLD_PG_HOST=127.0.0.1
+TWOFOLD_PG_PORT=5432
+TWOFOLD_NATS_HOST=127.0.0.1
+TWOFOLD_NATS_PORT=4222
+# How long to wait for a service we just started to answer.
+TWOFOLD_WAIT_SECONDS="${TWOFOLD_WAIT_SECONDS:-30}"
+
+twofold_say() { printf 'twofold: %s\n' "$*" >&2; }
+
+# Run a command as root: directly if we are root, via passwordless sudo
+# otherwise. Returns 126 (without running anything) if neither is possible.
+twofold_as_root() {
+    if [[ $EUID -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        sudo -n "$@"
+    else
+        return 126
+    fi
+}
+
+twofold_can_root() {
+    [[ $EUID -eq 0 ]] || { command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; }
+}
+
+# Bounded TCP probe; plain bash, so it works without nc or pg_isready.
+twofold_tcp_open() {
+    timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
+}
+
+# Poll "$@" once a second until it succeeds or TWOFOLD_WAIT_SECONDS pass.
+twofold_wait_for() {
+    local i
+    for ((i = 0; i < TWOFOLD_WAIT_SECONDS; i++)); do
+        "$@" && return 0
+        sleep 1
+    done
+    "$@"
+}
+
+# apt-get update at most once per run (it is slow and hits the network).
+twofold_apt_update() {
+    [[ $TWOFOLD_APT_UPDATED == 1 ]] && return 0
+    twofold_say "running apt-get update"
+    # apt's chatter goes to stderr so stdout stays a clean summary.
+    twofold_as_root apt-get update -q >&2 || return 1
+    TWOFOLD_APT_UPDATED=1
+}
+
+# ensure_packages PKG...: install those Debian packages that are missing.
+ensure_packages() {
+    local pkg missing=()
+    for pkg in "$@"; do
+        if [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true) != "install ok installed" ]]; then
+            missing+=("$pkg")
+        fi
+    done
+    ((${#missing[@]} == 0)) && return 0
+
+    if ! command -v apt-get >/dev/null 2>&1 || ! twofold_can_root; then
+        twofold_say "missing Debian packages: ${missing[*]}; apt-get is not available or you are not root (and passwordless sudo is not set up): install them (sudo apt-get install ${missing[*]}), then rerun"
+        return 1
+    fi
+    twofold_apt_update || {
+        twofold_say "apt-get update failed (see output above); fix the apt sources/network, or install ${missing[*]} by hand, then rerun"
+        return 1
+    }
+    twofold_say "installing ${missing[*]}"
+    twofold_as_root apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 || {
+        twofold_say "apt-get install ${missing[*]} failed (see output above); install them by hand, then rerun"
+        return 1
+    }
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+
+twofold_pg_answers() {
+    if command -v pg_isready >/dev/null 2>&1; then
+        pg_isready -q -h "$TWOFOLD_PG_HOST" -p "$TWOFOLD_PG_PORT" -t 3
+    else
+        twofold_tcp_open "$TWOFOLD_PG_HOST" "$TWOFOLD_PG_PORT"
+    fi
+}
+
+twofold_pg_installed() {
+    compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || command -v pg_ctlcluster >/dev/null 2>&1
+}
+
+# Newest Debian cluster version that has a "main" cluster, e.g. "15".
+twofold_pg_version() {
+    local d
+    for d in /etc/postgresql/*/main; do
+        if [[ -d $d ]]; then basename "$(dirname "$d")"; fi
+    done | sort -V | tail -n 1
+}
+
+twofold_pg_start() {
+    local ver
+    ver=$(twofold_pg_version)
+    twofold_say "PostgreSQL is installed but not answering on $TWOFOLD_PG_HOST:$TWOFOLD_PG_PORT; starting it"
+    # No systemd in containers/CI: bypass the systemctl redirect.
+    if [[ -n $ver ]] && command -v pg_ctlcluster >/dev/null 2>&1 &&
+        twofold_as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main start; then
+        return 0
+    fi
+    twofold_as_root service postgresql start
+}
+
+# Make 127.0.0.1/::1 trust-authenticated for a cluster we just installed
+# (Debian defaults to scram-sha-256, and the tests connect without password).
+# pg_hba.conf is first-match, so prepend the rules.
+twofold_pg_trust_local() {
+    local ver hba tmp
+    ver=$(twofold_pg_version)
+    hba="/etc/postgresql/$ver/main/pg_hba.conf"
+    [[ -n $ver && -f $hba ]] || return 1
+    tmp=$(mktemp)
+    {
+        echo "# Added by twofold ops/lib.sh for LOCAL DEVELOPMENT: passwordless TCP from this host."
+        echo "host all all 127.0.0.1/32 trust"
+        echo "host all all ::1/128 trust"
+        twofold_as_root cat "$hba"
+    } >"$tmp"
+    twofold_as_root cp "$tmp" "$hba" || { rm -f "$tmp"; return 1; }
+    rm -f "$tmp"
+    twofold_say "configured $hba for trust auth on 127.0.0.1/::1 (local development only) and reloading PostgreSQL"
+    twofold_as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main reload ||
+        twofold_as_root service postgresql reload
+}
+
+twofold_pg_query_ok() {
+    PGCONNECT_TIMEOUT=5 psql -w -X -q -t -A "$TWOFOLD_TEST_DATABASE_URL" -c 'select 1' >/dev/null 2>&1
+}
+
+ensure_postgres() {
+    local fresh=0
+    if ! twofold_pg_answers; then
+        if ! twofold_pg_installed; then
+            if ! command -v apt-get >/dev/null 2>&1 || ! twofold_can_root; then
+                twofold_say "PostgreSQL is not installed and apt-get is not available or you are not root (and passwordless sudo is not set up): install the Debian package postgresql (sudo apt-get install postgresql) and start it, then rerun"
+                return 1
+            fi
+            ensure_packages postgresql || return 1
+            fresh=1
+        fi
+        # The package's postinst may already have started it.
+        if ! twofold_pg_answers; then
+            if ! twofold_can_root; then
+                twofold_say "PostgreSQL is installed but not running, and you are not root (and passwordless sudo is not set up): start it (sudo pg_ctlcluster <version> main start, or sudo service postgresql start), then rerun"
+                return 1
+            fi
+            twofold_pg_start || true
+            if ! twofold_wait_for twofold_pg_answers; then
+                twofold_say "started PostgreSQL but it does not answer on $TWOFOLD_PG_HOST:$TWOFOLD_PG_PORT after ${TWOFOLD_WAIT_SECONDS}s: check /var/log/postgresql/ and that the cluster listens on port $TWOFOLD_PG_PORT (pg_lsclusters), then rerun"
+                return 1
+            fi
+        fi
+    fi
+
+    if ! command -v psql >/dev/null 2>&1; then
+        twofold_say "PostgreSQL answers but the psql client is missing: install the Debian package postgresql-client (sudo apt-get install postgresql-client), then rerun"
+        return 1
+    fi
+    if ! twofold_pg_query_ok && ((fresh == 1)); then
+        twofold_pg_trust_local || true
+        twofold_wait_for twofold_pg_query_ok || true
+    fi
+    if ! twofold_pg_query_ok; then
+        twofold_say "PostgreSQL answers but 'psql $TWOFOLD_TEST_DATABASE_URL -c \"select 1\"' fails: the tests connect as user postgres without a password. For local development add 'host all all 127.0.0.1/32 trust' (and '::1/128') at the top of pg_hba.conf and reload PostgreSQL, or set TWOFOLD_TEST_DATABASE_URL to an admin URL that works, then rerun"
+        return 1
+    fi
+}
+
+# ---------------------------------------------------------------------- NATS
+
+twofold_nats_answers() {
+    twofold_tcp_open "$TWOFOLD_NATS_HOST" "$TWOFOLD_NATS_PORT"
+}
+
+# The server's greeting ("INFO {...}") says whether JetStream is enabled.
+twofold_nats_info() {
+    timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2" && IFS= read -r -t 2 line <&3 && printf "%s\n" "$line"' \
+        _ "$TWOFOLD_NATS_HOST" "$TWOFOLD_NATS_PORT" 2>/dev/null
+}
+
+twofold_nats_bin() {
+    if [[ -x /usr/sbin/nats-server ]]; then
+        echo /usr/sbin/nats-server
+    else
+        command -v nats-server 2>/dev/null
+    fi
+}
+
+twofold_nats_start() {
+    local bin=$1
+    twofold_say "starting $bin with JetStream on $TWOFOLD_NATS_HOST:$TWOFOLD_NATS_PORT"
+    if twofold_can_root && command -v start-stop-daemon >/dev/null 2>&1; then
+        twofold_as_root mkdir -p /var/lib/nats-server /var/log
+        twofold_as_root start-stop-daemon --start --oknodo --background --exec "$bin" -- \
+            -a "$TWOFOLD_NATS_HOST" -p "$TWOFOLD_NATS_PORT" -js \
+            -sd /var/lib/nats-server -l /var/log/nats-server.log
+    else
+        # No root needed for NATS: run it as this user with per-user state.
+        local dir="${XDG_STATE_HOME:-$HOME/.local/state}/twofold/nats"
+        mkdir -p "$dir/store"
+        nohup setsid "$bin" -a "$TWOFOLD_NATS_HOST" -p "$TWOFOLD_NATS_PORT" -js \
+            -sd "$dir/store" -l "$dir/nats-server.log" </dev/null >/dev/null 2>&1 &
+        twofold_say "NATS runs as $(id -un) with state in $dir (log: $dir/nats-server.log)"
+    fi
+}
+
+ensure_nats() {
+    local bin info
+    if ! twofold_nats_answers; then
+        bin=$(twofold_nats_bin || true)
+        if [[ -z $bin ]]; then
+            if ! command -v apt-get >/dev/null 2>&1 || ! twofold_can_root; then
+                twofold_say "nats-server is not installed and apt-get is not available or you are not root (and passwordless sudo is not set up): install the Debian package nats-server (sudo apt-get install nats-server) or a nats-server binary on PATH, then rerun"
+                return 1
+            fi
+            ensure_packages nats-server || return 1
+            bin=$(twofold_nats_bin || true)
+            [[ -n $bin ]] || { twofold_say "installed nats-server but cannot find the binary; check dpkg -L nats-server, then rerun"; return 1; }
+        fi
+        # The package's postinst may have started a (non-JetStream) server.
+        if ! twofold_nats_answers; then
+            twofold_nats_start "$bin" || true
+            if ! twofold_wait_for twofold_nats_answers; then
+                twofold_say "started nats-server but nothing answers on $TWOFOLD_NATS_HOST:$TWOFOLD_NATS_PORT after ${TWOFOLD_WAIT_SECONDS}s: check /var/log/nats-server.log, then rerun"
+                return 1
+            fi
+        fi
+    fi
+    # Not fatal: some tests may not need JetStream, and the test that does
+    # will fail with its own message.
+    info=$(twofold_nats_info || true)
+    if [[ -n $info && $info != *'"jetstream":true'* ]]; then
+        twofold_say "warning: the NATS server on $TWOFOLD_NATS_HOST:$TWOFOLD_NATS_PORT does not have JetStream enabled; restart it with -js (e.g. nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server)"
+    fi
+}
+
+# ---------------------------------------------------------------- test peers
+
+# Tools the integration tests shell out to. The tests call /usr/bin/python3
+# explicitly: the python3 on PATH may be a pyenv build that cannot see
+# Debian's dist-packages (where python3-aiosmtpd lives).
+ensure_test_peers() {
+    local ok=0 tool
+    ensure_packages oathtool zbar-tools python3-aiosmtpd || return 1
+    for tool in oathtool zbarimg; do
+        if ! command -v "$tool" >/dev/null 2>&1; then
+            twofold_say "$tool is not on PATH even though its package is installed; check PATH (Debian installs it in /usr/bin), then rerun"
+            ok=1
+        fi
+    done
+    if [[ ! -x /usr/bin/python3 ]]; then
+        twofold_say "/usr/bin/python3 is missing: install the Debian package python3 (sudo apt-get install python3), then rerun"
+        ok=1
+    elif ! /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null; then
+        twofold_say "/usr/bin/python3 cannot import aiosmtpd: install the Debian package python3-aiosmtpd (sudo apt-get install python3-aiosmtpd), then rerun"
+        ok=1
+    fi
+    return "$ok"
+}

@@ -1,0 +1,165 @@
+//! Typed configuration, layered: defaults, then a TOML file (`TWOFOLD_CONFIG` or
+//! `--config`), then `TWOFOLD_...` environment variables. Validated at start.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::crypto::Keyring;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// PostgreSQL connection string of the event store.
+    pub database_url: SecretString,
+    /// Most connections the pool keeps.
+    pub database_max_connections: u32,
+    /// Where the verifier's HTTP API listens.
+    pub http_addr: SocketAddr,
+    /// Where Prometheus scrapes this worker's metrics.
+    pub metrics_addr: SocketAddr,
+    /// Server keys by id (hex, 32 bytes each): TOTP seeds are sealed, and
+    /// codes and tokens keyed, under the current one; older ids still open.
+    pub keys: BTreeMap<String, SecretString>,
+    /// The id in `keys` used for new secrets.
+    pub current_key_id: String,
+    /// A snapshot every this many events per stream.
+    pub snapshot_every: usize,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: SecretString::from("postgres://postgres@127.0.0.1:5432/twofold"),
+            database_max_connections: 16,
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            keys: BTreeMap::new(),
+            current_key_id: String::new(),
+            snapshot_every: 50,
+            max_body_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file if one is named, then the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let env_file = std::env::var("TWOFOLD_CONFIG").ok();
+        let file = file.or(env_file.as_deref().map(Path::new));
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!("reading the configuration file {}", path.display())
+                })?;
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing the configuration file {}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        if let Some(v) = var("TWOFOLD_DATABASE_URL") {
+            self.database_url = SecretString::from(v);
+        }
+        if let Some(v) = var("TWOFOLD_DATABASE_MAX_CONNECTIONS") {
+            self.database_max_connections = v
+                .parse()
+                .context("TWOFOLD_DATABASE_MAX_CONNECTIONS must be a whole number")?;
+        }
+        if let Some(v) = var("TWOFOLD_HTTP_ADDR") {
+            self.http_addr = v
+                .parse()
+                .context("TWOFOLD_HTTP_ADDR must be an address like 127.0.0.1:8080")?;
+        }
+        if let Some(v) = var("TWOFOLD_METRICS_ADDR") {
+            self.metrics_addr = v
+                .parse()
+                .context("TWOFOLD_METRICS_ADDR must be an address like 127.0.0.1:9464")?;
+        }
+        if let Some(v) = var("TWOFOLD_KEYS") {
+            // "id1=hex,id2=hex"
+            self.keys.clear();
+            for pair in v.split(',').filter(|p| !p.trim().is_empty()) {
+                let Some((id, key)) = pair.split_once('=') else {
+                    bail!("TWOFOLD_KEYS must look like id1=<64 hex digits>,id2=<64 hex digits>");
+                };
+                self.keys.insert(
+                    id.trim().to_string(),
+                    SecretString::from(key.trim().to_string()),
+                );
+            }
+        }
+        if let Some(v) = var("TWOFOLD_CURRENT_KEY_ID") {
+            self.current_key_id = v;
+        }
+        if let Some(v) = var("TWOFOLD_SNAPSHOT_EVERY") {
+            self.snapshot_every = v
+                .parse()
+                .context("TWOFOLD_SNAPSHOT_EVERY must be a whole number")?;
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.snapshot_every == 0 {
+            bail!("snapshot_every must be at least 1");
+        }
+        if self.database_max_connections == 0 {
+            bail!("database_max_connections must be at least 1");
+        }
+        self.keyring()?;
+        Ok(())
+    }
+
+    /// The server keys, parsed; fails with a clear message when none is set.
+    pub fn keyring(&self) -> anyhow::Result<Keyring> {
+        Keyring::from_config(&self.keys, &self.current_key_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    #[test]
+    fn environment_overrides_the_defaults() {
+        let mut c = Config::default();
+        let key = "11".repeat(32);
+        let env = BTreeMap::from([
+            ("TWOFOLD_HTTP_ADDR", "0.0.0.0:9999".to_string()),
+            ("TWOFOLD_KEYS", format!("k1={key}")),
+            ("TWOFOLD_CURRENT_KEY_ID", "k1".to_string()),
+        ]);
+        c.apply_env(|n| env.get(n).cloned()).unwrap();
+        assert_eq!(c.http_addr.port(), 9999);
+        assert_eq!(c.keys["k1"].expose_secret(), key);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_bad_value_is_named_in_the_error() {
+        let mut c = Config::default();
+        let err = c
+            .apply_env(|n| (n == "TWOFOLD_HTTP_ADDR").then(|| "nope".to_string()))
+            .unwrap_err();
+        assert!(err.to_string().contains("TWOFOLD_HTTP_ADDR"));
+    }
+
+    #[test]
+    fn missing_keys_are_refused_with_a_hint() {
+        let err = Config::default().validate().unwrap_err();
+        assert!(format!("{err:#}").contains("TWOFOLD_KEYS"));
+    }
+}

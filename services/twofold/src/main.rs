@@ -1,0 +1,232 @@
+//! `twofold`: one binary, a subcommand per worker, plus the operator's tools.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use secrecy::SecretString;
+use tracing_subscriber::EnvFilter;
+use twofold_domain::tenant::TwoFactorSettings;
+use twofold_domain::{Actor, Ctx, TenantId};
+use twofold_platform::{Clock, Config, SystemClock};
+use twofold_verifier::accounts::{self, NewUser};
+use twofold_verifier::error::ApiError;
+
+#[derive(Parser)]
+#[command(
+    name = "twofold",
+    version,
+    about = "Event-sourced two-factor authentication backend"
+)]
+struct Cli {
+    /// A TOML configuration file (also TWOFOLD_CONFIG); TWOFOLD_* variables override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Serve the HTTP API.
+    Verifier,
+    /// Print a new random server key (64 hex digits) for TWOFOLD_KEYS.
+    Keygen,
+    /// Tenants: create one with its first admin, or change its settings.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Users: create one.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant and its first admin; prints the admin's one-time password.
+    Create {
+        /// Shown as the issuer in authenticator apps.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        admin_username: String,
+        #[arg(long)]
+        admin_email: Option<String>,
+    },
+    /// Replace the tenant's two-factor settings with the JSON given.
+    Settings {
+        #[arg(long)]
+        tenant: TenantId,
+        /// The settings as JSON (see README, "Settings"); `-` reads standard input.
+        #[arg(long)]
+        json: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user; the password is read from standard input.
+    Create {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        email: Option<String>,
+        #[arg(long)]
+        phone: Option<String>,
+        /// Comma-separated roles.
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        #[arg(long)]
+        service_account: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("TWOFOLD_LOG")
+                .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Command::Keygen = cli.command {
+        println!("{}", twofold_platform::crypto::new_key_hex());
+        return Ok(());
+    }
+    let config = Config::load(cli.config.as_deref())?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    match cli.command {
+        Command::Keygen => Ok(()),
+        Command::Migrate => {
+            let pool = twofold_platform::db::connect(&config).await?;
+            twofold_platform::db::migrate(&pool).await?;
+            eprintln!("twofold: migrations applied");
+            Ok(())
+        }
+        Command::Verifier => {
+            let verifier = twofold_verifier::Verifier::build(&config, clock).await?;
+            eprintln!(
+                "twofold: verifier on http://{} (metrics on http://{}/metrics)",
+                verifier.local_addr()?,
+                verifier.metrics_addr()?
+            );
+            verifier.run_until_stopped(shutdown_signal()).await
+        }
+        Command::Tenant { command } => {
+            let state = twofold_verifier::connect(&config, clock.clone()).await?;
+            let ctx = Ctx::new(clock.now(), Actor::Operator);
+            match command {
+                TenantCommand::Create {
+                    name,
+                    admin_username,
+                    admin_email,
+                } => {
+                    let created =
+                        accounts::create_tenant(&state, &name, &admin_username, admin_email, ctx)
+                            .await
+                            .map_err(api)?;
+                    println!("{}", serde_json::to_string_pretty(&created)?);
+                    eprintln!("twofold: the one-time password is shown only now; keep it safe");
+                    Ok(())
+                }
+                TenantCommand::Settings {
+                    tenant,
+                    json,
+                    reason,
+                } => {
+                    let json = if json == "-" { read_stdin()? } else { json };
+                    let settings: TwoFactorSettings =
+                        serde_json::from_str(&json).context("reading the settings JSON")?;
+                    let ctx = match reason {
+                        Some(r) => ctx.with_reason(r),
+                        None => ctx,
+                    };
+                    let stored = accounts::change_settings(&state, tenant, settings, ctx)
+                        .await
+                        .map_err(api)?;
+                    println!("{}", serde_json::to_string_pretty(&stored)?);
+                    Ok(())
+                }
+            }
+        }
+        Command::User {
+            command:
+                UserCommand::Create {
+                    tenant,
+                    username,
+                    email,
+                    phone,
+                    roles,
+                    service_account,
+                },
+        } => {
+            let state = twofold_verifier::connect(&config, clock.clone()).await?;
+            state.tenant(&tenant.to_string()).await.map_err(api)?;
+            let password = read_stdin()?;
+            let password = password.trim_end_matches(['\r', '\n']).to_string();
+            let ctx = Ctx::new(clock.now(), Actor::Operator);
+            let new = NewUser {
+                username,
+                password: SecretString::from(password),
+                email,
+                phone,
+                roles,
+                service_account,
+            };
+            let user_id = accounts::create_user(&state, tenant, new, ctx)
+                .await
+                .map_err(api)?;
+            println!("{}", serde_json::json!({ "user_id": user_id }));
+            Ok(())
+        }
+    }
+}
+
+fn read_stdin() -> anyhow::Result<String> {
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .context("reading standard input")?;
+    Ok(s)
+}
+
+/// An API error as a CLI error: its code and message.
+fn api(e: ApiError) -> anyhow::Error {
+    anyhow::anyhow!("{} ({})", e.message, e.code)
+}
+
+/// Resolves on SIGTERM or ctrl-c.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("twofold: shutting down");
+}

@@ -1,0 +1,160 @@
+//! The verifier: twofold's HTTP API (axum). Stateless; run as many as needed
+//! behind a load balancer. `build` prepares it, `run_until_stopped` serves.
+
+pub mod accounts;
+pub mod backup_codes;
+pub mod error;
+pub mod extract;
+pub mod routes;
+pub mod state;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+use twofold_platform::password::Passwords;
+use twofold_platform::{db, telemetry, Clock, Config};
+
+pub use state::AppState;
+
+use error::ApiError;
+
+/// The API's routes over `state`.
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    use routes::{admin, auth, me};
+    let tenant = Router::new()
+        .route("/sign-in", post(auth::sign_in))
+        .route("/challenge/verify", post(auth::verify))
+        .route("/challenge/resend", post(auth::resend))
+        .route("/challenge/switch", post(auth::switch))
+        .route("/sessions/introspect", post(auth::introspect))
+        .route("/sign-out", post(auth::sign_out))
+        .route("/me", get(me::profile))
+        .route("/me/totp", post(me::start_totp))
+        .route("/me/totp/qr.png", get(me::totp_qr))
+        .route("/me/totp/confirm", post(me::confirm_totp))
+        .route("/users", post(admin::create_user))
+        .route(
+            "/settings",
+            get(admin::get_settings).put(admin::put_settings),
+        );
+    Router::new()
+        .nest("/v1/tenants/{tenant}", tenant)
+        .route("/health", get(|| async { "ok" }))
+        .fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "not_found",
+                "No such endpoint.",
+            )
+        })
+        .layer(middleware::from_fn(record_request))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// Request latency by route and status.
+async fn record_request(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = request.method().to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    metrics::histogram!(
+        "twofold_http_request_duration_seconds",
+        "route" => route,
+        "method" => method,
+        "status" => response.status().as_u16().to_string(),
+    )
+    .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The shared state from configuration: connects and applies migrations.
+pub async fn connect(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
+    let pool = db::connect(config).await?;
+    db::migrate(&pool).await?;
+    Ok(AppState::new(
+        pool,
+        config.snapshot_every,
+        Passwords::for_this_machine()?,
+        config.keyring()?,
+        clock,
+    ))
+}
+
+/// A verifier bound to its ports, ready to serve.
+pub struct Verifier {
+    listener: TcpListener,
+    metrics_listener: TcpListener,
+    app: Router,
+    state: AppState,
+}
+
+impl Verifier {
+    /// Connects to PostgreSQL, applies migrations, binds the API and metrics ports.
+    pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let state = connect(config, clock).await?;
+        let listener = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding the API port {}", config.http_addr))?;
+        let metrics_listener = telemetry::bind(config.metrics_addr).await?;
+        let app = router(state.clone(), config.max_body_bytes);
+        Ok(Self {
+            listener,
+            metrics_listener,
+            app,
+            state,
+        })
+    }
+
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    pub fn metrics_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.metrics_listener.local_addr()?)
+    }
+
+    pub fn state(&self) -> AppState {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let handle = telemetry::metrics_handle()?;
+        let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics = tokio::spawn(telemetry::serve_metrics(
+            self.metrics_listener,
+            handle,
+            async {
+                let _ = metrics_stopped.await;
+            },
+        ));
+        tracing::info!(addr = %self.listener.local_addr()?, "verifier listening");
+        let served = axum::serve(
+            self.listener,
+            self.app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving the API");
+        let _ = stop_metrics.send(());
+        let _ = metrics.await;
+        served
+    }
+}

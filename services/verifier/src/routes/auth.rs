@@ -1,0 +1,499 @@
+//! Signing in: the password step, the challenge (verify, resend, switch), and
+//! the session (introspection, sign-out).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use twofold_domain::tenant::TwoFactorSettings;
+use twofold_domain::user::{
+    Challenge, ChallengeRef, NewChallenge, NewSession, Proof, ProofKind, SecondFactorUse,
+    SessionEndReason, SignIn, User, UserCommand, UserError, UserEvent, VerifyCode,
+};
+use twofold_domain::values::{Method, OtpCode, Username};
+use twofold_domain::{Actor, ChallengeId, SessionId, TenantId, UserId};
+use twofold_platform::store::{ExecError, StoreError};
+use twofold_platform::tokens::{self, TokenKind};
+use twofold_platform::totp;
+use uuid::Uuid;
+
+use crate::backup_codes;
+use crate::error::ApiError;
+use crate::extract::{ApiJson, RequestMeta, SignedIn};
+use crate::state::AppState;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignInRequest {
+    username: String,
+    password: SecretString,
+}
+
+#[derive(Serialize)]
+struct SessionBody {
+    token: String,
+    expires_at: DateTime<Utc>,
+}
+
+#[derive(Serialize)]
+struct ChallengeBody {
+    token: String,
+    method: Method,
+    methods: Vec<Method>,
+    expires_at: DateTime<Utc>,
+    resends_remaining: Option<u32>,
+}
+
+fn second_factor_json(use_: SecondFactorUse) -> serde_json::Value {
+    match use_ {
+        SecondFactorUse::Used { method } => json!({"used": true, "method": method.as_str()}),
+        SecondFactorUse::Skipped { reason } => json!({"used": false, "skipped_because": reason}),
+    }
+}
+
+fn signed_in_response(token: &SecretString, events: &[UserEvent]) -> Option<Response> {
+    events.iter().find_map(|e| match e {
+        UserEvent::SessionStarted {
+            expires_at,
+            second_factor,
+            ..
+        } => Some(
+            Json(json!({
+                "status": "signed_in",
+                "session": SessionBody { token: token.expose_secret().to_string(), expires_at: *expires_at },
+                "second_factor": second_factor_json(*second_factor),
+            }))
+            .into_response(),
+        ),
+        _ => None,
+    })
+}
+
+fn new_session(user_id: UserId) -> (SecretString, NewSession) {
+    let id = SessionId(Uuid::new_v4());
+    let (token, token_hash) = tokens::issue(TokenKind::Session, user_id, id.as_uuid());
+    (
+        token,
+        NewSession {
+            id,
+            token_hash,
+            expires_at: None,
+        },
+    )
+}
+
+/// `POST /v1/tenants/{tenant}/sign-in`
+pub async fn sign_in(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+    meta: RequestMeta,
+    ApiJson(body): ApiJson<SignInRequest>,
+) -> Result<Response, ApiError> {
+    let (tenant_id, tenant) = state.tenant(&tenant).await?;
+    if body.password.expose_secret().len() > crate::accounts::MAX_PASSWORD_BYTES {
+        return Err(ApiError::bad_request(
+            "password_too_long",
+            "The password is too long.",
+        ));
+    }
+    // An unknown or malformed username costs an argon2id check all the same.
+    let user_id = match Username::parse(&body.username) {
+        Ok(name) => state.user_id_by_name(tenant_id, name.as_str()).await?,
+        Err(_) => None,
+    };
+    let user = match user_id {
+        Some(id) => state.user_in(tenant_id, id).await?,
+        None => None,
+    };
+    let stored = user.as_ref().and_then(|u| u.password_hash.as_ref());
+    let password_ok = state.passwords.verify(stored, &body.password).await?;
+    let (Some(user_id), Some(_)) = (user_id, user) else {
+        metrics::counter!("twofold_sign_ins_total", "outcome" => "invalid_credentials")
+            .increment(1);
+        return Err(ApiError::invalid_credentials());
+    };
+
+    let challenge_id = ChallengeId(Uuid::new_v4());
+    let (challenge_token, challenge_hash) =
+        tokens::issue(TokenKind::Challenge, user_id, challenge_id.as_uuid());
+    let (session_token, session) = new_session(user_id);
+    let ctx = meta.ctx(state.now(), Actor::User(user_id));
+    let settings = tenant.settings;
+    let events = state
+        .users
+        .execute(&user_id.to_string(), |_| {
+            Ok(UserCommand::SignIn(SignIn {
+                password_ok,
+                settings: settings.clone(),
+                challenge: NewChallenge {
+                    id: challenge_id,
+                    token_hash: challenge_hash.clone(),
+                },
+                session: session.clone(),
+                ctx: ctx.clone(),
+            }))
+        })
+        .await?;
+
+    for event in &events {
+        match event {
+            UserEvent::PasswordRejected { .. } => {
+                metrics::counter!("twofold_sign_ins_total", "outcome" => "invalid_credentials")
+                    .increment(1);
+                return Err(ApiError::invalid_credentials());
+            }
+            UserEvent::SignInRefusedLocked { .. } => {
+                metrics::counter!("twofold_sign_ins_total", "outcome" => "locked").increment(1);
+                return Err(ApiError::locked());
+            }
+            UserEvent::ChallengeIssued {
+                method,
+                methods,
+                expires_at,
+                resend_limit,
+                ..
+            } => {
+                metrics::counter!("twofold_sign_ins_total", "outcome" => "challenged").increment(1);
+                metrics::counter!("twofold_challenges_issued_total", "method" => method.as_str())
+                    .increment(1);
+                return Ok(Json(json!({
+                    "status": "challenge",
+                    "challenge": ChallengeBody {
+                        token: challenge_token.expose_secret().to_string(),
+                        method: *method,
+                        methods: methods.clone(),
+                        expires_at: *expires_at,
+                        resends_remaining: *resend_limit,
+                    },
+                }))
+                .into_response());
+            }
+            _ => {}
+        }
+    }
+    metrics::counter!("twofold_sign_ins_total", "outcome" => "signed_in").increment(1);
+    signed_in_response(&session_token, &events)
+        .ok_or_else(|| ApiError::unexpected("sign-in produced neither a challenge nor a session"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    challenge_token: SecretString,
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    backup_code: Option<SecretString>,
+}
+
+/// What the client presented, parsed before anything is loaded.
+enum Presented {
+    Code(OtpCode),
+    Backup(String),
+}
+
+fn challenge_ref(token: &SecretString) -> Result<(UserId, ChallengeRef), ApiError> {
+    let claim = tokens::parse(TokenKind::Challenge, token).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "challenge_not_found",
+            "No such challenge, or it is already finished.",
+        )
+    })?;
+    Ok((
+        claim.user_id,
+        ChallengeRef {
+            id: ChallengeId(claim.item),
+            token_hash: claim.hash,
+        },
+    ))
+}
+
+/// The user behind a challenge token, in this tenant.
+async fn challenge_owner(
+    state: &AppState,
+    tenant_id: TenantId,
+    user_id: UserId,
+) -> Result<(), ApiError> {
+    match state.user_in(tenant_id, user_id).await? {
+        Some(_) => Ok(()),
+        None => Err(UserError::ChallengeNotFound.into()),
+    }
+}
+
+fn unexpected<E: std::error::Error>(e: anyhow::Error) -> ExecError<E> {
+    ExecError::Store(StoreError::Unexpected(e))
+}
+
+/// Works out what a presented code proves against the user's current state.
+fn proof_for(
+    state: &AppState,
+    user: &User,
+    open: &Challenge,
+    presented: &Presented,
+    at: DateTime<Utc>,
+) -> Result<Proof, ExecError<UserError>> {
+    match presented {
+        Presented::Backup(code) => Ok(Proof::Backup {
+            hash: backup_codes::hash_for(&state.keys, user, code),
+        }),
+        Presented::Code(code) => match open.method {
+            Method::Totp => {
+                let factor = user
+                    .totp
+                    .as_ref()
+                    .ok_or(ExecError::Refused(UserError::ProofDoesNotFitChallenge))?;
+                let user_id = user.id.map(|u| u.as_uuid()).unwrap_or_default();
+                let seed = state
+                    .keys
+                    .open(&factor.sealed, user_id.as_bytes())
+                    .map_err(unexpected)?;
+                let matched_step = totp::matching_step(&seed, code, at).map_err(unexpected)?;
+                Ok(Proof::Totp { matched_step })
+            }
+            Method::Email | Method::Sms => {
+                let expected = state.keys.delivered_code(open.id, open.generation);
+                let matches = expected.as_bytes().ct_eq(code.expose().as_bytes()).into();
+                Ok(Proof::Delivered { matches })
+            }
+        },
+    }
+}
+
+/// `POST /v1/tenants/{tenant}/challenge/verify`
+pub async fn verify(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+    meta: RequestMeta,
+    ApiJson(body): ApiJson<VerifyRequest>,
+) -> Result<Response, ApiError> {
+    let (tenant_id, tenant) = state.tenant(&tenant).await?;
+    let presented = match (&body.code, &body.backup_code) {
+        (Some(code), None) => Presented::Code(
+            OtpCode::parse(code)
+                .map_err(|e| ApiError::bad_request("invalid_code_format", format!("The {e}.")))?,
+        ),
+        (None, Some(backup)) => Presented::Backup(
+            backup_codes::normalize(backup.expose_secret()).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_backup_code_format",
+                    "A backup code is 10 letters and digits, like abcde-23456.",
+                )
+            })?,
+        ),
+        _ => {
+            return Err(ApiError::bad_request(
+                "code_required",
+                "Send exactly one of code or backup_code.",
+            ))
+        }
+    };
+    let (user_id, reference) = challenge_ref(&body.challenge_token)?;
+    challenge_owner(&state, tenant_id, user_id).await?;
+    let (session_token, session) = new_session(user_id);
+    let ctx = meta.ctx(state.now(), Actor::User(user_id));
+    let settings: TwoFactorSettings = tenant.settings;
+    let events = state
+        .users
+        .execute(&user_id.to_string(), |user| {
+            let open = user.open_challenge(&reference).map_err(ExecError::Refused)?;
+            let proof = proof_for(&state, user, open, &presented, ctx.at)?;
+            Ok(UserCommand::VerifyCode(VerifyCode {
+                challenge: reference.clone(),
+                proof,
+                settings: settings.clone(),
+                session: session.clone(),
+                ctx: ctx.clone(),
+            }))
+        })
+        .await
+        .inspect_err(|e| {
+            if matches!(e, ExecError::Refused(UserError::LockedOut)) {
+                metrics::counter!("twofold_verifications_total", "method" => "any", "outcome" => "locked")
+                    .increment(1);
+            }
+        })?;
+
+    let limit = settings.max_invalid_attempts.limit();
+    let mut rejected = None;
+    for event in &events {
+        match event {
+            UserEvent::CodeVerified { method, .. } => {
+                metrics::counter!("twofold_verifications_total", "method" => method.as_str(), "outcome" => "verified")
+                    .increment(1);
+            }
+            UserEvent::BackupCodeUsed { .. } => {
+                metrics::counter!("twofold_verifications_total", "method" => "backup_code", "outcome" => "verified")
+                    .increment(1);
+            }
+            UserEvent::ChallengeExpired { .. } => {
+                metrics::counter!("twofold_verifications_total", "method" => "any", "outcome" => "expired")
+                    .increment(1);
+                return Err(UserError::ChallengeExpired.into());
+            }
+            UserEvent::CodeRejected {
+                proof, failures, ..
+            } => {
+                metrics::counter!("twofold_verifications_total", "method" => proof.as_str(), "outcome" => "rejected")
+                    .increment(1);
+                rejected = Some((*proof, *failures));
+            }
+            UserEvent::UserLockedOut { .. } => {
+                metrics::counter!("twofold_lockouts_total").increment(1);
+                return Err(ApiError::locked());
+            }
+            _ => {}
+        }
+    }
+    if let Some((proof, failures)) = rejected {
+        let kind = if proof == ProofKind::BackupCode {
+            "backup code"
+        } else {
+            "code"
+        };
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_code",
+            format!("The {kind} is wrong or was already used."),
+        )
+        .with_details(json!({ "attempts_remaining": limit.saturating_sub(failures) })));
+    }
+    signed_in_response(&session_token, &events)
+        .ok_or_else(|| ApiError::unexpected("verification produced no session"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeRequest {
+    challenge_token: SecretString,
+    #[serde(default)]
+    method: Option<String>,
+}
+
+/// `POST /v1/tenants/{tenant}/challenge/resend`
+pub async fn resend(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+    meta: RequestMeta,
+    ApiJson(body): ApiJson<ChallengeRequest>,
+) -> Result<Response, ApiError> {
+    let (tenant_id, _) = state.tenant(&tenant).await?;
+    let (user_id, reference) = challenge_ref(&body.challenge_token)?;
+    challenge_owner(&state, tenant_id, user_id).await?;
+    let ctx = meta.ctx(state.now(), Actor::User(user_id));
+    state
+        .users
+        .execute(&user_id.to_string(), |_| {
+            Ok(UserCommand::ResendCode {
+                challenge: reference.clone(),
+                ctx: ctx.clone(),
+            })
+        })
+        .await?;
+    challenge_state(&state, user_id, &reference).await
+}
+
+/// `POST /v1/tenants/{tenant}/challenge/switch`
+pub async fn switch(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+    meta: RequestMeta,
+    ApiJson(body): ApiJson<ChallengeRequest>,
+) -> Result<Response, ApiError> {
+    let (tenant_id, _) = state.tenant(&tenant).await?;
+    let method =
+        Method::parse(body.method.as_deref().unwrap_or("")).map_err(ApiError::invalid_value)?;
+    let (user_id, reference) = challenge_ref(&body.challenge_token)?;
+    challenge_owner(&state, tenant_id, user_id).await?;
+    let ctx = meta.ctx(state.now(), Actor::User(user_id));
+    state
+        .users
+        .execute(&user_id.to_string(), |_| {
+            Ok(UserCommand::SwitchMethod {
+                challenge: reference.clone(),
+                method,
+                ctx: ctx.clone(),
+            })
+        })
+        .await?;
+    metrics::counter!("twofold_challenges_issued_total", "method" => method.as_str()).increment(1);
+    challenge_state(&state, user_id, &reference).await
+}
+
+async fn challenge_state(
+    state: &AppState,
+    user_id: UserId,
+    reference: &ChallengeRef,
+) -> Result<Response, ApiError> {
+    let user = state.users.load(&user_id.to_string()).await?;
+    let open = user.open_challenge(reference)?;
+    Ok(Json(json!({
+        "method": open.method,
+        "methods": open.methods,
+        "expires_at": open.expires_at,
+        "resends_remaining": open.resends_remaining(),
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectRequest {
+    token: SecretString,
+}
+
+/// `POST /v1/tenants/{tenant}/sessions/introspect`: what a portal calls to
+/// check a session token.
+pub async fn introspect(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+    ApiJson(body): ApiJson<IntrospectRequest>,
+) -> Result<Response, ApiError> {
+    let (tenant_id, _) = state.tenant(&tenant).await?;
+    let inactive = || Ok(Json(json!({ "active": false })).into_response());
+    let Some(claim) = tokens::parse(TokenKind::Session, &body.token) else {
+        return inactive();
+    };
+    let Some(user) = state.user_in(tenant_id, claim.user_id).await? else {
+        return inactive();
+    };
+    let Some(session) = user.live_session(SessionId(claim.item), &claim.hash, state.now()) else {
+        return inactive();
+    };
+    Ok(Json(json!({
+        "active": true,
+        "user_id": claim.user_id,
+        "username": user.username.as_ref().map(|u| u.as_str()),
+        "roles": user.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+        "session_id": claim.item,
+        "started_at": session.started_at,
+        "expires_at": session.expires_at,
+        "second_factor": second_factor_json(session.second_factor),
+    }))
+    .into_response())
+}
+
+/// `POST /v1/tenants/{tenant}/sign-out`
+pub async fn sign_out(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    signed_in: SignedIn,
+) -> Result<StatusCode, ApiError> {
+    let ctx = meta.ctx(state.now(), signed_in.actor());
+    state
+        .users
+        .execute(&signed_in.user_id.to_string(), |_| {
+            Ok(UserCommand::EndSession {
+                session_id: signed_in.session_id,
+                reason: SessionEndReason::SignedOut,
+                ctx: ctx.clone(),
+            })
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,5 @@
+//! The HTTP routes of the verifier.
+
+pub mod admin;
+pub mod auth;
+pub mod me;

@@ -1,0 +1,15 @@
+//! End-to-end tests: the verifier runs in-process on its own port, against a
+//! fresh PostgreSQL database per test, driven over HTTP like a portal would.
+//! One test binary, so linking stays fast.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod helpers;
+
+mod bad_input;
+mod challenges;
+mod secrets;
+mod sessions;
+mod sign_in;
+mod totp;

@@ -1,0 +1,192 @@
+//! The password step: sessions without a second factor, challenges with one,
+//! and answers that do not tell whether a user exists.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::{settings_on, spawn_app};
+
+#[tokio::test]
+async fn with_two_factor_off_a_password_opens_a_session_and_says_why() {
+    let app = spawn_app().await;
+    let reply = app.sign_in(&app.admin_username, &app.admin_password).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body["status"], "signed_in");
+    assert_eq!(reply.body["second_factor"]["used"], false);
+    assert_eq!(
+        reply.body["second_factor"]["skipped_because"],
+        "two_factor_disabled"
+    );
+    let token = reply.body["session"]["token"].as_str().unwrap();
+    let seen = app
+        .post("/sessions/introspect", json!({ "token": token }))
+        .await;
+    assert_eq!(seen.body["active"], true);
+    assert_eq!(seen.body["username"], app.admin_username.as_str());
+    assert_eq!(seen.body["roles"], json!(["admin"]));
+    // 90 days by default.
+    let expires =
+        chrono::DateTime::parse_from_rfc3339(seen.body["expires_at"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        expires.with_timezone(&chrono::Utc) - crate::helpers::start_time(),
+        chrono::Duration::days(90)
+    );
+}
+
+#[tokio::test]
+async fn unknown_user_and_wrong_password_answer_the_same() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    app.create_user(
+        &admin,
+        json!({"username": "bob", "password": "correct horse battery"}),
+    )
+    .await;
+    let before = password_checks(&app).await;
+    let wrong_password = app.sign_in("bob", "not the password").await;
+    let unknown_user = app.sign_in("nobody", "not the password").await;
+    let malformed_user = app.sign_in("no body!", "not the password").await;
+    for reply in [&wrong_password, &unknown_user, &malformed_user] {
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(reply.body, wrong_password.body);
+        assert_eq!(reply.code(), "invalid_credentials");
+    }
+    // Each of the three cost an argon2id check, known user or not.
+    assert!(password_checks(&app).await >= before + 3.0);
+}
+
+async fn password_checks(app: &crate::helpers::TestApp) -> f64 {
+    app.metrics()
+        .await
+        .lines()
+        .find(|l| l.starts_with("twofold_password_checks_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_recorded_on_the_users_stream() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    let bob = app
+        .create_user(
+            &admin,
+            json!({"username": "bob", "password": "correct horse battery"}),
+        )
+        .await;
+    app.sign_in("bob", "wrong wrong wrong").await;
+    let rejected = app.events_of(&bob, "PasswordRejected").await;
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0]["ctx"]["actor"]["kind"], "user");
+    assert_eq!(rejected[0]["ctx"]["ip"], "127.0.0.1");
+}
+
+#[tokio::test]
+async fn with_two_factor_on_the_password_step_issues_a_challenge_with_the_default_method() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    let bob = app
+        .create_user(
+            &admin,
+            json!({"username": "bob", "password": "correct horse battery", "email": "bob@acme.test", "phone": "+4915112345678", "roles": ["staff"]}),
+        )
+        .await;
+    let changed = app
+        .set_settings(
+            &admin,
+            json!({"enabled": true, "enforcement": "every_login", "allowed_methods": ["email", "sms"], "default_method": "sms", "sms_provider": "test-provider"}),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::OK, "{:?}", changed.body);
+
+    let reply = app.sign_in("bob", "correct horse battery").await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(reply.body["status"], "challenge");
+    let challenge = &reply.body["challenge"];
+    assert_eq!(challenge["method"], "sms");
+    assert_eq!(challenge["methods"], json!(["email", "sms"]));
+    assert!(reply.body.get("session").is_none());
+    // Default code timeout: 4 hours.
+    let expires =
+        chrono::DateTime::parse_from_rfc3339(challenge["expires_at"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        expires.with_timezone(&chrono::Utc) - crate::helpers::start_time(),
+        chrono::Duration::hours(4)
+    );
+
+    let code = app
+        .delivered_code(challenge["token"].as_str().unwrap())
+        .await;
+    let verified = app
+        .post(
+            "/challenge/verify",
+            json!({"challenge_token": challenge["token"], "code": code}),
+        )
+        .await;
+    assert_eq!(verified.status, StatusCode::OK, "{:?}", verified.body);
+    assert_eq!(verified.body["second_factor"]["method"], "sms");
+    let session = verified.body["session"]["token"].as_str().unwrap();
+    assert_ne!(session, challenge["token"].as_str().unwrap());
+    let seen = app
+        .post("/sessions/introspect", json!({ "token": session }))
+        .await;
+    assert_eq!(seen.body["active"], true);
+    assert_eq!(
+        seen.body["second_factor"],
+        json!({"used": true, "method": "sms"})
+    );
+    assert_eq!(seen.body["roles"], json!(["staff"]));
+
+    let types = app.event_types(&bob).await;
+    assert_eq!(
+        types,
+        [
+            "UserRegistered",
+            "ChallengeIssued",
+            "CodeVerified",
+            "SessionStarted"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_user_without_any_allowed_method_is_let_in_and_the_skip_is_recorded() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    let carol = app
+        .create_user(
+            &admin,
+            json!({"username": "carol", "password": "correct horse battery"}),
+        )
+        .await;
+    app.set_settings(&admin, settings_on(&["email"], "email"))
+        .await;
+    let reply = app.sign_in("carol", "correct horse battery").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.body["second_factor"]["skipped_because"],
+        "no_method_available"
+    );
+    let skipped = app.events_of(&carol, "SecondFactorSkipped").await;
+    assert_eq!(skipped[0]["reason"], "no_method_available");
+}
+
+#[tokio::test]
+async fn service_accounts_are_exempt() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    app.create_user(
+        &admin,
+        json!({"username": "ci-bot", "password": "correct horse battery", "email": "bot@acme.test", "service_account": true}),
+    )
+    .await;
+    app.set_settings(&admin, settings_on(&["email"], "email"))
+        .await;
+    let reply = app.sign_in("ci-bot", "correct horse battery").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.body["second_factor"]["skipped_because"],
+        "service_account"
+    );
+}
