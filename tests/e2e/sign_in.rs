@@ -145,7 +145,8 @@ async fn with_two_factor_on_the_password_step_issues_a_challenge_with_the_defaul
             "UserRegistered",
             "ChallengeIssued",
             "CodeVerified",
-            "SessionStarted"
+            "SessionStarted",
+            "DeviceRemembered"
         ]
     );
 }

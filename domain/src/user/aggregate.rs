@@ -7,17 +7,26 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
-use super::commands::{ChallengeRef, Proof, SignIn, UserCommand, VerifyCode};
+use super::challenge::ChallengePurpose;
+use super::commands::{
+    ChallengeRef, CompleteEnrollment, NewChallenge, NewDevice, PresentedDevice, Proof, SignIn,
+    UserCommand, VerifyCode,
+};
 use super::events::{
     ProofKind, RejectionReason, SecondFactorUse, SessionEndReason, SkipReason, UserEvent,
 };
 use super::lockout::{AfterFailure, Lockout};
-use super::{Challenge, UserError, BACKUP_CODE_COUNT, MAX_ACTIVE_SESSIONS, MAX_OPEN_CHALLENGES};
+use super::{
+    Challenge, UserError, BACKUP_CODE_COUNT, FREE_FAILURES_WITHOUT_LIMIT, MAX_ACTIVE_SESSIONS,
+    MAX_OPEN_CHALLENGES, MAX_REMEMBERED, MAX_SLOWDOWN_SECS, STEP_UP_VALID_SECS,
+};
 use crate::context::{Actor, Ctx};
 use crate::ids::{ChallengeId, SessionId, TenantId, UserId};
 use crate::secrets::{PasswordHash, SealedSecret, SecretHash};
+use crate::tenant::settings::{Enforcement, Enrollment, MaxInvalidAttempts, Scope};
 use crate::tenant::TwoFactorSettings;
 use crate::values::{Email, Method, Phone, Role, Username};
+use uuid::Uuid;
 
 /// Where the user stands with the authenticator app.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -46,6 +55,15 @@ pub struct SessionState {
     pub started_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub second_factor: SecondFactorUse,
+    /// When the user last confirmed a current factor in this session.
+    #[serde(default)]
+    pub stepped_up_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub token_hash: SecretHash,
+    pub remembered_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,6 +86,19 @@ pub struct User {
     pub challenges: BTreeMap<ChallengeId, Challenge>,
     pub sessions: BTreeMap<SessionId, SessionState>,
     pub sign_ins: u64,
+    #[serde(default)]
+    pub devices: BTreeMap<Uuid, DeviceState>,
+    /// IPs of earlier sign-ins completed with a second factor, newest last.
+    #[serde(default)]
+    pub trusted_ips: Vec<String>,
+    /// Switched on by an admin (scope "per user").
+    #[serde(default)]
+    pub two_factor_switched_on: bool,
+    /// Opted in by the user (scope "voluntary").
+    #[serde(default)]
+    pub two_factor_opted_in: bool,
+    #[serde(default)]
+    pub last_failure_at: Option<DateTime<Utc>>,
 }
 
 impl User {
@@ -126,6 +157,58 @@ impl User {
         }
     }
 
+    /// Whether this sign-in needs a second factor, or why not.
+    fn skip_reason(
+        &self,
+        settings: &TwoFactorSettings,
+        device: Option<&PresentedDevice>,
+        ip: Option<&str>,
+        enrolling: bool,
+    ) -> Option<SkipReason> {
+        if !settings.enabled {
+            return Some(SkipReason::TwoFactorDisabled);
+        }
+        if self.service_account {
+            return Some(SkipReason::ServiceAccount);
+        }
+        let asked = match &settings.scope {
+            Scope::AllUsers => true,
+            Scope::SelectedRoles { roles } => roles.iter().any(|r| self.roles.contains(r)),
+            Scope::PerUser => self.two_factor_switched_on,
+            Scope::Voluntary => self.two_factor_opted_in,
+        };
+        if !asked {
+            return Some(SkipReason::NotRequired);
+        }
+        if enrolling {
+            return None;
+        }
+        if settings.enforcement == Enforcement::UnrecognizedDevices {
+            if let Some(d) = device {
+                if self
+                    .devices
+                    .get(&d.id)
+                    .is_some_and(|known| known.token_hash.matches(&d.token_hash))
+                {
+                    return Some(SkipReason::KnownDevice);
+                }
+            }
+            if ip.is_some_and(|ip| self.trusted_ips.iter().any(|t| t == ip)) {
+                return Some(SkipReason::KnownIp);
+            }
+        }
+        if self.available_methods(settings).is_empty() {
+            return Some(SkipReason::NoMethodAvailable);
+        }
+        None
+    }
+
+    fn needs_enrollment(&self, settings: &TwoFactorSettings) -> bool {
+        settings.enrollment == Enrollment::Required
+            && settings.allows(Method::Totp)
+            && self.two_factor != TwoFactorState::Enrolled
+    }
+
     fn sign_in(&self, cmd: SignIn) -> Result<Vec<UserEvent>, UserError> {
         self.require_exists()?;
         let SignIn {
@@ -133,6 +216,8 @@ impl User {
             settings,
             challenge,
             session,
+            device,
+            enrollment_seed,
             ctx,
         } = cmd;
         if !password_ok {
@@ -141,15 +226,8 @@ impl User {
         if self.lockout.is_locked() {
             return Ok(vec![UserEvent::SignInRefusedLocked { ctx }]);
         }
-        let skip = if !settings.enabled {
-            Some(SkipReason::TwoFactorDisabled)
-        } else if self.service_account {
-            Some(SkipReason::ServiceAccount)
-        } else {
-            None
-        };
-        let methods = self.available_methods(&settings);
-        let skip = skip.or_else(|| methods.is_empty().then_some(SkipReason::NoMethodAvailable));
+        let enrolling = self.needs_enrollment(&settings) && enrollment_seed.is_some();
+        let skip = self.skip_reason(&settings, device.as_ref(), ctx.ip.as_deref(), enrolling);
         if let Some(reason) = skip {
             let mut events = vec![UserEvent::SecondFactorSkipped {
                 reason,
@@ -163,6 +241,23 @@ impl User {
             ));
             return Ok(events);
         }
+        if let (true, Some(sealed)) = (enrolling, enrollment_seed) {
+            return Ok(vec![
+                UserEvent::TotpEnrollmentStarted {
+                    sealed,
+                    ctx: ctx.clone(),
+                },
+                self.challenge_issued(
+                    challenge,
+                    Method::Totp,
+                    vec![Method::Totp],
+                    &settings,
+                    ChallengePurpose::Enrollment,
+                    ctx,
+                ),
+            ]);
+        }
+        let methods = self.available_methods(&settings);
         let method = if methods.contains(&settings.default_method) {
             settings.default_method
         } else {
@@ -173,15 +268,91 @@ impl User {
         } else {
             vec![method]
         };
-        Ok(vec![UserEvent::ChallengeIssued {
+        Ok(vec![self.challenge_issued(
+            challenge,
+            method,
+            methods,
+            &settings,
+            ChallengePurpose::SignIn,
+            ctx,
+        )])
+    }
+
+    fn challenge_issued(
+        &self,
+        challenge: NewChallenge,
+        method: Method,
+        methods: Vec<Method>,
+        settings: &TwoFactorSettings,
+        purpose: ChallengePurpose,
+        ctx: Ctx,
+    ) -> UserEvent {
+        UserEvent::ChallengeIssued {
             challenge_id: challenge.id,
             method,
             methods,
             token_hash: challenge.token_hash,
             expires_at: ctx.at + settings.code_timeout.duration(),
             resend_limit: settings.resend_limit.limit(),
+            purpose,
             ctx,
-        }])
+        }
+    }
+
+    /// With "no limit" on attempts, each wrong code past the first few doubles
+    /// the wait before the next one is looked at.
+    fn slowdown(&self, settings: &TwoFactorSettings, at: DateTime<Utc>) -> Result<(), UserError> {
+        if settings.max_invalid_attempts != MaxInvalidAttempts::Unlimited {
+            return Ok(());
+        }
+        let failures = self.lockout.failures();
+        let (Some(last), true) = (
+            self.last_failure_at,
+            failures >= FREE_FAILURES_WITHOUT_LIMIT,
+        ) else {
+            return Ok(());
+        };
+        let exponent = (failures - FREE_FAILURES_WITHOUT_LIMIT).min(20);
+        let wait = (1i64 << exponent).min(MAX_SLOWDOWN_SECS);
+        let allowed_at = last + chrono::Duration::seconds(wait);
+        if at < allowed_at {
+            return Err(UserError::TooManyAttempts {
+                retry_after_secs: (allowed_at - at).num_seconds().max(1),
+            });
+        }
+        Ok(())
+    }
+
+    /// A step-up confirmed in `session` recently enough for a sensitive change.
+    fn require_step_up(&self, session: SessionId, at: DateTime<Utc>) -> Result<(), UserError> {
+        let fresh = self.sessions.get(&session).is_some_and(|s| {
+            at < s.expires_at
+                && s.stepped_up_at
+                    .is_some_and(|t| at < t + chrono::Duration::seconds(STEP_UP_VALID_SECS))
+        });
+        if fresh {
+            Ok(())
+        } else {
+            Err(UserError::StepUpRequired)
+        }
+    }
+
+    /// Ends every session and forgets every device, as resets, lockouts and
+    /// factor changes must.
+    fn revoke_all(&self, ctx: &Ctx) -> UserEvent {
+        UserEvent::SessionsRevoked {
+            session_ids: self.sessions.keys().copied().collect(),
+            devices_forgotten: true,
+            ctx: ctx.clone(),
+        }
+    }
+
+    fn remember_device(device: NewDevice, ctx: Ctx) -> UserEvent {
+        UserEvent::DeviceRemembered {
+            device_id: device.id,
+            token_hash: device.token_hash,
+            ctx,
+        }
     }
 
     /// `SessionStarted`, preceded by the eviction of the oldest session when
@@ -227,12 +398,17 @@ impl User {
             proof,
             settings,
             session,
+            device,
             ctx,
         } = cmd;
         let open = self.open_challenge(&challenge)?;
         if self.lockout.is_locked() {
             return Err(UserError::LockedOut);
         }
+        if open.purpose == ChallengePurpose::Enrollment {
+            return Err(UserError::WrongChallengePurpose);
+        }
+        self.slowdown(&settings, ctx.at)?;
         if open.is_expired(ctx.at) {
             return Ok(vec![UserEvent::ChallengeExpired {
                 challenge_id: open.id,
@@ -297,12 +473,24 @@ impl User {
         match verdict {
             Ok(accepted) => {
                 let mut events = vec![accepted];
-                events.extend(self.start_session(
-                    session,
-                    &settings,
-                    SecondFactorUse::Used { method: kind },
-                    ctx,
-                ));
+                match open.purpose {
+                    ChallengePurpose::StepUp { session_id } => {
+                        events.push(UserEvent::StepUpCompleted {
+                            session_id,
+                            challenge_id: open.id,
+                            ctx,
+                        });
+                    }
+                    ChallengePurpose::SignIn | ChallengePurpose::Enrollment => {
+                        events.extend(self.start_session(
+                            session,
+                            &settings,
+                            SecondFactorUse::Used { method: kind },
+                            ctx.clone(),
+                        ));
+                        events.push(Self::remember_device(device, ctx));
+                    }
+                }
                 Ok(events)
             }
             Err(reason) => Ok(self.reject(open.id, kind, reason, &settings, ctx)),
@@ -387,6 +575,87 @@ impl User {
             generation: open.generation + 1,
             ctx,
         }])
+    }
+
+    /// Admin actions on a user carry a reason.
+    fn require_admin_reason(&self, ctx: &Ctx) -> Result<(), UserError> {
+        if matches!(ctx.actor, Actor::Admin(_))
+            && ctx.reason.as_deref().is_none_or(|r| r.trim().is_empty())
+        {
+            return Err(UserError::ReasonRequired);
+        }
+        Ok(())
+    }
+
+    fn complete_enrollment(&self, cmd: CompleteEnrollment) -> Result<Vec<UserEvent>, UserError> {
+        self.require_exists()?;
+        let CompleteEnrollment {
+            challenge,
+            matched_step,
+            backup_codes,
+            settings,
+            session,
+            device,
+            ctx,
+        } = cmd;
+        let open = self.open_challenge(&challenge)?;
+        if self.lockout.is_locked() {
+            return Err(UserError::LockedOut);
+        }
+        if open.purpose != ChallengePurpose::Enrollment {
+            return Err(UserError::WrongChallengePurpose);
+        }
+        if self.pending_totp.is_none() {
+            return Err(UserError::NoEnrollmentInProgress);
+        }
+        if backup_codes.len() != BACKUP_CODE_COUNT {
+            return Err(UserError::WrongBackupCodeCount {
+                expected: BACKUP_CODE_COUNT,
+            });
+        }
+        if open.is_expired(ctx.at) {
+            return Ok(vec![UserEvent::ChallengeExpired {
+                challenge_id: open.id,
+                ctx,
+            }]);
+        }
+        self.slowdown(&settings, ctx.at)?;
+        let step = matched_step.filter(|s| self.last_totp_step.is_none_or(|l| *s > l));
+        let Some(totp_step) = step else {
+            let reason = if matched_step.is_some() {
+                RejectionReason::ReusedTimeStep
+            } else {
+                RejectionReason::WrongCode
+            };
+            return Ok(self.reject(open.id, ProofKind::Totp, reason, &settings, ctx));
+        };
+        let mut events = vec![
+            UserEvent::EnrollmentCompleted {
+                method: Method::Totp,
+                totp_step,
+                ctx: ctx.clone(),
+            },
+            UserEvent::BackupCodesIssued {
+                hashes: backup_codes,
+                ctx: ctx.clone(),
+            },
+            UserEvent::CodeVerified {
+                challenge_id: open.id,
+                method: Method::Totp,
+                totp_step: Some(totp_step),
+                ctx: ctx.clone(),
+            },
+        ];
+        events.extend(self.start_session(
+            session,
+            &settings,
+            SecondFactorUse::Used {
+                method: ProofKind::Totp,
+            },
+            ctx.clone(),
+        ));
+        events.push(Self::remember_device(device, ctx));
+        Ok(events)
     }
 
     fn handle_command(&self, command: UserCommand) -> Result<Vec<UserEvent>, UserError> {
@@ -483,8 +752,16 @@ impl User {
                     None => vec![UserEvent::EnrollmentCodeRejected { ctx }],
                 })
             }
-            UserCommand::RegenerateBackupCodes { backup_codes, ctx } => {
+            UserCommand::RegenerateBackupCodes {
+                backup_codes,
+                step_up,
+                ctx,
+            } => {
                 self.require_exists()?;
+                match step_up {
+                    Some(session) => self.require_step_up(session, ctx.at)?,
+                    None => self.require_admin_reason(&ctx)?,
+                }
                 if backup_codes.len() != BACKUP_CODE_COUNT {
                     return Err(UserError::WrongBackupCodeCount {
                         expected: BACKUP_CODE_COUNT,
@@ -500,12 +777,170 @@ impl User {
                 if !self.lockout.is_locked() {
                     return Err(UserError::NotLocked);
                 }
-                if matches!(ctx.actor, Actor::Admin(_))
-                    && ctx.reason.as_deref().is_none_or(|r| r.trim().is_empty())
-                {
-                    return Err(UserError::ReasonRequired);
-                }
+                self.require_admin_reason(&ctx)?;
                 Ok(vec![UserEvent::UserUnlocked { ctx }])
+            }
+            UserCommand::CompleteEnrollment(cmd) => self.complete_enrollment(cmd),
+            UserCommand::StartStepUp {
+                session_id,
+                challenge,
+                settings,
+                ctx,
+            } => {
+                self.require_exists()?;
+                if self.lockout.is_locked() {
+                    return Err(UserError::LockedOut);
+                }
+                if !self
+                    .sessions
+                    .get(&session_id)
+                    .is_some_and(|s| ctx.at < s.expires_at)
+                {
+                    return Err(UserError::SessionNotFound);
+                }
+                // Any factor the user has counts, whatever the tenant allows for sign-in.
+                let all = TwoFactorSettings {
+                    allowed_methods: Method::ALL.to_vec(),
+                    ..settings.clone()
+                };
+                let methods = self.available_methods(&all);
+                let Some(first) = methods.first().copied() else {
+                    return Err(UserError::MethodNotAvailable);
+                };
+                let method = if methods.contains(&settings.default_method) {
+                    settings.default_method
+                } else {
+                    first
+                };
+                Ok(vec![self.challenge_issued(
+                    challenge,
+                    method,
+                    methods,
+                    &settings,
+                    ChallengePurpose::StepUp { session_id },
+                    ctx,
+                )])
+            }
+            UserCommand::Update {
+                roles,
+                email,
+                phone,
+                service_account,
+                ctx,
+            } => {
+                self.require_exists()?;
+                let roles = roles.map(|mut r| {
+                    r.sort();
+                    r.dedup();
+                    r
+                });
+                let email = email.filter(|e| *e != self.email);
+                let phone = phone.filter(|p| *p != self.phone);
+                let factor_changed = email.is_some() || phone.is_some();
+                let mut events = vec![UserEvent::UserUpdated {
+                    roles,
+                    email,
+                    phone,
+                    service_account,
+                    ctx: ctx.clone(),
+                }];
+                if factor_changed {
+                    events.push(self.revoke_all(&ctx));
+                }
+                Ok(events)
+            }
+            UserCommand::ChangeContact {
+                email,
+                phone,
+                step_up,
+                ctx,
+            } => {
+                self.require_exists()?;
+                self.require_step_up(step_up, ctx.at)?;
+                let email = email.filter(|e| *e != self.email);
+                let phone = phone.filter(|p| *p != self.phone);
+                if email.is_none() && phone.is_none() {
+                    return Ok(vec![]);
+                }
+                Ok(vec![
+                    UserEvent::UserUpdated {
+                        roles: None,
+                        email,
+                        phone,
+                        service_account: None,
+                        ctx: ctx.clone(),
+                    },
+                    self.revoke_all(&ctx),
+                ])
+            }
+            UserCommand::SwitchTwoFactor {
+                on,
+                tenant_enabled,
+                ctx,
+            } => {
+                self.require_exists()?;
+                if on && !tenant_enabled {
+                    return Err(UserError::TwoFactorUnavailable);
+                }
+                if on == self.two_factor_switched_on {
+                    return Ok(vec![]);
+                }
+                Ok(vec![UserEvent::TwoFactorSwitched { on, ctx }])
+            }
+            UserCommand::SetVoluntaryTwoFactor {
+                on,
+                tenant_enabled,
+                step_up,
+                ctx,
+            } => {
+                self.require_exists()?;
+                if on && !tenant_enabled {
+                    return Err(UserError::TwoFactorUnavailable);
+                }
+                if on == self.two_factor_opted_in {
+                    return Ok(vec![]);
+                }
+                if !on {
+                    self.require_step_up(step_up, ctx.at)?;
+                }
+                Ok(vec![UserEvent::VoluntaryTwoFactorChanged { on, ctx }])
+            }
+            UserCommand::ResetEnrollment { ctx } => {
+                self.require_exists()?;
+                if ctx.actor == Actor::Admin(self.id.unwrap_or(UserId(Uuid::nil()))) {
+                    return Err(UserError::CannotChangeOwnFactor);
+                }
+                self.require_admin_reason(&ctx)?;
+                Ok(vec![
+                    UserEvent::EnrollmentReset { ctx: ctx.clone() },
+                    self.revoke_all(&ctx),
+                ])
+            }
+            UserCommand::RemoveAuthenticator { step_up, ctx } => {
+                self.require_exists()?;
+                if self.two_factor != TwoFactorState::Enrolled {
+                    return Err(UserError::NotEnrolled);
+                }
+                self.require_step_up(step_up, ctx.at)?;
+                Ok(vec![
+                    UserEvent::AuthenticatorRemoved { ctx: ctx.clone() },
+                    self.revoke_all(&ctx),
+                ])
+            }
+            UserCommand::RevokeSessions {
+                forget_devices,
+                ctx,
+            } => {
+                self.require_exists()?;
+                self.require_admin_reason(&ctx)?;
+                if self.sessions.is_empty() && (!forget_devices || self.devices.is_empty()) {
+                    return Ok(vec![]);
+                }
+                Ok(vec![UserEvent::SessionsRevoked {
+                    session_ids: self.sessions.keys().copied().collect(),
+                    devices_forgotten: forget_devices,
+                    ctx,
+                }])
             }
         }
     }
@@ -563,9 +998,12 @@ impl Aggregate for User {
                 token_hash,
                 expires_at,
                 resend_limit,
+                purpose,
                 ctx,
             } => {
-                self.sign_ins += 1;
+                if !matches!(purpose, ChallengePurpose::StepUp { .. }) {
+                    self.sign_ins += 1;
+                }
                 self.challenges.retain(|_, c| !c.is_expired(ctx.at));
                 while self.challenges.len() >= MAX_OPEN_CHALLENGES {
                     let oldest = self
@@ -590,6 +1028,7 @@ impl Aggregate for User {
                         resends: 0,
                         resend_limit,
                         generation: 0,
+                        purpose,
                     },
                 );
             }
@@ -615,13 +1054,15 @@ impl Aggregate for User {
                     c.generation = generation;
                 }
             }
-            UserEvent::CodeRejected { failures, .. } => {
+            UserEvent::CodeRejected { failures, ctx, .. } => {
                 self.lockout = Lockout::Open { failures };
+                self.last_failure_at = Some(ctx.at);
             }
             UserEvent::UserLockedOut { failures, .. } => {
                 self.lockout = Lockout::Locked { failures };
                 self.challenges.clear();
                 self.sessions.clear();
+                self.forget_devices();
             }
             UserEvent::ChallengeExpired { challenge_id, .. } => {
                 self.challenges.remove(&challenge_id);
@@ -664,6 +1105,7 @@ impl Aggregate for User {
                         started_at: ctx.at,
                         expires_at,
                         second_factor,
+                        stepped_up_at: None,
                     },
                 );
             }
@@ -688,6 +1130,90 @@ impl Aggregate for User {
                     .collect();
             }
             UserEvent::UserUnlocked { .. } => self.lockout = Lockout::default(),
+            UserEvent::DeviceRemembered {
+                device_id,
+                token_hash,
+                ctx,
+            } => {
+                if self.devices.len() >= MAX_REMEMBERED {
+                    let oldest = self
+                        .devices
+                        .iter()
+                        .min_by_key(|(_, d)| d.remembered_at)
+                        .map(|(id, _)| *id);
+                    if let Some(id) = oldest {
+                        self.devices.remove(&id);
+                    }
+                }
+                self.devices.insert(
+                    device_id,
+                    DeviceState {
+                        token_hash,
+                        remembered_at: ctx.at,
+                    },
+                );
+                if let Some(ip) = ctx.ip {
+                    self.trusted_ips.retain(|t| *t != ip);
+                    self.trusted_ips.push(ip);
+                    if self.trusted_ips.len() > MAX_REMEMBERED {
+                        self.trusted_ips.remove(0);
+                    }
+                }
+            }
+            UserEvent::StepUpCompleted {
+                session_id, ctx, ..
+            } => {
+                if let Some(s) = self.sessions.get_mut(&session_id) {
+                    s.stepped_up_at = Some(ctx.at);
+                }
+            }
+            UserEvent::UserUpdated {
+                roles,
+                email,
+                phone,
+                service_account,
+                ..
+            } => {
+                if let Some(roles) = roles {
+                    self.roles = roles.into_iter().collect();
+                }
+                if let Some(email) = email {
+                    self.email = email;
+                }
+                if let Some(phone) = phone {
+                    self.phone = phone;
+                }
+                if let Some(flag) = service_account {
+                    self.service_account = flag;
+                }
+            }
+            UserEvent::TwoFactorSwitched { on, .. } => self.two_factor_switched_on = on,
+            UserEvent::VoluntaryTwoFactorChanged { on, .. } => self.two_factor_opted_in = on,
+            UserEvent::EnrollmentReset { .. } | UserEvent::AuthenticatorRemoved { .. } => {
+                self.totp = None;
+                self.pending_totp = None;
+                self.two_factor = TwoFactorState::NotStarted;
+                self.backup_codes.clear();
+            }
+            UserEvent::SessionsRevoked {
+                session_ids,
+                devices_forgotten,
+                ..
+            } => {
+                for id in session_ids {
+                    self.sessions.remove(&id);
+                }
+                if devices_forgotten {
+                    self.forget_devices();
+                }
+            }
         }
+    }
+}
+
+impl User {
+    fn forget_devices(&mut self) {
+        self.devices.clear();
+        self.trusted_ips.clear();
     }
 }

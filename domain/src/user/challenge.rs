@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::ChallengeId;
+use crate::ids::{ChallengeId, SessionId};
 use crate::secrets::SecretHash;
 use crate::values::Method;
 
@@ -24,6 +24,21 @@ pub struct Challenge {
     /// Which code of this challenge is current: an email or SMS code is derived
     /// from (challenge id, generation), and a resend or switch moves it on.
     pub generation: u32,
+    #[serde(default)]
+    pub purpose: ChallengePurpose,
+}
+
+/// What answering a challenge leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ChallengePurpose {
+    /// The second factor of a sign-in: a new session.
+    #[default]
+    SignIn,
+    /// Required enrollment at sign-in: the authenticator's first code.
+    Enrollment,
+    /// A current factor before a sensitive change, for this session.
+    StepUp { session_id: SessionId },
 }
 
 impl Challenge {

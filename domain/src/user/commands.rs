@@ -10,6 +10,7 @@ use crate::secrets::{PasswordHash, SealedSecret, SecretHash};
 use crate::tenant::TwoFactorSettings;
 use crate::user::SessionEndReason;
 use crate::values::{Email, Method, Phone, Role, Username};
+use uuid::Uuid;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum UserCommand {
@@ -52,11 +53,92 @@ pub enum UserCommand {
     },
     RegenerateBackupCodes {
         backup_codes: Vec<SecretHash>,
+        /// The user's own session, which must have stepped up recently; `None`
+        /// when an admin acts.
+        step_up: Option<SessionId>,
         ctx: Ctx,
     },
     Unlock {
         ctx: Ctx,
     },
+    /// Required enrollment at sign-in: the code from the new authenticator
+    /// both activates it and answers the sign-in's challenge.
+    CompleteEnrollment(CompleteEnrollment),
+    /// Asks a signed-in user for a current factor before a sensitive change.
+    StartStepUp {
+        session_id: SessionId,
+        challenge: NewChallenge,
+        settings: TwoFactorSettings,
+        ctx: Ctx,
+    },
+    /// Admin changes to a user's profile; `None` leaves a field as it is.
+    Update {
+        roles: Option<Vec<Role>>,
+        email: Option<Option<Email>>,
+        phone: Option<Option<Phone>>,
+        service_account: Option<bool>,
+        ctx: Ctx,
+    },
+    /// The user changes the email or phone their codes go to.
+    ChangeContact {
+        email: Option<Option<Email>>,
+        phone: Option<Option<Phone>>,
+        step_up: SessionId,
+        ctx: Ctx,
+    },
+    /// An admin switches 2FA on or off for this user (scope "per user").
+    SwitchTwoFactor {
+        on: bool,
+        tenant_enabled: bool,
+        ctx: Ctx,
+    },
+    /// The user opts in or out (scope "voluntary"); opting out needs a step-up.
+    SetVoluntaryTwoFactor {
+        on: bool,
+        tenant_enabled: bool,
+        step_up: SessionId,
+        ctx: Ctx,
+    },
+    /// An admin resets the user's enrollment; they enroll again.
+    ResetEnrollment {
+        ctx: Ctx,
+    },
+    /// The user removes their own authenticator.
+    RemoveAuthenticator {
+        step_up: SessionId,
+        ctx: Ctx,
+    },
+    /// Ends every session of the user (and, with `forget_devices`, every
+    /// remembered device).
+    RevokeSessions {
+        forget_devices: bool,
+        ctx: Ctx,
+    },
+}
+
+/// A remembered-device token the client presented at sign-in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PresentedDevice {
+    pub id: Uuid,
+    pub token_hash: SecretHash,
+}
+
+/// The device to remember when this sign-in completes its second factor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewDevice {
+    pub id: Uuid,
+    pub token_hash: SecretHash,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompleteEnrollment {
+    pub challenge: ChallengeRef,
+    pub matched_step: Option<u64>,
+    pub backup_codes: Vec<SecretHash>,
+    pub settings: TwoFactorSettings,
+    pub session: NewSession,
+    pub device: NewDevice,
+    pub ctx: Ctx,
 }
 
 /// The password step of a sign-in, with what to open next.
@@ -70,6 +152,11 @@ pub struct SignIn {
     pub challenge: NewChallenge,
     /// Used when no second factor is asked for.
     pub session: NewSession,
+    /// A remembered-device token sent with the sign-in, if any.
+    pub device: Option<PresentedDevice>,
+    /// A fresh sealed seed, used when the tenant requires enrollment and the
+    /// user has no authenticator yet.
+    pub enrollment_seed: Option<SealedSecret>,
     pub ctx: Ctx,
 }
 
@@ -80,6 +167,8 @@ pub struct VerifyCode {
     pub proof: Proof,
     pub settings: TwoFactorSettings,
     pub session: NewSession,
+    /// Remembered when a sign-in completes (not for a step-up).
+    pub device: NewDevice,
     pub ctx: Ctx,
 }
 

@@ -32,4 +32,16 @@ pub enum UserError {
     NotLocked,
     #[error("a reason is required for this admin action")]
     ReasonRequired,
+    #[error("too many wrong codes; try again in {retry_after_secs} seconds")]
+    TooManyAttempts { retry_after_secs: i64 },
+    #[error("confirm a current factor first (step-up)")]
+    StepUpRequired,
+    #[error("two-factor authentication is not available for this tenant")]
+    TwoFactorUnavailable,
+    #[error("an admin cannot remove the second factor from their own account this way")]
+    CannotChangeOwnFactor,
+    #[error("no authenticator app is enrolled")]
+    NotEnrolled,
+    #[error("this challenge is answered at another endpoint")]
+    WrongChallengePurpose,
 }

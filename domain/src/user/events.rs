@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::context::Ctx;
 use crate::ids::{ChallengeId, SessionId, TenantId, UserId};
 use crate::secrets::{PasswordHash, SealedSecret, SecretHash};
+use crate::user::challenge::ChallengePurpose;
 use crate::values::{Email, Method, Phone, Role, Username};
+use uuid::Uuid;
 
 /// Why a sign-in opened a session without a second factor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +22,12 @@ pub enum SkipReason {
     ServiceAccount,
     /// None of the tenant's allowed methods is set up for this user.
     NoMethodAvailable,
+    /// The tenant's scope does not ask this user (role, switch or opt-in).
+    NotRequired,
+    /// Unrecognized-devices mode: the remembered-device token matched.
+    KnownDevice,
+    /// Unrecognized-devices mode: the IP of an earlier 2FA sign-in.
+    KnownIp,
 }
 
 /// How a challenge was answered.
@@ -109,6 +117,8 @@ pub enum UserEvent {
         token_hash: SecretHash,
         expires_at: DateTime<Utc>,
         resend_limit: Option<u32>,
+        #[serde(default)]
+        purpose: ChallengePurpose,
         ctx: Ctx,
     },
     CodeResent {
@@ -184,6 +194,50 @@ pub enum UserEvent {
     UserUnlocked {
         ctx: Ctx,
     },
+    /// After a sign-in completed its second factor: the device's token (hashed)
+    /// and, in `ctx.ip`, the address now trusted.
+    DeviceRemembered {
+        device_id: Uuid,
+        token_hash: SecretHash,
+        ctx: Ctx,
+    },
+    StepUpCompleted {
+        session_id: SessionId,
+        challenge_id: ChallengeId,
+        ctx: Ctx,
+    },
+    UserUpdated {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        roles: Option<Vec<Role>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        email: Option<Option<Email>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        phone: Option<Option<Phone>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service_account: Option<bool>,
+        ctx: Ctx,
+    },
+    TwoFactorSwitched {
+        on: bool,
+        ctx: Ctx,
+    },
+    VoluntaryTwoFactorChanged {
+        on: bool,
+        ctx: Ctx,
+    },
+    EnrollmentReset {
+        ctx: Ctx,
+    },
+    AuthenticatorRemoved {
+        ctx: Ctx,
+    },
+    /// Sessions ended at once (revocation, reset, factor change); with
+    /// `devices_forgotten`, remembered devices and trusted IPs too.
+    SessionsRevoked {
+        session_ids: Vec<SessionId>,
+        devices_forgotten: bool,
+        ctx: Ctx,
+    },
 }
 
 impl UserEvent {
@@ -207,7 +261,15 @@ impl UserEvent {
             | UserEvent::EnrollmentCodeRejected { ctx }
             | UserEvent::EnrollmentCompleted { ctx, .. }
             | UserEvent::BackupCodesIssued { ctx, .. }
-            | UserEvent::UserUnlocked { ctx } => ctx,
+            | UserEvent::UserUnlocked { ctx }
+            | UserEvent::DeviceRemembered { ctx, .. }
+            | UserEvent::StepUpCompleted { ctx, .. }
+            | UserEvent::UserUpdated { ctx, .. }
+            | UserEvent::TwoFactorSwitched { ctx, .. }
+            | UserEvent::VoluntaryTwoFactorChanged { ctx, .. }
+            | UserEvent::EnrollmentReset { ctx }
+            | UserEvent::AuthenticatorRemoved { ctx }
+            | UserEvent::SessionsRevoked { ctx, .. } => ctx,
         }
     }
 
@@ -232,6 +294,14 @@ impl UserEvent {
             UserEvent::EnrollmentCompleted { .. } => "EnrollmentCompleted",
             UserEvent::BackupCodesIssued { .. } => "BackupCodesIssued",
             UserEvent::UserUnlocked { .. } => "UserUnlocked",
+            UserEvent::DeviceRemembered { .. } => "DeviceRemembered",
+            UserEvent::StepUpCompleted { .. } => "StepUpCompleted",
+            UserEvent::UserUpdated { .. } => "UserUpdated",
+            UserEvent::TwoFactorSwitched { .. } => "TwoFactorSwitched",
+            UserEvent::VoluntaryTwoFactorChanged { .. } => "VoluntaryTwoFactorChanged",
+            UserEvent::EnrollmentReset { .. } => "EnrollmentReset",
+            UserEvent::AuthenticatorRemoved { .. } => "AuthenticatorRemoved",
+            UserEvent::SessionsRevoked { .. } => "SessionsRevoked",
         }
     }
 }

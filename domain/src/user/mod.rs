@@ -15,10 +15,11 @@ mod error;
 mod events;
 pub mod lockout;
 
-pub use aggregate::{BackupCodeSlot, SessionState, TotpFactor, TwoFactorState, User};
-pub use challenge::Challenge;
+pub use aggregate::{BackupCodeSlot, DeviceState, SessionState, TotpFactor, TwoFactorState, User};
+pub use challenge::{Challenge, ChallengePurpose};
 pub use commands::{
-    ChallengeRef, NewChallenge, NewSession, Proof, SignIn, UserCommand, VerifyCode,
+    ChallengeRef, CompleteEnrollment, NewChallenge, NewDevice, NewSession, PresentedDevice, Proof,
+    SignIn, UserCommand, VerifyCode,
 };
 pub use error::UserError;
 pub use events::{
@@ -32,3 +33,11 @@ pub const BACKUP_CODE_COUNT: usize = 8;
 pub const MAX_ACTIVE_SESSIONS: usize = 50;
 /// Open challenges kept per user; issuing one more drops the oldest.
 pub const MAX_OPEN_CHALLENGES: usize = 20;
+/// Remembered devices and trusted IPs kept per user; the oldest make room.
+pub const MAX_REMEMBERED: usize = 20;
+/// How long a step-up (a current factor confirmed) allows sensitive changes.
+pub const STEP_UP_VALID_SECS: i64 = 10 * 60;
+/// With "no limit" on attempts, wrong codes beyond this many slow guessing down.
+pub const FREE_FAILURES_WITHOUT_LIMIT: u32 = 5;
+/// The longest wait the slow-down imposes.
+pub const MAX_SLOWDOWN_SECS: i64 = 15 * 60;

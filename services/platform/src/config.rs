@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{bail, Context};
+use ipnet::IpNet;
 use secrecy::SecretString;
 use serde::Deserialize;
 
@@ -31,6 +32,9 @@ pub struct Config {
     pub snapshot_every: usize,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` is believed;
+    /// from anyone else the peer address is the client's.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for Config {
@@ -44,6 +48,7 @@ impl Default for Config {
             current_key_id: String::new(),
             snapshot_every: 50,
             max_body_bytes: 16 * 1024,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -102,6 +107,22 @@ impl Config {
         }
         if let Some(v) = var("TWOFOLD_CURRENT_KEY_ID") {
             self.current_key_id = v;
+        }
+        if let Some(v) = var("TWOFOLD_TRUSTED_PROXIES") {
+            self.trusted_proxies = v
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    p.parse::<IpNet>()
+                        .or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from))
+                        .with_context(|| {
+                            format!(
+                                "TWOFOLD_TRUSTED_PROXIES: {p:?} is not an IP address or CIDR range"
+                            )
+                        })
+                })
+                .collect::<anyhow::Result<_>>()?;
         }
         if let Some(v) = var("TWOFOLD_SNAPSHOT_EVERY") {
             self.snapshot_every = v

@@ -18,6 +18,8 @@ pub enum TokenKind {
     Session,
     /// A half-finished sign-in waiting for its second factor.
     Challenge,
+    /// A remembered device, after a sign-in completed with a second factor.
+    Device,
 }
 
 impl TokenKind {
@@ -25,6 +27,7 @@ impl TokenKind {
         match self {
             TokenKind::Session => "tfs_",
             TokenKind::Challenge => "tfc_",
+            TokenKind::Device => "tfd_",
         }
     }
 }

@@ -187,6 +187,19 @@ impl From<UserError> for ApiError {
             UserError::WrongBackupCodeCount { .. } => return Self::unexpected(err),
             UserError::NotLocked => (S::CONFLICT, "not_locked"),
             UserError::ReasonRequired => (S::UNPROCESSABLE_ENTITY, "reason_required"),
+            UserError::TooManyAttempts { retry_after_secs } => {
+                return Self::new(
+                    S::TOO_MANY_REQUESTS,
+                    "too_many_attempts",
+                    capitalize(&err.to_string()),
+                )
+                .with_details(json!({ "retry_after_secs": retry_after_secs }))
+            }
+            UserError::StepUpRequired => (S::FORBIDDEN, "step_up_required"),
+            UserError::TwoFactorUnavailable => (S::CONFLICT, "two_factor_unavailable"),
+            UserError::CannotChangeOwnFactor => (S::FORBIDDEN, "cannot_change_own_factor"),
+            UserError::NotEnrolled => (S::CONFLICT, "not_enrolled"),
+            UserError::WrongChallengePurpose => (S::CONFLICT, "wrong_challenge_purpose"),
         };
         Self::new(status, code, capitalize(&err.to_string()))
     }

@@ -37,11 +37,33 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/challenge/switch", post(auth::switch))
         .route("/sessions/introspect", post(auth::introspect))
         .route("/sign-out", post(auth::sign_out))
-        .route("/me", get(me::profile))
-        .route("/me/totp", post(me::start_totp))
+        .route("/enrollment/complete", post(auth::complete_enrollment))
+        .route("/me", get(me::profile).patch(me::change_contact))
+        .route("/me/step-up", post(me::step_up))
+        .route("/me/two-factor", post(me::set_voluntary))
+        .route("/me/backup-codes", post(me::regenerate_backup_codes))
+        .route("/me/totp", post(me::start_totp).delete(me::remove_totp))
         .route("/me/totp/qr.png", get(me::totp_qr))
         .route("/me/totp/confirm", post(me::confirm_totp))
         .route("/users", post(admin::create_user))
+        .route(
+            "/users/{user}",
+            get(admin::get_user).patch(admin::update_user),
+        )
+        .route(
+            "/users/{user}/reset-enrollment",
+            post(admin::reset_enrollment),
+        )
+        .route("/users/{user}/unlock", post(admin::unlock))
+        .route(
+            "/users/{user}/revoke-sessions",
+            post(admin::revoke_sessions),
+        )
+        .route(
+            "/users/{user}/backup-codes",
+            post(admin::regenerate_backup_codes),
+        )
+        .route("/sessions/revoke-all", post(admin::revoke_all_sessions))
         .route(
             "/settings",
             get(admin::get_settings).put(admin::put_settings),
@@ -91,6 +113,7 @@ pub async fn connect(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<A
         Passwords::for_this_machine()?,
         config.keyring()?,
         clock,
+        config.trusted_proxies.clone(),
     ))
 }
 

@@ -24,6 +24,7 @@ pub struct Inner {
     pub passwords: Passwords,
     pub keys: Keyring,
     pub clock: Arc<dyn Clock>,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl std::ops::Deref for AppState {
@@ -40,6 +41,7 @@ impl AppState {
         passwords: Passwords,
         keys: Keyring,
         clock: Arc<dyn Clock>,
+        trusted_proxies: Vec<ipnet::IpNet>,
     ) -> Self {
         Self(Arc::new(Inner {
             tenants: Store::new(pool.clone(), snapshot_every),
@@ -48,6 +50,7 @@ impl AppState {
             passwords,
             keys,
             clock,
+            trusted_proxies,
         }))
     }
 

@@ -2,7 +2,7 @@
 //! the session (introspection, sign-out).
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -12,15 +12,19 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use twofold_domain::tenant::TwoFactorSettings;
 use twofold_domain::user::{
-    Challenge, ChallengeRef, NewChallenge, NewSession, Proof, ProofKind, SecondFactorUse,
-    SessionEndReason, SignIn, User, UserCommand, UserError, UserEvent, VerifyCode,
+    Challenge, ChallengePurpose, ChallengeRef, CompleteEnrollment, NewChallenge, NewDevice,
+    NewSession, PresentedDevice, Proof, ProofKind, SecondFactorUse, SessionEndReason, SignIn,
+    TwoFactorState, User, UserCommand, UserError, UserEvent, VerifyCode,
 };
 use twofold_domain::values::{Method, OtpCode, Username};
 use twofold_domain::{Actor, ChallengeId, SessionId, TenantId, UserId};
 use twofold_platform::store::{ExecError, StoreError};
 use twofold_platform::tokens::{self, TokenKind};
-use twofold_platform::totp;
+use twofold_platform::{qr, totp};
 use uuid::Uuid;
+
+use base64::Engine;
+use twofold_domain::tenant::settings::Enrollment;
 
 use crate::backup_codes;
 use crate::error::ApiError;
@@ -32,6 +36,23 @@ use crate::state::AppState;
 pub struct SignInRequest {
     username: String,
     password: SecretString,
+    /// The remembered-device token, for clients that do not keep cookies.
+    #[serde(default)]
+    device_token: Option<SecretString>,
+}
+
+/// The cookie that carries the remembered-device token.
+pub const DEVICE_COOKIE: &str = "twofold_device";
+
+fn device_cookie(headers: &HeaderMap) -> Option<SecretString> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == DEVICE_COOKIE)
+        .map(|(_, value)| SecretString::from(value.to_string()))
 }
 
 #[derive(Serialize)]
@@ -56,22 +77,59 @@ fn second_factor_json(use_: SecondFactorUse) -> serde_json::Value {
     }
 }
 
-fn signed_in_response(token: &SecretString, events: &[UserEvent]) -> Option<Response> {
-    events.iter().find_map(|e| match e {
+/// The answer for a sign-in that opened a session; with the remembered-device
+/// token (JSON and cookie) when this sign-in remembered the device, and any
+/// `extra` fields (backup codes after enrollment).
+fn signed_in_response(
+    token: &SecretString,
+    device_token: Option<&SecretString>,
+    events: &[UserEvent],
+    extra: serde_json::Value,
+) -> Option<Response> {
+    let (expires_at, second_factor) = events.iter().find_map(|e| match e {
         UserEvent::SessionStarted {
             expires_at,
             second_factor,
             ..
-        } => Some(
-            Json(json!({
-                "status": "signed_in",
-                "session": SessionBody { token: token.expose_secret().to_string(), expires_at: *expires_at },
-                "second_factor": second_factor_json(*second_factor),
-            }))
-            .into_response(),
-        ),
+        } => Some((*expires_at, *second_factor)),
         _ => None,
-    })
+    })?;
+    let remembered = events
+        .iter()
+        .any(|e| matches!(e, UserEvent::DeviceRemembered { .. }));
+    let mut body = json!({
+        "status": "signed_in",
+        "session": SessionBody { token: token.expose_secret().to_string(), expires_at },
+        "second_factor": second_factor_json(second_factor),
+    });
+    if let (Some(obj), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        obj.extend(extra.clone());
+    }
+    let device = device_token.filter(|_| remembered);
+    if let (Some(obj), Some(device)) = (body.as_object_mut(), device) {
+        obj.insert("device_token".into(), json!(device.expose_secret()));
+    }
+    let mut response = Json(body).into_response();
+    if let Some(device) = device {
+        let cookie = format!(
+            "{DEVICE_COOKIE}={}; Path=/; Max-Age={}; HttpOnly; Secure; SameSite=Lax",
+            device.expose_secret(),
+            DEVICE_MAX_AGE_SECS
+        );
+        if let Ok(value) = HeaderValue::from_str(&cookie) {
+            response.headers_mut().insert(header::SET_COOKIE, value);
+        }
+    }
+    Some(response)
+}
+
+/// How long a browser keeps the remembered-device cookie.
+const DEVICE_MAX_AGE_SECS: i64 = 400 * 24 * 3600;
+
+fn new_device(user_id: UserId) -> (SecretString, NewDevice) {
+    let id = Uuid::new_v4();
+    let (token, token_hash) = tokens::issue(TokenKind::Device, user_id, id);
+    (token, NewDevice { id, token_hash })
 }
 
 fn new_session(user_id: UserId) -> (SecretString, NewSession) {
@@ -92,6 +150,7 @@ pub async fn sign_in(
     State(state): State<AppState>,
     Path(tenant): Path<String>,
     meta: RequestMeta,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<SignInRequest>,
 ) -> Result<Response, ApiError> {
     let (tenant_id, tenant) = state.tenant(&tenant).await?;
@@ -112,10 +171,29 @@ pub async fn sign_in(
     };
     let stored = user.as_ref().and_then(|u| u.password_hash.as_ref());
     let password_ok = state.passwords.verify(stored, &body.password).await?;
-    let (Some(user_id), Some(_)) = (user_id, user) else {
+    let (Some(user_id), Some(user)) = (user_id, user) else {
         metrics::counter!("twofold_sign_ins_total", "outcome" => "invalid_credentials")
             .increment(1);
         return Err(ApiError::invalid_credentials());
+    };
+    let device = body
+        .device_token
+        .or_else(|| device_cookie(&headers))
+        .and_then(|t| tokens::parse(TokenKind::Device, &t))
+        .filter(|claim| claim.user_id == user_id)
+        .map(|claim| PresentedDevice {
+            id: claim.item,
+            token_hash: claim.hash,
+        });
+    // A seed ready in case the tenant requires enrollment and the user has none.
+    let enrollment = if tenant.settings.enrollment == Enrollment::Required
+        && user.two_factor != TwoFactorState::Enrolled
+    {
+        let seed = totp::new_secret();
+        let sealed = state.keys.seal(&seed, user_id.as_uuid().as_bytes())?;
+        Some((seed, sealed))
+    } else {
+        None
     };
 
     let challenge_id = ChallengeId(Uuid::new_v4());
@@ -123,7 +201,7 @@ pub async fn sign_in(
         tokens::issue(TokenKind::Challenge, user_id, challenge_id.as_uuid());
     let (session_token, session) = new_session(user_id);
     let ctx = meta.ctx(state.now(), Actor::User(user_id));
-    let settings = tenant.settings;
+    let settings = tenant.settings.clone();
     let events = state
         .users
         .execute(&user_id.to_string(), |_| {
@@ -135,6 +213,8 @@ pub async fn sign_in(
                     token_hash: challenge_hash.clone(),
                 },
                 session: session.clone(),
+                device: device.clone(),
+                enrollment_seed: enrollment.as_ref().map(|(_, sealed)| sealed.clone()),
                 ctx: ctx.clone(),
             }))
         })
@@ -156,28 +236,43 @@ pub async fn sign_in(
                 methods,
                 expires_at,
                 resend_limit,
+                purpose,
                 ..
             } => {
                 metrics::counter!("twofold_sign_ins_total", "outcome" => "challenged").increment(1);
                 metrics::counter!("twofold_challenges_issued_total", "method" => method.as_str())
                     .increment(1);
-                return Ok(Json(json!({
-                    "status": "challenge",
-                    "challenge": ChallengeBody {
-                        token: challenge_token.expose_secret().to_string(),
-                        method: *method,
-                        methods: methods.clone(),
-                        expires_at: *expires_at,
-                        resends_remaining: *resend_limit,
-                    },
-                }))
-                .into_response());
+                let challenge = ChallengeBody {
+                    token: challenge_token.expose_secret().to_string(),
+                    method: *method,
+                    methods: methods.clone(),
+                    expires_at: *expires_at,
+                    resends_remaining: *resend_limit,
+                };
+                if let (ChallengePurpose::Enrollment, Some((seed, _))) = (purpose, &enrollment) {
+                    let account = user.username.as_ref().map(|u| u.as_str()).unwrap_or("");
+                    let uri = totp::otpauth_uri(seed, &tenant.name, account)?;
+                    let png = qr::png(&uri)?;
+                    return Ok(Json(json!({
+                        "status": "enrollment_required",
+                        "challenge": challenge,
+                        "enrollment": {
+                            "otpauth_uri": uri,
+                            "secret": totp::base32(seed),
+                            "qr_png_base64": base64::engine::general_purpose::STANDARD.encode(png),
+                        },
+                    }))
+                    .into_response());
+                }
+                return Ok(
+                    Json(json!({ "status": "challenge", "challenge": challenge })).into_response(),
+                );
             }
             _ => {}
         }
     }
     metrics::counter!("twofold_sign_ins_total", "outcome" => "signed_in").increment(1);
-    signed_in_response(&session_token, &events)
+    signed_in_response(&session_token, None, &events, json!({}))
         .ok_or_else(|| ApiError::unexpected("sign-in produced neither a challenge nor a session"))
 }
 
@@ -296,6 +391,7 @@ pub async fn verify(
     let (user_id, reference) = challenge_ref(&body.challenge_token)?;
     challenge_owner(&state, tenant_id, user_id).await?;
     let (session_token, session) = new_session(user_id);
+    let (device_token, device) = new_device(user_id);
     let ctx = meta.ctx(state.now(), Actor::User(user_id));
     let settings: TwoFactorSettings = tenant.settings;
     let events = state
@@ -308,6 +404,7 @@ pub async fn verify(
                 proof,
                 settings: settings.clone(),
                 session: session.clone(),
+                device: device.clone(),
                 ctx: ctx.clone(),
             }))
         })
@@ -319,9 +416,22 @@ pub async fn verify(
             }
         })?;
 
+    rejection_or(&events, &settings)?;
+    if events
+        .iter()
+        .any(|e| matches!(e, UserEvent::StepUpCompleted { .. }))
+    {
+        return Ok(Json(json!({ "status": "stepped_up" })).into_response());
+    }
+    signed_in_response(&session_token, Some(&device_token), &events, json!({}))
+        .ok_or_else(|| ApiError::unexpected("verification produced no session"))
+}
+
+/// Counts what a verification's events say and turns a refusal into its answer.
+fn rejection_or(events: &[UserEvent], settings: &TwoFactorSettings) -> Result<(), ApiError> {
     let limit = settings.max_invalid_attempts.limit();
     let mut rejected = None;
-    for event in &events {
+    for event in events {
         match event {
             UserEvent::CodeVerified { method, .. } => {
                 metrics::counter!("twofold_verifications_total", "method" => method.as_str(), "outcome" => "verified")
@@ -363,8 +473,69 @@ pub async fn verify(
         )
         .with_details(json!({ "attempts_remaining": limit.saturating_sub(failures) })));
     }
-    signed_in_response(&session_token, &events)
-        .ok_or_else(|| ApiError::unexpected("verification produced no session"))
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteEnrollmentRequest {
+    challenge_token: SecretString,
+    code: String,
+}
+
+/// `POST /v1/tenants/{tenant}/enrollment/complete`: required enrollment at
+/// sign-in. The new authenticator's first code activates it and completes the
+/// sign-in; answers the session and the 8 backup codes, shown once.
+pub async fn complete_enrollment(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+    meta: RequestMeta,
+    ApiJson(body): ApiJson<CompleteEnrollmentRequest>,
+) -> Result<Response, ApiError> {
+    let (tenant_id, tenant) = state.tenant(&tenant).await?;
+    let code = OtpCode::parse(&body.code)
+        .map_err(|e| ApiError::bad_request("invalid_code_format", format!("The {e}.")))?;
+    let (user_id, reference) = challenge_ref(&body.challenge_token)?;
+    challenge_owner(&state, tenant_id, user_id).await?;
+    let (session_token, session) = new_session(user_id);
+    let (device_token, device) = new_device(user_id);
+    let (codes, hashes) = backup_codes::issue(&state.keys, user_id.as_uuid().as_bytes());
+    let ctx = meta.ctx(state.now(), Actor::User(user_id));
+    let settings = tenant.settings;
+    let events = state
+        .users
+        .execute(&user_id.to_string(), |user| {
+            user.open_challenge(&reference)
+                .map_err(ExecError::Refused)?;
+            let sealed = user
+                .pending_totp
+                .as_ref()
+                .ok_or(ExecError::Refused(UserError::NoEnrollmentInProgress))?;
+            let seed = state
+                .keys
+                .open(sealed, user_id.as_uuid().as_bytes())
+                .map_err(unexpected)?;
+            let matched_step = totp::matching_step(&seed, &code, ctx.at).map_err(unexpected)?;
+            Ok(UserCommand::CompleteEnrollment(CompleteEnrollment {
+                challenge: reference.clone(),
+                matched_step,
+                backup_codes: hashes.clone(),
+                settings: settings.clone(),
+                session: session.clone(),
+                device: device.clone(),
+                ctx: ctx.clone(),
+            }))
+        })
+        .await?;
+    rejection_or(&events, &settings)?;
+    metrics::counter!("twofold_enrollments_total", "method" => "totp").increment(1);
+    signed_in_response(
+        &session_token,
+        Some(&device_token),
+        &events,
+        json!({ "backup_codes": codes }),
+    )
+    .ok_or_else(|| ApiError::unexpected("enrollment produced no session"))
 }
 
 #[derive(Deserialize)]

@@ -6,11 +6,15 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::json;
-use twofold_domain::user::{UserCommand, UserError, UserEvent};
-use twofold_domain::values::OtpCode;
+use twofold_domain::user::{NewChallenge, UserCommand, UserError, UserEvent};
+use twofold_domain::values::{Email, OtpCode, Phone};
+use twofold_domain::ChallengeId;
+use twofold_platform::tokens::{self, TokenKind};
 use twofold_platform::{qr, totp};
+use uuid::Uuid;
 
 use crate::backup_codes;
 use crate::error::ApiError;
@@ -28,6 +32,7 @@ pub async fn profile(signed_in: SignedIn) -> Json<serde_json::Value> {
         "roles": u.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
         "service_account": u.service_account,
         "two_factor": u.two_factor,
+        "two_factor_opted_in": u.two_factor_opted_in,
         "backup_codes_left": u.backup_codes_left(),
     }))
 }
@@ -156,4 +161,169 @@ pub async fn confirm_totp(
             "The code does not match the authenticator. Check the app's clock and try the current code.",
         ))
     }
+}
+
+/// `POST /v1/tenants/{tenant}/me/step-up`: asks for a current factor before a
+/// sensitive change. Answer the challenge at `/challenge/verify`; the session
+/// may then make sensitive changes for 10 minutes.
+pub async fn step_up(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    signed_in: SignedIn,
+) -> Result<Response, ApiError> {
+    let user_id = signed_in.user_id;
+    let challenge_id = ChallengeId(Uuid::new_v4());
+    let (token, token_hash) = tokens::issue(TokenKind::Challenge, user_id, challenge_id.as_uuid());
+    let ctx = meta.ctx(state.now(), signed_in.actor());
+    let settings = signed_in.tenant.settings.clone();
+    let events = state
+        .users
+        .execute(&user_id.to_string(), |_| {
+            Ok(UserCommand::StartStepUp {
+                session_id: signed_in.session_id,
+                challenge: NewChallenge {
+                    id: challenge_id,
+                    token_hash: token_hash.clone(),
+                },
+                settings: settings.clone(),
+                ctx: ctx.clone(),
+            })
+        })
+        .await?;
+    let issued = events.iter().find_map(|e| match e {
+        UserEvent::ChallengeIssued {
+            method,
+            methods,
+            expires_at,
+            resend_limit,
+            ..
+        } => Some(json!({
+            "status": "challenge",
+            "challenge": {
+                "token": token.expose_secret(),
+                "method": method,
+                "methods": methods,
+                "expires_at": expires_at,
+                "resends_remaining": resend_limit,
+            }
+        })),
+        _ => None,
+    });
+    issued
+        .map(|body| Json(body).into_response())
+        .ok_or_else(|| ApiError::unexpected("step-up issued no challenge"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoluntaryRequest {
+    enabled: bool,
+}
+
+/// `POST /v1/tenants/{tenant}/me/two-factor`: opt in to (or, after a step-up,
+/// out of) 2FA where the tenant leaves it to each user.
+pub async fn set_voluntary(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    signed_in: SignedIn,
+    ApiJson(body): ApiJson<VoluntaryRequest>,
+) -> Result<StatusCode, ApiError> {
+    let ctx = meta.ctx(state.now(), signed_in.actor());
+    let tenant_enabled = signed_in.tenant.settings.enabled;
+    state
+        .users
+        .execute(&signed_in.user_id.to_string(), |_| {
+            Ok(UserCommand::SetVoluntaryTwoFactor {
+                on: body.enabled,
+                tenant_enabled,
+                step_up: signed_in.session_id,
+                ctx: ctx.clone(),
+            })
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/tenants/{tenant}/me/backup-codes`: new codes (after a step-up);
+/// the old ones stop working.
+pub async fn regenerate_backup_codes(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    signed_in: SignedIn,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (codes, hashes) = backup_codes::issue(&state.keys, signed_in.user_id.as_uuid().as_bytes());
+    let ctx = meta.ctx(state.now(), signed_in.actor());
+    state
+        .users
+        .execute(&signed_in.user_id.to_string(), |_| {
+            Ok(UserCommand::RegenerateBackupCodes {
+                backup_codes: hashes.clone(),
+                step_up: Some(signed_in.session_id),
+                ctx: ctx.clone(),
+            })
+        })
+        .await?;
+    Ok(Json(json!({ "backup_codes": codes })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContactRequest {
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    phone: Option<String>,
+}
+
+/// `PATCH /v1/tenants/{tenant}/me`: change the email or phone codes go to
+/// (after a step-up). A factor change ends every session, this one included.
+pub async fn change_contact(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    signed_in: SignedIn,
+    ApiJson(body): ApiJson<ContactRequest>,
+) -> Result<StatusCode, ApiError> {
+    let email = body
+        .email
+        .map(|e| Email::parse(&e).map(Some))
+        .transpose()
+        .map_err(ApiError::invalid_value)?;
+    let phone = body
+        .phone
+        .map(|p| Phone::parse(&p).map(Some))
+        .transpose()
+        .map_err(ApiError::invalid_value)?;
+    let ctx = meta.ctx(state.now(), signed_in.actor());
+    state
+        .users
+        .execute(&signed_in.user_id.to_string(), |_| {
+            Ok(UserCommand::ChangeContact {
+                email: email.clone(),
+                phone: phone.clone(),
+                step_up: signed_in.session_id,
+                ctx: ctx.clone(),
+            })
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /v1/tenants/{tenant}/me/totp`: remove the authenticator (after a
+/// step-up); every session ends.
+pub async fn remove_totp(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    signed_in: SignedIn,
+) -> Result<StatusCode, ApiError> {
+    let ctx = meta.ctx(state.now(), signed_in.actor());
+    state
+        .users
+        .execute(&signed_in.user_id.to_string(), |_| {
+            Ok(UserCommand::RemoveAuthenticator {
+                step_up: signed_in.session_id,
+                ctx: ctx.clone(),
+            })
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
