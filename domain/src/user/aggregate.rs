@@ -791,10 +791,10 @@ impl User {
                 if self.lockout.is_locked() {
                     return Err(UserError::LockedOut);
                 }
-                if !self
+                if self
                     .sessions
                     .get(&session_id)
-                    .is_some_and(|s| ctx.at < s.expires_at)
+                    .is_none_or(|s| ctx.at >= s.expires_at)
                 {
                     return Err(UserError::SessionNotFound);
                 }
