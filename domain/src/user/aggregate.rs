@@ -1212,6 +1212,15 @@ impl Aggregate for User {
 }
 
 impl User {
+    /// The events a command would produce, without the event store (tests).
+    #[cfg(test)]
+    pub(crate) fn handle_for_tests(
+        self,
+        command: UserCommand,
+    ) -> Result<Vec<UserEvent>, UserError> {
+        self.handle_command(command)
+    }
+
     fn forget_devices(&mut self) {
         self.devices.clear();
         self.trusted_ips.clear();

@@ -14,6 +14,8 @@ mod commands;
 mod error;
 mod events;
 pub mod lockout;
+#[cfg(test)]
+mod policy_tests;
 
 pub use aggregate::{BackupCodeSlot, DeviceState, SessionState, TotpFactor, TwoFactorState, User};
 pub use challenge::{Challenge, ChallengePurpose};
