@@ -9,6 +9,7 @@ mod helpers;
 
 mod bad_input;
 mod challenges;
+mod reports;
 mod secrets;
 mod sessions;
 mod sign_in;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+pub use sqlx::PgPool;
 
 use crate::Config;
 
@@ -32,4 +32,11 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .run(pool)
         .await
         .context("applying the database migrations")
+}
+
+/// How many events the store holds.
+pub async fn count_events(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(pool)
+        .await?)
 }

@@ -15,6 +15,7 @@ use cqrs_es::{Aggregate, AggregateContext, AggregateError, EventStore};
 use postgres_es::PostgresEventRepository;
 use rand::Rng;
 use sqlx::PgPool;
+use twofold_domain::TenantScoped;
 
 /// Attempts before giving up on a stream that keeps changing under us.
 const MAX_ATTEMPTS: usize = 200;
@@ -43,7 +44,7 @@ pub struct Store<A: Aggregate<Services = ()>> {
     inner: PersistedEventStore<PostgresEventRepository, A>,
 }
 
-impl<A: Aggregate<Services = ()> + Clone> Store<A> {
+impl<A: Aggregate<Services = ()> + Clone + TenantScoped> Store<A> {
     pub fn new(pool: PgPool, snapshot_every: usize) -> Self {
         let repo = PostgresEventRepository::new(pool);
         Self {
@@ -83,7 +84,13 @@ impl<A: Aggregate<Services = ()> + Clone> Store<A> {
             if events.is_empty() {
                 return Ok(events);
             }
-            match self.inner.commit(events, context, HashMap::new()).await {
+            // The working copy has the events applied, so even a stream's first
+            // event (which names the tenant) yields it.
+            let mut metadata = HashMap::new();
+            if let Some(tenant) = working.tenant() {
+                metadata.insert("tenant_id".to_string(), tenant.to_string());
+            }
+            match self.inner.commit(events, context, metadata).await {
                 Ok(committed) => return Ok(committed.into_iter().map(|e| e.payload).collect()),
                 Err(AggregateError::AggregateConflict) => {
                     metrics::counter!("twofold_store_conflicts_total", "aggregate" => A::TYPE)

@@ -46,6 +46,32 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Read models: rebuild them from the event store.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+    /// Audit exports: check one is complete and unaltered.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProjectionsCommand {
+    /// Replay every event into fresh read models (stop the projectors first).
+    Rebuild,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify an NDJSON or CSV export from GET /audit: exit 0 when it is
+    /// complete and unaltered, 1 otherwise.
+    Verify {
+        /// The export file; `-` reads standard input.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -106,10 +132,38 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", twofold_platform::crypto::new_key_hex());
         return Ok(());
     }
+    if let Command::Audit {
+        command: AuditCommand::Verify { file },
+    } = &cli.command
+    {
+        return verify_export(file);
+    }
     let config = Config::load(cli.config.as_deref())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     match cli.command {
-        Command::Keygen => Ok(()),
+        Command::Keygen | Command::Audit { .. } => Ok(()),
+        Command::Projections {
+            command: ProjectionsCommand::Rebuild,
+        } => {
+            let pool = twofold_platform::db::connect(&config).await?;
+            twofold_platform::db::migrate(&pool).await?;
+            let total: i64 = sqlx_count(&pool).await?;
+            let done = twofold_projections::rebuild::rebuild(&pool, |n| {
+                eprint!("\r{}", progress_bar(n, total.max(0) as u64));
+            })
+            .await?;
+            eprintln!();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "events": done.events,
+                    "users": done.users,
+                    "seconds": done.seconds,
+                    "events_per_second": done.events as f64 / done.seconds.max(1e-9),
+                })
+            );
+            Ok(())
+        }
         Command::Migrate => {
             let pool = twofold_platform::db::connect(&config).await?;
             twofold_platform::db::migrate(&pool).await?;
@@ -191,6 +245,44 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(api)?;
             println!("{}", serde_json::json!({ "user_id": user_id }));
             Ok(())
+        }
+    }
+}
+
+async fn sqlx_count(pool: &twofold_platform::db::PgPool) -> anyhow::Result<i64> {
+    twofold_platform::db::count_events(pool).await
+}
+
+/// `[#####.....] 5000/10000 events`
+fn progress_bar(done: u64, total: u64) -> String {
+    const WIDTH: u64 = 30;
+    let filled = (done.min(total) * WIDTH)
+        .checked_div(total)
+        .unwrap_or(WIDTH);
+    format!(
+        "[{}{}] {done}/{total} events",
+        "#".repeat(filled as usize),
+        ".".repeat((WIDTH - filled) as usize)
+    )
+}
+
+fn verify_export(file: &std::path::Path) -> anyhow::Result<()> {
+    let text = if file.as_os_str() == "-" {
+        read_stdin()?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    match twofold_projections::audit::verify(&text) {
+        Ok(v) => {
+            println!(
+                "ok: {} entries, complete and unaltered (head {})",
+                v.entries, v.head
+            );
+            Ok(())
+        }
+        Err(e) => {
+            println!("FAILED: {e}");
+            std::process::exit(1);
         }
     }
 }

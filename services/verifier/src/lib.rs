@@ -29,7 +29,7 @@ use error::ApiError;
 
 /// The API's routes over `state`.
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
-    use routes::{admin, auth, me};
+    use routes::{admin, auth, me, reports};
     let tenant = Router::new()
         .route("/sign-in", post(auth::sign_in))
         .route("/challenge/verify", post(auth::verify))
@@ -45,7 +45,11 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/me/totp", post(me::start_totp).delete(me::remove_totp))
         .route("/me/totp/qr.png", get(me::totp_qr))
         .route("/me/totp/confirm", post(me::confirm_totp))
-        .route("/users", post(admin::create_user))
+        .route("/users", post(admin::create_user).get(reports::directory))
+        .route("/users/{user}/history", get(reports::user_history))
+        .route("/overview", get(reports::overview))
+        .route("/overview/daily", get(reports::daily))
+        .route("/audit", get(reports::audit_export))
         .route(
             "/users/{user}",
             get(admin::get_user).patch(admin::update_user),

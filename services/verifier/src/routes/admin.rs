@@ -134,6 +134,14 @@ pub async fn get_user(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let (user_id, u) = target(&state, &admin, &raw_user).await?;
     let now = state.now();
+    // Last sign-in comes from the directory read model (it may lag a little).
+    let last_sign_in = twofold_projections::queries::user(
+        &state.pool,
+        &admin.0.tenant_id.to_string(),
+        &user_id.to_string(),
+    )
+    .await?
+    .and_then(|row| row.last_sign_in);
     Ok(Json(json!({
         "user_id": user_id,
         "username": u.username.as_ref().map(|n| n.as_str()),
@@ -149,6 +157,7 @@ pub async fn get_user(
         "failures": u.lockout.failures(),
         "active_sessions": u.sessions.values().filter(|s| now < s.expires_at).count(),
         "remembered_devices": u.devices.len(),
+        "last_sign_in": last_sign_in,
     })))
 }
 

@@ -3,3 +3,4 @@
 pub mod admin;
 pub mod auth;
 pub mod me;
+pub mod reports;

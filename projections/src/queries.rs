@@ -1,0 +1,118 @@
+//! What the admin API asks of the read models.
+
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use serde::Deserialize;
+use sqlx::PgPool;
+
+use crate::audit::AuditEntry;
+use crate::directory::{DirectoryQuery, UserRow};
+use crate::overview::{self, Overview};
+
+/// The live Overview of a tenant, from the directory.
+pub async fn overview(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Overview> {
+    let rows: Vec<sqlx::types::Json<UserRow>> =
+        sqlx::query_scalar("SELECT row FROM rm_users WHERE tenant_id = $1")
+            .bind(tenant_id)
+            .fetch_all(pool)
+            .await?;
+    Ok(overview::compute(rows.iter().map(|r| &r.0)))
+}
+
+pub const MAX_PER_PAGE: u32 = 200;
+
+/// One page of the directory, and the total matching.
+pub async fn directory(
+    pool: &PgPool,
+    tenant_id: &str,
+    q: &DirectoryQuery,
+) -> anyhow::Result<(Vec<UserRow>, i64)> {
+    let per_page = q.per_page.unwrap_or(50).clamp(1, MAX_PER_PAGE);
+    let page = q.page.unwrap_or(1).max(1);
+    let two_factor_on = q.two_factor.as_deref().map(|v| v == "on");
+    let filter = "tenant_id = $1 \
+         AND ($2::text IS NULL OR two_factor = $2) \
+         AND ($3::text IS NULL OR $3 = ANY(roles)) \
+         AND ($4::boolean IS NULL OR locked = $4) \
+         AND ($5::text IS NULL OR $5 = ANY(methods)) \
+         AND ($6::boolean IS NULL OR (two_factor = 'enrolled') = $6)";
+    let total: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM rm_users WHERE {filter}"))
+        .bind(tenant_id)
+        .bind(q.status.as_deref())
+        .bind(q.role.as_deref())
+        .bind(q.locked)
+        .bind(q.method.as_deref())
+        .bind(two_factor_on)
+        .fetch_one(pool)
+        .await?;
+    let rows: Vec<sqlx::types::Json<UserRow>> = sqlx::query_scalar(&format!(
+        "SELECT row FROM rm_users WHERE {filter} ORDER BY username LIMIT $7 OFFSET $8"
+    ))
+    .bind(tenant_id)
+    .bind(q.status.as_deref())
+    .bind(q.role.as_deref())
+    .bind(q.locked)
+    .bind(q.method.as_deref())
+    .bind(two_factor_on)
+    .bind(i64::from(per_page))
+    .bind(i64::from((page - 1) * per_page))
+    .fetch_all(pool)
+    .await?;
+    Ok((rows.into_iter().map(|r| r.0).collect(), total))
+}
+
+pub async fn user(
+    pool: &PgPool,
+    tenant_id: &str,
+    user_id: &str,
+) -> anyhow::Result<Option<UserRow>> {
+    let row: Option<sqlx::types::Json<UserRow>> =
+        sqlx::query_scalar("SELECT row FROM rm_users WHERE tenant_id = $1 AND user_id = $2")
+            .bind(tenant_id)
+            .bind(user_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(|r| r.0))
+}
+
+/// Filters of the audit search.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    pub event_type: Option<String>,
+    pub user_id: Option<String>,
+    /// The actor's id (an admin's or user's id).
+    pub actor: Option<String>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    /// `ndjson` (default) or `csv`.
+    pub format: Option<String>,
+}
+
+/// The tenant's matching entries in commit order, streamed from the database.
+pub fn audit<'a>(
+    pool: &'a PgPool,
+    tenant_id: &'a str,
+    q: &'a AuditQuery,
+) -> BoxStream<'a, Result<AuditEntry, sqlx::Error>> {
+    sqlx::query_as::<_, AuditEntry>(
+        "SELECT position, tenant_id, aggregate_type, aggregate_id, sequence, event_type, at, actor_kind, \
+           actor_id, ip, user_agent, reason, user_id, details FROM rm_audit \
+         WHERE tenant_id = $1 \
+           AND ($2::text IS NULL OR event_type = $2) \
+           AND ($3::text IS NULL OR user_id = $3) \
+           AND ($4::text IS NULL OR actor_id = $4) \
+           AND ($5::timestamptz IS NULL OR at >= $5) \
+           AND ($6::timestamptz IS NULL OR at <= $6) \
+         ORDER BY position",
+    )
+    .bind(tenant_id)
+    .bind(q.event_type.as_deref())
+    .bind(q.user_id.as_deref())
+    .bind(q.actor.as_deref())
+    .bind(q.from)
+    .bind(q.to)
+    .fetch(pool)
+    .boxed()
+}
