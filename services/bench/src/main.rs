@@ -1,0 +1,79 @@
+//! `twofold-bench`: runs each performance scenario against a baseline measured
+//! in the same run on the same machine, and writes `bench/report.json` and a
+//! table. Ratios, not absolute figures, are what the targets speak of.
+//!
+//! The stack under test is the real `twofold` binary (verifier) on a fresh
+//! database; the load comes from this process over HTTP.
+
+mod report;
+mod scenarios;
+mod stack;
+mod synthetic;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+#[derive(Debug, Clone)]
+pub struct Args {
+    /// The `twofold` binary to start.
+    pub twofold_bin: PathBuf,
+    /// An admin connection to PostgreSQL (databases are created per run).
+    pub admin_url: String,
+    /// Where `report.json` goes.
+    pub out_dir: PathBuf,
+    /// Scenario names to run (all when empty).
+    pub only: Vec<String>,
+    /// Seconds each timed phase runs.
+    pub seconds: u64,
+    /// Events for the rebuild scenario.
+    pub rebuild_events: u64,
+    /// Past sign-ins of the long-history user.
+    pub history_sign_ins: u64,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        twofold_bin: PathBuf::from("target/debug/twofold"),
+        admin_url: std::env::var("TWOFOLD_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string()),
+        out_dir: PathBuf::from("bench"),
+        only: Vec::new(),
+        seconds: 8,
+        rebuild_events: 1_000_000,
+        history_sign_ins: 10_000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--twofold-bin" => a.twofold_bin = PathBuf::from(value()?),
+            "--admin-url" => a.admin_url = value()?,
+            "--out" => a.out_dir = PathBuf::from(value()?),
+            "--only" => a.only = value()?.split(',').map(str::to_string).collect(),
+            "--seconds" => a.seconds = value()?.parse().context("--seconds")?,
+            "--rebuild-events" => a.rebuild_events = value()?.parse().context("--rebuild-events")?,
+            "--history-sign-ins" => {
+                a.history_sign_ins = value()?.parse().context("--history-sign-ins")?
+            }
+            other => anyhow::bail!(
+                "unknown flag {other}; flags: --twofold-bin --admin-url --out --only --seconds --rebuild-events --history-sign-ins"
+            ),
+        }
+    }
+    Ok(a)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = args()?;
+    let report = scenarios::run_all(&args).await?;
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    let path = args.out_dir.join("report.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("{}", report::table(&report));
+    eprintln!("twofold-bench: wrote {}", path.display());
+    Ok(())
+}
