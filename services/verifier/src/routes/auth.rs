@@ -309,15 +309,13 @@ fn challenge_ref(token: &SecretString) -> Result<(UserId, ChallengeRef), ApiErro
     ))
 }
 
-/// The user behind a challenge token, in this tenant.
-async fn challenge_owner(
-    state: &AppState,
-    tenant_id: TenantId,
-    user_id: UserId,
-) -> Result<(), ApiError> {
-    match state.user_in(tenant_id, user_id).await? {
-        Some(_) => Ok(()),
-        None => Err(UserError::ChallengeNotFound.into()),
+/// A challenge token names its user; that user must belong to the tenant in
+/// the path (checked on the state the command is decided on).
+fn owned_by(user: &User, tenant_id: TenantId) -> Result<(), ExecError<UserError>> {
+    if user.exists() && user.tenant_id == Some(tenant_id) {
+        Ok(())
+    } else {
+        Err(ExecError::Refused(UserError::ChallengeNotFound))
     }
 }
 
@@ -389,7 +387,6 @@ pub async fn verify(
         }
     };
     let (user_id, reference) = challenge_ref(&body.challenge_token)?;
-    challenge_owner(&state, tenant_id, user_id).await?;
     let (session_token, session) = new_session(user_id);
     let (device_token, device) = new_device(user_id);
     let ctx = meta.ctx(state.now(), Actor::User(user_id));
@@ -397,6 +394,7 @@ pub async fn verify(
     let events = state
         .users
         .execute(&user_id.to_string(), |user| {
+            owned_by(user, tenant_id)?;
             let open = user.open_challenge(&reference).map_err(ExecError::Refused)?;
             let proof = proof_for(&state, user, open, &presented, ctx.at)?;
             Ok(UserCommand::VerifyCode(VerifyCode {
@@ -496,7 +494,6 @@ pub async fn complete_enrollment(
     let code = OtpCode::parse(&body.code)
         .map_err(|e| ApiError::bad_request("invalid_code_format", format!("The {e}.")))?;
     let (user_id, reference) = challenge_ref(&body.challenge_token)?;
-    challenge_owner(&state, tenant_id, user_id).await?;
     let (session_token, session) = new_session(user_id);
     let (device_token, device) = new_device(user_id);
     let (codes, hashes) = backup_codes::issue(&state.keys, user_id.as_uuid().as_bytes());
@@ -505,6 +502,7 @@ pub async fn complete_enrollment(
     let events = state
         .users
         .execute(&user_id.to_string(), |user| {
+            owned_by(user, tenant_id)?;
             user.open_challenge(&reference)
                 .map_err(ExecError::Refused)?;
             let sealed = user
@@ -555,11 +553,11 @@ pub async fn resend(
 ) -> Result<Response, ApiError> {
     let (tenant_id, _) = state.tenant(&tenant).await?;
     let (user_id, reference) = challenge_ref(&body.challenge_token)?;
-    challenge_owner(&state, tenant_id, user_id).await?;
     let ctx = meta.ctx(state.now(), Actor::User(user_id));
     state
         .users
-        .execute(&user_id.to_string(), |_| {
+        .execute(&user_id.to_string(), |user| {
+            owned_by(user, tenant_id)?;
             Ok(UserCommand::ResendCode {
                 challenge: reference.clone(),
                 ctx: ctx.clone(),
@@ -580,11 +578,11 @@ pub async fn switch(
     let method =
         Method::parse(body.method.as_deref().unwrap_or("")).map_err(ApiError::invalid_value)?;
     let (user_id, reference) = challenge_ref(&body.challenge_token)?;
-    challenge_owner(&state, tenant_id, user_id).await?;
     let ctx = meta.ctx(state.now(), Actor::User(user_id));
     state
         .users
-        .execute(&user_id.to_string(), |_| {
+        .execute(&user_id.to_string(), |user| {
+            owned_by(user, tenant_id)?;
             Ok(UserCommand::SwitchMethod {
                 challenge: reference.clone(),
                 method,
