@@ -51,7 +51,7 @@ CREATE TABLE rm_audit
     user_agent     text,
     reason         text,
     user_id        text,
-    details        jsonb       NOT NULL
+    details        json        NOT NULL
 );
 CREATE INDEX rm_audit_tenant ON rm_audit (tenant_id, position);
 CREATE INDEX rm_audit_user ON rm_audit (tenant_id, user_id, position);

@@ -154,11 +154,10 @@ async fn load(
     aggregate: &str,
     sequence: i64,
 ) -> anyhow::Result<Option<EventRecord>> {
-    Ok(sqlx::query_as(
-        "SELECT global_position, aggregate_type, aggregate_id, sequence, event_type, event_version, \
-           payload::jsonb AS payload, metadata::jsonb AS metadata, recorded_at \
-         FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
-    )
+    Ok(sqlx::query_as(&format!(
+        "{} WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
+        crate::record::SELECT
+    ))
     .bind(kind)
     .bind(aggregate)
     .bind(sequence)

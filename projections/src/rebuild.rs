@@ -11,9 +11,13 @@ use sqlx::PgPool;
 use crate::audit::AuditEntry;
 use crate::directory::UserRow;
 use crate::record::{load_batch, EventRecord, Typed};
-use crate::store::{insert_audit, upsert_user, Builder};
+use crate::store::{copy_audit, insert_users, Builder};
 
 const BATCH: i64 = 10_000;
+
+async fn load_owned(pool: PgPool, after: i64) -> anyhow::Result<Vec<EventRecord>> {
+    load_batch(&pool, after, BATCH).await
+}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rebuilt {
@@ -29,15 +33,39 @@ pub async fn rebuild(pool: &PgPool, mut progress: impl FnMut(u64)) -> anyhow::Re
     sqlx::query("TRUNCATE rm_users, rm_audit, projection_positions, projection_progress")
         .execute(&mut *tx)
         .await?;
+    // Secondary indexes are built once at the end rather than row by row;
+    // their definitions are read back from the catalog, so the migrations
+    // stay the one place that defines them.
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT indexname::text, indexdef FROM pg_indexes \
+         WHERE schemaname = current_schema() AND tablename IN ('rm_audit', 'rm_users') \
+           AND indexname NOT LIKE '%_pkey'",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for (name, _) in &indexes {
+        sqlx::query(&format!("DROP INDEX {name}"))
+            .execute(&mut *tx)
+            .await?;
+    }
     let mut users: HashMap<String, UserRow> = HashMap::new();
     let mut positions: HashMap<(String, String), i64> = HashMap::new();
-    let mut after = 0i64;
     let mut count = 0u64;
     let mut last: Option<EventRecord> = None;
+    // Reading the next batch, folding this one and writing the one before
+    // overlap: a writer task owns the transaction while batches stream in.
+    let (to_writer, mut batches) = tokio::sync::mpsc::channel::<Vec<AuditEntry>>(2);
+    let writer = tokio::spawn(async move {
+        while let Some(entries) = batches.recv().await {
+            copy_audit(&mut tx, &entries).await?;
+        }
+        anyhow::Ok(tx)
+    });
+    let mut next = tokio::spawn(load_owned(pool.clone(), 0));
     loop {
-        let batch = load_batch(pool, after, BATCH).await?;
+        let batch = next.await.context("loading events")??;
         let Some(tail) = batch.last() else { break };
-        after = tail.global_position;
+        next = tokio::spawn(load_owned(pool.clone(), tail.global_position));
         let mut entries = Vec::with_capacity(batch.len());
         for record in &batch {
             if let Typed::User(event) = record.typed()? {
@@ -52,14 +80,17 @@ pub async fn rebuild(pool: &PgPool, mut progress: impl FnMut(u64)) -> anyhow::Re
                 record.sequence,
             );
         }
-        insert_audit(&mut tx, &entries).await?;
+        if to_writer.send(entries).await.is_err() {
+            break; // the writer failed; its error is reported below
+        }
         count += batch.len() as u64;
         progress(count);
         last = batch.into_iter().last();
     }
-    for row in users.values().filter(|r| !r.user_id.is_empty()) {
-        upsert_user(&mut tx, row).await?;
-    }
+    drop(to_writer);
+    let mut tx = writer.await.context("the rebuild writer stopped")??;
+    let rows: Vec<&UserRow> = users.values().filter(|r| !r.user_id.is_empty()).collect();
+    insert_users(&mut tx, &rows).await?;
     for builder in Builder::ALL {
         let (types, ids): (Vec<String>, Vec<String>) = positions.keys().cloned().unzip();
         let seqs: Vec<i64> = positions.values().copied().collect();

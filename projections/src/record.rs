@@ -34,8 +34,8 @@ pub enum Typed {
 impl EventRecord {
     pub fn typed(&self) -> anyhow::Result<Typed> {
         Ok(match self.aggregate_type.as_str() {
-            "user" => Typed::User(Box::new(serde_json::from_value(self.payload.clone())?)),
-            "tenant" => Typed::Tenant(Box::new(serde_json::from_value(self.payload.clone())?)),
+            "user" => Typed::User(Box::new(UserEvent::deserialize(&self.payload)?)),
+            "tenant" => Typed::Tenant(Box::new(TenantEvent::deserialize(&self.payload)?)),
             _ => Typed::Other,
         })
     }
@@ -67,8 +67,10 @@ impl EventRecord {
     }
 }
 
-const SELECT: &str = "SELECT global_position, aggregate_type, aggregate_id, sequence, event_type, \
-     event_version, payload::jsonb AS payload, metadata::jsonb AS metadata, recorded_at FROM events";
+/// `json` columns decode straight into `Value`: no jsonb round trip in PostgreSQL.
+pub(crate) const SELECT: &str =
+    "SELECT global_position, aggregate_type, aggregate_id, sequence, event_type, \
+     event_version, payload, metadata, recorded_at FROM events";
 
 /// Events after `after`, in commit order, at most `limit`.
 pub async fn load_batch(pool: &PgPool, after: i64, limit: i64) -> anyhow::Result<Vec<EventRecord>> {

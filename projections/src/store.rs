@@ -158,7 +158,7 @@ pub async fn insert_audit(
         "INSERT INTO rm_audit (position, tenant_id, aggregate_type, aggregate_id, sequence, event_type, at, \
            actor_kind, actor_id, ip, user_agent, reason, user_id, details) \
          SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], \
-           $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::jsonb[]) \
+           $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::json[]) \
          ON CONFLICT (position) DO NOTHING",
     )
     .bind(entries.iter().map(|e| e.position).collect::<Vec<_>>())
@@ -177,5 +177,79 @@ pub async fn insert_audit(
     .bind(entries.iter().map(|e| e.details.clone()).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// Writes entries with COPY: the rebuild's bulk path.
+pub async fn copy_audit(
+    tx: &mut Transaction<'static, Postgres>,
+    entries: &[AuditEntry],
+) -> anyhow::Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    // CSV: an unquoted empty field is NULL, so every present value is quoted.
+    fn q(s: &str) -> String {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    }
+    fn opt(s: &Option<String>) -> String {
+        s.as_deref().map(q).unwrap_or_default()
+    }
+    let mut buf = String::with_capacity(entries.len() * 400);
+    for e in entries {
+        buf.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            e.position,
+            q(&e.tenant_id),
+            q(&e.aggregate_type),
+            q(&e.aggregate_id),
+            e.sequence,
+            q(&e.event_type),
+            e.at.to_rfc3339(),
+            q(&e.actor_kind),
+            opt(&e.actor_id),
+            opt(&e.ip),
+            opt(&e.user_agent),
+            opt(&e.reason),
+            opt(&e.user_id),
+            q(&serde_json::to_string(&e.details)?)
+        ));
+    }
+    let mut copy = tx
+        .copy_in_raw(
+            "COPY rm_audit (position, tenant_id, aggregate_type, aggregate_id, sequence, event_type, at, \
+               actor_kind, actor_id, ip, user_agent, reason, user_id, details) FROM STDIN WITH (FORMAT csv)",
+        )
+        .await?;
+    copy.send(buf.into_bytes()).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+/// Inserts many directory rows at once (the rebuild's bulk path).
+pub async fn insert_users(
+    tx: &mut Transaction<'static, Postgres>,
+    rows: &[&UserRow],
+) -> anyhow::Result<()> {
+    for chunk in rows.chunks(5_000) {
+        sqlx::query(
+            "INSERT INTO rm_users (user_id, tenant_id, username, two_factor, locked, service_account, roles, methods, last_sign_in_at, row) \
+             SELECT u, t, n, f, l, s, ARRAY(SELECT jsonb_array_elements_text(r)), ARRAY(SELECT jsonb_array_elements_text(m)), a, w \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::boolean[], $6::boolean[], $7::jsonb[], $8::jsonb[], $9::timestamptz[], $10::jsonb[]) \
+               AS x(u, t, n, f, l, s, r, m, a, w)",
+        )
+        .bind(chunk.iter().map(|r| r.user_id.clone()).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.tenant_id.clone()).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.username.clone()).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| two_factor_str(r)).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.locked).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.service_account).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| serde_json::json!(r.roles)).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| serde_json::json!(r.methods())).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.last_sign_in.as_ref().map(|l| l.at)).collect::<Vec<_>>())
+        .bind(chunk.iter().map(serde_json::to_value).collect::<Result<Vec<_>, _>>()?)
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
 }
