@@ -34,7 +34,6 @@ pub struct TestApp {
     pub pool: PgPool,
     pub client: reqwest::Client,
     pub metrics_addr: SocketAddr,
-    pub database_url: String,
 }
 
 pub struct Reply {
@@ -66,7 +65,7 @@ pub async fn spawn_app() -> TestApp {
     let database_url = format!("{base_url}/{db_name}");
 
     let config = Config {
-        database_url: SecretString::from(database_url.clone()),
+        database_url: SecretString::from(database_url),
         database_max_connections: 8,
         http_addr: "127.0.0.1:0".parse().unwrap(),
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
@@ -108,7 +107,6 @@ pub async fn spawn_app() -> TestApp {
         pool,
         client: reqwest::Client::new(),
         metrics_addr,
-        database_url,
     }
 }
 

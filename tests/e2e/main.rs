@@ -9,6 +9,7 @@ mod helpers;
 
 mod bad_input;
 mod challenges;
+mod guarantees;
 mod reports;
 mod secrets;
 mod sessions;

@@ -1059,8 +1059,9 @@ impl Aggregate for User {
                 self.last_failure_at = Some(ctx.at);
             }
             UserEvent::UserLockedOut { failures, .. } => {
+                // Open challenges stay, so whoever holds one is told the
+                // account is locked; an unlock drops them.
                 self.lockout = Lockout::Locked { failures };
-                self.challenges.clear();
                 self.sessions.clear();
                 self.forget_devices();
             }
@@ -1129,7 +1130,10 @@ impl Aggregate for User {
                     .map(|hash| BackupCodeSlot { hash, used: false })
                     .collect();
             }
-            UserEvent::UserUnlocked { .. } => self.lockout = Lockout::default(),
+            UserEvent::UserUnlocked { .. } => {
+                self.lockout = Lockout::default();
+                self.challenges.clear();
+            }
             UserEvent::DeviceRemembered {
                 device_id,
                 token_hash,
