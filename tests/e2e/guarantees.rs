@@ -5,6 +5,7 @@
 
 use futures::future::join_all;
 use reqwest::StatusCode;
+use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 
 use crate::helpers::{enrolled_user, oathtool, settings_on, spawn_app, ClockExt, TestApp};
@@ -414,4 +415,90 @@ async fn no_password_secret_code_or_token_reaches_the_event_store() {
     for s in secrets.iter().chain(&six_digit) {
         assert!(!metrics.contains(s.as_str()), "a secret is in the metrics");
     }
+}
+
+/// A TCP proxy to PostgreSQL that a test can cut, as if the database went away.
+struct DbProxy {
+    port: u16,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DbProxy {
+    async fn start(port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut links = tokio::task::JoinSet::new();
+            let mut stopped_accept = stopped.clone();
+            loop {
+                tokio::select! {
+                    _ = stopped_accept.changed() => break,
+                    accepted = listener.accept() => {
+                        let Ok((mut client, _)) = accepted else { continue };
+                        links.spawn(async move {
+                            if let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
+                                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            }
+                        });
+                    }
+                }
+            }
+            // Cutting the proxy drops every open connection too.
+            links.abort_all();
+        });
+        Self { port, stop, task }
+    }
+
+    async fn cut(self) -> u16 {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        self.port
+    }
+}
+
+#[tokio::test]
+async fn with_postgresql_unreachable_sign_in_answers_503_and_recovers() {
+    let proxy = DbProxy::start(0).await;
+    let port = proxy.port;
+    let app = crate::helpers::spawn_app_with(|config| {
+        let url = config
+            .database_url
+            .expose_secret()
+            .replace(":5432/", &format!(":{port}/"));
+        config.database_url = url.into();
+    })
+    .await;
+    let ok = app.sign_in(&app.admin_username, &app.admin_password).await;
+    assert_eq!(ok.status, StatusCode::OK);
+    let before = event_count(&app).await;
+
+    let port = proxy.cut().await;
+    let down = app.sign_in(&app.admin_username, &app.admin_password).await;
+    assert_eq!(
+        down.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        down.body
+    );
+    assert_eq!(down.code(), "service_unavailable");
+    assert!(!down.body.to_string().contains("5432"));
+    assert_eq!(event_count(&app).await, before, "nothing half-written");
+
+    let _proxy = DbProxy::start(port).await;
+    let mut back = None;
+    for _ in 0..20 {
+        let r = app.sign_in(&app.admin_username, &app.admin_password).await;
+        if r.status == StatusCode::OK {
+            back = Some(r);
+            break;
+        }
+    }
+    assert!(
+        back.is_some(),
+        "sign-in works again once PostgreSQL is back"
+    );
 }

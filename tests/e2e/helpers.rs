@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
 use reqwest::StatusCode;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, PgPool};
 use twofold_domain::{Actor, Ctx, TenantId};
@@ -51,6 +51,12 @@ impl Reply {
 /// A fresh database, a verifier on a free port, and a tenant named "Acme" with
 /// its first admin.
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// The same, with the verifier's configuration adjusted by `adjust` (after the
+/// test database is named in it).
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     let db_name = format!("twofold_test_{}", Uuid::new_v4().simple());
     let admin_url = admin_database_url();
     let mut conn = PgConnection::connect(&admin_url)
@@ -64,7 +70,7 @@ pub async fn spawn_app() -> TestApp {
     let base_url = admin_url.rsplit_once('/').unwrap().0;
     let database_url = format!("{base_url}/{db_name}");
 
-    let config = Config {
+    let mut config = Config {
         database_url: SecretString::from(database_url),
         database_max_connections: 8,
         http_addr: "127.0.0.1:0".parse().unwrap(),
@@ -77,6 +83,13 @@ pub async fn spawn_app() -> TestApp {
         current_key_id: "test".to_string(),
         ..Config::default()
     };
+    // Tests read the store through a connection of their own, whatever
+    // `adjust` does to the verifier's.
+    let direct = PgPool::connect(config.database_url.expose_secret())
+        .await
+        .unwrap();
+    twofold_platform::db::migrate(&direct).await.unwrap();
+    adjust(&mut config);
 
     let clock = ManualClock::starting_at(start_time());
     let verifier = Verifier::build(&config, Arc::new(clock.clone()))
@@ -96,7 +109,7 @@ pub async fn spawn_app() -> TestApp {
     )
     .await
     .unwrap();
-    let pool = state.pool.clone();
+    let pool = direct;
     TestApp {
         base: format!("http://{addr}/v1/tenants/{}", created.tenant_id),
         tenant_id: created.tenant_id,
