@@ -17,7 +17,7 @@ use twofold_domain::user::{
     TwoFactorState, User, UserCommand, UserError, UserEvent, VerifyCode,
 };
 use twofold_domain::values::{Method, OtpCode, Username};
-use twofold_domain::{Actor, ChallengeId, SessionId, TenantId, UserId};
+use twofold_domain::{Actor, ChallengeId, Ctx, SessionId, TenantId, UserId};
 use twofold_platform::store::{ExecError, StoreError};
 use twofold_platform::tokens::{self, TokenKind};
 use twofold_platform::{qr, totp};
@@ -544,6 +544,28 @@ pub struct ChallengeRequest {
     method: Option<String>,
 }
 
+/// Runs one command on the open challenge a token names, for the tenant in
+/// the path, and answers the challenge's state after it.
+async fn challenge_command(
+    state: &AppState,
+    tenant: &str,
+    meta: &RequestMeta,
+    token: &SecretString,
+    command: impl Fn(ChallengeRef, Ctx) -> UserCommand,
+) -> Result<Response, ApiError> {
+    let (tenant_id, _) = state.tenant(tenant).await?;
+    let (user_id, reference) = challenge_ref(token)?;
+    let ctx = meta.ctx(state.now(), Actor::User(user_id));
+    state
+        .users
+        .execute(&user_id.to_string(), |user| {
+            owned_by(user, tenant_id)?;
+            Ok(command(reference.clone(), ctx.clone()))
+        })
+        .await?;
+    challenge_state(state, user_id, &reference).await
+}
+
 /// `POST /v1/tenants/{tenant}/challenge/resend`
 pub async fn resend(
     State(state): State<AppState>,
@@ -551,20 +573,14 @@ pub async fn resend(
     meta: RequestMeta,
     ApiJson(body): ApiJson<ChallengeRequest>,
 ) -> Result<Response, ApiError> {
-    let (tenant_id, _) = state.tenant(&tenant).await?;
-    let (user_id, reference) = challenge_ref(&body.challenge_token)?;
-    let ctx = meta.ctx(state.now(), Actor::User(user_id));
-    state
-        .users
-        .execute(&user_id.to_string(), |user| {
-            owned_by(user, tenant_id)?;
-            Ok(UserCommand::ResendCode {
-                challenge: reference.clone(),
-                ctx: ctx.clone(),
-            })
-        })
-        .await?;
-    challenge_state(&state, user_id, &reference).await
+    challenge_command(
+        &state,
+        &tenant,
+        &meta,
+        &body.challenge_token,
+        |challenge, ctx| UserCommand::ResendCode { challenge, ctx },
+    )
+    .await
 }
 
 /// `POST /v1/tenants/{tenant}/challenge/switch`
@@ -574,24 +590,22 @@ pub async fn switch(
     meta: RequestMeta,
     ApiJson(body): ApiJson<ChallengeRequest>,
 ) -> Result<Response, ApiError> {
-    let (tenant_id, _) = state.tenant(&tenant).await?;
     let method =
         Method::parse(body.method.as_deref().unwrap_or("")).map_err(ApiError::invalid_value)?;
-    let (user_id, reference) = challenge_ref(&body.challenge_token)?;
-    let ctx = meta.ctx(state.now(), Actor::User(user_id));
-    state
-        .users
-        .execute(&user_id.to_string(), |user| {
-            owned_by(user, tenant_id)?;
-            Ok(UserCommand::SwitchMethod {
-                challenge: reference.clone(),
-                method,
-                ctx: ctx.clone(),
-            })
-        })
-        .await?;
+    let answer = challenge_command(
+        &state,
+        &tenant,
+        &meta,
+        &body.challenge_token,
+        |challenge, ctx| UserCommand::SwitchMethod {
+            challenge,
+            method,
+            ctx,
+        },
+    )
+    .await?;
     metrics::counter!("twofold_challenges_issued_total", "method" => method.as_str()).increment(1);
-    challenge_state(&state, user_id, &reference).await
+    Ok(answer)
 }
 
 async fn challenge_state(

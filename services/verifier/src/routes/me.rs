@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 use twofold_domain::user::{NewChallenge, UserCommand, UserError, UserEvent};
 use twofold_domain::values::{Email, OtpCode, Phone};
-use twofold_domain::ChallengeId;
+use twofold_domain::{ChallengeId, Ctx};
 use twofold_platform::tokens::{self, TokenKind};
 use twofold_platform::{qr, totp};
 use uuid::Uuid;
@@ -163,6 +163,21 @@ pub async fn confirm_totp(
     }
 }
 
+/// Runs one command on the signed-in user's own account.
+async fn own_command(
+    state: &AppState,
+    meta: &RequestMeta,
+    signed_in: &SignedIn,
+    command: impl Fn(Ctx) -> UserCommand,
+) -> Result<(), ApiError> {
+    let ctx = meta.ctx(state.now(), signed_in.actor());
+    state
+        .users
+        .execute(&signed_in.user_id.to_string(), |_| Ok(command(ctx.clone())))
+        .await?;
+    Ok(())
+}
+
 /// `POST /v1/tenants/{tenant}/me/step-up`: asks for a current factor before a
 /// sensitive change. Answer the challenge at `/challenge/verify`; the session
 /// may then make sensitive changes for 10 minutes.
@@ -228,19 +243,16 @@ pub async fn set_voluntary(
     signed_in: SignedIn,
     ApiJson(body): ApiJson<VoluntaryRequest>,
 ) -> Result<StatusCode, ApiError> {
-    let ctx = meta.ctx(state.now(), signed_in.actor());
     let tenant_enabled = signed_in.tenant.settings.enabled;
-    state
-        .users
-        .execute(&signed_in.user_id.to_string(), |_| {
-            Ok(UserCommand::SetVoluntaryTwoFactor {
-                on: body.enabled,
-                tenant_enabled,
-                step_up: signed_in.session_id,
-                ctx: ctx.clone(),
-            })
-        })
-        .await?;
+    own_command(&state, &meta, &signed_in, |ctx| {
+        UserCommand::SetVoluntaryTwoFactor {
+            on: body.enabled,
+            tenant_enabled,
+            step_up: signed_in.session_id,
+            ctx,
+        }
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -252,17 +264,14 @@ pub async fn regenerate_backup_codes(
     signed_in: SignedIn,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let (codes, hashes) = backup_codes::issue(&state.keys, signed_in.user_id.as_uuid().as_bytes());
-    let ctx = meta.ctx(state.now(), signed_in.actor());
-    state
-        .users
-        .execute(&signed_in.user_id.to_string(), |_| {
-            Ok(UserCommand::RegenerateBackupCodes {
-                backup_codes: hashes.clone(),
-                step_up: Some(signed_in.session_id),
-                ctx: ctx.clone(),
-            })
-        })
-        .await?;
+    own_command(&state, &meta, &signed_in, |ctx| {
+        UserCommand::RegenerateBackupCodes {
+            backup_codes: hashes.clone(),
+            step_up: Some(signed_in.session_id),
+            ctx,
+        }
+    })
+    .await?;
     Ok(Json(json!({ "backup_codes": codes })))
 }
 
@@ -293,18 +302,15 @@ pub async fn change_contact(
         .map(|p| Phone::parse(&p).map(Some))
         .transpose()
         .map_err(ApiError::invalid_value)?;
-    let ctx = meta.ctx(state.now(), signed_in.actor());
-    state
-        .users
-        .execute(&signed_in.user_id.to_string(), |_| {
-            Ok(UserCommand::ChangeContact {
-                email: email.clone(),
-                phone: phone.clone(),
-                step_up: signed_in.session_id,
-                ctx: ctx.clone(),
-            })
-        })
-        .await?;
+    own_command(&state, &meta, &signed_in, |ctx| {
+        UserCommand::ChangeContact {
+            email: email.clone(),
+            phone: phone.clone(),
+            step_up: signed_in.session_id,
+            ctx,
+        }
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -315,15 +321,12 @@ pub async fn remove_totp(
     meta: RequestMeta,
     signed_in: SignedIn,
 ) -> Result<StatusCode, ApiError> {
-    let ctx = meta.ctx(state.now(), signed_in.actor());
-    state
-        .users
-        .execute(&signed_in.user_id.to_string(), |_| {
-            Ok(UserCommand::RemoveAuthenticator {
-                step_up: signed_in.session_id,
-                ctx: ctx.clone(),
-            })
-        })
-        .await?;
+    own_command(&state, &meta, &signed_in, |ctx| {
+        UserCommand::RemoveAuthenticator {
+            step_up: signed_in.session_id,
+            ctx,
+        }
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
