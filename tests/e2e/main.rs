@@ -10,6 +10,7 @@ mod helpers;
 mod bad_input;
 mod challenges;
 mod guarantees;
+mod policy_http;
 mod reports;
 mod secrets;
 mod sessions;

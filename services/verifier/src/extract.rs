@@ -171,13 +171,15 @@ where
         if !signed_in.user.is_admin() {
             return Err(ApiError::forbidden());
         }
-        // With 2FA on, the admin's own session must have passed a second factor
-        // (or come from a device that did).
+        // With 2FA on, the admin's own session must have met the tenant's
+        // policy: a second factor passed, a device remembered by one, or a
+        // scope that does not ask this admin. A session from before 2FA was
+        // switched on, or of an admin with no factor set up, is not enough.
         let checked = matches!(
             signed_in.second_factor,
             SecondFactorUse::Used { .. }
                 | SecondFactorUse::Skipped {
-                    reason: SkipReason::KnownDevice
+                    reason: SkipReason::KnownDevice | SkipReason::NotRequired
                 }
         );
         if signed_in.tenant.settings.enabled && !checked {

@@ -331,6 +331,9 @@ fn proof_for(
     presented: &Presented,
     at: DateTime<Utc>,
 ) -> Result<Proof, ExecError<UserError>> {
+    if open.purpose == ChallengePurpose::Enrollment {
+        return Err(ExecError::Refused(UserError::WrongChallengePurpose));
+    }
     match presented {
         Presented::Backup(code) => Ok(Proof::Backup {
             hash: backup_codes::hash_for(&state.keys, user, code),
