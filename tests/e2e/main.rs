@@ -7,6 +7,7 @@
 
 mod helpers;
 
+mod admin_http;
 mod bad_input;
 mod challenges;
 mod guarantees;
