@@ -191,3 +191,108 @@ async fn service_accounts_are_exempt() {
         "service_account"
     );
 }
+
+#[tokio::test]
+async fn a_session_ends_at_sign_out_and_at_its_expiry() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    app.create_user(
+        &admin,
+        json!({"username": "ola", "password": "correct horse battery"}),
+    )
+    .await;
+    let token =
+        |r: &crate::helpers::Reply| r.body["session"]["token"].as_str().unwrap().to_string();
+    let first = token(&app.sign_in("ola", "correct horse battery").await);
+    let second = token(&app.sign_in("ola", "correct horse battery").await);
+    let active = |t: String| {
+        let app = &app;
+        async move {
+            app.post("/sessions/introspect", json!({ "token": t }))
+                .await
+                .body["active"]
+                .clone()
+        }
+    };
+    assert_eq!(active(first.clone()).await, true);
+    let out = app.post_auth("/sign-out", &first, json!({})).await;
+    assert_eq!(out.status, StatusCode::NO_CONTENT);
+    assert_eq!(active(first.clone()).await, false);
+    assert_eq!(app.get_auth("/me", &first).await.code(), "unauthenticated");
+    assert_eq!(active(second.clone()).await, true);
+    assert_eq!(active("tfs_garbage".into()).await, false);
+    app.clock.advance(chrono::Duration::days(90));
+    assert_eq!(active(second).await, false);
+}
+
+#[tokio::test]
+async fn a_half_finished_sign_in_opens_nothing_that_needs_a_session() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    app.create_user(
+        &admin,
+        json!({"username": "pia", "password": "correct horse battery", "email": "pia@acme.test", "roles": ["admin"]}),
+    )
+    .await;
+    app.set_settings(&admin, settings_on(&["email"], "email"))
+        .await;
+    let reply = app.sign_in("pia", "correct horse battery").await;
+    let challenge = reply.body["challenge"]["token"].as_str().unwrap();
+    for path in ["/me", "/settings", "/users"] {
+        let r = app.get_auth(path, challenge).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(r.code(), "unauthenticated");
+    }
+    let seen = app
+        .post("/sessions/introspect", json!({ "token": challenge }))
+        .await;
+    assert_eq!(seen.body["active"], false);
+}
+
+#[tokio::test]
+async fn a_long_history_is_read_from_snapshots() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    let quinn = app
+        .create_user(
+            &admin,
+            json!({"username": "quinn", "password": "correct horse battery"}),
+        )
+        .await;
+    for _ in 0..40 {
+        let r = app.sign_in("quinn", "correct horse battery").await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let snapshots: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM snapshots WHERE aggregate_type = 'user' AND aggregate_id = $1",
+    )
+    .bind(&quinn)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(snapshots, 1, "a snapshot is kept every 50 events");
+    let last: i64 = sqlx::query_scalar(
+        "SELECT last_sequence FROM snapshots WHERE aggregate_type = 'user' AND aggregate_id = $1",
+    )
+    .bind(&quinn)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    // Taken at the commit that crossed the 50th event.
+    assert!((50..=52).contains(&last), "{last}");
+    // The state loaded from snapshot + later events equals a full replay.
+    let loaded = app.state.users.load(&quinn).await.unwrap();
+    let events: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT payload::jsonb FROM events WHERE aggregate_type = 'user' AND aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(&quinn)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let mut replayed = twofold_domain::user::User::default();
+    for e in events {
+        cqrs_es::Aggregate::apply(&mut replayed, serde_json::from_value(e).unwrap());
+    }
+    assert_eq!(loaded, replayed);
+    assert_eq!(loaded.sign_ins, 41);
+}
