@@ -500,7 +500,7 @@ async fn long_history(args: &Args, stack: &Stack) -> anyhow::Result<Scenario> {
     // Past sign-ins go through the real event store (snapshots and all), minus
     // argon2, which would only make the set-up slow.
     let store: twofold_platform::store::Store<twofold_domain::user::User> =
-        twofold_platform::store::Store::new(stack.pool.clone(), 50);
+        twofold_platform::store::Store::new(stack.pool.clone());
     let settings = twofold_domain::tenant::TwoFactorSettings::default();
     for i in 0..args.history_sign_ins {
         let at = wall_now() - chrono::Duration::days(89) + chrono::Duration::seconds(i as i64);

@@ -28,8 +28,6 @@ pub struct Config {
     pub keys: BTreeMap<String, SecretString>,
     /// The id in `keys` used for new secrets.
     pub current_key_id: String,
-    /// A snapshot every this many events per stream.
-    pub snapshot_every: usize,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` is believed;
@@ -46,7 +44,6 @@ impl Default for Config {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
             keys: BTreeMap::new(),
             current_key_id: String::new(),
-            snapshot_every: 50,
             max_body_bytes: 16 * 1024,
             trusted_proxies: Vec::new(),
         }
@@ -124,18 +121,10 @@ impl Config {
                 })
                 .collect::<anyhow::Result<_>>()?;
         }
-        if let Some(v) = var("TWOFOLD_SNAPSHOT_EVERY") {
-            self.snapshot_every = v
-                .parse()
-                .context("TWOFOLD_SNAPSHOT_EVERY must be a whole number")?;
-        }
         Ok(())
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if self.snapshot_every == 0 {
-            bail!("snapshot_every must be at least 1");
-        }
         if self.database_max_connections == 0 {
             bail!("database_max_connections must be at least 1");
         }

@@ -45,10 +45,18 @@ pub struct Store<A: Aggregate<Services = ()>> {
 }
 
 impl<A: Aggregate<Services = ()> + Clone + TenantScoped> Store<A> {
-    pub fn new(pool: PgPool, snapshot_every: usize) -> Self {
+    /// Every commit also replaces the stream's snapshot, so a load is one
+    /// read however long the history.
+    ///
+    /// cqrs-es 0.5's periodic snapshots (`new_snapshot_store`) lose an event
+    /// with postgres-es 0.5 when one commit crosses the snapshot boundary with
+    /// more than one event: the snapshot state stops at the boundary but is
+    /// stored with the commit's last sequence, so the events in between are
+    /// never applied again. A snapshot per commit has no boundary to cross.
+    pub fn new(pool: PgPool) -> Self {
         let repo = PostgresEventRepository::new(pool);
         Self {
-            inner: PersistedEventStore::new_snapshot_store(repo, snapshot_every.max(1)),
+            inner: PersistedEventStore::new_aggregate_store(repo),
         }
     }
 

@@ -113,7 +113,6 @@ pub async fn connect(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<A
     db::migrate(&pool).await?;
     Ok(AppState::new(
         pool,
-        config.snapshot_every,
         Passwords::for_this_machine()?,
         config.keyring()?,
         clock,

@@ -37,15 +37,14 @@ impl std::ops::Deref for AppState {
 impl AppState {
     pub fn new(
         pool: PgPool,
-        snapshot_every: usize,
         passwords: Passwords,
         keys: Keyring,
         clock: Arc<dyn Clock>,
         trusted_proxies: Vec<ipnet::IpNet>,
     ) -> Self {
         Self(Arc::new(Inner {
-            tenants: Store::new(pool.clone(), snapshot_every),
-            users: Store::new(pool.clone(), snapshot_every),
+            tenants: Store::new(pool.clone()),
+            users: Store::new(pool.clone()),
             pool,
             passwords,
             keys,
