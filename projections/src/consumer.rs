@@ -25,6 +25,8 @@ pub struct Source {
     pub filter_subject: String,
     /// Prefix of the durable consumers' names (`<prefix>-<builder>`).
     pub durable_prefix: String,
+    /// How long JetStream waits for an ack before redelivering.
+    pub ack_wait: Duration,
 }
 
 pub struct Projector {
@@ -54,7 +56,7 @@ impl Projector {
                     durable_name: Some(name.clone()),
                     filter_subject: source.filter_subject.clone(),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(30),
+                    ack_wait: source.ack_wait,
                     max_ack_pending: 10_000,
                     ..Default::default()
                 },

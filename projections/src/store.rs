@@ -157,8 +157,10 @@ pub async fn insert_audit(
     sqlx::query(
         "INSERT INTO rm_audit (position, tenant_id, aggregate_type, aggregate_id, sequence, event_type, at, \
            actor_kind, actor_id, ip, user_agent, reason, user_id, details) \
-         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], \
-           $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::json[]) \
+         SELECT p, t, ty, a, s, e, at, k, ai, ip, ua, r, u, d::json FROM UNNEST($1::bigint[], $2::text[], \
+           $3::text[], $4::text[], $5::bigint[], $6::text[], $7::timestamptz[], $8::text[], $9::text[], \
+           $10::text[], $11::text[], $12::text[], $13::text[], $14::text[]) \
+           AS x(p, t, ty, a, s, e, at, k, ai, ip, ua, r, u, d) \
          ON CONFLICT (position) DO NOTHING",
     )
     .bind(entries.iter().map(|e| e.position).collect::<Vec<_>>())
@@ -174,7 +176,13 @@ pub async fn insert_audit(
     .bind(col(|e| e.user_agent.clone()))
     .bind(col(|e| e.reason.clone()))
     .bind(col(|e| e.user_id.clone()))
-    .bind(entries.iter().map(|e| e.details.clone()).collect::<Vec<_>>())
+    // As text, written as the rebuild's COPY writes it: the same bytes either way.
+    .bind(
+        entries
+            .iter()
+            .map(|e| serde_json::to_string(&e.details))
+            .collect::<Result<Vec<_>, _>>()?,
+    )
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -11,6 +11,7 @@ mod admin_http;
 mod bad_input;
 mod challenges;
 mod guarantees;
+mod nats;
 mod policy_http;
 mod reports;
 mod secrets;

@@ -30,6 +30,12 @@ pub struct Config {
     pub current_key_id: String,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// NATS server the relay publishes to and the workers consume from.
+    pub nats_url: String,
+    /// JetStream stream carrying the events.
+    pub nats_stream: String,
+    /// Subjects are `<prefix>.events.<tenant>.<aggregate_type>.<event_type>`.
+    pub nats_subject_prefix: String,
     /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` is believed;
     /// from anyone else the peer address is the client's.
     pub trusted_proxies: Vec<IpNet>,
@@ -46,6 +52,9 @@ impl Default for Config {
             current_key_id: String::new(),
             max_body_bytes: 16 * 1024,
             trusted_proxies: Vec::new(),
+            nats_url: "nats://127.0.0.1:4222".to_string(),
+            nats_stream: "TWOFOLD_EVENTS".to_string(),
+            nats_subject_prefix: "twofold".to_string(),
         }
     }
 }
@@ -105,6 +114,15 @@ impl Config {
         if let Some(v) = var("TWOFOLD_CURRENT_KEY_ID") {
             self.current_key_id = v;
         }
+        if let Some(v) = var("TWOFOLD_NATS_URL") {
+            self.nats_url = v;
+        }
+        if let Some(v) = var("TWOFOLD_NATS_STREAM") {
+            self.nats_stream = v;
+        }
+        if let Some(v) = var("TWOFOLD_NATS_SUBJECT_PREFIX") {
+            self.nats_subject_prefix = v;
+        }
         if let Some(v) = var("TWOFOLD_TRUSTED_PROXIES") {
             self.trusted_proxies = v
                 .split(',')
@@ -125,6 +143,17 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        let token_ok = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
+        if !token_ok(&self.nats_stream) {
+            bail!("nats_stream must be letters, digits, _ and - only");
+        }
+        if !self.nats_subject_prefix.split('.').all(token_ok) {
+            bail!("nats_subject_prefix must be dot-separated tokens of letters, digits, _ and -");
+        }
         if self.database_max_connections == 0 {
             bail!("database_max_connections must be at least 1");
         }

@@ -34,6 +34,10 @@ enum Command {
     Migrate,
     /// Serve the HTTP API.
     Verifier,
+    /// Publish committed events from the outbox to NATS JetStream.
+    Relay,
+    /// Keep the read models up to date from JetStream.
+    Projector,
     /// Print a new random server key (64 hex digits) for TWOFOLD_KEYS.
     Keygen,
     /// Tenants: create one with its first admin, or change its settings.
@@ -179,6 +183,64 @@ async fn main() -> anyhow::Result<()> {
             );
             verifier.run_until_stopped(shutdown_signal()).await
         }
+        Command::Relay => {
+            let pool = twofold_platform::db::connect(&config).await?;
+            twofold_platform::db::migrate(&pool).await?;
+            let relay = twofold_relay::Relay::connect(pool, &config).await?;
+            let metrics = serve_metrics(&config).await?;
+            eprintln!(
+                "twofold: relay to {} (stream {})",
+                config.nats_url, config.nats_stream
+            );
+            let result = relay
+                .run_until_stopped(&config.nats_stream, shutdown_signal())
+                .await;
+            metrics.abort();
+            result
+        }
+        Command::Projector => {
+            let pool = twofold_platform::db::connect(&config).await?;
+            twofold_platform::db::migrate(&pool).await?;
+            let source = twofold_projections::consumer::Source {
+                nats_url: config.nats_url.clone(),
+                stream: config.nats_stream.clone(),
+                filter_subject: format!("{}.events.>", config.nats_subject_prefix),
+                durable_prefix: "projector".to_string(),
+                ack_wait: std::time::Duration::from_secs(30),
+            };
+            let metrics = serve_metrics(&config).await?;
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let mut builders = Vec::new();
+            for builder in twofold_projections::store::Builder::ALL {
+                let projector = loop {
+                    match twofold_projections::consumer::Projector::connect(
+                        pool.clone(),
+                        &source,
+                        builder,
+                    )
+                    .await
+                    {
+                        Ok(p) => break p,
+                        Err(e) => {
+                            eprintln!("twofold: {e:#}; retrying");
+                            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                        }
+                    }
+                };
+                let mut stopped = stopped.clone();
+                builders.push(tokio::spawn(projector.run_until_stopped(async move {
+                    let _ = stopped.changed().await;
+                })));
+            }
+            eprintln!("twofold: projector on stream {}", config.nats_stream);
+            shutdown_signal().await;
+            let _ = stop.send(true);
+            for b in builders {
+                let _ = b.await;
+            }
+            metrics.abort();
+            Ok(())
+        }
         Command::Tenant { command } => {
             let state = twofold_verifier::connect(&config, clock.clone()).await?;
             let ctx = Ctx::new(clock.now(), Actor::Operator);
@@ -285,6 +347,17 @@ fn verify_export(file: &std::path::Path) -> anyhow::Result<()> {
             std::process::exit(1);
         }
     }
+}
+
+/// Prometheus metrics on the worker's own port.
+async fn serve_metrics(config: &Config) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let handle = twofold_platform::telemetry::metrics_handle()?;
+    let listener = twofold_platform::telemetry::bind(config.metrics_addr).await?;
+    Ok(tokio::spawn(async move {
+        let _ =
+            twofold_platform::telemetry::serve_metrics(listener, handle, std::future::pending())
+                .await;
+    }))
 }
 
 fn read_stdin() -> anyhow::Result<String> {

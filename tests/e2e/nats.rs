@@ -1,0 +1,304 @@
+//! Events through NATS: the relay publishes the outbox to JetStream, the
+//! projector's builders keep the read models from it, and neither a builder
+//! killed mid-batch, nor redelivery, nor NATS going away loses or doubles
+//! anything.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use twofold_platform::Config;
+use twofold_projections::consumer::{Projector, Source};
+use twofold_projections::store::Builder;
+use twofold_relay::Relay;
+
+use crate::helpers::{settings_on, spawn_app, TestApp};
+
+fn nats_url() -> String {
+    std::env::var("TWOFOLD_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string())
+}
+
+/// A stream and subject prefix of this test's own.
+fn nats_config(url: &str) -> Config {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    Config {
+        nats_url: url.to_string(),
+        nats_stream: format!("T{id}"),
+        nats_subject_prefix: format!("t{id}"),
+        ..Config::default()
+    }
+}
+
+fn source(config: &Config, durable: &str) -> Source {
+    Source {
+        nats_url: config.nats_url.clone(),
+        stream: config.nats_stream.clone(),
+        filter_subject: format!("{}.events.>", config.nats_subject_prefix),
+        durable_prefix: durable.to_string(),
+        ack_wait: Duration::from_secs(1),
+    }
+}
+
+async fn start_relay(app: &TestApp, config: &Config) -> tokio::task::JoinHandle<()> {
+    let relay = Relay::connect(app.pool.clone(), config).await.unwrap();
+    let stream = config.nats_stream.clone();
+    tokio::spawn(async move {
+        let _ = relay
+            .run_until_stopped(&stream, std::future::pending())
+            .await;
+    })
+}
+
+async fn count(app: &TestApp, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&app.pool).await.unwrap()
+}
+
+/// Waits (bounded) until `done` holds.
+async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn some_history(app: &TestApp) {
+    let admin = app.admin_token().await;
+    for name in ["nia", "oto", "pax"] {
+        app.create_user(
+            &admin,
+            json!({"username": name, "password": "correct horse battery", "email": format!("{name}@acme.test")}),
+        )
+        .await;
+    }
+    app.set_settings(&admin, settings_on(&["email"], "email"))
+        .await;
+    for name in ["nia", "oto"] {
+        let c = app.sign_in(name, "correct horse battery").await;
+        let token = c.body["challenge"]["token"].as_str().unwrap().to_string();
+        let code = app.delivered_code(&token).await;
+        let ok = app
+            .post(
+                "/challenge/verify",
+                json!({"challenge_token": token, "code": code}),
+            )
+            .await;
+        assert_eq!(ok.status, StatusCode::OK);
+    }
+}
+
+async fn read_models(app: &TestApp) -> (Vec<Value>, Vec<(i64, String)>) {
+    let users: Vec<Value> = sqlx::query_scalar("SELECT row FROM rm_users ORDER BY user_id")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    let audit: Vec<(i64, String)> =
+        sqlx::query_as("SELECT position, details::text FROM rm_audit ORDER BY position")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    (users, audit)
+}
+
+async fn caught_up(app: &TestApp) -> bool {
+    let events = count(app, "SELECT count(*) FROM events").await;
+    count(app, "SELECT count(*) FROM rm_audit").await == events
+        && count(app, "SELECT count(*) FROM outbox").await == 0
+}
+
+#[tokio::test]
+async fn committed_events_reach_the_read_models_through_jetstream() {
+    let app = spawn_app().await;
+    let config = nats_config(&nats_url());
+    let relay = start_relay(&app, &config).await;
+    some_history(&app).await;
+    eventually("the outbox to drain", async || {
+        count(&app, "SELECT count(*) FROM outbox").await == 0
+    })
+    .await;
+
+    // Every event is in the stream once, under its tenant and type.
+    let client = async_nats::connect(&config.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(&config.nats_stream).await.unwrap();
+    let events = count(&app, "SELECT count(*) FROM events").await;
+    assert_eq!(stream.info().await.unwrap().state.messages as i64, events);
+
+    let src = source(&config, "live");
+    let mut builders = Vec::new();
+    for builder in Builder::ALL {
+        let p = Projector::connect(app.pool.clone(), &src, builder)
+            .await
+            .unwrap();
+        builders.push(tokio::spawn(p.run_until_stopped(std::future::pending())));
+    }
+    eventually("the read models to catch up", async || {
+        caught_up(&app).await
+    })
+    .await;
+    let live = read_models(&app).await;
+    let users = live.0.len();
+    assert_eq!(users, 4, "root-admin, nia, oto, pax");
+
+    // A rebuild from the event store gives exactly the live read models.
+    twofold_projections::rebuild::rebuild(&app.pool, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(read_models(&app).await, live);
+
+    // And new events keep flowing.
+    let admin = app.admin_token().await;
+    app.create_user(
+        &admin,
+        json!({"username": "quy", "password": "correct horse battery"}),
+    )
+    .await;
+    eventually("the new user", async || {
+        count(&app, "SELECT count(*) FROM rm_users WHERE username = 'quy'").await == 1
+    })
+    .await;
+    for b in builders {
+        b.abort();
+    }
+    relay.abort();
+}
+
+#[tokio::test]
+async fn a_builder_killed_mid_batch_and_redelivery_leave_the_read_models_exact() {
+    let app = spawn_app().await;
+    let config = nats_config(&nats_url());
+    let relay = start_relay(&app, &config).await;
+    some_history(&app).await;
+    eventually("the outbox to drain", async || {
+        count(&app, "SELECT count(*) FROM outbox").await == 0
+    })
+    .await;
+    let src = source(&config, "crashy");
+
+    // A builder applies part of a batch and dies before acking: its updates
+    // are committed, its messages will come again.
+    let records = twofold_projections::record::load_batch(&app.pool, 0, 7)
+        .await
+        .unwrap();
+    for r in &records {
+        assert!(Builder::Directory.apply(&app.pool, r).await.unwrap());
+    }
+    // Another dies mid-run.
+    let first = Projector::connect(app.pool.clone(), &src, Builder::Audit)
+        .await
+        .unwrap();
+    let killed = tokio::spawn(first.run_until_stopped(std::future::pending()));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    killed.abort();
+
+    // Fresh builders on the same durable consumers finish the job.
+    let mut builders = Vec::new();
+    for builder in Builder::ALL {
+        let p = Projector::connect(app.pool.clone(), &src, builder)
+            .await
+            .unwrap();
+        builders.push(tokio::spawn(p.run_until_stopped(std::future::pending())));
+    }
+    eventually("the read models to catch up", async || {
+        caught_up(&app).await
+    })
+    .await;
+    let live = read_models(&app).await;
+    twofold_projections::rebuild::rebuild(&app.pool, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(read_models(&app).await, live);
+    for b in builders {
+        b.abort();
+    }
+    relay.abort();
+}
+
+/// A NATS server of this test's own, to stop and start.
+struct PrivateNats {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateNats {
+    fn start(port: u16, dir: &std::path::Path) -> Self {
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("nats-server must be installed: run ops/deps");
+        let child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn stop(mut self) -> (u16, std::path::PathBuf) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        (self.port, self.dir.clone())
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+#[tokio::test]
+async fn with_nats_down_sign_in_works_and_every_event_arrives_once_it_is_back() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("twofold-nats-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let nats = PrivateNats::start(port, &dir);
+    let app = spawn_app().await;
+    let config = nats_config(&format!("nats://127.0.0.1:{port}"));
+    let relay = start_relay(&app, &config).await;
+    some_history(&app).await;
+    eventually("the outbox to drain", async || {
+        count(&app, "SELECT count(*) FROM outbox").await == 0
+    })
+    .await;
+
+    // NATS goes away: sign-ins still work, the outbox grows.
+    let (port, dir) = nats.stop();
+    let admin = app.admin_token().await;
+    app.create_user(
+        &admin,
+        json!({"username": "rio", "password": "correct horse battery"}),
+    )
+    .await;
+    let r = app.sign_in("rio", "correct horse battery").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(count(&app, "SELECT count(*) FROM outbox").await > 0);
+
+    // NATS is back: everything is published, nothing twice.
+    let _nats = PrivateNats::start(port, &dir);
+    eventually("the outbox to drain after NATS returned", async || {
+        count(&app, "SELECT count(*) FROM outbox").await == 0
+    })
+    .await;
+    let client = async_nats::connect(&config.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(&config.nats_stream).await.unwrap();
+    let events = count(&app, "SELECT count(*) FROM events").await;
+    assert_eq!(stream.info().await.unwrap().state.messages as i64, events);
+    relay.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}
