@@ -3,6 +3,7 @@
 //! TOTP matches, tenant policy, the time) and put it into the commands.
 
 pub mod context;
+pub mod delivery;
 pub mod ids;
 pub mod secrets;
 pub mod tenant;

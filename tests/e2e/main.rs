@@ -10,6 +10,7 @@ mod helpers;
 mod admin_http;
 mod bad_input;
 mod challenges;
+mod delivery;
 mod guarantees;
 mod nats;
 mod policy_http;

@@ -36,9 +36,46 @@ pub struct Config {
     pub nats_stream: String,
     /// Subjects are `<prefix>.events.<tenant>.<aggregate_type>.<event_type>`.
     pub nats_subject_prefix: String,
+    /// SMTP server for email codes.
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    /// `none`, `starttls` or `tls`.
+    pub smtp_tls: String,
+    pub smtp_username: Option<String>,
+    pub smtp_password: Option<SecretString>,
+    /// The From address of code emails.
+    pub smtp_from: String,
+    /// SMS providers by the name tenant settings use in `sms_provider`.
+    pub sms_providers: BTreeMap<String, SmsProvider>,
+    /// Attempts at one delivery before it is recorded as failed.
+    pub delivery_max_attempts: u32,
+    /// Most SMS sends per second per provider (cost protection).
+    pub sms_rate_per_second: u32,
+    /// Most codes sent to one recipient per hour.
+    pub recipient_limit_per_hour: u32,
     /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` is believed;
     /// from anyone else the peer address is the client's.
     pub trusted_proxies: Vec<IpNet>,
+}
+
+/// An SMS provider's API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SmsProvider {
+    /// A Twilio-compatible Messages API:
+    /// `POST {base_url}/2010-04-01/Accounts/{account_sid}/Messages.json`.
+    Twilio {
+        base_url: String,
+        account_sid: String,
+        auth_token: SecretString,
+        from: String,
+    },
+    /// A generic JSON webhook: `POST {url}` with `{"to", "body"}`.
+    Webhook {
+        url: String,
+        #[serde(default)]
+        bearer_token: Option<SecretString>,
+    },
 }
 
 impl Default for Config {
@@ -55,6 +92,16 @@ impl Default for Config {
             nats_url: "nats://127.0.0.1:4222".to_string(),
             nats_stream: "TWOFOLD_EVENTS".to_string(),
             nats_subject_prefix: "twofold".to_string(),
+            smtp_host: "127.0.0.1".to_string(),
+            smtp_port: 25,
+            smtp_tls: "none".to_string(),
+            smtp_username: None,
+            smtp_password: None,
+            smtp_from: "twofold <no-reply@localhost>".to_string(),
+            sms_providers: BTreeMap::new(),
+            delivery_max_attempts: 5,
+            sms_rate_per_second: 20,
+            recipient_limit_per_hour: 20,
         }
     }
 }
@@ -123,6 +170,30 @@ impl Config {
         if let Some(v) = var("TWOFOLD_NATS_SUBJECT_PREFIX") {
             self.nats_subject_prefix = v;
         }
+        if let Some(v) = var("TWOFOLD_SMTP_HOST") {
+            self.smtp_host = v;
+        }
+        if let Some(v) = var("TWOFOLD_SMTP_PORT") {
+            self.smtp_port = v
+                .parse()
+                .context("TWOFOLD_SMTP_PORT must be a port number")?;
+        }
+        if let Some(v) = var("TWOFOLD_SMTP_TLS") {
+            self.smtp_tls = v;
+        }
+        if let Some(v) = var("TWOFOLD_SMTP_USERNAME") {
+            self.smtp_username = Some(v);
+        }
+        if let Some(v) = var("TWOFOLD_SMTP_PASSWORD") {
+            self.smtp_password = Some(SecretString::from(v));
+        }
+        if let Some(v) = var("TWOFOLD_SMTP_FROM") {
+            self.smtp_from = v;
+        }
+        if let Some(v) = var("TWOFOLD_SMS_PROVIDERS") {
+            self.sms_providers = serde_json::from_str(&v)
+                .context("TWOFOLD_SMS_PROVIDERS must be a JSON object of providers by name")?;
+        }
         if let Some(v) = var("TWOFOLD_TRUSTED_PROXIES") {
             self.trusted_proxies = v
                 .split(',')
@@ -143,6 +214,9 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        if !matches!(self.smtp_tls.as_str(), "none" | "starttls" | "tls") {
+            bail!("smtp_tls must be none, starttls or tls");
+        }
         let token_ok = |s: &str| {
             !s.is_empty()
                 && s.chars()

@@ -38,6 +38,8 @@ enum Command {
     Relay,
     /// Keep the read models up to date from JetStream.
     Projector,
+    /// Deliver email and SMS codes (run as many as the load needs).
+    Dispatcher,
     /// Print a new random server key (64 hex digits) for TWOFOLD_KEYS.
     Keygen,
     /// Tenants: create one with its first admin, or change its settings.
@@ -197,6 +199,35 @@ async fn main() -> anyhow::Result<()> {
                 .await;
             metrics.abort();
             result
+        }
+        Command::Dispatcher => {
+            let pool = twofold_platform::db::connect(&config).await?;
+            twofold_platform::db::migrate(&pool).await?;
+            let source = twofold_dispatcher::Source::from_config(&config);
+            let metrics = serve_metrics(&config).await?;
+            let dispatcher = loop {
+                match twofold_dispatcher::Dispatcher::connect(
+                    pool.clone(),
+                    &config,
+                    &source,
+                    clock.clone(),
+                )
+                .await
+                {
+                    Ok(d) => break d,
+                    Err(e) => {
+                        eprintln!("twofold: {e:#}; retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    }
+                }
+            };
+            eprintln!(
+                "twofold: dispatcher on stream {} (SMTP {}:{})",
+                config.nats_stream, config.smtp_host, config.smtp_port
+            );
+            dispatcher.run_until_stopped(shutdown_signal()).await;
+            metrics.abort();
+            Ok(())
         }
         Command::Projector => {
             let pool = twofold_platform::db::connect(&config).await?;

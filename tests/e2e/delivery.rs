@@ -1,0 +1,499 @@
+//! Code delivery end to end: verifier, relay and dispatchers as separate
+//! tasks against real PostgreSQL, NATS and an SMTP server (aiosmtpd), with a
+//! local HTTP server speaking the SMS provider's (Twilio's) Messages API.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use secrecy::SecretString;
+use serde_json::json;
+use twofold_dispatcher::{Dispatcher, Outcome, Source};
+use twofold_platform::config::SmsProvider;
+use twofold_platform::Config;
+use twofold_relay::Relay;
+
+use crate::helpers::{spawn_app_with, TestApp};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Debian's aiosmtpd, keeping what it receives in a Maildir.
+struct Smtp {
+    child: Child,
+    port: u16,
+    maildir: std::path::PathBuf,
+}
+
+impl Smtp {
+    async fn start() -> Self {
+        let port = free_port();
+        let maildir = std::env::temp_dir().join(format!("twofold-mail-{}", uuid::Uuid::new_v4()));
+        for sub in ["tmp", "new", "cur"] {
+            std::fs::create_dir_all(maildir.join(sub)).unwrap();
+        }
+        let child = Command::new("/usr/bin/python3")
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{port}"),
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+            ])
+            .arg(&maildir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("Debian's python3-aiosmtpd must be installed: run ops/deps");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            child,
+            port,
+            maildir,
+        }
+    }
+
+    fn mails(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for sub in ["new", "cur"] {
+            if let Ok(entries) = std::fs::read_dir(self.maildir.join(sub)) {
+                for e in entries.flatten() {
+                    out.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+                }
+            }
+        }
+        out
+    }
+
+    fn mails_to(&self, address: &str) -> Vec<String> {
+        self.mails()
+            .into_iter()
+            .filter(|m| m.contains(address))
+            .collect()
+    }
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = std::fs::remove_dir_all(&self.maildir);
+    }
+}
+
+/// The six digits after "code is " in a message.
+fn code_in(text: &str) -> Option<String> {
+    let at = text.find("sign-in code is ")? + "sign-in code is ".len();
+    let code: String = text[at..].chars().take(6).collect();
+    (code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit())).then_some(code)
+}
+
+/// A stand-in SMS provider speaking Twilio's Messages API.
+#[derive(Clone, Default)]
+struct FakeSms {
+    sent: Arc<Mutex<Vec<HashMap<String, String>>>>,
+    failing: Arc<AtomicBool>,
+}
+
+impl FakeSms {
+    async fn start(&self) -> String {
+        use axum::extract::{Form, Path, State};
+        let app = axum::Router::new()
+            .route(
+                "/2010-04-01/Accounts/{sid}/Messages.json",
+                axum::routing::post(
+                    |State(me): State<FakeSms>,
+                     Path(_sid): Path<String>,
+                     Form(form): Form<HashMap<String, String>>| async move {
+                        if me.failing.load(Ordering::SeqCst) {
+                            return (
+                                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                                "{}".to_string(),
+                            );
+                        }
+                        me.sent.lock().unwrap().push(form);
+                        (
+                            axum::http::StatusCode::CREATED,
+                            "{\"sid\":\"SM1\",\"status\":\"queued\"}".to_string(),
+                        )
+                    },
+                ),
+            )
+            .with_state(self.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        format!("http://{addr}")
+    }
+}
+
+struct Stack {
+    app: TestApp,
+    config: Config,
+    source: Source,
+    relay: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.relay.abort();
+    }
+}
+
+/// The verifier, a relay, and the configuration a dispatcher needs (the same
+/// server keys, so it derives the codes the verifier checks).
+async fn stack(smtp_port: u16, sms_url: &str) -> Stack {
+    let mut keys = None;
+    let app = spawn_app_with(|c| keys = Some(c.keys.clone())).await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let config = Config {
+        keys: keys.unwrap(),
+        current_key_id: "test".to_string(),
+        nats_url: std::env::var("TWOFOLD_TEST_NATS_URL")
+            .unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
+        nats_stream: format!("D{id}"),
+        nats_subject_prefix: format!("d{id}"),
+        smtp_host: "127.0.0.1".into(),
+        smtp_port,
+        smtp_from: "Acme <no-reply@acme.test>".into(),
+        sms_providers: [(
+            "test-sms".to_string(),
+            SmsProvider::Twilio {
+                base_url: sms_url.to_string(),
+                account_sid: "AC123".into(),
+                auth_token: SecretString::from("token".to_string()),
+                from: "+15550001111".into(),
+            },
+        )]
+        .into(),
+        delivery_max_attempts: 2,
+        ..Config::default()
+    };
+    let relay = Relay::connect(app.pool.clone(), &config).await.unwrap();
+    twofold_relay::ensure_stream(
+        relay.jetstream(),
+        &config.nats_stream,
+        &config.nats_subject_prefix,
+    )
+    .await
+    .unwrap();
+    let stream = config.nats_stream.clone();
+    let relay = tokio::spawn(async move {
+        let _ = relay
+            .run_until_stopped(&stream, std::future::pending())
+            .await;
+    });
+    let source = Source {
+        stream: config.nats_stream.clone(),
+        subject_prefix: config.nats_subject_prefix.clone(),
+        durable: format!("dispatch{id}"),
+        ack_wait: Duration::from_secs(1),
+        retry_delay: Duration::from_millis(200),
+    };
+    Stack {
+        app,
+        config,
+        source,
+        relay,
+    }
+}
+
+impl Stack {
+    async fn dispatcher(&self) -> Dispatcher {
+        Dispatcher::connect(
+            self.app.pool.clone(),
+            &self.config,
+            &self.source,
+            Arc::new(self.app.clock.clone()),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn with_user(&self, settings: serde_json::Value, name: &str, phone: bool) {
+        let admin = self.app.admin_token().await;
+        let mut body = json!({"username": name, "password": "correct horse battery", "email": format!("{name}@acme.test")});
+        if phone {
+            body["phone"] = json!("+4915112345678");
+        }
+        self.app.create_user(&admin, body).await;
+        let r = self.app.set_settings(&admin, settings).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    }
+
+    async fn challenge(&self, name: &str) -> String {
+        let r = self.app.sign_in(name, "correct horse battery").await;
+        assert_eq!(r.body["status"], "challenge", "{:?}", r.body);
+        r.body["challenge"]["token"].as_str().unwrap().to_string()
+    }
+
+    async fn verify(&self, token: &str, code: &str) -> StatusCode {
+        self.app
+            .post(
+                "/challenge/verify",
+                json!({"challenge_token": token, "code": code}),
+            )
+            .await
+            .status
+    }
+
+    async fn delivery_events(&self, event_type: &str) -> Vec<serde_json::Value> {
+        sqlx::query_scalar(
+            "SELECT payload::jsonb -> $1 FROM events WHERE aggregate_type = 'delivery' AND event_type = $1 ORDER BY global_position",
+        )
+        .bind(event_type)
+        .fetch_all(&self.app.pool)
+        .await
+        .unwrap()
+    }
+}
+
+/// Runs `dispatcher` until `done` or a bounded time passes; returns the outcomes.
+async fn run_until(
+    dispatcher: &Dispatcher,
+    mut done: impl FnMut(&[Outcome]) -> bool,
+) -> Vec<Outcome> {
+    let mut all = Vec::new();
+    for _ in 0..60 {
+        all.extend(
+            dispatcher
+                .process_next(10, Duration::from_millis(250))
+                .await
+                .unwrap(),
+        );
+        if done(&all) {
+            return all;
+        }
+    }
+    panic!("gave up waiting; outcomes so far: {all:?}");
+}
+
+fn delivered(outcomes: &[Outcome]) -> usize {
+    outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Delivered { .. }))
+        .count()
+}
+
+#[tokio::test]
+async fn an_email_code_arrives_by_smtp_and_signs_in() {
+    let smtp = Smtp::start().await;
+    let s = stack(smtp.port, "http://127.0.0.1:9").await;
+    s.with_user(
+        json!({"enabled": true, "enforcement": "every_login"}),
+        "ema",
+        false,
+    )
+    .await;
+    let token = s.challenge("ema").await;
+    let d = s.dispatcher().await;
+    run_until(&d, |o| delivered(o) == 1).await;
+    let mails = smtp.mails_to("ema@acme.test");
+    assert_eq!(mails.len(), 1);
+    assert!(mails[0].contains("Acme sign-in code"), "{}", mails[0]);
+    assert!(
+        mails[0].contains("expires at 2026-03-01 16:00 UTC"),
+        "{}",
+        mails[0]
+    );
+    let code = code_in(&mails[0]).expect("a code in the mail");
+    assert_eq!(s.verify(&token, &code).await, StatusCode::OK);
+    let recorded = s.delivery_events("CodeDelivered").await;
+    assert_eq!(recorded[0]["method"], "email");
+    assert_eq!(recorded[0]["provider"], "smtp");
+    // The outcome records carry no code.
+    assert!(!recorded[0].to_string().contains(&code));
+}
+
+#[tokio::test]
+async fn an_sms_code_goes_through_the_provider_and_falls_back_to_email_when_it_fails() {
+    let smtp = Smtp::start().await;
+    let sms = FakeSms::default();
+    let url = sms.start().await;
+    let s = stack(smtp.port, &url).await;
+    s.with_user(
+        json!({"enabled": true, "enforcement": "every_login", "allowed_methods": ["sms"],
+               "default_method": "sms", "sms_provider": "test-sms"}),
+        "sid",
+        true,
+    )
+    .await;
+    let d = s.dispatcher().await;
+
+    let token = s.challenge("sid").await;
+    run_until(&d, |o| delivered(o) == 1).await;
+    let message = sms.sent.lock().unwrap()[0].clone();
+    assert_eq!(message["To"], "+4915112345678");
+    assert_eq!(message["From"], "+15550001111");
+    let code = message["Body"][..6].to_string();
+    assert_eq!(s.verify(&token, &code).await, StatusCode::OK);
+
+    // The provider fails: the code comes by email (though email is not an
+    // allowed method), and the event says why.
+    sms.failing.store(true, Ordering::SeqCst);
+    s.app.clock.advance(chrono::Duration::seconds(1));
+    let token = s.challenge("sid").await;
+    let outcomes = run_until(&d, |o| delivered(o) == 1).await;
+    assert!(outcomes.contains(&Outcome::Delivered {
+        method: twofold_domain::values::Method::Email,
+        provider: "smtp".into()
+    }));
+    let fell_back = s.delivery_events("DeliveryFellBack").await;
+    assert_eq!(fell_back.len(), 1);
+    assert_eq!(fell_back[0]["from"], "sms");
+    assert!(
+        fell_back[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("answered 500"),
+        "{fell_back:?}"
+    );
+    let mails = smtp.mails_to("sid@acme.test");
+    let code = code_in(&mails[0]).unwrap();
+    assert_eq!(s.verify(&token, &code).await, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_job_held_by_a_dispatcher_that_died_is_delivered_by_another_once() {
+    let smtp = Smtp::start().await;
+    let s = stack(smtp.port, "http://127.0.0.1:9").await;
+    s.with_user(
+        json!({"enabled": true, "enforcement": "every_login"}),
+        "ida",
+        false,
+    )
+    .await;
+    let token = s.challenge("ida").await;
+
+    // A dispatcher takes the job and dies before acking it.
+    let dying = s.dispatcher().await;
+    {
+        let client = async_nats::connect(&s.config.nats_url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let stream = js.get_stream(&s.config.nats_stream).await.unwrap();
+        let consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(&s.source.durable).await.unwrap();
+        let mut taken = 0;
+        for _ in 0..20 {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(10)
+                .expires(Duration::from_millis(200))
+                .messages()
+                .await
+                .unwrap();
+            while let Some(m) = futures::StreamExt::next(&mut batch).await {
+                let m = m.unwrap();
+                if String::from_utf8_lossy(&m.payload).contains("ChallengeIssued") {
+                    taken += 1;
+                } else {
+                    m.ack().await.unwrap();
+                }
+            }
+            if taken > 0 {
+                break;
+            }
+        }
+        assert_eq!(taken, 1, "the dying dispatcher held the job");
+    }
+    drop(dying);
+
+    // Another instance gets it after the ack wait, and delivers it once.
+    let other = s.dispatcher().await;
+    run_until(&other, |o| delivered(o) == 1).await;
+    let extra = other
+        .process_next(10, Duration::from_millis(1500))
+        .await
+        .unwrap();
+    assert_eq!(delivered(&extra), 0);
+    let mails = smtp.mails_to("ida@acme.test");
+    assert_eq!(mails.len(), 1);
+    assert_eq!(
+        s.verify(&token, &code_in(&mails[0]).unwrap()).await,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn two_dispatchers_share_the_work_and_send_each_code_once() {
+    let smtp = Smtp::start().await;
+    let s = stack(smtp.port, "http://127.0.0.1:9").await;
+    let names = ["u1", "u2", "u3", "u4", "u5", "u6"];
+    for n in names {
+        s.with_user(
+            json!({"enabled": true, "enforcement": "every_login"}),
+            n,
+            false,
+        )
+        .await;
+    }
+    for n in names {
+        s.challenge(n).await;
+    }
+    let a = Arc::new(s.dispatcher().await);
+    let b = Arc::new(s.dispatcher().await);
+    let run = |d: Arc<Dispatcher>| {
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            for _ in 0..20 {
+                mine.extend(d.process_next(1, Duration::from_millis(200)).await.unwrap());
+            }
+            mine
+        })
+    };
+    let (ra, rb) = (run(a.clone()), run(b.clone()));
+    let (oa, ob) = (ra.await.unwrap(), rb.await.unwrap());
+    assert_eq!(
+        delivered(&oa) + delivered(&ob),
+        names.len(),
+        "{oa:?} {ob:?}"
+    );
+    for n in names {
+        assert_eq!(smtp.mails_to(&format!("{n}@acme.test")).len(), 1, "{n}");
+    }
+}
+
+#[tokio::test]
+async fn with_smtp_down_a_delivery_is_retried_then_recorded_as_failed() {
+    let closed = free_port();
+    let s = stack(closed, "http://127.0.0.1:9").await;
+    s.with_user(
+        json!({"enabled": true, "enforcement": "every_login"}),
+        "fox",
+        false,
+    )
+    .await;
+    s.challenge("fox").await;
+    let d = s.dispatcher().await;
+    let outcomes = run_until(&d, |o| o.iter().any(|x| matches!(x, Outcome::Failed(_)))).await;
+    assert!(
+        outcomes.iter().any(|x| matches!(x, Outcome::Retry(_))),
+        "{outcomes:?}"
+    );
+    let failed = s.delivery_events("DeliveryFailed").await;
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["attempts"], 2);
+    assert!(
+        failed[0]["reason"].as_str().unwrap().contains("SMTP"),
+        "{failed:?}"
+    );
+}
