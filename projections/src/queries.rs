@@ -116,3 +116,48 @@ pub fn audit<'a>(
     .fetch(pool)
     .boxed()
 }
+
+/// Delivery figures per method and provider, from the audit history's
+/// delivery events: sent, failed, fallbacks, and send latency percentiles.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
+pub struct DeliveryStats {
+    pub method: String,
+    pub provider: String,
+    pub sent: i64,
+    pub failed: i64,
+    pub fell_back: i64,
+    pub fallback_rate: f64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p95_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+}
+
+pub async fn delivery(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Vec<DeliveryStats>> {
+    // Failures and fallbacks name no provider of their own: they are counted
+    // against the method of the request (from its claim) and provider "-".
+    Ok(sqlx::query_as(
+        "WITH claims AS ( \
+           SELECT aggregate_id, details::jsonb ->> 'method' AS method FROM rm_audit \
+           WHERE tenant_id = $1 AND event_type = 'DeliveryClaimed'), \
+         outcomes AS ( \
+           SELECT a.event_type, \
+             COALESCE(CASE WHEN a.event_type = 'CodeDelivered' THEN a.details::jsonb ->> 'method' END, c.method) AS method, \
+             COALESCE(a.details::jsonb ->> 'provider', '-') AS provider, \
+             (a.details::jsonb ->> 'latency_ms')::float8 AS latency \
+           FROM rm_audit a JOIN (SELECT DISTINCT ON (aggregate_id) * FROM claims) c USING (aggregate_id) \
+           WHERE a.tenant_id = $1 AND a.event_type IN ('CodeDelivered', 'DeliveryFailed', 'DeliveryFellBack')) \
+         SELECT method, provider, \
+           count(*) FILTER (WHERE event_type = 'CodeDelivered') AS sent, \
+           count(*) FILTER (WHERE event_type = 'DeliveryFailed') AS failed, \
+           count(*) FILTER (WHERE event_type = 'DeliveryFellBack') AS fell_back, \
+           COALESCE(count(*) FILTER (WHERE event_type = 'DeliveryFellBack')::float8 \
+             / NULLIF(count(*) FILTER (WHERE event_type <> 'DeliveryFellBack'), 0), 0) AS fallback_rate, \
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY latency) AS latency_p50_ms, \
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY latency) AS latency_p95_ms, \
+           percentile_cont(0.99) WITHIN GROUP (ORDER BY latency) AS latency_p99_ms \
+         FROM outcomes GROUP BY method, provider ORDER BY method, provider",
+    )
+    .bind(tenant_id)
+    .fetch_all(pool)
+    .await?)
+}

@@ -318,6 +318,16 @@ async fn an_email_code_arrives_by_smtp_and_signs_in() {
     let code = code_in(&mails[0]).expect("a code in the mail");
     assert_eq!(s.verify(&token, &code).await, StatusCode::OK);
     let recorded = s.delivery_events("CodeDelivered").await;
+    // The Overview's delivery figures, once the read models have the events.
+    twofold_projections::rebuild::rebuild(&s.app.pool, |_| {})
+        .await
+        .unwrap();
+    let admin = s.app.admin_token().await;
+    let stats = s.app.get_auth("/overview/delivery", &admin).await;
+    assert_eq!(stats.status, StatusCode::OK, "{:?}", stats.body);
+    assert_eq!(stats.body["delivery"][0]["method"], "email");
+    assert_eq!(stats.body["delivery"][0]["provider"], "smtp");
+    assert_eq!(stats.body["delivery"][0]["fallback_rate"], 0.0);
     assert_eq!(recorded[0]["method"], "email");
     assert_eq!(recorded[0]["provider"], "smtp");
     // The outcome records carry no code.
@@ -370,6 +380,28 @@ async fn an_sms_code_goes_through_the_provider_and_falls_back_to_email_when_it_f
     let mails = smtp.mails_to("sid@acme.test");
     let code = code_in(&mails[0]).unwrap();
     assert_eq!(s.verify(&token, &code).await, StatusCode::OK);
+
+    // The Overview's delivery figures, from the read models.
+    twofold_projections::rebuild::rebuild(&s.app.pool, |_| {})
+        .await
+        .unwrap();
+    let rows: Vec<serde_json::Value> =
+        twofold_projections::queries::delivery(&s.app.pool, &s.app.tenant_id.to_string())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| serde_json::to_value(r).unwrap())
+            .collect();
+    let row = |method: &str, provider: &str| {
+        rows.iter()
+            .find(|r| r["method"] == method && r["provider"] == provider)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {method}/{provider} row in {rows:?}"))
+    };
+    assert_eq!(row("sms", "test-sms")["sent"], 1);
+    assert_eq!(row("email", "smtp")["sent"].as_i64().unwrap() >= 1, true);
+    assert_eq!(row("sms", "-")["fell_back"], 1);
+    assert!(row("sms", "test-sms")["latency_p50_ms"].is_number());
 }
 
 #[tokio::test]

@@ -49,6 +49,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/users/{user}/history", get(reports::user_history))
         .route("/overview", get(reports::overview))
         .route("/overview/daily", get(reports::daily))
+        .route("/overview/delivery", get(reports::delivery))
         .route("/audit", get(reports::audit_export))
         .route(
             "/users/{user}",

@@ -45,6 +45,16 @@ pub async fn overview(
     Ok(Json(json!({ "as_of": q.as_of, "overview": figures })))
 }
 
+/// `GET /v1/tenants/{tenant}/overview/delivery`: sent, failed, fallbacks and
+/// latency percentiles per method and provider.
+pub async fn delivery(
+    State(state): State<AppState>,
+    admin: SignedInAdmin,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let stats = queries::delivery(&state.pool, &admin.0.tenant_id.to_string()).await?;
+    Ok(Json(json!({ "delivery": stats })))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DailyQuery {
