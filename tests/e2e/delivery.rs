@@ -399,7 +399,7 @@ async fn an_sms_code_goes_through_the_provider_and_falls_back_to_email_when_it_f
             .unwrap_or_else(|| panic!("no {method}/{provider} row in {rows:?}"))
     };
     assert_eq!(row("sms", "test-sms")["sent"], 1);
-    assert_eq!(row("email", "smtp")["sent"].as_i64().unwrap() >= 1, true);
+    assert!(row("email", "smtp")["sent"].as_i64().unwrap() >= 1);
     assert_eq!(row("sms", "-")["fell_back"], 1);
     assert!(row("sms", "test-sms")["latency_p50_ms"].is_number());
 }
