@@ -518,7 +518,7 @@ async fn with_smtp_down_a_delivery_is_retried_then_recorded_as_failed() {
     let d = s.dispatcher().await;
     let outcomes = run_until(&d, |o| o.iter().any(|x| matches!(x, Outcome::Failed(_)))).await;
     assert!(
-        outcomes.iter().any(|x| matches!(x, Outcome::Retry(_))),
+        outcomes.iter().any(|x| matches!(x, Outcome::Retry(..))),
         "{outcomes:?}"
     );
     let failed = s.delivery_events("DeliveryFailed").await;

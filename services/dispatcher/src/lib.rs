@@ -83,8 +83,8 @@ pub enum Outcome {
         method: Method,
         provider: String,
     },
-    /// Will be tried again.
-    Retry(String),
+    /// Will be tried again after the delay, which doubles with each attempt.
+    Retry(String, Duration),
     Failed(String),
 }
 
@@ -155,13 +155,13 @@ impl Dispatcher {
             let outcome = match outcome {
                 Ok(o) => o,
                 // The store or the network failed: leave the job for a retry.
-                Err(e) => Outcome::Retry(format!("{e:#}")),
+                Err(e) => Outcome::Retry(format!("{e:#}"), self.retry_delay),
             };
             match &outcome {
-                Outcome::Retry(reason) => {
+                Outcome::Retry(reason, after) => {
                     tracing::warn!(%reason, "delivery will be retried");
                     message
-                        .ack_with(AckKind::Nak(Some(self.retry_delay)))
+                        .ack_with(AckKind::Nak(Some(*after)))
                         .await
                         .map_err(|e| anyhow!("nak: {e}"))?;
                 }
@@ -373,7 +373,9 @@ impl Dispatcher {
                     .map_err(|e| anyhow!(e))?;
                     Ok(Outcome::Failed(reason))
                 } else {
-                    Ok(Outcome::Retry(reason))
+                    let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(10));
+                    let after = (self.retry_delay * factor).min(Duration::from_secs(300));
+                    Ok(Outcome::Retry(reason, after))
                 }
             }
         }
