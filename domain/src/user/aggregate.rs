@@ -137,6 +137,16 @@ impl User {
             .ok_or(UserError::ChallengeNotFound)
     }
 
+    /// An open challenge whose token matches, of a user who is not locked out
+    /// (a locked user holding a valid token is told so).
+    fn open_unlocked(&self, reference: &ChallengeRef) -> Result<&Challenge, UserError> {
+        let open = self.open_challenge(reference)?;
+        if self.lockout.is_locked() {
+            return Err(UserError::LockedOut);
+        }
+        Ok(open)
+    }
+
     /// A live session whose token matches at `at`.
     pub fn live_session(
         &self,
@@ -401,10 +411,7 @@ impl User {
             device,
             ctx,
         } = cmd;
-        let open = self.open_challenge(&challenge)?;
-        if self.lockout.is_locked() {
-            return Err(UserError::LockedOut);
-        }
+        let open = self.open_unlocked(&challenge)?;
         if open.purpose == ChallengePurpose::Enrollment {
             return Err(UserError::WrongChallengePurpose);
         }
@@ -529,10 +536,7 @@ impl User {
 
     fn resend(&self, reference: ChallengeRef, ctx: Ctx) -> Result<Vec<UserEvent>, UserError> {
         self.require_exists()?;
-        let open = self.open_challenge(&reference)?;
-        if self.lockout.is_locked() {
-            return Err(UserError::LockedOut);
-        }
+        let open = self.open_unlocked(&reference)?;
         if open.is_expired(ctx.at) {
             return Err(UserError::ChallengeExpired);
         }
@@ -558,10 +562,7 @@ impl User {
         ctx: Ctx,
     ) -> Result<Vec<UserEvent>, UserError> {
         self.require_exists()?;
-        let open = self.open_challenge(&reference)?;
-        if self.lockout.is_locked() {
-            return Err(UserError::LockedOut);
-        }
+        let open = self.open_unlocked(&reference)?;
         if open.is_expired(ctx.at) {
             return Err(UserError::ChallengeExpired);
         }
@@ -598,10 +599,7 @@ impl User {
             device,
             ctx,
         } = cmd;
-        let open = self.open_challenge(&challenge)?;
-        if self.lockout.is_locked() {
-            return Err(UserError::LockedOut);
-        }
+        let open = self.open_unlocked(&challenge)?;
         if open.purpose != ChallengePurpose::Enrollment {
             return Err(UserError::WrongChallengePurpose);
         }
