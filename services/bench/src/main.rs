@@ -30,6 +30,9 @@ pub struct Args {
     pub rebuild_events: u64,
     /// Past sign-ins of the long-history user.
     pub history_sign_ins: u64,
+    /// Events the relay scenario publishes.
+    pub relay_events: u64,
+    pub nats_url: String,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -42,6 +45,9 @@ fn args() -> anyhow::Result<Args> {
         seconds: 8,
         rebuild_events: 1_000_000,
         history_sign_ins: 10_000,
+        relay_events: 50_000,
+        nats_url: std::env::var("TWOFOLD_TEST_NATS_URL")
+            .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string()),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,6 +59,7 @@ fn args() -> anyhow::Result<Args> {
             "--only" => a.only = value()?.split(',').map(str::to_string).collect(),
             "--seconds" => a.seconds = value()?.parse().context("--seconds")?,
             "--rebuild-events" => a.rebuild_events = value()?.parse().context("--rebuild-events")?,
+            "--relay-events" => a.relay_events = value()?.parse().context("--relay-events")?,
             "--history-sign-ins" => {
                 a.history_sign_ins = value()?.parse().context("--history-sign-ins")?
             }

@@ -61,6 +61,9 @@ pub async fn run_all(args: &Args) -> anyhow::Result<Report> {
     if wanted(args, "rebuild") {
         scenarios.push(rebuild(args).await?);
     }
+    if wanted(args, "relay") {
+        scenarios.push(relay(args).await?);
+    }
     Ok(Report {
         machine: json!({
             "cores": cores(),
@@ -588,6 +591,82 @@ async fn rebuild(args: &Args) -> anyhow::Result<Scenario> {
             target: ">= 50000 events/s".into(),
             met: rate >= 50_000.0,
             details: json!({"seconds": done.seconds, "users": done.users}),
+        })
+    }
+    .await;
+    drop_database(&args.admin_url, &name).await;
+    result
+}
+
+/// Relay throughput: events committed (with their outbox rows) published and
+/// acked, against plain JetStream publishes of the same size and ack mode.
+async fn relay(args: &Args) -> anyhow::Result<Scenario> {
+    let events = args.relay_events;
+    let name = format!("twofold_bench_relay_{}", std::process::id());
+    let url = create_database(&args.admin_url, &name).await?;
+    let result = async {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await?;
+        twofold_platform::db::migrate(&pool).await?;
+        crate::synthetic::write_events(&pool, events).await?;
+        let id = std::process::id();
+        let config = twofold_platform::Config {
+            nats_url: args.nats_url.clone(),
+            nats_stream: format!("BENCH_RELAY_{id}"),
+            nats_subject_prefix: format!("benchrelay{id}"),
+            ..twofold_platform::Config::default()
+        };
+        let relay = twofold_relay::Relay::connect(pool.clone(), &config).await?;
+        let js = relay.jetstream().clone();
+        twofold_relay::ensure_stream(&js, &config.nats_stream, &config.nats_subject_prefix).await?;
+
+        // Baseline: the same number of publishes of a typical event's size,
+        // sent in batches of the relay's size and acked in order.
+        let sample: String = sqlx::query_scalar("SELECT payload::text FROM events LIMIT 1")
+            .fetch_one(&pool)
+            .await?;
+        let body: Vec<u8> = sample.as_bytes().to_vec();
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while sent < events {
+            let mut acks = Vec::new();
+            for _ in 0..500.min(events - sent) {
+                acks.push(
+                    js.publish(
+                        format!("{}.events.bench.baseline", config.nats_subject_prefix),
+                        body.clone().into(),
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+                );
+                sent += 1;
+            }
+            for ack in acks {
+                ack.await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+        }
+        let baseline = events as f64 / started.elapsed().as_secs_f64();
+
+        let started = Instant::now();
+        let mut published = 0usize;
+        while relay.backlog().await? > 0 {
+            published += relay.process_next().await?;
+        }
+        let rate = published as f64 / started.elapsed().as_secs_f64();
+        let _ = js.delete_stream(&config.nats_stream).await;
+        pool.close().await;
+        anyhow::Ok(Scenario {
+            name: format!("relay throughput, {published} events"),
+            value: rate,
+            unit: "events/s".into(),
+            baseline: Some(baseline),
+            baseline_unit: Some("JetStream publishes/s (acked)".into()),
+            ratio: Some(rate / baseline),
+            target: "ratio >= 0.7".into(),
+            met: rate / baseline >= 0.7,
+            details: json!({"message_bytes": sample.len(), "batch": 500}),
         })
     }
     .await;
