@@ -82,8 +82,11 @@ impl Relay {
         .fetch_all(&self.pool)
         .await
         .context("reading the outbox")?;
-        metrics::gauge!("twofold_relay_outbox_backlog")
-            .set(self.backlog().await.unwrap_or(0) as f64);
+        if (rows.len() as i64) < BATCH {
+            // Counting scans the outbox: only when it is nearly drained.
+            metrics::gauge!("twofold_relay_outbox_backlog")
+                .set(self.backlog().await.unwrap_or(0) as f64);
+        }
         if rows.is_empty() {
             return Ok(0);
         }
@@ -104,17 +107,23 @@ impl Relay {
                         .map(str::to_string)
                 })
                 .unwrap_or_else(|| "none".to_string());
-            let body = json!({
+            // The stored JSON goes out as it is: no parsing and re-encoding.
+            let payload: String = row.get("payload");
+            let recorded_at: chrono::DateTime<chrono::Utc> = row.get("recorded_at");
+            let head = json!({
                 "aggregate_type": aggregate_type,
                 "aggregate_id": aggregate_id,
                 "sequence": sequence,
                 "event_type": event_type,
                 "event_version": row.get::<String, _>("event_version"),
-                "payload": serde_json::from_str::<serde_json::Value>(&row.get::<String, _>("payload"))?,
-                "metadata": serde_json::from_str::<serde_json::Value>(&metadata)?,
                 "global_position": row.get::<i64, _>("global_position"),
-                "recorded_at": row.get::<chrono::DateTime<chrono::Utc>, _>("recorded_at"),
-            });
+                "recorded_at": recorded_at,
+            })
+            .to_string();
+            let body = format!(
+                "{},\"payload\":{payload},\"metadata\":{metadata}}}",
+                head.trim_end_matches('}')
+            );
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(
                 "Nats-Msg-Id",
@@ -126,7 +135,7 @@ impl Relay {
             );
             let ack = self
                 .js
-                .publish_with_headers(subject, headers, serde_json::to_vec(&body)?.into())
+                .publish_with_headers(subject, headers, body.into_bytes().into())
                 .await
                 .map_err(|e| anyhow!("publishing to JetStream: {e}"))?;
             pending.push((row.get::<i64, _>("id"), ack));
