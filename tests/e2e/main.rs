@@ -8,14 +8,10 @@
 mod helpers;
 
 mod admin_http;
-mod bad_input;
-mod challenges;
 mod delivery;
 mod guarantees;
 mod nats;
 mod policy_http;
 mod reports;
-mod secrets;
-mod sessions;
 mod sign_in;
 mod totp;
