@@ -16,6 +16,8 @@ mod events;
 pub mod lockout;
 #[cfg(test)]
 mod policy_tests;
+#[cfg(test)]
+mod tests;
 
 pub use aggregate::{BackupCodeSlot, DeviceState, SessionState, TotpFactor, TwoFactorState, User};
 pub use challenge::{Challenge, ChallengePurpose};
