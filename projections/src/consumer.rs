@@ -1,19 +1,22 @@
 //! The live projector: one JetStream durable pull consumer per builder. Each
 //! message names an event (`Nats-Msg-Id` = `aggregate_type:aggregate_id:sequence`,
-//! as the relay publishes it); the event is read from PostgreSQL, the source of
-//! truth, applied once, and acked only after the update committed. A builder
-//! killed mid-batch gets the unacked messages again and skips what it applied.
+//! as the relay publishes it); the builder brings that event's stream up to it
+//! from PostgreSQL, the source of truth (the event and any before it not yet
+//! applied), and acks only after the update committed. The messages that
+//! have arrived are applied together, in one transaction. A builder killed
+//! mid-batch gets the unacked messages again and skips what it applied; a
+//! message that arrives after a later one of its stream finds nothing to do.
 
 use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use async_nats::jetstream::{self, consumer::PullConsumer};
-use futures::StreamExt;
-use sqlx::PgPool;
+use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer};
+use futures::{FutureExt, StreamExt};
+use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::record::EventRecord;
-use crate::store::Builder;
+use crate::store::{Builder, StreamTarget};
 
 /// Where the projector reads from.
 #[derive(Debug, Clone)]
@@ -31,8 +34,14 @@ pub struct Source {
 
 pub struct Projector {
     pool: PgPool,
+    /// The builder's own connections, one per batch being applied (see
+    /// `Projector::process_next`).
+    connections: std::sync::Mutex<Vec<PgConnection>>,
     builder: Builder,
     consumer: PullConsumer,
+    /// Messages as JetStream pushes them (pull requests kept outstanding),
+    /// opened at the first step.
+    messages: tokio::sync::Mutex<Option<pull::Stream>>,
 }
 
 impl Projector {
@@ -65,70 +74,131 @@ impl Projector {
             .map_err(|e| anyhow!("creating the consumer {name}: {e}"))?;
         Ok(Self {
             pool,
+            connections: std::sync::Mutex::new(Vec::new()),
             builder,
             consumer,
+            messages: tokio::sync::Mutex::new(None),
         })
     }
 
-    /// Fetches and applies up to `max` messages, waiting at most `wait` for
-    /// them; returns how many were handled.
-    pub async fn process_next(&self, max: usize, wait: Duration) -> anyhow::Result<usize> {
-        let mut messages = self
-            .consumer
-            .fetch()
-            .max_messages(max)
-            .expires(wait)
-            .messages()
-            .await
-            .map_err(|e| anyhow!("fetching from JetStream: {e}"))?;
-        let mut handled = 0;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| anyhow!("receiving from JetStream: {e}"))?;
+    /// Waits at most `wait` for a message, then takes whatever else has
+    /// arrived (up to `max` in all), applies them in one transaction, and
+    /// acks them after it committed; returns the events applied.
+    pub async fn process_next(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> anyhow::Result<Vec<EventRecord>> {
+        let mut guard = self.messages.lock().await;
+        let messages = match guard.as_mut() {
+            Some(m) => m,
+            None => guard.insert(
+                self.consumer
+                    .stream()
+                    .max_messages_per_batch(max)
+                    .messages()
+                    .await
+                    .map_err(|e| anyhow!("subscribing to JetStream: {e}"))?,
+            ),
+        };
+        let mut batch = Vec::new();
+        match tokio::time::timeout(wait, messages.next()).await {
+            Err(_) | Ok(None) => return Ok(Vec::new()),
+            Ok(Some(first)) => batch.push(first),
+        }
+        while batch.len() < max {
+            match messages.next().now_or_never() {
+                Some(Some(next)) => batch.push(next),
+                _ => break,
+            }
+        }
+        let batch: Vec<jetstream::Message> = match batch.into_iter().collect() {
+            Ok(batch) => batch,
+            Err(e) => {
+                // The subscription is broken: the next step opens another.
+                *guard = None;
+                return Err(anyhow!("receiving from JetStream: {e}"));
+            }
+        };
+        drop(guard);
+        let mut targets = Vec::with_capacity(batch.len());
+        for message in &batch {
             let id = message
                 .headers
                 .as_ref()
                 .and_then(|h| h.get("Nats-Msg-Id"))
                 .map(|v| v.to_string());
-            match id.as_deref().map(parse_id) {
-                Some(Some((kind, aggregate, sequence))) => {
-                    if let Some(record) = load(&self.pool, &kind, &aggregate, sequence).await? {
-                        self.builder.apply(&self.pool, &record).await?;
-                        let lag =
-                            (wall_clock() - record.recorded_at).num_milliseconds() as f64 / 1000.0;
-                        metrics::histogram!("twofold_projection_lag_seconds", "builder" => self.builder.name())
-                            .record(lag.max(0.0));
-                    }
-                }
-                _ => {
+            match id.as_deref().and_then(parse_id) {
+                Some((aggregate_type, aggregate_id, sequence)) => targets.push(StreamTarget {
+                    aggregate_type,
+                    aggregate_id,
+                    sequence,
+                }),
+                None => {
                     tracing::warn!(subject = %message.subject, "a message without an event id; skipped")
                 }
             }
+        }
+        // On a connection of the builder's own: a pooled one is pinged each
+        // time it is handed back, a round trip per batch.
+        let idle = self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let mut conn = match idle {
+            Some(conn) => conn,
+            None => PgConnection::connect_with(&self.pool.connect_options())
+                .await
+                .context("connecting to PostgreSQL")?,
+        };
+        let applied = self.builder.catch_up(&mut conn, &targets).await;
+        // A connection that failed is dropped; the next batch opens another.
+        if applied.is_ok() {
+            self.connections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(conn);
+        }
+        let applied = applied?;
+        let now = wall_clock();
+        let lag =
+            metrics::histogram!("twofold_projection_lag_seconds", "builder" => self.builder.name());
+        for record in &applied {
+            let seconds = (now - record.recorded_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            lag.record(seconds.max(0.0));
+        }
+        for message in &batch {
             message
                 .ack()
                 .await
                 .map_err(|e| anyhow!("acking a message: {e}"))?;
-            handled += 1;
         }
-        if let Ok(info) = self.consumer.clone().info().await {
-            metrics::gauge!("twofold_projection_pending_events", "builder" => self.builder.name())
-                .set(info.num_pending as f64);
+        if let Some(last) = batch.last() {
+            if let Ok(info) = last.info() {
+                metrics::gauge!("twofold_projection_pending_events", "builder" => self.builder.name())
+                    .set(info.pending as f64);
+            }
         }
-        Ok(handled)
+        Ok(applied)
     }
 
-    /// Runs until `shutdown` resolves; errors are logged and retried.
+    /// Runs until `shutdown` resolves; errors are logged and retried. Two
+    /// batches are applied at a time, so messages that arrive while one
+    /// commits do not wait for it (the streams' locked positions keep two
+    /// batches from applying the same events).
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                result = self.process_next(500, Duration::from_secs(1)) => {
-                    if let Err(e) = result {
-                        tracing::warn!(builder = self.builder.name(), error = %format!("{e:#}"), "projector step failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
+        let step = || async {
+            loop {
+                if let Err(e) = self.process_next(500, Duration::from_secs(1)).await {
+                    tracing::warn!(builder = self.builder.name(), error = %format!("{e:#}"), "projector step failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
+        };
+        tokio::select! {
+            _ = shutdown => {}
+            _ = futures::future::join(step(), step()) => {}
         }
     }
 }
@@ -148,23 +218,6 @@ fn parse_id(id: &str) -> Option<(String, String, i64)> {
         aggregate.to_string(),
         sequence.parse().ok()?,
     ))
-}
-
-async fn load(
-    pool: &PgPool,
-    kind: &str,
-    aggregate: &str,
-    sequence: i64,
-) -> anyhow::Result<Option<EventRecord>> {
-    Ok(sqlx::query_as(&format!(
-        "{} WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
-        crate::record::SELECT
-    ))
-    .bind(kind)
-    .bind(aggregate)
-    .bind(sequence)
-    .fetch_optional(pool)
-    .await?)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use crate::audit::AuditEntry;
 use crate::directory::UserRow;
 use crate::record::{load_batch, EventRecord, Typed};
-use crate::store::{copy_audit, insert_users, Builder};
+use crate::store::{copy_audit, write_users, Builder};
 
 const BATCH: i64 = 10_000;
 
@@ -90,7 +90,7 @@ pub async fn rebuild(pool: &PgPool, mut progress: impl FnMut(u64)) -> anyhow::Re
     drop(to_writer);
     let mut tx = writer.await.context("the rebuild writer stopped")??;
     let rows: Vec<&UserRow> = users.values().filter(|r| !r.user_id.is_empty()).collect();
-    insert_users(&mut tx, &rows).await?;
+    write_users(&mut tx, &rows, None).await?;
     for builder in Builder::ALL {
         let (types, ids): (Vec<String>, Vec<String>) = positions.keys().cloned().unzip();
         let seqs: Vec<i64> = positions.values().copied().collect();

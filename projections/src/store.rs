@@ -1,8 +1,11 @@
 //! Applying events to the read models in PostgreSQL, once each, with the
 //! builder's position stored in the same transaction as the update.
 
+use std::collections::BTreeMap;
+
 use anyhow::Context;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{Connection, PgConnection, PgPool};
+use twofold_domain::user::UserEvent;
 
 use crate::audit::AuditEntry;
 use crate::directory::UserRow;
@@ -26,105 +29,212 @@ impl Builder {
     }
 
     /// Applies `record` unless this builder has already applied it (or a later
-    /// event of the same stream). Returns whether it was applied.
+    /// event of the same stream), after any earlier events of its stream not
+    /// applied yet. Returns whether anything was applied.
     pub async fn apply(&self, pool: &PgPool, record: &EventRecord) -> anyhow::Result<bool> {
-        let mut tx = pool
+        let target = StreamTarget {
+            aggregate_type: record.aggregate_type.clone(),
+            aggregate_id: record.aggregate_id.clone(),
+            sequence: record.sequence,
+        };
+        let mut conn = pool.acquire().await?;
+        Ok(!self.catch_up(&mut conn, &[target]).await?.is_empty())
+    }
+
+    /// Brings each named stream up to the sequence named, in one transaction:
+    /// every event after this builder's position for the stream, up to and
+    /// including that sequence, is read from the event store and applied in
+    /// order, and the position moves with the update. Events already applied
+    /// are not applied again, and a message naming an event that comes before
+    /// one already applied is a no-op, so neither redelivery nor the order
+    /// messages arrive in changes the read models. Returns what was applied.
+    pub async fn catch_up(
+        &self,
+        conn: &mut PgConnection,
+        targets: &[StreamTarget],
+    ) -> anyhow::Result<Vec<EventRecord>> {
+        // The furthest sequence asked of each stream, in stream order.
+        let mut upto: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        for t in targets {
+            let e = upto
+                .entry((t.aggregate_type.as_str(), t.aggregate_id.as_str()))
+                .or_insert(0);
+            *e = (*e).max(t.sequence);
+        }
+        let types: Vec<&str> = upto.keys().map(|(t, _)| *t).collect();
+        let ids: Vec<&str> = upto.keys().map(|(_, i)| *i).collect();
+        let upto: Vec<i64> = upto.values().copied().collect();
+        let mut tx = conn
             .begin()
             .await
             .context("starting a projection transaction")?;
-        let seen: Option<i64> = sqlx::query_scalar(
-            "SELECT sequence FROM projection_positions \
-             WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3 FOR UPDATE",
+        // Per stream, in stream order: its position, claimed and locked (so
+        // two batches or builder instances never apply the same events), and
+        // the events after it up to the one asked for. The claim is an upsert
+        // that leaves the position as it is: a stream this builder has not
+        // seen yet gets its row at 0, so a second batch naming it waits for
+        // the first to commit and then reads the position the first wrote
+        // (`FOR UPDATE` on a row that is not there yet locks nothing, and
+        // both would apply the same events). The events are looked up by
+        // key: `OFFSET 0` keeps PostgreSQL from turning the lookup into a
+        // join, which its general plan (used for a statement run often)
+        // answers by reading every event.
+        let records: Vec<EventRecord> = sqlx::query_as(
+            "WITH claimed AS ( \
+               INSERT INTO projection_positions AS p (projection, aggregate_type, aggregate_id, sequence) \
+               SELECT $1, t.aggregate_type, t.aggregate_id, 0 \
+               FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(aggregate_type, aggregate_id, n) \
+               ORDER BY t.n \
+               ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET sequence = p.sequence \
+               RETURNING p.aggregate_type, p.aggregate_id, p.sequence) \
+             SELECT e.global_position, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, \
+               e.event_version, e.payload, e.metadata, e.recorded_at \
+             FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t(aggregate_type, aggregate_id, upto) \
+             JOIN claimed c ON c.aggregate_type = t.aggregate_type AND c.aggregate_id = t.aggregate_id \
+             CROSS JOIN LATERAL ( \
+               SELECT * FROM events e \
+               WHERE e.aggregate_type = t.aggregate_type AND e.aggregate_id = t.aggregate_id \
+                 AND e.sequence > c.sequence AND e.sequence <= t.upto OFFSET 0) e \
+             ORDER BY e.global_position",
         )
         .bind(self.name())
-        .bind(&record.aggregate_type)
-        .bind(&record.aggregate_id)
-        .fetch_optional(&mut *tx)
+        .bind(&types)
+        .bind(&ids)
+        .bind(&upto)
+        .fetch_all(&mut *tx)
         .await?;
-        if seen.is_some_and(|s| s >= record.sequence) {
-            return Ok(false);
+        if records.is_empty() {
+            // Nothing new: end the transaction now, releasing the locks (a
+            // dropped transaction would keep them until the connection is
+            // next used).
+            tx.commit()
+                .await
+                .context("ending a projection transaction")?;
+            return Ok(records);
         }
+        // The update, the streams' new positions (the last of their events
+        // applied) and the builder's progress, in one statement.
+        let mut moved: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        for r in &records {
+            moved.insert((&r.aggregate_type, &r.aggregate_id), r.sequence);
+        }
+        let last = records
+            .iter()
+            .max_by_key(|r| r.global_position)
+            .context("records is not empty")?;
+        let progress = Progress {
+            builder: self.name(),
+            types: moved.keys().map(|(t, _)| *t).collect(),
+            ids: moved.keys().map(|(_, i)| *i).collect(),
+            sequences: moved.values().copied().collect(),
+            last_position: last.global_position,
+            last_event_at: last.recorded_at,
+        };
         match self {
-            Builder::Directory => apply_directory(&mut tx, record).await?,
-            Builder::Audit => apply_audit(&mut tx, record).await?,
+            Builder::Directory => {
+                let rows = fold_directory(&mut tx, &records).await?;
+                let rows: Vec<&UserRow> = rows.values().filter(|r| !r.user_id.is_empty()).collect();
+                write_users(&mut tx, &rows, Some(&progress)).await?;
+            }
+            Builder::Audit => {
+                let entries: Vec<AuditEntry> =
+                    records.iter().filter_map(AuditEntry::from_record).collect();
+                insert_audit(&mut tx, &entries, &progress).await?;
+            }
         }
-        sqlx::query(
-            "INSERT INTO projection_positions (projection, aggregate_type, aggregate_id, sequence) \
-             VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET sequence = EXCLUDED.sequence",
-        )
-        .bind(self.name())
-        .bind(&record.aggregate_type)
-        .bind(&record.aggregate_id)
-        .bind(record.sequence)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO projection_progress (projection, last_position, last_event_at, last_applied_at) \
-             VALUES ($1, $2, $3, now()) \
-             ON CONFLICT (projection) DO UPDATE SET \
-               last_position = GREATEST(projection_progress.last_position, EXCLUDED.last_position), \
-               last_event_at = EXCLUDED.last_event_at, last_applied_at = now()",
-        )
-        .bind(self.name())
-        .bind(record.global_position)
-        .bind(record.recorded_at)
-        .execute(&mut *tx)
-        .await?;
         tx.commit()
             .await
             .context("committing a projection update")?;
         metrics::counter!("twofold_projection_events_applied_total", "builder" => self.name())
-            .increment(1);
-        Ok(true)
+            .increment(records.len() as u64);
+        Ok(records)
     }
 }
 
-async fn apply_directory(
-    tx: &mut Transaction<'static, Postgres>,
-    record: &EventRecord,
-) -> anyhow::Result<()> {
-    let Typed::User(event) = record.typed()? else {
-        return Ok(());
-    };
-    let current: Option<sqlx::types::Json<UserRow>> =
-        sqlx::query_scalar("SELECT row FROM rm_users WHERE user_id = $1 FOR UPDATE")
-            .bind(&record.aggregate_id)
-            .fetch_optional(&mut **tx)
+/// A stream a message asks a builder to bring up to `sequence`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamTarget {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+}
+
+/// Folds the users' events into their rows: each row read once and updated
+/// with all its events in order. (No lock on the rows: the users' stream
+/// positions, locked first, already keep other instances of the builder off.)
+async fn fold_directory(
+    tx: &mut PgConnection,
+    records: &[EventRecord],
+) -> anyhow::Result<BTreeMap<String, UserRow>> {
+    let mut events: Vec<(&str, UserEvent)> = Vec::new();
+    for record in records {
+        if let Typed::User(event) = record.typed()? {
+            events.push((&record.aggregate_id, *event));
+        }
+    }
+    if events.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let ids: Vec<&str> = events.iter().map(|(id, _)| *id).collect();
+    let current: Vec<(String, sqlx::types::Json<UserRow>)> =
+        sqlx::query_as("SELECT user_id, row FROM rm_users WHERE user_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
             .await?;
-    let mut row = current.map(|j| j.0).unwrap_or_default();
-    row.apply(&event);
-    if row.user_id.is_empty() {
-        // Events of a user whose registration this builder never saw.
-        return Ok(());
+    let mut rows: BTreeMap<String, UserRow> =
+        current.into_iter().map(|(id, row)| (id, row.0)).collect();
+    for (id, event) in &events {
+        // Events of a user whose registration this builder never saw leave
+        // a row with no id, which is not written.
+        rows.entry(id.to_string()).or_default().apply(event);
     }
-    upsert_user(tx, &row).await
+    Ok(rows)
 }
 
-pub async fn upsert_user(
-    tx: &mut Transaction<'static, Postgres>,
-    row: &UserRow,
-) -> anyhow::Result<()> {
-    sqlx::query(
-        "INSERT INTO rm_users (user_id, tenant_id, username, two_factor, locked, service_account, roles, methods, last_sign_in_at, row) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-         ON CONFLICT (user_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, username = EXCLUDED.username, \
-           two_factor = EXCLUDED.two_factor, locked = EXCLUDED.locked, service_account = EXCLUDED.service_account, \
-           roles = EXCLUDED.roles, methods = EXCLUDED.methods, last_sign_in_at = EXCLUDED.last_sign_in_at, row = EXCLUDED.row",
-    )
-    .bind(&row.user_id)
-    .bind(&row.tenant_id)
-    .bind(&row.username)
-    .bind(two_factor_str(row))
-    .bind(row.locked)
-    .bind(row.service_account)
-    .bind(row.roles.iter().cloned().collect::<Vec<_>>())
-    .bind(row.methods().iter().map(|m| m.to_string()).collect::<Vec<_>>())
-    .bind(row.last_sign_in.as_ref().map(|l| l.at))
-    .bind(sqlx::types::Json(row))
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+/// Where a live update leaves the builder: each stream's new position and
+/// the builder's progress, written by the update's own statement.
+pub struct Progress<'a> {
+    pub builder: &'static str,
+    pub types: Vec<&'a str>,
+    pub ids: Vec<&'a str>,
+    pub sequences: Vec<i64>,
+    pub last_position: i64,
+    pub last_event_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Progress<'_> {
+    /// The statement's tail that writes this, its parameters from `$n`.
+    fn sql(n: usize) -> String {
+        format!(
+            ", moved AS ( \
+               INSERT INTO projection_positions (projection, aggregate_type, aggregate_id, sequence) \
+               SELECT ${n}, * FROM unnest(${}::text[], ${}::text[], ${}::bigint[]) \
+               ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET sequence = EXCLUDED.sequence) \
+             INSERT INTO projection_progress (projection, last_position, last_event_at, last_applied_at) \
+             VALUES (${n}, ${}, ${}, now()) \
+             ON CONFLICT (projection) DO UPDATE SET \
+               last_position = GREATEST(projection_progress.last_position, EXCLUDED.last_position), \
+               last_event_at = EXCLUDED.last_event_at, last_applied_at = now()",
+            n + 1,
+            n + 2,
+            n + 3,
+            n + 4,
+            n + 5
+        )
+    }
+
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.builder)
+            .bind(&self.types)
+            .bind(&self.ids)
+            .bind(&self.sequences)
+            .bind(self.last_position)
+            .bind(self.last_event_at)
+    }
 }
 
 pub fn two_factor_str(row: &UserRow) -> &'static str {
@@ -135,64 +245,50 @@ pub fn two_factor_str(row: &UserRow) -> &'static str {
     }
 }
 
-async fn apply_audit(
-    tx: &mut Transaction<'static, Postgres>,
-    record: &EventRecord,
-) -> anyhow::Result<()> {
-    let Some(entry) = AuditEntry::from_record(record) else {
-        return Ok(());
-    };
-    insert_audit(tx, &[entry]).await
-}
-
-/// Inserts entries in one statement (rebuild sends thousands at once).
+/// Inserts entries, and records the builder's progress, in one statement.
 pub async fn insert_audit(
-    tx: &mut Transaction<'static, Postgres>,
+    tx: &mut PgConnection,
     entries: &[AuditEntry],
+    progress: &Progress<'_>,
 ) -> anyhow::Result<()> {
-    if entries.is_empty() {
-        return Ok(());
-    }
     let col = |f: fn(&AuditEntry) -> Option<String>| entries.iter().map(f).collect::<Vec<_>>();
-    sqlx::query(
-        "INSERT INTO rm_audit (position, tenant_id, aggregate_type, aggregate_id, sequence, event_type, at, \
-           actor_kind, actor_id, ip, user_agent, reason, user_id, details) \
-         SELECT p, t, ty, a, s, e, at, k, ai, ip, ua, r, u, d::json FROM UNNEST($1::bigint[], $2::text[], \
-           $3::text[], $4::text[], $5::bigint[], $6::text[], $7::timestamptz[], $8::text[], $9::text[], \
-           $10::text[], $11::text[], $12::text[], $13::text[], $14::text[]) \
-           AS x(p, t, ty, a, s, e, at, k, ai, ip, ua, r, u, d) \
-         ON CONFLICT (position) DO NOTHING",
-    )
-    .bind(entries.iter().map(|e| e.position).collect::<Vec<_>>())
-    .bind(col(|e| Some(e.tenant_id.clone())))
-    .bind(col(|e| Some(e.aggregate_type.clone())))
-    .bind(col(|e| Some(e.aggregate_id.clone())))
-    .bind(entries.iter().map(|e| e.sequence).collect::<Vec<_>>())
-    .bind(col(|e| Some(e.event_type.clone())))
-    .bind(entries.iter().map(|e| e.at).collect::<Vec<_>>())
-    .bind(col(|e| Some(e.actor_kind.clone())))
-    .bind(col(|e| e.actor_id.clone()))
-    .bind(col(|e| e.ip.clone()))
-    .bind(col(|e| e.user_agent.clone()))
-    .bind(col(|e| e.reason.clone()))
-    .bind(col(|e| e.user_id.clone()))
-    // As text, written as the rebuild's COPY writes it: the same bytes either way.
-    .bind(
-        entries
-            .iter()
-            .map(|e| serde_json::to_string(&e.details))
-            .collect::<Result<Vec<_>, _>>()?,
-    )
-    .execute(&mut **tx)
-    .await?;
+    let details = entries
+        .iter()
+        .map(|e| serde_json::to_string(&e.details))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sql = format!(
+        "WITH audit AS ( \
+           INSERT INTO rm_audit (position, tenant_id, aggregate_type, aggregate_id, sequence, event_type, at, \
+             actor_kind, actor_id, ip, user_agent, reason, user_id, details) \
+           SELECT p, t, ty, a, s, e, at, k, ai, ip, ua, r, u, d::json FROM UNNEST($1::bigint[], $2::text[], \
+             $3::text[], $4::text[], $5::bigint[], $6::text[], $7::timestamptz[], $8::text[], $9::text[], \
+             $10::text[], $11::text[], $12::text[], $13::text[], $14::text[]) \
+             AS x(p, t, ty, a, s, e, at, k, ai, ip, ua, r, u, d) \
+           ON CONFLICT (position) DO NOTHING){}",
+        Progress::sql(15)
+    );
+    let query = sqlx::query(&sql)
+        .bind(entries.iter().map(|e| e.position).collect::<Vec<_>>())
+        .bind(col(|e| Some(e.tenant_id.clone())))
+        .bind(col(|e| Some(e.aggregate_type.clone())))
+        .bind(col(|e| Some(e.aggregate_id.clone())))
+        .bind(entries.iter().map(|e| e.sequence).collect::<Vec<_>>())
+        .bind(col(|e| Some(e.event_type.clone())))
+        .bind(entries.iter().map(|e| e.at).collect::<Vec<_>>())
+        .bind(col(|e| Some(e.actor_kind.clone())))
+        .bind(col(|e| e.actor_id.clone()))
+        .bind(col(|e| e.ip.clone()))
+        .bind(col(|e| e.user_agent.clone()))
+        .bind(col(|e| e.reason.clone()))
+        .bind(col(|e| e.user_id.clone()))
+        // As text, written as the rebuild's COPY writes it: the same bytes either way.
+        .bind(&details);
+    progress.bind(query).execute(&mut *tx).await?;
     Ok(())
 }
 
 /// Writes entries with COPY: the rebuild's bulk path.
-pub async fn copy_audit(
-    tx: &mut Transaction<'static, Postgres>,
-    entries: &[AuditEntry],
-) -> anyhow::Result<()> {
+pub async fn copy_audit(tx: &mut PgConnection, entries: &[AuditEntry]) -> anyhow::Result<()> {
     if entries.is_empty() {
         return Ok(());
     }
@@ -234,30 +330,80 @@ pub async fn copy_audit(
     Ok(())
 }
 
-/// Inserts many directory rows at once (the rebuild's bulk path).
-pub async fn insert_users(
-    tx: &mut Transaction<'static, Postgres>,
+/// Writes many directory rows at once: inserts them (the rebuild's bulk
+/// path), or, for a live update, inserts or replaces them and records the
+/// builder's `progress` in the same statement.
+pub async fn write_users(
+    tx: &mut PgConnection,
     rows: &[&UserRow],
+    progress: Option<&Progress<'_>>,
 ) -> anyhow::Result<()> {
-    for chunk in rows.chunks(5_000) {
-        sqlx::query(
+    let (on_conflict, tail) = match progress {
+        Some(_) => (
+            " ON CONFLICT (user_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, username = EXCLUDED.username, \
+               two_factor = EXCLUDED.two_factor, locked = EXCLUDED.locked, service_account = EXCLUDED.service_account, \
+               roles = EXCLUDED.roles, methods = EXCLUDED.methods, last_sign_in_at = EXCLUDED.last_sign_in_at, row = EXCLUDED.row",
+            Progress::sql(11),
+        ),
+        None => ("", String::new()),
+    };
+    // A live update is one statement even without rows, for the progress.
+    let chunks: Vec<&[&UserRow]> = if rows.is_empty() {
+        vec![rows]
+    } else {
+        rows.chunks(5_000).collect()
+    };
+    for chunk in chunks {
+        let insert = format!(
             "INSERT INTO rm_users (user_id, tenant_id, username, two_factor, locked, service_account, roles, methods, last_sign_in_at, row) \
              SELECT u, t, n, f, l, s, ARRAY(SELECT jsonb_array_elements_text(r)), ARRAY(SELECT jsonb_array_elements_text(m)), a, w \
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::boolean[], $6::boolean[], $7::jsonb[], $8::jsonb[], $9::timestamptz[], $10::jsonb[]) \
-               AS x(u, t, n, f, l, s, r, m, a, w)",
-        )
-        .bind(chunk.iter().map(|r| r.user_id.clone()).collect::<Vec<_>>())
-        .bind(chunk.iter().map(|r| r.tenant_id.clone()).collect::<Vec<_>>())
-        .bind(chunk.iter().map(|r| r.username.clone()).collect::<Vec<_>>())
-        .bind(chunk.iter().map(|r| two_factor_str(r)).collect::<Vec<_>>())
-        .bind(chunk.iter().map(|r| r.locked).collect::<Vec<_>>())
-        .bind(chunk.iter().map(|r| r.service_account).collect::<Vec<_>>())
-        .bind(chunk.iter().map(|r| serde_json::json!(r.roles)).collect::<Vec<_>>())
-        .bind(chunk.iter().map(|r| serde_json::json!(r.methods())).collect::<Vec<_>>())
-        .bind(chunk.iter().map(|r| r.last_sign_in.as_ref().map(|l| l.at)).collect::<Vec<_>>())
-        .bind(chunk.iter().map(serde_json::to_value).collect::<Result<Vec<_>, _>>()?)
-        .execute(&mut **tx)
-        .await?;
+               AS x(u, t, n, f, l, s, r, m, a, w){on_conflict}"
+        );
+        let sql = match progress {
+            Some(_) => format!("WITH users AS ({insert}){tail}"),
+            None => insert,
+        };
+        let query = sqlx::query(&sql)
+            .bind(chunk.iter().map(|r| r.user_id.clone()).collect::<Vec<_>>())
+            .bind(
+                chunk
+                    .iter()
+                    .map(|r| r.tenant_id.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(chunk.iter().map(|r| r.username.clone()).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|r| two_factor_str(r)).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|r| r.locked).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|r| r.service_account).collect::<Vec<_>>())
+            .bind(
+                chunk
+                    .iter()
+                    .map(|r| serde_json::json!(r.roles))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                chunk
+                    .iter()
+                    .map(|r| serde_json::json!(r.methods()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                chunk
+                    .iter()
+                    .map(|r| r.last_sign_in.as_ref().map(|l| l.at))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                chunk
+                    .iter()
+                    .map(serde_json::to_value)
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+        match progress {
+            Some(p) => p.bind(query).execute(&mut *tx).await?,
+            None => query.execute(&mut *tx).await?,
+        };
     }
     Ok(())
 }

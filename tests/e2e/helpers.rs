@@ -34,6 +34,8 @@ pub struct TestApp {
     pub pool: PgPool,
     pub client: reqwest::Client,
     pub metrics_addr: SocketAddr,
+    /// The verifier's configuration (to start another on the same database).
+    pub config: Config,
 }
 
 pub struct Reply {
@@ -92,13 +94,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     adjust(&mut config);
 
     let clock = ManualClock::starting_at(start_time());
-    let verifier = Verifier::build(&config, Arc::new(clock.clone()))
-        .await
-        .unwrap();
-    let addr = verifier.local_addr().unwrap();
-    let metrics_addr = verifier.metrics_addr().unwrap();
-    let state = verifier.state();
-    tokio::spawn(verifier.run_until_stopped(std::future::pending()));
+    let (addr, metrics_addr, state) = start_verifier(&config, &clock).await;
 
     let created = accounts::create_tenant(
         &state,
@@ -120,10 +116,46 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
         pool,
         client: reqwest::Client::new(),
         metrics_addr,
+        config,
     }
 }
 
+/// A verifier serving in the background: its API and metrics addresses, and
+/// its state.
+async fn start_verifier(
+    config: &Config,
+    clock: &ManualClock,
+) -> (SocketAddr, SocketAddr, AppState) {
+    let verifier = Verifier::build(config, Arc::new(clock.clone()))
+        .await
+        .unwrap();
+    let addr = verifier.local_addr().unwrap();
+    let metrics_addr = verifier.metrics_addr().unwrap();
+    let state = verifier.state();
+    tokio::spawn(verifier.run_until_stopped(std::future::pending()));
+    (addr, metrics_addr, state)
+}
+
 impl TestApp {
+    /// A second verifier on the same database, tenant and clock, as another
+    /// instance behind a load balancer would be: it remembers what it reads
+    /// and writes itself, not what this one did.
+    pub async fn twin(&self) -> TestApp {
+        let (addr, metrics_addr, state) = start_verifier(&self.config, &self.clock).await;
+        TestApp {
+            base: format!("http://{addr}/v1/tenants/{}", self.tenant_id),
+            tenant_id: self.tenant_id,
+            admin_username: self.admin_username.clone(),
+            admin_password: self.admin_password.clone(),
+            clock: self.clock.clone(),
+            state,
+            pool: self.pool.clone(),
+            client: reqwest::Client::new(),
+            metrics_addr,
+            config: self.config.clone(),
+        }
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> Reply {
         self.send(self.client.post(format!("{}{path}", self.base)).json(&body))
             .await

@@ -14,4 +14,5 @@ mod nats;
 mod policy_http;
 mod reports;
 mod sign_in;
+mod store;
 mod totp;

@@ -318,3 +318,137 @@ async fn with_nats_down_sign_in_works_and_every_event_arrives_once_it_is_back() 
     relay.abort();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_backlog_of_many_batches_is_published_once_each_and_in_order_per_stream() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(
+            app.create_user(
+                &admin,
+                json!({"username": format!("many{i}"), "password": "correct horse battery"}),
+            )
+            .await,
+        );
+    }
+    // Sign-ins of everyone at once, many times over, straight through the
+    // store: their appends share statements, so outbox rows carry events of
+    // many streams, and the backlog spans several of the relay's batches.
+    let write = |id: String| {
+        let store = app.state.users.clone();
+        async move {
+            for _ in 0..40 {
+                let command = || {
+                    twofold_domain::user::UserCommand::SignIn(twofold_domain::user::SignIn {
+                        password_ok: true,
+                        settings: Default::default(),
+                        challenge: twofold_domain::user::NewChallenge {
+                            id: twofold_domain::ChallengeId(uuid::Uuid::new_v4()),
+                            token_hash: twofold_domain::secrets::SecretHash("c".into()),
+                        },
+                        session: twofold_domain::user::NewSession {
+                            id: twofold_domain::SessionId(uuid::Uuid::new_v4()),
+                            token_hash: twofold_domain::secrets::SecretHash("s".into()),
+                            expires_at: None,
+                        },
+                        device: None,
+                        enrollment_seed: None,
+                        ctx: twofold_domain::Ctx::new(
+                            crate::helpers::start_time(),
+                            twofold_domain::Actor::System,
+                        ),
+                    })
+                };
+                store.execute(&id, |_| Ok(command())).await.unwrap();
+            }
+        }
+    };
+    futures::future::join_all(ids.iter().cloned().map(write)).await;
+    let events = count(&app, "SELECT count(*) FROM events").await;
+    let rows = count(&app, "SELECT count(*) FROM outbox").await;
+    assert!(
+        events > 2000 && rows < events / 4,
+        "{events} events in {rows} outbox rows"
+    );
+
+    let config = nats_config(&nats_url());
+    let relay = start_relay(&app, &config).await;
+    eventually("the outbox to drain", async || {
+        count(&app, "SELECT count(*) FROM outbox").await == 0
+    })
+    .await;
+    relay.abort();
+
+    let client = async_nats::connect(&config.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(&config.nats_stream).await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    use futures::StreamExt;
+    while (seen.len() as i64) < events {
+        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("every event arrives")
+            .unwrap()
+            .unwrap();
+        let id = message
+            .headers
+            .as_ref()
+            .unwrap()
+            .get("Nats-Msg-Id")
+            .unwrap()
+            .to_string();
+        assert!(seen.insert(id.clone()), "{id} published once");
+        let (stream_id, sequence) = id.rsplit_once(':').unwrap();
+        let sequence: i64 = sequence.parse().unwrap();
+        let before = last.insert(stream_id.to_string(), sequence).unwrap_or(0);
+        assert!(sequence > before, "{stream_id}: {sequence} after {before}");
+    }
+    let info = js
+        .get_stream(&config.nats_stream)
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(info.state.messages as i64, events, "nothing more");
+}
+
+#[tokio::test]
+async fn an_event_that_arrives_after_a_later_one_of_its_stream_changes_nothing() {
+    let app = spawn_app().await;
+    some_history(&app).await;
+    let records = twofold_projections::record::load_batch(&app.pool, 0, 10_000)
+        .await
+        .unwrap();
+    // Messages arrive newest first, each builder sees every one of them...
+    for builder in Builder::ALL {
+        for r in records.iter().rev() {
+            builder.apply(&app.pool, r).await.unwrap();
+        }
+    }
+    // ...and the read models are those a replay in order builds.
+    let live = read_models(&app).await;
+    let positions = count(
+        &app,
+        "SELECT COALESCE(sum(sequence), 0)::bigint FROM projection_positions",
+    )
+    .await;
+    let events = count(&app, "SELECT count(*) FROM events").await;
+    assert_eq!(
+        positions,
+        events * Builder::ALL.len() as i64,
+        "every stream applied to its end"
+    );
+    twofold_projections::rebuild::rebuild(&app.pool, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(read_models(&app).await, live);
+    assert_eq!(live.1.len() as i64, events, "each event audited once");
+}

@@ -272,7 +272,7 @@ async fn a_long_history_is_read_from_snapshots() {
     .unwrap();
     assert_eq!(
         snapshots, 1,
-        "one snapshot per stream, replaced at each commit"
+        "one snapshot per stream, replaced as the stream moves on"
     );
     let last: i64 = sqlx::query_scalar(
         "SELECT last_sequence FROM snapshots WHERE aggregate_type = 'user' AND aggregate_id = $1",
@@ -288,9 +288,11 @@ async fn a_long_history_is_read_from_snapshots() {
     .fetch_one(&app.pool)
     .await
     .unwrap();
-    assert_eq!(
-        last, events_in_stream,
-        "the snapshot is as new as the stream"
+    let behind = events_in_stream - last;
+    assert!(
+        (0..twofold_platform::store::SNAPSHOT_EVERY).contains(&behind),
+        "the snapshot is fewer than {} events behind the stream ({events_in_stream} events, snapshot at {last})",
+        twofold_platform::store::SNAPSHOT_EVERY
     );
     // The state loaded from snapshot + later events equals a full replay.
     let loaded = app.state.users.load(&quinn).await.unwrap();

@@ -199,6 +199,7 @@ impl Dispatcher {
         match self.deliveries.execute(id, |_| Ok(command.clone())).await {
             Ok(events) => Ok(Ok(events)),
             Err(ExecError::Refused(e)) => Ok(Err(e)),
+            Err(ExecError::ReadMoved) => Err(anyhow!("unexpected: a delivery names no reads")),
             Err(ExecError::Store(e)) => Err(anyhow!(e)),
         }
     }

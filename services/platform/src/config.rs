@@ -19,6 +19,9 @@ pub struct Config {
     pub database_url: SecretString,
     /// Most connections the pool keeps.
     pub database_max_connections: u32,
+    /// Streams whose latest state a verifier remembers to decide commands
+    /// without a read (0: read every time). See `Store::remembering`.
+    pub remembered_streams: usize,
     /// Where the verifier's HTTP API listens.
     pub http_addr: SocketAddr,
     /// Where Prometheus scrapes this worker's metrics.
@@ -36,6 +39,8 @@ pub struct Config {
     pub nats_stream: String,
     /// Subjects are `<prefix>.events.<tenant>.<aggregate_type>.<event_type>`.
     pub nats_subject_prefix: String,
+    /// How often the relay looks at an empty outbox, in milliseconds.
+    pub relay_poll_ms: u64,
     /// SMTP server for email codes.
     pub smtp_host: String,
     pub smtp_port: u16,
@@ -49,6 +54,8 @@ pub struct Config {
     pub sms_providers: BTreeMap<String, SmsProvider>,
     /// Attempts at one delivery before it is recorded as failed.
     pub delivery_max_attempts: u32,
+    /// Deliveries one dispatcher instance works on at once.
+    pub dispatcher_concurrency: usize,
     /// Most SMS sends per second per provider (cost protection).
     pub sms_rate_per_second: u32,
     /// Most codes sent to one recipient per hour.
@@ -83,6 +90,7 @@ impl Default for Config {
         Self {
             database_url: SecretString::from("postgres://postgres@127.0.0.1:5432/twofold"),
             database_max_connections: 16,
+            remembered_streams: 8192,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
             keys: BTreeMap::new(),
@@ -92,6 +100,7 @@ impl Default for Config {
             nats_url: "nats://127.0.0.1:4222".to_string(),
             nats_stream: "TWOFOLD_EVENTS".to_string(),
             nats_subject_prefix: "twofold".to_string(),
+            relay_poll_ms: 5,
             smtp_host: "127.0.0.1".to_string(),
             smtp_port: 25,
             smtp_tls: "none".to_string(),
@@ -100,6 +109,7 @@ impl Default for Config {
             smtp_from: "twofold <no-reply@localhost>".to_string(),
             sms_providers: BTreeMap::new(),
             delivery_max_attempts: 5,
+            dispatcher_concurrency: 16,
             sms_rate_per_second: 20,
             recipient_limit_per_hour: 20,
         }
@@ -134,6 +144,21 @@ impl Config {
             self.database_max_connections = v
                 .parse()
                 .context("TWOFOLD_DATABASE_MAX_CONNECTIONS must be a whole number")?;
+        }
+        if let Some(v) = var("TWOFOLD_DISPATCHER_CONCURRENCY") {
+            self.dispatcher_concurrency = v
+                .parse()
+                .context("TWOFOLD_DISPATCHER_CONCURRENCY must be a whole number")?;
+        }
+        if let Some(v) = var("TWOFOLD_RELAY_POLL_MS") {
+            self.relay_poll_ms = v
+                .parse()
+                .context("TWOFOLD_RELAY_POLL_MS must be a whole number of milliseconds")?;
+        }
+        if let Some(v) = var("TWOFOLD_REMEMBERED_STREAMS") {
+            self.remembered_streams = v
+                .parse()
+                .context("TWOFOLD_REMEMBERED_STREAMS must be a whole number")?;
         }
         if let Some(v) = var("TWOFOLD_HTTP_ADDR") {
             self.http_addr = v
@@ -227,6 +252,12 @@ impl Config {
         }
         if !self.nats_subject_prefix.split('.').all(token_ok) {
             bail!("nats_subject_prefix must be dot-separated tokens of letters, digits, _ and -");
+        }
+        if self.dispatcher_concurrency == 0 {
+            bail!("dispatcher_concurrency must be at least 1");
+        }
+        if self.relay_poll_ms == 0 {
+            bail!("relay_poll_ms must be at least 1");
         }
         if self.database_max_connections == 0 {
             bail!("database_max_connections must be at least 1");

@@ -7,29 +7,55 @@
 //!
 //! One relay publishes at a time (a PostgreSQL advisory lock), in outbox
 //! order, which keeps each aggregate's events in order; others stand by and
-//! take over if it stops.
+//! take over if it stops. Batches overlap: while one batch's acks come in
+//! and its rows are deleted, the next is read and published. Each read
+//! leaves out the rows still in flight, and takes the rest in outbox order,
+//! so an event that committed late is published before any later event of
+//! its aggregate (which could only be written after it committed).
+//!
+//! A publish that fails leaves its row, and the rows after it, for the next
+//! round; events published after it in the meantime stay published, so after
+//! a failure an aggregate's event can reach the stream after a later one.
+//! The projector does not depend on that order (it applies a stream up to
+//! the event it is given); the dispatcher handles each event on its own.
+//!
+//! No NOTIFY wakes the relay: a transaction that notifies holds a lock from
+//! its commit until its WAL is flushed, which would make every commit wait
+//! for the one before it. The relay polls the outbox instead: every
+//! `relay_poll_ms` while it is empty (an index probe of an empty table), and
+//! 2 ms after a round that published something.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use async_nats::jetstream::{self, stream};
-use serde_json::json;
-use sqlx::postgres::PgListener;
-use sqlx::{PgPool, Row};
+use async_nats::jetstream::{self, context::PublishAckFuture, stream};
+use sqlx::{Connection, PgConnection, PgPool, Row};
+use tokio::sync::Mutex;
 use twofold_platform::Config;
 
 /// Advisory lock key held by the publishing relay ("twofold relay").
 const LOCK_KEY: i64 = 0x7477_6f66_6f6c_6472;
-/// Outbox rows published per round.
-const BATCH: i64 = 500;
+/// Outbox rows read and published at once (each holds up to 100 events, one
+/// statement's worth).
+pub const BATCH_ROWS: i64 = 20;
+/// Batches published and not yet acknowledged and deleted.
+const IN_FLIGHT: usize = 2;
+/// Most events in a batch: the trigger writes at most 100 per outbox row.
+const BATCH_EVENTS: usize = BATCH_ROWS as usize * 100;
+/// The wait before the next look at the outbox after a round that published.
+const BUSY_POLL: Duration = Duration::from_millis(2);
 /// JetStream drops a re-published event within this window.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 pub struct Relay {
     pool: PgPool,
+    /// The connection the outbox is read on (see `Relay::read`).
+    reader: Mutex<Option<PgConnection>>,
     js: jetstream::Context,
     prefix: String,
+    poll_interval: Duration,
 }
 
 /// The stream the relay publishes to, created (or updated) by code.
@@ -50,6 +76,46 @@ pub async fn ensure_stream(
     Ok(())
 }
 
+/// The events of some outbox rows, as they go out.
+pub struct Batch {
+    pub events: Vec<Outgoing>,
+    /// The outbox rows they came from, in order.
+    pub rows: Vec<i64>,
+}
+
+/// The tenant named in an event's metadata (`{"tenant_id":"…"}`, as the
+/// store writes it), without parsing the JSON.
+fn tenant_of(metadata: &str) -> Option<&str> {
+    let start = metadata.find("\"tenant_id\":\"")? + "\"tenant_id\":\"".len();
+    let len = metadata[start..].find('"')?;
+    Some(&metadata[start..start + len])
+}
+
+/// One event, as it goes out.
+pub struct Outgoing {
+    pub outbox_id: i64,
+    pub subject: String,
+    /// `aggregate_type:aggregate_id:sequence`
+    pub msg_id: String,
+    pub body: String,
+}
+
+/// A batch published and waiting for its acknowledgements.
+struct Flight {
+    /// The outbox row of each message, in order.
+    ids: Vec<i64>,
+    acks: Vec<PublishAckFuture>,
+    /// The outbox rows, in order.
+    rows: Vec<i64>,
+    started: Instant,
+}
+
+/// What a round of publishing came to.
+struct Settled {
+    published: usize,
+    failure: Option<anyhow::Error>,
+}
+
 impl Relay {
     pub async fn connect(pool: PgPool, config: &Config) -> anyhow::Result<Self> {
         let client = async_nats::ConnectOptions::new()
@@ -57,11 +123,18 @@ impl Relay {
             .connect(&config.nats_url)
             .await
             .with_context(|| format!("connecting to NATS at {}", config.nats_url))?;
-        let js = jetstream::new(client);
+        // async-nats holds a publish back while this many acks are awaited;
+        // with fewer than the batches in flight plus the one being sent, the
+        // relay would wait on itself.
+        let js = jetstream::ContextBuilder::new()
+            .max_ack_inflight((IN_FLIGHT + 1) * BATCH_EVENTS)
+            .build(client);
         Ok(Self {
             pool,
+            reader: Mutex::new(None),
             js,
             prefix: config.nats_subject_prefix.clone(),
+            poll_interval: Duration::from_millis(config.relay_poll_ms),
         })
     }
 
@@ -69,93 +142,267 @@ impl Relay {
         &self.js
     }
 
-    /// Publishes one batch of the outbox, oldest first; returns how many
-    /// events were published and removed.
-    pub async fn process_next(&self) -> anyhow::Result<usize> {
+    /// The events of up to `BATCH_ROWS` outbox rows, oldest first, leaving
+    /// out the rows `in_flight`.
+    ///
+    /// Each event is looked up by its position (`OFFSET 0` keeps PostgreSQL
+    /// from turning the lookup into a join, which its general plan, used for
+    /// a statement run often, makes a scan of every event). Read on a
+    /// connection of the relay's own, which tells PostgreSQL not to memoize
+    /// the lookups: every position is distinct, so the memo only costs (it
+    /// doubled the read's time).
+    pub async fn read(&self, in_flight: &[i64]) -> anyhow::Result<Batch> {
+        let mut reader = self.reader.lock().await;
+        let mut conn = match reader.take() {
+            Some(conn) => conn,
+            None => {
+                let mut conn = PgConnection::connect_with(&self.pool.connect_options())
+                    .await
+                    .context("connecting to PostgreSQL to read the outbox")?;
+                sqlx::query("SET enable_memoize = off")
+                    .execute(&mut conn)
+                    .await?;
+                conn
+            }
+        };
         let rows = sqlx::query(
-            "SELECT o.id, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, \
-               e.payload::text AS payload, e.metadata::text AS metadata, e.global_position, e.recorded_at \
-             FROM outbox o JOIN events e ON e.global_position = o.global_position \
-             ORDER BY o.id LIMIT $1",
+            "SELECT n.id, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, \
+               e.event_version, e.payload::text AS payload, e.metadata::text AS metadata, \
+               e.global_position, e.recorded_at \
+             FROM (SELECT id, positions FROM outbox WHERE id <> ALL($2) ORDER BY id LIMIT $1) n \
+             CROSS JOIN LATERAL unnest(n.positions) AS p(position) \
+             CROSS JOIN LATERAL ( \
+               SELECT * FROM events WHERE global_position = p.position OFFSET 0) e \
+             ORDER BY n.id, p.position",
         )
-        .bind(BATCH)
-        .fetch_all(&self.pool)
+        .bind(BATCH_ROWS)
+        .bind(in_flight)
+        .fetch_all(&mut conn)
         .await
         .context("reading the outbox")?;
-        if (rows.len() as i64) < BATCH {
+        *reader = Some(conn);
+        drop(reader);
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let aggregate_type: &str = row.get("aggregate_type");
+            let aggregate_id: &str = row.get("aggregate_id");
+            let sequence: i64 = row.get("sequence");
+            let event_type: &str = row.get("event_type");
+            let metadata: &str = row.get("metadata");
+            let tenant = tenant_of(metadata).unwrap_or("none");
+            // The stored JSON goes out as it is: no parsing and re-encoding.
+            // Identifiers and types are plain tokens (no quoting needed).
+            let body = format!(
+                "{{\"aggregate_type\":\"{aggregate_type}\",\"aggregate_id\":\"{aggregate_id}\",\
+                 \"sequence\":{sequence},\"event_type\":\"{event_type}\",\"event_version\":\"{}\",\
+                 \"global_position\":{},\"recorded_at\":\"{}\",\"payload\":{},\"metadata\":{}}}",
+                row.get::<&str, _>("event_version"),
+                row.get::<i64, _>("global_position"),
+                row.get::<chrono::DateTime<chrono::Utc>, _>("recorded_at")
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                row.get::<&str, _>("payload"),
+                metadata,
+            );
+            out.push(Outgoing {
+                outbox_id: row.get("id"),
+                subject: format!(
+                    "{}.events.{tenant}.{aggregate_type}.{event_type}",
+                    self.prefix
+                ),
+                msg_id: format!("{aggregate_type}:{aggregate_id}:{sequence}"),
+                body,
+            });
+        }
+        let mut rows: Vec<i64> = out.iter().map(|o| o.outbox_id).collect();
+        rows.dedup();
+        Ok(Batch { events: out, rows })
+    }
+
+    async fn publish(&self, batch: Batch) -> Result<Flight, (Flight, anyhow::Error)> {
+        let mut flight = Flight {
+            ids: Vec::with_capacity(batch.events.len()),
+            acks: Vec::with_capacity(batch.events.len()),
+            rows: batch.rows,
+            started: Instant::now(),
+        };
+        for out in batch.events {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", out.msg_id.as_str());
+            match self
+                .js
+                .publish_with_headers(out.subject, headers, out.body.into_bytes().into())
+                .await
+            {
+                Ok(ack) => {
+                    flight.ids.push(out.outbox_id);
+                    flight.acks.push(ack);
+                }
+                Err(e) => {
+                    // Only rows whose every event went out count as sent.
+                    let cut = flight.rows.iter().position(|r| *r == out.outbox_id);
+                    flight.rows.truncate(cut.unwrap_or(flight.rows.len()));
+                    return Err((flight, anyhow!("publishing to JetStream: {e}")));
+                }
+            }
+        }
+        Ok(flight)
+    }
+
+    /// Waits for a batch's acks in order and deletes the outbox rows whose
+    /// events were all acknowledged.
+    async fn settle(&self, flight: Flight) -> Settled {
+        let mut failed_row = None;
+        let mut failure = None;
+        for (id, ack) in flight.ids.iter().zip(flight.acks) {
+            match ack.await {
+                Ok(_) => {}
+                Err(e) => {
+                    failed_row = Some(*id);
+                    failure = Some(anyhow!("JetStream did not acknowledge a publish: {e}"));
+                    break;
+                }
+            }
+        }
+        // Rows are published in order: those before the first failure are
+        // complete (a row not fully published was cut short by a failure).
+        let complete: Vec<i64> = match failed_row {
+            Some(failed) => flight
+                .rows
+                .iter()
+                .copied()
+                .take_while(|r| *r != failed)
+                .collect(),
+            None => flight.rows.clone(),
+        };
+        let published = flight
+            .ids
+            .iter()
+            .filter(|id| complete.binary_search(id).is_ok())
+            .count();
+        if let Err(e) = self.delete(&complete).await {
+            return Settled {
+                published: 0,
+                failure: Some(e),
+            };
+        }
+        metrics::counter!("twofold_relay_published_total").increment(published as u64);
+        metrics::histogram!("twofold_relay_publish_batch_seconds")
+            .record(flight.started.elapsed().as_secs_f64());
+        Settled { published, failure }
+    }
+
+    /// Publishes one batch, oldest first, and waits for it; returns how many
+    /// events were published and removed.
+    pub async fn process_next(&self) -> anyhow::Result<usize> {
+        let batch = self.read(&[]).await?;
+        if batch.events.is_empty() {
+            return Ok(0);
+        }
+        let settled = match self.publish(batch).await {
+            Ok(flight) => self.settle(flight).await,
+            Err((flight, e)) => {
+                let settled = self.settle(flight).await;
+                return Err(settled.failure.unwrap_or(e));
+            }
+        };
+        match settled.failure {
+            Some(e) => Err(e),
+            None => Ok(settled.published),
+        }
+    }
+
+    /// Reads the next batch (leaving out `in_flight`) and publishes it.
+    /// `None` when the outbox has nothing else; on a failure, what was
+    /// published before it.
+    async fn read_and_publish(
+        &self,
+        in_flight: &[i64],
+    ) -> Result<Option<Flight>, (Option<Flight>, anyhow::Error)> {
+        let batch = self.read(in_flight).await.map_err(|e| (None, e))?;
+        if batch.rows.is_empty() {
+            return Ok(None);
+        }
+        self.publish(batch)
+            .await
+            .map(Some)
+            .map_err(|(flight, e)| (Some(flight), e))
+    }
+
+    /// Publishes until the outbox is empty, overlapping batches: returns how
+    /// many events were published. Stops at the first failure, after
+    /// settling what is in flight (rows not acknowledged stay for later).
+    pub async fn drain(&self) -> anyhow::Result<usize> {
+        self.drain_at_most(usize::MAX).await
+    }
+
+    /// [`Relay::drain`], reading no more once `limit` events are out.
+    pub async fn drain_at_most(&self, limit: usize) -> anyhow::Result<usize> {
+        let mut flights: VecDeque<Flight> = VecDeque::new();
+        let mut published = 0;
+        let mut sent = 0;
+        let mut failure: Option<anyhow::Error> = None;
+        loop {
+            let in_flight: Vec<i64> = flights
+                .iter()
+                .flat_map(|f| f.rows.iter().copied())
+                .collect();
+            let oldest = if flights.len() >= IN_FLIGHT {
+                flights.pop_front()
+            } else {
+                None
+            };
+            // The oldest batch settles (acks, delete) while the next one is
+            // read and published.
+            let (settled, next) = tokio::join!(
+                async {
+                    match oldest {
+                        Some(f) => Some(self.settle(f).await),
+                        None => None,
+                    }
+                },
+                self.read_and_publish(&in_flight)
+            );
+            if let Some(s) = settled {
+                published += s.published;
+                if let Some(e) = s.failure {
+                    failure.get_or_insert(e);
+                }
+            }
+            let last = match next {
+                // A short batch was the end of the outbox.
+                Ok(Some(flight)) => {
+                    let short = (flight.rows.len() as i64) < BATCH_ROWS;
+                    sent += flight.ids.len();
+                    flights.push_back(flight);
+                    short || sent >= limit
+                }
+                Ok(None) => true,
+                Err((flight, e)) => {
+                    flights.extend(flight);
+                    failure.get_or_insert(e);
+                    true
+                }
+            };
+            if last || failure.is_some() {
+                break;
+            }
+        }
+        while let Some(f) = flights.pop_front() {
+            let s = self.settle(f).await;
+            published += s.published;
+            if let Some(e) = s.failure {
+                failure.get_or_insert(e);
+            }
+        }
+        if published < 100 * BATCH_ROWS as usize {
             // Counting scans the outbox: only when it is nearly drained.
             metrics::gauge!("twofold_relay_outbox_backlog")
                 .set(self.backlog().await.unwrap_or(0) as f64);
         }
-        if rows.is_empty() {
-            return Ok(0);
+        match failure {
+            Some(e) => Err(e.context(format!("after publishing {published} events"))),
+            None => Ok(published),
         }
-        let started = Instant::now();
-        // Send the whole batch, then wait for the acks in order.
-        let mut pending = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let aggregate_type: String = row.get("aggregate_type");
-            let aggregate_id: String = row.get("aggregate_id");
-            let sequence: i64 = row.get("sequence");
-            let event_type: String = row.get("event_type");
-            let metadata: String = row.get("metadata");
-            let tenant = serde_json::from_str::<serde_json::Value>(&metadata)
-                .ok()
-                .and_then(|m| {
-                    m.get("tenant_id")
-                        .and_then(|t| t.as_str())
-                        .map(str::to_string)
-                })
-                .unwrap_or_else(|| "none".to_string());
-            // The stored JSON goes out as it is: no parsing and re-encoding.
-            let payload: String = row.get("payload");
-            let recorded_at: chrono::DateTime<chrono::Utc> = row.get("recorded_at");
-            let head = json!({
-                "aggregate_type": aggregate_type,
-                "aggregate_id": aggregate_id,
-                "sequence": sequence,
-                "event_type": event_type,
-                "event_version": row.get::<String, _>("event_version"),
-                "global_position": row.get::<i64, _>("global_position"),
-                "recorded_at": recorded_at,
-            })
-            .to_string();
-            let body = format!(
-                "{},\"payload\":{payload},\"metadata\":{metadata}}}",
-                head.trim_end_matches('}')
-            );
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(
-                "Nats-Msg-Id",
-                format!("{aggregate_type}:{aggregate_id}:{sequence}").as_str(),
-            );
-            let subject = format!(
-                "{}.events.{tenant}.{aggregate_type}.{event_type}",
-                self.prefix
-            );
-            let ack = self
-                .js
-                .publish_with_headers(subject, headers, body.into_bytes().into())
-                .await
-                .map_err(|e| anyhow!("publishing to JetStream: {e}"))?;
-            pending.push((row.get::<i64, _>("id"), ack));
-        }
-        let mut acked = Vec::with_capacity(pending.len());
-        for (id, ack) in pending {
-            match ack.await {
-                Ok(_) => acked.push(id),
-                // Later rows wait for this one: order matters more than speed.
-                Err(e) => {
-                    self.delete(&acked).await?;
-                    return Err(anyhow!("JetStream did not acknowledge a publish: {e}"));
-                }
-            }
-        }
-        self.delete(&acked).await?;
-        metrics::counter!("twofold_relay_published_total").increment(acked.len() as u64);
-        metrics::histogram!("twofold_relay_publish_batch_seconds")
-            .record(started.elapsed().as_secs_f64());
-        Ok(acked.len())
     }
 
     async fn delete(&self, ids: &[i64]) -> anyhow::Result<()> {
@@ -177,8 +424,8 @@ impl Relay {
     }
 
     /// Publishes until `shutdown` resolves: holds the advisory lock (standing
-    /// by while another relay holds it), wakes on each commit's NOTIFY, and
-    /// backs off while NATS or PostgreSQL is unreachable.
+    /// by while another relay holds it), polls the outbox while it is empty,
+    /// and backs off while NATS or PostgreSQL is unreachable.
     pub async fn run_until_stopped(
         self,
         stream: &str,
@@ -204,8 +451,6 @@ impl Relay {
             }
         }
         tracing::info!("relay publishing");
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen("twofold_outbox").await?;
         let mut stream_ready = false;
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -216,18 +461,20 @@ impl Relay {
                 }
             }
             let result = if stream_ready {
-                self.process_next().await
+                self.drain().await
             } else {
-                Ok(0)
+                Err(anyhow!("JetStream not ready"))
             };
             let wait = match result {
-                Ok(n) if n as i64 == BATCH => {
+                // Events are coming: look again soon, for the ones committed
+                // while this round was out.
+                Ok(published) if published > 0 => {
                     backoff = Duration::from_millis(100);
-                    continue;
+                    BUSY_POLL.min(self.poll_interval)
                 }
                 Ok(_) => {
                     backoff = Duration::from_millis(100);
-                    Duration::from_secs(1)
+                    self.poll_interval
                 }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "relay round failed; retrying");
@@ -237,7 +484,6 @@ impl Relay {
             };
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = listener.recv() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }
@@ -246,5 +492,20 @@ impl Relay {
             .execute(&mut *lock)
             .await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tenant_of;
+
+    #[test]
+    fn the_tenant_is_read_from_the_metadata_the_store_writes() {
+        assert_eq!(
+            tenant_of(r#"{"tenant_id":"6f1c0d3e-0000-4000-8000-000000000001"}"#),
+            Some("6f1c0d3e-0000-4000-8000-000000000001")
+        );
+        assert_eq!(tenant_of("{}"), None);
+        assert_eq!(tenant_of(r#"{"tenant_id":"#), None);
     }
 }

@@ -238,6 +238,11 @@ where
     fn from(err: ExecError<E>) -> Self {
         match err {
             ExecError::Refused(e) => e.into(),
+            // Only commands that name what they read can see this, and their
+            // handlers read again; reaching here is a bug, not the caller's.
+            ExecError::ReadMoved => {
+                ApiError::unexpected("a command's reads moved and it was not retried")
+            }
             ExecError::Store(e) => e.into(),
         }
     }

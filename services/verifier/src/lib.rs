@@ -118,6 +118,7 @@ pub async fn connect(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<A
         config.keyring()?,
         clock,
         config.trusted_proxies.clone(),
+        config.remembered_streams,
     ))
 }
 

@@ -10,15 +10,15 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use subtle::ConstantTimeEq;
-use twofold_domain::tenant::TwoFactorSettings;
+use twofold_domain::tenant::{Tenant, TwoFactorSettings};
 use twofold_domain::user::{
     Challenge, ChallengePurpose, ChallengeRef, CompleteEnrollment, NewChallenge, NewDevice,
-    NewSession, PresentedDevice, Proof, ProofKind, SecondFactorUse, SessionEndReason, SignIn,
-    TwoFactorState, User, UserCommand, UserError, UserEvent, VerifyCode,
+    NewSession, PresentedDevice, Proof, ProofKind, SecondFactorUse, SessionEndReason, SignIn, User,
+    UserCommand, UserError, UserEvent, VerifyCode,
 };
 use twofold_domain::values::{Method, OtpCode, Username};
 use twofold_domain::{Actor, ChallengeId, Ctx, SessionId, TenantId, UserId};
-use twofold_platform::store::{ExecError, StoreError};
+use twofold_platform::store::{Basis, ExecError, StoreError, Versioned};
 use twofold_platform::tokens::{self, TokenKind};
 use twofold_platform::{qr, totp};
 use uuid::Uuid;
@@ -29,7 +29,7 @@ use twofold_domain::tenant::settings::Enrollment;
 use crate::backup_codes;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, RequestMeta, SignedIn};
-use crate::state::AppState;
+use crate::state::{AppState, Memory, UserKey};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -153,7 +153,27 @@ pub async fn sign_in(
     headers: HeaderMap,
     ApiJson(body): ApiJson<SignInRequest>,
 ) -> Result<Response, ApiError> {
-    let (tenant_id, tenant) = state.tenant(&tenant).await?;
+    // The tenant and the user, remembered or read together; a malformed
+    // username finds no user.
+    let (tenant_id, mut tenant, found) = match Username::parse(&body.username) {
+        Ok(name) => {
+            state
+                .tenant_and_user(&tenant, UserKey::Name(name.as_str()), Memory::Use)
+                .await?
+        }
+        Err(_) => {
+            // No user to sign in; the tenant is only checked to exist.
+            let (id, tenant) = state.tenant(&tenant).await?;
+            let basis = Basis {
+                versioned: Versioned {
+                    state: tenant,
+                    ..Versioned::default()
+                },
+                fresh: true,
+            };
+            (id, basis, None)
+        }
+    };
     if body.password.expose_secret().len() > crate::accounts::MAX_PASSWORD_BYTES {
         return Err(ApiError::bad_request(
             "password_too_long",
@@ -161,17 +181,11 @@ pub async fn sign_in(
         ));
     }
     // An unknown or malformed username costs an argon2id check all the same.
-    let user_id = match Username::parse(&body.username) {
-        Ok(name) => state.user_id_by_name(tenant_id, name.as_str()).await?,
-        Err(_) => None,
-    };
-    let user = match user_id {
-        Some(id) => state.user_in(tenant_id, id).await?,
-        None => None,
-    };
-    let stored = user.as_ref().and_then(|u| u.password_hash.as_ref());
+    let stored = found
+        .as_ref()
+        .and_then(|(_, u)| u.state().password_hash.as_ref());
     let password_ok = state.passwords.verify(stored, &body.password).await?;
-    let (Some(user_id), Some(user)) = (user_id, user) else {
+    let Some((user_id, basis)) = found else {
         metrics::counter!("twofold_sign_ins_total", "outcome" => "invalid_credentials")
             .increment(1);
         return Err(ApiError::invalid_credentials());
@@ -185,40 +199,53 @@ pub async fn sign_in(
             id: claim.item,
             token_hash: claim.hash,
         });
-    // A seed ready in case the tenant requires enrollment and the user has none.
-    let enrollment = if tenant.settings.enrollment == Enrollment::Required
-        && user.two_factor != TwoFactorState::Enrolled
-    {
-        let seed = totp::new_secret();
-        let sealed = state.keys.seal(&seed, user_id.as_uuid().as_bytes())?;
-        Some((seed, sealed))
-    } else {
-        None
-    };
-
     let challenge_id = ChallengeId(Uuid::new_v4());
     let (challenge_token, challenge_hash) =
         tokens::issue(TokenKind::Challenge, user_id, challenge_id.as_uuid());
     let (session_token, session) = new_session(user_id);
     let ctx = meta.ctx(state.now(), Actor::User(user_id));
-    let settings = tenant.settings.clone();
-    let events = state
-        .users
-        .execute(&user_id.to_string(), |_| {
-            Ok(UserCommand::SignIn(SignIn {
-                password_ok,
-                settings: settings.clone(),
-                challenge: NewChallenge {
-                    id: challenge_id,
-                    token_hash: challenge_hash.clone(),
-                },
-                session: session.clone(),
-                device: device.clone(),
-                enrollment_seed: enrollment.as_ref().map(|(_, sealed)| sealed.clone()),
-                ctx: ctx.clone(),
-            }))
-        })
-        .await?;
+    let account = basis
+        .state()
+        .username
+        .as_ref()
+        .map(|u| u.as_str().to_string());
+    let mut basis = Some(basis);
+    // Decided under the tenant's settings as read; if they change before the
+    // append, it is decided again under the new ones.
+    let (events, enrollment) = loop {
+        let settings = tenant.state().settings.clone();
+        // A seed ready in case the tenant requires enrollment and the user has none.
+        let enrollment = if settings.enrollment == Enrollment::Required {
+            let seed = totp::new_secret();
+            let sealed = state.keys.seal(&seed, user_id.as_uuid().as_bytes())?;
+            Some((seed, sealed))
+        } else {
+            None
+        };
+        let reads = [tenant.read::<Tenant>(tenant_id.to_string())];
+        let executed = state
+            .users
+            .execute_with(&user_id.to_string(), basis.take(), &reads, |_| {
+                Ok(UserCommand::SignIn(SignIn {
+                    password_ok,
+                    settings: settings.clone(),
+                    challenge: NewChallenge {
+                        id: challenge_id,
+                        token_hash: challenge_hash.clone(),
+                    },
+                    session: session.clone(),
+                    device: device.clone(),
+                    enrollment_seed: enrollment.as_ref().map(|(_, sealed)| sealed.clone()),
+                    ctx: ctx.clone(),
+                }))
+            })
+            .await;
+        match executed {
+            Err(ExecError::ReadMoved) => tenant = state.tenant_now(tenant_id).await?,
+            other => break (other?, enrollment),
+        }
+    };
+    let tenant = tenant.versioned.state;
 
     for event in &events {
         match event {
@@ -250,8 +277,8 @@ pub async fn sign_in(
                     resends_remaining: *resend_limit,
                 };
                 if let (ChallengePurpose::Enrollment, Some((seed, _))) = (purpose, &enrollment) {
-                    let account = user.username.as_ref().map(|u| u.as_str()).unwrap_or("");
-                    let uri = totp::otpauth_uri(seed, &tenant.name, account)?;
+                    let uri =
+                        totp::otpauth_uri(seed, &tenant.name, account.as_deref().unwrap_or(""))?;
                     let png = qr::png(&uri)?;
                     return Ok(Json(json!({
                         "status": "enrollment_required",
@@ -292,14 +319,16 @@ enum Presented {
     Backup(String),
 }
 
+fn challenge_not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "challenge_not_found",
+        "No such challenge, or it is already finished.",
+    )
+}
+
 fn challenge_ref(token: &SecretString) -> Result<(UserId, ChallengeRef), ApiError> {
-    let claim = tokens::parse(TokenKind::Challenge, token).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "challenge_not_found",
-            "No such challenge, or it is already finished.",
-        )
-    })?;
+    let claim = tokens::parse(TokenKind::Challenge, token).ok_or_else(challenge_not_found)?;
     Ok((
         claim.user_id,
         ChallengeRef {
@@ -368,7 +397,20 @@ pub async fn verify(
     meta: RequestMeta,
     ApiJson(body): ApiJson<VerifyRequest>,
 ) -> Result<Response, ApiError> {
-    let (tenant_id, tenant) = state.tenant(&tenant).await?;
+    // The token names the user, so the tenant and the user are remembered
+    // or read together.
+    let claimed = challenge_ref(&body.challenge_token);
+    let read = match &claimed {
+        Ok((user_id, _)) => Some(
+            state
+                .tenant_and_user(&tenant, UserKey::Id(*user_id), Memory::Use)
+                .await?,
+        ),
+        Err(_) => {
+            state.tenant(&tenant).await?;
+            None
+        }
+    };
     let presented = match (&body.code, &body.backup_code) {
         (Some(code), None) => Presented::Code(
             OtpCode::parse(code)
@@ -389,33 +431,46 @@ pub async fn verify(
             ))
         }
     };
-    let (user_id, reference) = challenge_ref(&body.challenge_token)?;
+    let ((user_id, reference), Some((tenant_id, mut tenant, found))) = (claimed?, read) else {
+        return Err(challenge_not_found());
+    };
     let (session_token, session) = new_session(user_id);
     let (device_token, device) = new_device(user_id);
     let ctx = meta.ctx(state.now(), Actor::User(user_id));
-    let settings: TwoFactorSettings = tenant.settings;
-    let events = state
-        .users
-        .execute(&user_id.to_string(), |user| {
-            owned_by(user, tenant_id)?;
-            let open = user.open_challenge(&reference).map_err(ExecError::Refused)?;
-            let proof = proof_for(&state, user, open, &presented, ctx.at)?;
-            Ok(UserCommand::VerifyCode(VerifyCode {
-                challenge: reference.clone(),
-                proof,
-                settings: settings.clone(),
-                session: session.clone(),
-                device: device.clone(),
-                ctx: ctx.clone(),
-            }))
-        })
-        .await
-        .inspect_err(|e| {
-            if matches!(e, ExecError::Refused(UserError::LockedOut)) {
-                metrics::counter!("twofold_verifications_total", "method" => "any", "outcome" => "locked")
-                    .increment(1);
-            }
-        })?;
+    let mut basis = Some(found.map(|(_, basis)| basis).unwrap_or(Basis {
+        versioned: Versioned::default(),
+        fresh: true,
+    }));
+    let (events, settings) = loop {
+        let settings: TwoFactorSettings = tenant.state().settings.clone();
+        let reads = [tenant.read::<Tenant>(tenant_id.to_string())];
+        let executed = state
+            .users
+            .execute_with(&user_id.to_string(), basis.take(), &reads, |user| {
+                owned_by(user, tenant_id)?;
+                let open = user.open_challenge(&reference).map_err(ExecError::Refused)?;
+                let proof = proof_for(&state, user, open, &presented, ctx.at)?;
+                Ok(UserCommand::VerifyCode(VerifyCode {
+                    challenge: reference.clone(),
+                    proof,
+                    settings: settings.clone(),
+                    session: session.clone(),
+                    device: device.clone(),
+                    ctx: ctx.clone(),
+                }))
+            })
+            .await
+            .inspect_err(|e| {
+                if matches!(e, ExecError::Refused(UserError::LockedOut)) {
+                    metrics::counter!("twofold_verifications_total", "method" => "any", "outcome" => "locked")
+                        .increment(1);
+                }
+            });
+        match executed {
+            Err(ExecError::ReadMoved) => tenant = state.tenant_now(tenant_id).await?,
+            other => break (other?, settings),
+        }
+    };
 
     rejection_or(&events, &settings)?;
     if events
@@ -640,12 +695,22 @@ pub async fn introspect(
     Path(tenant): Path<String>,
     ApiJson(body): ApiJson<IntrospectRequest>,
 ) -> Result<Response, ApiError> {
-    let (tenant_id, _) = state.tenant(&tenant).await?;
     let inactive = || Ok(Json(json!({ "active": false })).into_response());
     let Some(claim) = tokens::parse(TokenKind::Session, &body.token) else {
+        state.tenant(&tenant).await?;
         return inactive();
     };
-    let Some(user) = state.user_in(tenant_id, claim.user_id).await? else {
+    let (_, _, found) = state
+        .tenant_and_user(&tenant, UserKey::Id(claim.user_id), Memory::Fresh)
+        .await?;
+    let Some((
+        _,
+        Basis {
+            versioned: Versioned { state: user, .. },
+            ..
+        },
+    )) = found
+    else {
         return inactive();
     };
     let Some(session) = user.live_session(SessionId(claim.item), &claim.hash, state.now()) else {

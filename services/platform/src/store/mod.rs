@@ -1,0 +1,462 @@
+//! The event store: cqrs-es aggregates kept in PostgreSQL, each stream with a
+//! snapshot of its state replaced at every commit.
+//!
+//! Commands run through [`Store::execute`], which builds the command from the
+//! freshly loaded state, appends the resulting events with optimistic
+//! concurrency, and on a conflict reloads and builds again. Whatever a command
+//! was decided on is therefore exactly the state its events were appended to:
+//! that is what keeps lockout and single-use codes exact under parallel requests.
+//!
+//! A load is one read (the snapshot). Appends go through a committer (see
+//! [`committer`]) that writes the appends of concurrent requests together,
+//! in one statement and one transaction, each stream still all or nothing:
+//! on a busy verifier most of PostgreSQL's cost is per statement and per
+//! commit, not per row, so sharing them is what lets verifications keep up
+//! with plain inserts. postgres-es, which this replaces, spent a round trip
+//! on `BEGIN`, one per event, one on the snapshot and one on `COMMIT` for
+//! each command, and committed the events before it checked that its
+//! snapshot update found its row.
+
+mod cache;
+mod committer;
+mod read;
+
+pub use cache::Cache;
+pub use read::{read_streams, StreamKey, StreamRows};
+
+use std::error::Error as StdError;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use rand::Rng;
+use sqlx::PgPool;
+use twofold_domain::TenantScoped;
+
+use committer::{Append, Committer, Outcome};
+
+/// Attempts before giving up on a stream that keeps changing under us.
+const MAX_ATTEMPTS: usize = 200;
+
+/// Why the store could not do its part (not a refusal by the domain).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// PostgreSQL cannot be reached; nothing was written.
+    #[error("the event store is unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    #[error("the event store failed")]
+    Unexpected(#[source] anyhow::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        if is_connection_problem(&err) {
+            StoreError::Unavailable(err.into())
+        } else {
+            StoreError::Unexpected(err.into())
+        }
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(err: serde_json::Error) -> Self {
+        StoreError::Unexpected(err.into())
+    }
+}
+
+/// A command that did not produce events.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError<E: StdError> {
+    /// The domain refused the command.
+    #[error(transparent)]
+    Refused(E),
+    /// A stream the command was decided under (named in `reads`) has moved
+    /// since it was read: read it again and run the command again.
+    #[error("a stream the command read has changed")]
+    ReadMoved,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A stream's state and the sequence of the last event folded into it
+/// (0 for a stream with no events).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Versioned<A> {
+    pub state: A,
+    pub sequence: i64,
+    /// The sequence of the stream's latest snapshot (0 for none).
+    pub snapshot_sequence: i64,
+}
+
+/// State to decide a command on, and whether it is known to be current.
+#[derive(Debug, Clone)]
+pub struct Basis<A> {
+    pub versioned: Versioned<A>,
+    /// Read from PostgreSQL for this request, rather than remembered from an
+    /// earlier one (which the append's check may find stale).
+    pub fresh: bool,
+}
+
+impl<A> Basis<A> {
+    pub fn state(&self) -> &A {
+        &self.versioned.state
+    }
+
+    /// That this command was decided with this stream at this sequence.
+    pub fn read<B: Aggregate>(&self, id: impl Into<String>) -> Read {
+        Read {
+            aggregate_type: B::TYPE,
+            aggregate_id: id.into(),
+            sequence: self.versioned.sequence,
+        }
+    }
+}
+
+/// A stream a command was decided under without writing it, at the
+/// sequence read: the command's events are appended only if it is still there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read {
+    pub aggregate_type: &'static str,
+    pub aggregate_id: String,
+    pub sequence: i64,
+}
+
+/// A new snapshot is written with the commit that takes a stream this many
+/// events past its last one, so a read folds fewer than this many events.
+pub const SNAPSHOT_EVERY: i64 = 12;
+
+pub struct Store<A> {
+    pool: PgPool,
+    /// Started at the first append (it needs the tokio runtime).
+    committer: Arc<OnceLock<Committer>>,
+    /// Recent states, when this store remembers them.
+    cache: Option<Arc<Cache<String, Versioned<A>>>>,
+}
+
+impl<A> Clone for Store<A> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            committer: self.committer.clone(),
+            cache: self.cache.clone(),
+        }
+    }
+}
+
+impl<A: Aggregate<Services = ()> + TenantScoped + Clone> Store<A> {
+    /// A store that reads every command's state from PostgreSQL.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            committer: Arc::new(OnceLock::new()),
+            cache: None,
+        }
+    }
+
+    /// A store that remembers the states it reads and writes, and decides a
+    /// command on the remembered state when it has one. That state may be
+    /// stale when other processes write the same streams; the append's
+    /// optimistic check then refuses it and the command is decided again on
+    /// a fresh read, so the outcome is the same as without the memory. A
+    /// refusal or a command with nothing to do is not checked by an append,
+    /// so those are always confirmed on a fresh read. Remembers up to
+    /// `streams` streams (0: none, like [`Store::new`]).
+    pub fn remembering(pool: PgPool, streams: usize) -> Self {
+        Self {
+            cache: (streams > 0).then(|| Arc::new(Cache::new(streams))),
+            ..Self::new(pool)
+        }
+    }
+
+    /// The aggregate's current state (a default one when the stream is empty),
+    /// read from PostgreSQL.
+    pub async fn load(&self, id: &str) -> Result<A, StoreError> {
+        Ok(self.load_versioned(id).await?.state)
+    }
+
+    pub async fn load_versioned(&self, id: &str) -> Result<Versioned<A>, StoreError> {
+        let key = StreamKey::Id {
+            aggregate_type: A::TYPE,
+            aggregate_id: id,
+        };
+        let rows = read_streams(&self.pool, &[key]).await?;
+        self.from_rows(id, rows.into_iter().next().flatten()).await
+    }
+
+    /// The remembered state, if this store remembers and has it.
+    pub fn remembered(&self, id: &str) -> Option<Basis<A>> {
+        let versioned = self.cache.as_ref()?.get(&id.to_string())?;
+        Some(Basis {
+            versioned,
+            fresh: false,
+        })
+    }
+
+    /// Drops the remembered state (it proved stale).
+    pub fn forget(&self, id: &str) {
+        if let Some(cache) = &self.cache {
+            cache.remove(&id.to_string());
+        }
+    }
+
+    /// State to decide a command on: remembered, or else read (and remembered).
+    pub async fn basis(&self, id: &str) -> Result<Basis<A>, StoreError> {
+        match self.remembered(id) {
+            Some(basis) => Ok(basis),
+            None => self.fresh(id).await,
+        }
+    }
+
+    async fn fresh(&self, id: &str) -> Result<Basis<A>, StoreError> {
+        let versioned = self.load_versioned(id).await?;
+        Ok(self.read_now(id, versioned))
+    }
+
+    /// A state the caller has just read from PostgreSQL (perhaps together with
+    /// other streams), remembered for later commands.
+    pub fn read_now(&self, id: &str, versioned: Versioned<A>) -> Basis<A> {
+        if let Some(cache) = &self.cache {
+            // An empty stream is not remembered: it is about to be created.
+            if versioned.sequence > 0 {
+                cache.put(id.to_string(), versioned.clone());
+            }
+        }
+        Basis {
+            versioned,
+            fresh: true,
+        }
+    }
+
+    /// The state of a stream as read (by the caller, perhaps together with
+    /// other streams): none is an empty stream; the snapshot with the events
+    /// after it folded in. A snapshot that no longer decodes (the state's
+    /// shape changed since it was written) is set aside and the stream
+    /// replayed from its events, which are the record.
+    pub async fn from_rows(
+        &self,
+        id: &str,
+        rows: Option<StreamRows>,
+    ) -> Result<Versioned<A>, StoreError> {
+        let Some(rows) = rows else {
+            return Ok(Versioned::default());
+        };
+        let mut folded: Versioned<A> = match &rows.snapshot {
+            None => Versioned::default(),
+            Some((sequence, payload)) => match serde_json::from_str(payload) {
+                Ok(state) => Versioned {
+                    state,
+                    sequence: *sequence,
+                    snapshot_sequence: *sequence,
+                },
+                Err(e) => {
+                    tracing::warn!(aggregate = A::TYPE, %id, error = %e, "snapshot does not decode; replaying the stream");
+                    return self.replay(id).await;
+                }
+            },
+        };
+        for (sequence, payload) in rows.events {
+            folded.state.apply(serde_json::from_str(&payload)?);
+            folded.sequence = sequence;
+        }
+        Ok(folded)
+    }
+
+    /// The state folded from every event of the stream, ignoring the snapshot.
+    pub async fn replay(&self, id: &str) -> Result<Versioned<A>, StoreError> {
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT sequence, payload::text FROM events \
+             WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",
+        )
+        .bind(A::TYPE)
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut folded: Versioned<A> = Versioned::default();
+        for (sequence, payload) in rows {
+            folded.state.apply(serde_json::from_str(&payload)?);
+            folded.sequence = sequence;
+        }
+        // The snapshot that did not decode is replaced at the next commit.
+        folded.snapshot_sequence = 0;
+        Ok(folded)
+    }
+
+    /// Builds a command from the current state, runs it, and appends its events;
+    /// returns them. Retries from a fresh read when another writer got there first.
+    pub async fn execute<F>(&self, id: &str, build: F) -> Result<Vec<A::Event>, ExecError<A::Error>>
+    where
+        F: FnMut(&A) -> Result<A::Command, ExecError<A::Error>>,
+    {
+        self.execute_with(id, None, &[], build).await
+    }
+
+    /// [`Store::execute`], deciding first on `basis` (state the caller has
+    /// just read or remembered, saving a read), and only if the streams in
+    /// `reads` are still where the caller read them (else `ReadMoved`).
+    pub async fn execute_with<F>(
+        &self,
+        id: &str,
+        basis: Option<Basis<A>>,
+        reads: &[Read],
+        build: F,
+    ) -> Result<Vec<A::Event>, ExecError<A::Error>>
+    where
+        F: FnMut(&A) -> Result<A::Command, ExecError<A::Error>>,
+    {
+        Ok(self.execute_at(id, basis, reads, build).await?.0)
+    }
+
+    /// [`Store::execute_with`], answering also the sequence of the last
+    /// event appended (the stream's sequence once the command is in).
+    pub async fn execute_at<F>(
+        &self,
+        id: &str,
+        basis: Option<Basis<A>>,
+        reads: &[Read],
+        mut build: F,
+    ) -> Result<(Vec<A::Event>, i64), ExecError<A::Error>>
+    where
+        F: FnMut(&A) -> Result<A::Command, ExecError<A::Error>>,
+    {
+        let mut next = basis;
+        for attempt in 0..MAX_ATTEMPTS {
+            let Basis {
+                versioned:
+                    Versioned {
+                        mut state,
+                        sequence,
+                        snapshot_sequence,
+                    },
+                fresh,
+            } = match next.take() {
+                Some(given) => given,
+                None => self.basis(id).await?,
+            };
+            // Anything not confirmed by an append is confirmed on a fresh read.
+            let decided = match build(&state) {
+                Ok(command) => {
+                    // The sink applies each event to the state as the
+                    // aggregate writes it: afterwards `state` is the new snapshot.
+                    let sink = EventSink::default();
+                    match state.handle(command, &(), &sink).await {
+                        Ok(()) => Ok(sink.collect().await),
+                        Err(refusal) => Err(ExecError::Refused(refusal)),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            let events = match decided {
+                Ok(events) if !events.is_empty() => events,
+                Ok(_) | Err(ExecError::Refused(_)) if !fresh => {
+                    self.forget(id);
+                    next = Some(self.fresh(id).await?);
+                    continue;
+                }
+                Ok(events) => return Ok((events, sequence)),
+                Err(e) => return Err(e),
+            };
+            let new_sequence = sequence + events.len() as i64;
+            let snapshot = new_sequence - snapshot_sequence >= SNAPSHOT_EVERY;
+            match self
+                .append(id, sequence, &events, &state, snapshot, reads)
+                .await?
+            {
+                Outcome::Written => {
+                    if let Some(cache) = &self.cache {
+                        let versioned = Versioned {
+                            state,
+                            sequence: new_sequence,
+                            snapshot_sequence: if snapshot {
+                                new_sequence
+                            } else {
+                                snapshot_sequence
+                            },
+                        };
+                        cache.put(id.to_string(), versioned);
+                    }
+                    return Ok((events, new_sequence));
+                }
+                Outcome::ReadMoved => return Err(ExecError::ReadMoved),
+                Outcome::Conflict => {
+                    self.forget(id);
+                    metrics::counter!("twofold_store_conflicts_total", "aggregate" => A::TYPE)
+                        .increment(1);
+                    let pause = rand::thread_rng().gen_range(0..=(1 + attempt.min(20) as u64));
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+            }
+        }
+        Err(StoreError::Unexpected(anyhow::anyhow!(
+            "stream {id} kept conflicting after {MAX_ATTEMPTS} attempts"
+        ))
+        .into())
+    }
+
+    /// Appends `events` after `expected` through the committer, with a new
+    /// snapshot (`state`) when `snapshot` says one is due.
+    async fn append(
+        &self,
+        id: &str,
+        expected: i64,
+        events: &[A::Event],
+        state: &A,
+        snapshot: bool,
+        reads: &[Read],
+    ) -> Result<Outcome, StoreError> {
+        let mut append = Append {
+            aggregate_type: A::TYPE,
+            aggregate_id: id.to_string(),
+            expected,
+            event_types: Vec::with_capacity(events.len()),
+            event_versions: Vec::with_capacity(events.len()),
+            payloads: Vec::with_capacity(events.len()),
+            // The tenant goes with every event, so the relay can route it and
+            // the projections can scope it without reading the stream.
+            metadata: match state.tenant() {
+                Some(tenant) => serde_json::json!({ "tenant_id": tenant.to_string() }),
+                None => serde_json::json!({}),
+            }
+            .to_string(),
+            snapshot: if snapshot {
+                Some(serde_json::to_string(state)?)
+            } else {
+                None
+            },
+            read: reads
+                .iter()
+                .map(|r| (r.aggregate_type, r.aggregate_id.clone(), r.sequence))
+                .collect(),
+        };
+        for event in events {
+            append.event_types.push(event.event_type());
+            append.event_versions.push(event.event_version());
+            append.payloads.push(serde_json::to_string(event)?);
+        }
+        self.committer
+            .get_or_init(|| Committer::start(&self.pool))
+            .append(append)
+            .await
+    }
+}
+
+/// Whether an error (or one it wraps) says PostgreSQL could not be reached.
+pub fn is_connection_problem(err: &(dyn StdError + 'static)) -> bool {
+    let mut current: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = current {
+        if let Some(sqlx_err) = e.downcast_ref::<sqlx::Error>() {
+            if matches!(
+                sqlx_err,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+            ) {
+                return true;
+            }
+        }
+        current = e.source();
+    }
+    false
+}
