@@ -208,6 +208,7 @@ async fn stack(smtp_port: u16, sms_url: &str) -> Stack {
         durable: format!("dispatch{id}"),
         ack_wait: Duration::from_secs(1),
         retry_delay: Duration::from_millis(200),
+        concurrency: 4,
     };
     Stack {
         app,
@@ -469,8 +470,10 @@ async fn a_job_held_by_a_dispatcher_that_died_is_delivered_by_another_once() {
 async fn two_dispatchers_share_the_work_and_send_each_code_once() {
     let smtp = Smtp::start().await;
     let s = stack(smtp.port, "http://127.0.0.1:9").await;
-    let names = ["u1", "u2", "u3", "u4", "u5", "u6"];
-    for n in names {
+    // More jobs than one instance takes ahead (4 here).
+    let names: Vec<String> = (1..=12).map(|i| format!("u{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    for n in &names {
         s.with_user(
             json!({"enabled": true, "enforcement": "every_login"}),
             n,
@@ -478,16 +481,20 @@ async fn two_dispatchers_share_the_work_and_send_each_code_once() {
         )
         .await;
     }
-    for n in names {
+    for n in &names {
         s.challenge(n).await;
     }
     let a = Arc::new(s.dispatcher().await);
     let b = Arc::new(s.dispatcher().await);
     let run = |d: Arc<Dispatcher>| {
         tokio::spawn(async move {
+            // One job at a time, until nothing comes for a while.
             let mut mine = Vec::new();
-            for _ in 0..20 {
-                mine.extend(d.process_next(1, Duration::from_millis(200)).await.unwrap());
+            let mut idle = 0;
+            while idle < 5 {
+                let got = d.process_next(1, Duration::from_millis(200)).await.unwrap();
+                idle = if got.is_empty() { idle + 1 } else { 0 };
+                mine.extend(got);
             }
             mine
         })
@@ -499,7 +506,13 @@ async fn two_dispatchers_share_the_work_and_send_each_code_once() {
         names.len(),
         "{oa:?} {ob:?}"
     );
-    for n in names {
+    assert!(
+        delivered(&oa) > 0 && delivered(&ob) > 0,
+        "both instances took jobs: {} and {}",
+        delivered(&oa),
+        delivered(&ob)
+    );
+    for n in &names {
         assert_eq!(smtp.mails_to(&format!("{n}@acme.test")).len(), 1, "{n}");
     }
 }

@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
-use futures::StreamExt;
+use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer, AckKind};
+use futures::future::join_all;
+use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use sqlx::PgPool;
 use twofold_domain::delivery::{self, Delivery, DeliveryCommand, DeliveryError, DeliveryEvent};
@@ -40,6 +41,8 @@ pub struct Source {
     pub ack_wait: Duration,
     /// Wait before a failed send is tried again.
     pub retry_delay: Duration,
+    /// Jobs one instance works on at once (and pulls ahead of time).
+    pub concurrency: usize,
 }
 
 impl Source {
@@ -50,6 +53,7 @@ impl Source {
             durable: "dispatcher".to_string(),
             ack_wait: Duration::from_secs(30),
             retry_delay: Duration::from_secs(5),
+            concurrency: config.dispatcher_concurrency.max(1),
         }
     }
 }
@@ -61,6 +65,10 @@ pub struct Dispatcher {
     keys: Keyring,
     clock: Arc<dyn Clock>,
     consumer: PullConsumer,
+    /// Messages as JetStream pushes them, at most `concurrency` ahead,
+    /// opened at the first step.
+    messages: tokio::sync::Mutex<Option<pull::Stream>>,
+    concurrency: usize,
     mailer: Mailer,
     sms: SmsClient,
     providers: BTreeMap<String, SmsProvider>,
@@ -125,6 +133,8 @@ impl Dispatcher {
             keys: config.keyring()?,
             clock,
             consumer,
+            messages: tokio::sync::Mutex::new(None),
+            concurrency: source.concurrency.max(1),
             mailer: Mailer::from_config(config)?,
             sms: SmsClient::new(config.sms_rate_per_second)?,
             providers: config.sms_providers.clone(),
@@ -135,54 +145,105 @@ impl Dispatcher {
         })
     }
 
-    /// Handles up to `max` jobs, waiting at most `wait` for them; returns the
-    /// outcome of each.
-    pub async fn process_next(&self, max: usize, wait: Duration) -> anyhow::Result<Vec<Outcome>> {
-        let mut messages = self
-            .consumer
-            .fetch()
-            .max_messages(max)
-            .expires(wait)
+    /// The instance's message subscription: JetStream keeps pushing messages
+    /// to it, no more than `concurrency` ahead of what has been taken, so
+    /// the jobs spread over the instances that have room for them.
+    async fn open(&self) -> anyhow::Result<pull::Stream> {
+        self.consumer
+            .stream()
+            .max_messages_per_batch(self.concurrency)
             .messages()
             .await
-            .map_err(|e| anyhow!("fetching from JetStream: {e}"))?;
-        let mut outcomes = Vec::new();
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| anyhow!("receiving from JetStream: {e}"))?;
-            metrics::gauge!("twofold_dispatcher_in_flight").increment(1.0);
-            let outcome = self.handle(&message.payload).await;
-            metrics::gauge!("twofold_dispatcher_in_flight").decrement(1.0);
-            let outcome = match outcome {
-                Ok(o) => o,
-                // The store or the network failed: leave the job for a retry.
-                Err(e) => Outcome::Retry(format!("{e:#}"), self.retry_delay),
-            };
-            match &outcome {
-                Outcome::Retry(reason, after) => {
-                    tracing::warn!(%reason, "delivery will be retried");
-                    message
-                        .ack_with(AckKind::Nak(Some(*after)))
-                        .await
-                        .map_err(|e| anyhow!("nak: {e}"))?;
-                }
-                _ => message.ack().await.map_err(|e| anyhow!("ack: {e}"))?,
-            }
-            outcomes.push(outcome);
-        }
-        Ok(outcomes)
+            .map_err(|e| anyhow!("subscribing to JetStream: {e}"))
     }
 
+    /// Handles up to `max` jobs at once, waiting at most `wait` for the
+    /// first; returns the outcome of each.
+    pub async fn process_next(&self, max: usize, wait: Duration) -> anyhow::Result<Vec<Outcome>> {
+        let mut guard = self.messages.lock().await;
+        let messages = match guard.as_mut() {
+            Some(m) => m,
+            None => guard.insert(self.open().await?),
+        };
+        let mut batch = Vec::new();
+        match tokio::time::timeout(wait, messages.next()).await {
+            Err(_) | Ok(None) => return Ok(Vec::new()),
+            Ok(Some(first)) => batch.push(first),
+        }
+        while batch.len() < max {
+            match messages.next().now_or_never() {
+                Some(Some(next)) => batch.push(next),
+                _ => break,
+            }
+        }
+        let batch: Vec<jetstream::Message> = match batch.into_iter().collect() {
+            Ok(batch) => batch,
+            Err(e) => {
+                // The subscription is broken: the next step opens another.
+                *guard = None;
+                return Err(anyhow!("receiving from JetStream: {e}"));
+            }
+        };
+        drop(guard);
+        join_all(batch.into_iter().map(|m| self.job(m)))
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// One job: handled, then acked, or nak'ed with a delay to be tried again.
+    async fn job(&self, message: jetstream::Message) -> anyhow::Result<Outcome> {
+        metrics::gauge!("twofold_dispatcher_in_flight").increment(1.0);
+        let outcome = self.handle(&message.payload).await;
+        metrics::gauge!("twofold_dispatcher_in_flight").decrement(1.0);
+        let outcome = match outcome {
+            Ok(o) => o,
+            // The store or the network failed: leave the job for a retry.
+            Err(e) => Outcome::Retry(format!("{e:#}"), self.retry_delay),
+        };
+        match &outcome {
+            Outcome::Retry(reason, after) => {
+                tracing::warn!(%reason, "delivery will be retried");
+                message
+                    .ack_with(AckKind::Nak(Some(*after)))
+                    .await
+                    .map_err(|e| anyhow!("nak: {e}"))?;
+            }
+            _ => message.ack().await.map_err(|e| anyhow!("ack: {e}"))?,
+        }
+        Ok(outcome)
+    }
+
+    /// Works on up to `concurrency` jobs at a time until `shutdown` resolves.
+    /// A job cut off by the shutdown is not acked: JetStream hands it to
+    /// another instance after the ack wait.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                result = self.process_next(50, Duration::from_secs(1)) => {
-                    if let Err(e) = result {
-                        tracing::warn!(error = %format!("{e:#}"), "dispatcher step failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+            let messages = match self.open().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "dispatcher cannot subscribe; retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                     }
                 }
+            };
+            let work = messages.for_each_concurrent(self.concurrency, |message| async {
+                match message {
+                    Ok(m) => {
+                        if let Err(e) = self.job(m).await {
+                            tracing::warn!(error = %format!("{e:#}"), "dispatcher step failed");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "receiving from JetStream"),
+                }
+            });
+            tokio::select! {
+                _ = &mut shutdown => return,
+                // The subscription ended: open another.
+                _ = work => {}
             }
         }
     }
