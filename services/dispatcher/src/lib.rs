@@ -23,10 +23,10 @@ use twofold_domain::delivery::{self, Delivery, DeliveryCommand, DeliveryError, D
 use twofold_domain::tenant::Tenant;
 use twofold_domain::user::User;
 use twofold_domain::values::Method;
-use twofold_domain::{Actor, ChallengeId, Ctx, UserId};
+use twofold_domain::{Actor, ChallengeId, Ctx, TenantId, UserId};
 use twofold_platform::config::SmsProvider;
 use twofold_platform::crypto::Keyring;
-use twofold_platform::store::{ExecError, Store};
+use twofold_platform::store::{read_streams, Basis, ExecError, Store, StreamKey};
 use twofold_platform::{Clock, Config};
 
 pub use send::{Mailer, SmsClient};
@@ -59,6 +59,7 @@ impl Source {
 }
 
 pub struct Dispatcher {
+    pool: PgPool,
     users: Store<User>,
     tenants: Store<Tenant>,
     deliveries: Store<Delivery>,
@@ -127,9 +128,13 @@ impl Dispatcher {
             .await
             .map_err(|e| anyhow!("creating the consumer {}: {e}", source.durable))?;
         Ok(Self {
+            pool: pool.clone(),
             users: Store::new(pool.clone()),
             tenants: Store::new(pool.clone()),
-            deliveries: Store::new(pool),
+            // A job claims its delivery, then records it: the claim's state is
+            // remembered for the record (another instance writing the
+            // stream meanwhile fails the append, which then reads it).
+            deliveries: Store::remembering(pool, config.remembered_streams),
             keys: config.keyring()?,
             clock,
             consumer,
@@ -252,12 +257,75 @@ impl Dispatcher {
         Ctx::new(self.clock.now(), Actor::System)
     }
 
+    /// The user, the tenant the event names (if it names one) and the
+    /// delivery stream, in one read.
+    async fn read(
+        &self,
+        user_id: UserId,
+        tenant_id: Option<TenantId>,
+        delivery_id: &str,
+    ) -> anyhow::Result<(User, Option<Tenant>, Basis<Delivery>)> {
+        let user_key = user_id.to_string();
+        let tenant_key = tenant_id.map(|t| t.to_string());
+        let mut keys = vec![
+            StreamKey::Id {
+                aggregate_type: "user",
+                aggregate_id: &user_key,
+            },
+            StreamKey::Id {
+                aggregate_type: "delivery",
+                aggregate_id: delivery_id,
+            },
+        ];
+        if let Some(t) = &tenant_key {
+            keys.push(StreamKey::Id {
+                aggregate_type: "tenant",
+                aggregate_id: t,
+            });
+        }
+        let mut rows = read_streams(&self.pool, &keys).await?.into_iter();
+        let user = self
+            .users
+            .from_rows(&user_key, rows.next().flatten())
+            .await?
+            .state;
+        let delivery = self
+            .deliveries
+            .from_rows(delivery_id, rows.next().flatten())
+            .await?;
+        let delivery = self.deliveries.read_now(delivery_id, delivery);
+        let tenant = match &tenant_key {
+            Some(t) => Some(
+                self.tenants
+                    .from_rows(t, rows.next().flatten())
+                    .await?
+                    .state,
+            ),
+            None => None,
+        };
+        Ok((user, tenant, delivery))
+    }
+
     async fn record(
         &self,
         id: &str,
         command: DeliveryCommand,
     ) -> anyhow::Result<Result<Vec<DeliveryEvent>, DeliveryError>> {
-        match self.deliveries.execute(id, |_| Ok(command.clone())).await {
+        self.record_on(id, None, command).await
+    }
+
+    /// [`Dispatcher::record`], deciding on `basis` (just read) when given.
+    async fn record_on(
+        &self,
+        id: &str,
+        basis: Option<Basis<Delivery>>,
+        command: DeliveryCommand,
+    ) -> anyhow::Result<Result<Vec<DeliveryEvent>, DeliveryError>> {
+        match self
+            .deliveries
+            .execute_with(id, basis, &[], |_| Ok(command.clone()))
+            .await
+        {
             Ok(events) => Ok(Ok(events)),
             Err(ExecError::Refused(e)) => Ok(Err(e)),
             Err(ExecError::ReadMoved) => Err(anyhow!("unexpected: a delivery names no reads")),
@@ -306,7 +374,13 @@ impl Dispatcher {
             .unwrap_or_default()
             .parse()
             .context("a code event without a user")?;
-        let user = self.users.load(&user_id.to_string()).await?;
+        // The tenant the relay found in the event's metadata: read with the
+        // user (checked against the user's own below).
+        let tenant_hint: Option<TenantId> = body["metadata"]["tenant_id"]
+            .as_str()
+            .and_then(|t| t.parse().ok());
+        let id = delivery::stream_id(challenge_id, generation);
+        let (user, tenant, claim_basis) = self.read(user_id, tenant_hint, &id).await?;
         let now = self.clock.now();
         let Some(challenge) = user.challenges.get(&challenge_id) else {
             return Ok(Outcome::Superseded);
@@ -317,11 +391,14 @@ impl Dispatcher {
         let Some(tenant_id) = user.tenant_id else {
             return Ok(Outcome::Superseded);
         };
-        let tenant = self.tenants.load(&tenant_id.to_string()).await?;
-        let id = delivery::stream_id(challenge_id, generation);
+        let tenant = match tenant {
+            Some(tenant) if tenant_hint == Some(tenant_id) => tenant,
+            _ => self.tenants.load(&tenant_id.to_string()).await?,
+        };
         let claimed = self
-            .record(
+            .record_on(
                 &id,
+                Some(claim_basis),
                 DeliveryCommand::Claim {
                     challenge_id,
                     generation,

@@ -145,6 +145,16 @@ impl Config {
                 .parse()
                 .context("TWOFOLD_DATABASE_MAX_CONNECTIONS must be a whole number")?;
         }
+        if let Some(v) = var("TWOFOLD_SMS_RATE_PER_SECOND") {
+            self.sms_rate_per_second = v
+                .parse()
+                .context("TWOFOLD_SMS_RATE_PER_SECOND must be a whole number")?;
+        }
+        if let Some(v) = var("TWOFOLD_RECIPIENT_LIMIT_PER_HOUR") {
+            self.recipient_limit_per_hour = v
+                .parse()
+                .context("TWOFOLD_RECIPIENT_LIMIT_PER_HOUR must be a whole number")?;
+        }
         if let Some(v) = var("TWOFOLD_DISPATCHER_CONCURRENCY") {
             self.dispatcher_concurrency = v
                 .parse()
@@ -285,9 +295,13 @@ mod tests {
             ("TWOFOLD_HTTP_ADDR", "0.0.0.0:9999".to_string()),
             ("TWOFOLD_KEYS", format!("k1={key}")),
             ("TWOFOLD_CURRENT_KEY_ID", "k1".to_string()),
+            ("TWOFOLD_SMS_RATE_PER_SECOND", "250".to_string()),
+            ("TWOFOLD_DISPATCHER_CONCURRENCY", "4".to_string()),
         ]);
         c.apply_env(|n| env.get(n).cloned()).unwrap();
         assert_eq!(c.http_addr.port(), 9999);
+        assert_eq!(c.sms_rate_per_second, 250);
+        assert_eq!(c.dispatcher_concurrency, 4);
         assert_eq!(c.keys["k1"].expose_secret(), key);
         c.validate().unwrap();
     }
