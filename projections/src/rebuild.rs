@@ -91,6 +91,17 @@ pub async fn rebuild(pool: &PgPool, mut progress: impl FnMut(u64)) -> anyhow::Re
     let mut tx = writer.await.context("the rebuild writer stopped")??;
     let rows: Vec<&UserRow> = users.values().filter(|r| !r.user_id.is_empty()).collect();
     write_users(&mut tx, &rows, None).await?;
+    // The indexes dropped above, built again over the complete tables, with
+    // room to sort in memory.
+    sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")
+        .execute(&mut *tx)
+        .await?;
+    for (name, definition) in &indexes {
+        sqlx::query(definition)
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("building the index {name} again"))?;
+    }
     for builder in Builder::ALL {
         let (types, ids): (Vec<String>, Vec<String>) = positions.keys().cloned().unzip();
         let seqs: Vec<i64> = positions.values().copied().collect();

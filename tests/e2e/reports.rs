@@ -190,8 +190,22 @@ async fn as_of_a_past_moment_answers_what_the_read_model_answered_then() {
 #[tokio::test]
 async fn a_rebuild_equals_the_read_models_it_replaces_and_replays_are_harmless() {
     let app = spawn_app().await;
+    let indexes = || async {
+        let defs: Vec<String> = sqlx::query_scalar(
+            "SELECT indexdef FROM pg_indexes WHERE tablename IN ('rm_audit', 'rm_users') ORDER BY 1",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        defs
+    };
+    let before = indexes().await;
+    assert!(before.len() > 2, "the read models have secondary indexes");
     scripted_history(&app).await;
     rebuild(&app).await;
+    // The rebuild drops the secondary indexes while it writes and builds
+    // them again before it commits.
+    assert_eq!(indexes().await, before);
     let snapshot = |app: &TestApp| {
         let pool = app.pool.clone();
         async move {
