@@ -5,8 +5,10 @@
 //! The stack under test is the real `twofold` binary (verifier) on a fresh
 //! database; the load comes from this process over HTTP.
 
+mod load;
 mod report;
 mod scenarios;
+mod seed;
 mod stack;
 mod synthetic;
 
@@ -24,16 +26,26 @@ pub struct Args {
     pub out_dir: PathBuf,
     /// Scenario names to run (all when empty).
     pub only: Vec<String>,
-    /// Seconds each timed phase runs.
-    pub seconds: u64,
+    /// Seconds each timed phase runs (at most).
+    pub seconds: f64,
+    /// Verifications prepared for each client count.
+    pub verifications: usize,
+    /// Client counts of the verification scenario.
+    pub clients: Vec<usize>,
     /// Events for the rebuild scenario.
     pub rebuild_events: u64,
     /// Past sign-ins of the long-history user.
     pub history_sign_ins: u64,
     /// Events the relay scenario publishes.
     pub relay_events: u64,
+    /// Codes each dispatcher round sends (twice as many with two instances).
+    pub dispatch_jobs: usize,
     pub nats_url: String,
+    /// Keep the databases for a look afterwards.
+    pub keep: bool,
 }
+
+const FLAGS: &str = "--twofold-bin --admin-url --out --only --seconds --verifications --clients --rebuild-events --history-sign-ins --relay-events --dispatch-jobs --keep";
 
 fn args() -> anyhow::Result<Args> {
     let mut a = Args {
@@ -42,12 +54,16 @@ fn args() -> anyhow::Result<Args> {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string()),
         out_dir: PathBuf::from("bench"),
         only: Vec::new(),
-        seconds: 8,
+        seconds: 8.0,
+        verifications: 6_000,
+        clients: vec![1, 16, 64],
         rebuild_events: 1_000_000,
         history_sign_ins: 10_000,
         relay_events: 50_000,
+        dispatch_jobs: 1_000,
         nats_url: std::env::var("TWOFOLD_TEST_NATS_URL")
             .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string()),
+        keep: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -58,17 +74,37 @@ fn args() -> anyhow::Result<Args> {
             "--out" => a.out_dir = PathBuf::from(value()?),
             "--only" => a.only = value()?.split(',').map(str::to_string).collect(),
             "--seconds" => a.seconds = value()?.parse().context("--seconds")?,
-            "--rebuild-events" => a.rebuild_events = value()?.parse().context("--rebuild-events")?,
+            "--verifications" => a.verifications = value()?.parse().context("--verifications")?,
+            "--clients" => {
+                a.clients = value()?
+                    .split(',')
+                    .map(|c| c.parse().context("--clients"))
+                    .collect::<anyhow::Result<_>>()?
+            }
+            "--rebuild-events" => {
+                a.rebuild_events = value()?.parse().context("--rebuild-events")?
+            }
             "--relay-events" => a.relay_events = value()?.parse().context("--relay-events")?,
+            "--dispatch-jobs" => a.dispatch_jobs = value()?.parse().context("--dispatch-jobs")?,
             "--history-sign-ins" => {
                 a.history_sign_ins = value()?.parse().context("--history-sign-ins")?
             }
-            other => anyhow::bail!(
-                "unknown flag {other}; flags: --twofold-bin --admin-url --out --only --seconds --rebuild-events --history-sign-ins"
-            ),
+            "--keep" => a.keep = true,
+            "--help" | "-h" => {
+                println!("twofold-bench [flags]: {FLAGS}");
+                std::process::exit(0);
+            }
+            other => anyhow::bail!("unknown flag {other}; flags: {FLAGS}"),
         }
     }
     Ok(a)
+}
+
+/// The load generator shares the verifier's wall clock: TOTP codes and
+/// commit times are read off the same clock the services use.
+#[allow(clippy::disallowed_methods)]
+pub fn wall_now() -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now()
 }
 
 #[tokio::main]
@@ -80,7 +116,14 @@ async fn main() -> anyhow::Result<()> {
     let path = args.out_dir.join("report.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
-    println!("{}", report::table(&report));
-    eprintln!("twofold-bench: wrote {}", path.display());
+    let table = report::table(&report);
+    let md = args.out_dir.join("report.md");
+    std::fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
+    println!("{table}");
+    eprintln!(
+        "twofold-bench: wrote {} and {}",
+        path.display(),
+        md.display()
+    );
     Ok(())
 }

@@ -29,7 +29,7 @@ pub struct Report {
 pub fn table(report: &Report) -> String {
     let mut out = String::new();
     out.push_str(
-        "| scenario | value | baseline | ratio | target | met |\n|---|---|---|---|---|---|\n",
+        "| scenario | value | baseline | ratio | target | met | latency p50 / p95 / p99 |\n|---|---|---|---|---|---|---|\n",
     );
     for s in &report.scenarios {
         let baseline = match (&s.baseline, &s.baseline_unit) {
@@ -38,17 +38,35 @@ pub fn table(report: &Report) -> String {
         };
         let ratio = s.ratio.map_or("—".to_string(), |r| format!("{r:.2}"));
         out.push_str(&format!(
-            "| {} | {:.1} {} | {} | {} | {} | {} |\n",
+            "| {} | {:.1} {} | {} | {} | {} | {} | {} |\n",
             s.name,
             s.value,
             s.unit,
             baseline,
             ratio,
             s.target,
-            if s.met { "yes" } else { "NO" }
+            if s.met { "yes" } else { "NO" },
+            percentiles(&s.details)
         ));
     }
     out
+}
+
+/// "p50 / p95 / p99 ms" of a scenario's latencies (its own, or those under
+/// `latency`), or a dash.
+fn percentiles(details: &Value) -> String {
+    let of = |d: &Value| -> Option<String> {
+        let p = |k: &str| d.get(k).and_then(Value::as_f64);
+        Some(format!(
+            "{:.1} / {:.1} / {:.1} ms",
+            p("p50_ms")?,
+            p("p95_ms")?,
+            p("p99_ms")?
+        ))
+    };
+    of(details)
+        .or_else(|| details.get("latency").and_then(of))
+        .unwrap_or_else(|| "—".to_string())
 }
 
 /// Percentile `p` (0..=100) of sorted samples.

@@ -1,25 +1,40 @@
-//! The stack under test: a fresh database and the real `twofold verifier`
-//! process, plus the HTTP calls the scenarios make.
+//! The stack under test: a fresh database, a tenant, and the real
+//! `twofold verifier` process; plus what the scenarios share to drive it.
 
+use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, PgPool};
+use twofold_domain::tenant::{Tenant, TenantCommand, TwoFactorSettings};
+use twofold_domain::{Actor, Ctx, TenantId};
+use twofold_platform::crypto::Keyring;
+use twofold_platform::store::Store;
 
+use crate::seed::Seeder;
 use crate::Args;
 
+/// PostgreSQL's default allows 100 connections: the verifier's pool (which
+/// its remembered states leave mostly idle), its committers, and the load
+/// generator's pool (one per client for the 64-client insert baseline) and
+/// committers share them.
+const VERIFIER_CONNECTIONS: u32 = 24;
+const BENCH_CONNECTIONS: u32 = 64;
+
 pub struct Stack {
+    keep: bool,
     pub tenant_id: String,
-    twofold_bin: std::path::PathBuf,
-    env: Vec<(String, String)>,
+    pub tenant: TenantId,
+    /// The verifier's server keys, for seeding secrets it can open.
+    pub keys: Keyring,
     pub db_name: String,
     pub admin_url: String,
-    pub base: String,
-    pub admin_password: String,
+    base: String,
     pub pool: PgPool,
-    pub http: reqwest::Client,
+    http: reqwest::Client,
     verifier: Child,
 }
 
@@ -48,7 +63,7 @@ pub async fn drop_database(admin_url: &str, name: &str) {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -56,57 +71,80 @@ fn free_port() -> anyhow::Result<u16> {
 
 impl Stack {
     pub async fn start(args: &Args) -> anyhow::Result<Self> {
-        let db_name = format!("twofold_bench_{}", std::process::id());
+        Self::start_with(args, "main", &[]).await
+    }
+
+    /// A stack of its own (database `twofold_bench_<pid>_<name>`), with the
+    /// verifier's configuration changed by `settings` (`TWOFOLD_*` variables).
+    pub async fn start_with(
+        args: &Args,
+        name: &str,
+        settings: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let db_name = format!("twofold_bench_{}_{name}", std::process::id());
         let database_url = create_database(&args.admin_url, &db_name).await?;
-        let keys = format!("bench={}", twofold_platform::crypto::new_key_hex());
+        let key_hex = twofold_platform::crypto::new_key_hex();
+        let keys = Keyring::from_config(
+            &BTreeMap::from([("bench".to_string(), key_hex.clone().into())]),
+            "bench",
+        )?;
         let port = free_port()?;
-        let metrics_port = free_port()?;
-        let vars: Vec<(String, String)> = vec![
+        let vars: Vec<(String, String)> = [
             ("TWOFOLD_DATABASE_URL".into(), database_url.clone()),
-            ("TWOFOLD_KEYS".into(), keys.clone()),
+            ("TWOFOLD_KEYS".into(), format!("bench={key_hex}")),
             ("TWOFOLD_CURRENT_KEY_ID".into(), "bench".into()),
-            ("TWOFOLD_DATABASE_MAX_CONNECTIONS".into(), "64".into()),
+            (
+                "TWOFOLD_DATABASE_MAX_CONNECTIONS".into(),
+                VERIFIER_CONNECTIONS.to_string(),
+            ),
             ("TWOFOLD_HTTP_ADDR".into(), format!("127.0.0.1:{port}")),
             (
                 "TWOFOLD_METRICS_ADDR".into(),
-                format!("127.0.0.1:{metrics_port}"),
+                format!("127.0.0.1:{}", free_port()?),
             ),
             ("TWOFOLD_LOG".into(), "warn".into()),
-        ];
-        let env = |cmd: &mut Command| {
-            cmd.envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        ]
+        .into_iter()
+        .chain(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+        let twofold = |args_: &[&str]| {
+            let mut cmd = Command::new(&args.twofold_bin);
+            cmd.args(args_)
+                .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            cmd
         };
-        let mut migrate = Command::new(&args.twofold_bin);
-        migrate.arg("migrate");
-        env(&mut migrate);
-        let status = migrate
+        let status = twofold(&["migrate"])
+            .stderr(Stdio::null())
             .status()
             .with_context(|| format!("running {}", args.twofold_bin.display()))?;
         if !status.success() {
             bail!("twofold migrate failed");
         }
-        let mut create = Command::new(&args.twofold_bin);
-        create.args([
+        let out = twofold(&[
             "tenant",
             "create",
             "--name",
             "Bench",
             "--admin-username",
             "admin",
-        ]);
-        env(&mut create);
-        let out = create.stderr(Stdio::null()).output()?;
+        ])
+        .stderr(Stdio::null())
+        .output()?;
         if !out.status.success() {
             bail!("twofold tenant create failed");
         }
         let created: Value = serde_json::from_slice(&out.stdout)?;
-        let mut verifier = Command::new(&args.twofold_bin);
-        verifier
-            .arg("verifier")
+        let tenant_id = created["tenant_id"]
+            .as_str()
+            .context("tenant create printed no tenant id")?
+            .to_string();
+        std::fs::create_dir_all(&args.out_dir)?;
+        let log = std::fs::File::create(args.out_dir.join(format!("verifier-{name}.log")))?;
+        let verifier = twofold(&["verifier"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        env(&mut verifier);
-        let verifier = verifier.spawn().context("starting the verifier")?;
+            .stderr(log)
+            .spawn()
+            .context("starting the verifier")?;
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
             .build()?;
@@ -122,25 +160,17 @@ impl Stack {
         if !up {
             bail!("the verifier did not come up");
         }
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(70)
+        // The verifier's own pool settings, so the insert baseline goes
+        // through the same sqlx pool as the verifier's reads do.
+        let pool = twofold_platform::db::pool_options(BENCH_CONNECTIONS)
             .connect(&database_url)
             .await?;
         Ok(Self {
-            tenant_id: created["tenant_id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            twofold_bin: args.twofold_bin.clone(),
-            env: vars,
-            base: format!(
-                "http://127.0.0.1:{port}/v1/tenants/{}",
-                created["tenant_id"].as_str().unwrap_or_default()
-            ),
-            admin_password: created["one_time_password"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
+            keep: args.keep,
+            tenant: tenant_id.parse().context("the tenant id is not a UUID")?,
+            keys,
+            base: format!("http://127.0.0.1:{port}/v1/tenants/{tenant_id}"),
+            tenant_id,
             db_name,
             admin_url: args.admin_url.clone(),
             pool,
@@ -149,63 +179,32 @@ impl Stack {
         })
     }
 
-    /// Replaces the tenant's settings as an operator (`twofold tenant settings`),
-    /// so the bench needs no 2FA-checked admin session.
-    pub fn set_settings(&self, settings: &Value) -> anyhow::Result<()> {
-        let out = Command::new(&self.twofold_bin)
-            .args([
-                "tenant",
-                "settings",
-                "--tenant",
-                &self.tenant_id,
-                "--reason",
-                "benchmark",
-                "--json",
-            ])
-            .arg(settings.to_string())
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "twofold tenant settings failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+    /// Sets the tenant's two-factor settings through the event store, as an
+    /// operator would (`twofold tenant settings`), without a process start.
+    pub async fn apply_settings(&self, settings: &TwoFactorSettings) -> anyhow::Result<()> {
+        let tenants: Store<Tenant> = Store::new(self.pool.clone());
+        tenants
+            .execute(&self.tenant_id, |_| {
+                Ok(TenantCommand::ChangeTwoFactorSettings {
+                    settings: settings.clone(),
+                    ctx: Ctx::new(crate::wall_now(), Actor::Operator).with_reason("benchmark"),
+                })
+            })
+            .await
+            .map_err(|e| anyhow::Error::new(e).context("changing the settings"))?;
         Ok(())
     }
 
-    pub async fn post(
-        &self,
-        path: &str,
-        token: Option<&str>,
-        body: Value,
-    ) -> anyhow::Result<(u16, Value)> {
-        let mut req = self.http.post(format!("{}{path}", self.base)).json(&body);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let resp = req.send().await?;
-        let status = resp.status().as_u16();
-        let body = resp.json().await.unwrap_or(Value::Null);
-        Ok((status, body))
+    pub async fn seeder(&self) -> anyhow::Result<Seeder> {
+        Seeder::new(self.pool.clone(), self.keys.clone(), self.tenant).await
     }
 
-    pub async fn session(&self, username: &str, password: &str) -> anyhow::Result<String> {
-        let (status, body) = self
-            .post(
-                "/sign-in",
-                None,
-                json!({"username": username, "password": password}),
-            )
-            .await?;
-        match body["session"]["token"].as_str() {
-            Some(t) if status == 200 => Ok(t.to_string()),
-            _ => bail!("sign-in of {username} did not open a session: {status} {body}"),
+    /// A cheap handle for load-generating tasks.
+    pub fn client(&self) -> Client {
+        Client {
+            base: Arc::new(self.base.clone()),
+            http: self.http.clone(),
         }
-    }
-
-    pub async fn admin(&self) -> anyhow::Result<String> {
-        self.session("admin", &self.admin_password.clone()).await
     }
 
     /// Peak resident memory of the verifier process, in MiB.
@@ -224,6 +223,92 @@ impl Stack {
         let _ = self.verifier.kill();
         let _ = self.verifier.wait();
         self.pool.close().await;
-        drop_database(&self.admin_url, &self.db_name).await;
+        if self.keep {
+            eprintln!("twofold-bench: kept the database {}", self.db_name);
+        } else {
+            drop_database(&self.admin_url, &self.db_name).await;
+        }
     }
+}
+
+/// The API as the load generator's tasks call it.
+#[derive(Clone)]
+pub struct Client {
+    base: Arc<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: Value,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// A password sign-in; answers the status and body.
+    pub async fn sign_in(&self, username: &str, password: &str) -> anyhow::Result<(u16, Value)> {
+        self.post(
+            "/sign-in",
+            None,
+            json!({"username": username, "password": password}),
+        )
+        .await
+    }
+}
+
+/// What the report says of the machine it ran on.
+pub fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kib| kib.parse::<f64>().ok())
+        .map(|kib| (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0);
+    json!({
+        "cores": crate::scenarios::cores(),
+        "cpu": model,
+        "memory_gib": mem_gib,
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+    })
+}
+
+/// The PostgreSQL settings that decide commit costs, read through `url`.
+pub async fn postgres_facts(url: &str) -> anyhow::Result<Value> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let mut facts = serde_json::Map::new();
+    for name in [
+        "server_version",
+        "synchronous_commit",
+        "fsync",
+        "wal_sync_method",
+        "shared_buffers",
+        "max_connections",
+        "ssl",
+    ] {
+        let value: String = sqlx::query_scalar(&format!("SHOW {name}"))
+            .fetch_one(&mut conn)
+            .await?;
+        facts.insert(name.to_string(), Value::String(value));
+    }
+    Ok(Value::Object(facts))
 }
