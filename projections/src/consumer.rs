@@ -11,9 +11,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer};
-use futures::{FutureExt, StreamExt};
+use async_nats::jetstream;
 use sqlx::{Connection, PgConnection, PgPool};
+use twofold_platform::jetstream::Batches;
 
 use crate::record::EventRecord;
 use crate::store::{Builder, StreamTarget};
@@ -38,11 +38,12 @@ pub struct Projector {
     /// `Projector::process_next`).
     connections: std::sync::Mutex<Vec<PgConnection>>,
     builder: Builder,
-    consumer: PullConsumer,
-    /// Messages as JetStream pushes them (pull requests kept outstanding),
-    /// opened at the first step.
-    messages: tokio::sync::Mutex<Option<pull::Stream>>,
+    /// The builder's durable consumer, up to `BATCH` messages pulled ahead.
+    batches: Batches,
 }
+
+/// Most messages applied in one transaction (and pulled ahead).
+const BATCH: usize = 500;
 
 impl Projector {
     /// Binds to (creating if needed) the builder's durable consumer.
@@ -76,8 +77,7 @@ impl Projector {
             pool,
             connections: std::sync::Mutex::new(Vec::new()),
             builder,
-            consumer,
-            messages: tokio::sync::Mutex::new(None),
+            batches: Batches::new(consumer, BATCH),
         })
     }
 
@@ -89,38 +89,10 @@ impl Projector {
         max: usize,
         wait: Duration,
     ) -> anyhow::Result<Vec<EventRecord>> {
-        let mut guard = self.messages.lock().await;
-        let messages = match guard.as_mut() {
-            Some(m) => m,
-            None => guard.insert(
-                self.consumer
-                    .stream()
-                    .max_messages_per_batch(max)
-                    .messages()
-                    .await
-                    .map_err(|e| anyhow!("subscribing to JetStream: {e}"))?,
-            ),
-        };
-        let mut batch = Vec::new();
-        match tokio::time::timeout(wait, messages.next()).await {
-            Err(_) | Ok(None) => return Ok(Vec::new()),
-            Ok(Some(first)) => batch.push(first),
+        let batch = self.batches.next(max, wait).await?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
         }
-        while batch.len() < max {
-            match messages.next().now_or_never() {
-                Some(Some(next)) => batch.push(next),
-                _ => break,
-            }
-        }
-        let batch: Vec<jetstream::Message> = match batch.into_iter().collect() {
-            Ok(batch) => batch,
-            Err(e) => {
-                // The subscription is broken: the next step opens another.
-                *guard = None;
-                return Err(anyhow!("receiving from JetStream: {e}"));
-            }
-        };
-        drop(guard);
         let mut targets = Vec::with_capacity(batch.len());
         for message in &batch {
             let id = message
@@ -190,7 +162,7 @@ impl Projector {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
         let step = || async {
             loop {
-                if let Err(e) = self.process_next(500, Duration::from_secs(1)).await {
+                if let Err(e) = self.process_next(BATCH, Duration::from_secs(1)).await {
                     tracing::warn!(builder = self.builder.name(), error = %format!("{e:#}"), "projector step failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }

@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer, AckKind};
+use async_nats::jetstream::{self, AckKind};
 use futures::future::join_all;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use serde_json::Value;
 use sqlx::PgPool;
 use twofold_domain::delivery::{self, Delivery, DeliveryCommand, DeliveryError, DeliveryEvent};
@@ -26,6 +26,7 @@ use twofold_domain::values::Method;
 use twofold_domain::{Actor, ChallengeId, Ctx, TenantId, UserId};
 use twofold_platform::config::SmsProvider;
 use twofold_platform::crypto::Keyring;
+use twofold_platform::jetstream::Batches;
 use twofold_platform::store::{read_streams, Basis, ExecError, Store, StreamKey};
 use twofold_platform::{Clock, Config};
 
@@ -65,10 +66,10 @@ pub struct Dispatcher {
     deliveries: Store<Delivery>,
     keys: Keyring,
     clock: Arc<dyn Clock>,
-    consumer: PullConsumer,
-    /// Messages as JetStream pushes them, at most `concurrency` ahead,
-    /// opened at the first step.
-    messages: tokio::sync::Mutex<Option<pull::Stream>>,
+    /// The shared durable consumer, at most `concurrency` messages pulled
+    /// ahead of what has been taken, so the jobs spread over the instances
+    /// that have room for them.
+    batches: Batches,
     concurrency: usize,
     mailer: Mailer,
     sms: SmsClient,
@@ -137,8 +138,7 @@ impl Dispatcher {
             deliveries: Store::remembering(pool, config.remembered_streams),
             keys: config.keyring()?,
             clock,
-            consumer,
-            messages: tokio::sync::Mutex::new(None),
+            batches: Batches::new(consumer, source.concurrency),
             concurrency: source.concurrency.max(1),
             mailer: Mailer::from_config(config)?,
             sms: SmsClient::new(config.sms_rate_per_second)?,
@@ -150,46 +150,10 @@ impl Dispatcher {
         })
     }
 
-    /// The instance's message subscription: JetStream keeps pushing messages
-    /// to it, no more than `concurrency` ahead of what has been taken, so
-    /// the jobs spread over the instances that have room for them.
-    async fn open(&self) -> anyhow::Result<pull::Stream> {
-        self.consumer
-            .stream()
-            .max_messages_per_batch(self.concurrency)
-            .messages()
-            .await
-            .map_err(|e| anyhow!("subscribing to JetStream: {e}"))
-    }
-
     /// Handles up to `max` jobs at once, waiting at most `wait` for the
     /// first; returns the outcome of each.
     pub async fn process_next(&self, max: usize, wait: Duration) -> anyhow::Result<Vec<Outcome>> {
-        let mut guard = self.messages.lock().await;
-        let messages = match guard.as_mut() {
-            Some(m) => m,
-            None => guard.insert(self.open().await?),
-        };
-        let mut batch = Vec::new();
-        match tokio::time::timeout(wait, messages.next()).await {
-            Err(_) | Ok(None) => return Ok(Vec::new()),
-            Ok(Some(first)) => batch.push(first),
-        }
-        while batch.len() < max {
-            match messages.next().now_or_never() {
-                Some(Some(next)) => batch.push(next),
-                _ => break,
-            }
-        }
-        let batch: Vec<jetstream::Message> = match batch.into_iter().collect() {
-            Ok(batch) => batch,
-            Err(e) => {
-                // The subscription is broken: the next step opens another.
-                *guard = None;
-                return Err(anyhow!("receiving from JetStream: {e}"));
-            }
-        };
-        drop(guard);
+        let batch = self.batches.next(max, wait).await?;
         join_all(batch.into_iter().map(|m| self.job(m)))
             .await
             .into_iter()
@@ -225,7 +189,7 @@ impl Dispatcher {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
-            let messages = match self.open().await {
+            let messages = match self.batches.open().await {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "dispatcher cannot subscribe; retrying");
