@@ -1,0 +1,116 @@
+//! The command line: one subcommand per worker, plus the operator's tools.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use twofold_domain::TenantId;
+
+#[derive(Parser)]
+#[command(
+    name = "twofold",
+    version,
+    about = "Event-sourced two-factor authentication backend"
+)]
+pub struct Cli {
+    /// A TOML configuration file (also TWOFOLD_CONFIG); TWOFOLD_* variables override it.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Serve the HTTP API.
+    Verifier,
+    /// Publish committed events from the outbox to NATS JetStream.
+    Relay,
+    /// Keep the read models up to date from JetStream.
+    Projector,
+    /// Deliver email and SMS codes (run as many as the load needs).
+    Dispatcher,
+    /// Print a new random server key (64 hex digits) for TWOFOLD_KEYS.
+    Keygen,
+    /// Tenants: create one with its first admin, or change its settings.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Users: create one.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Read models: rebuild them from the event store.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+    /// Audit exports: check one is complete and unaltered.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ProjectionsCommand {
+    /// Replay every event into fresh read models (stop the projectors first).
+    Rebuild,
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Verify an NDJSON or CSV export from GET /audit: exit 0 when it is
+    /// complete and unaltered, 1 otherwise.
+    Verify {
+        /// The export file; `-` reads standard input.
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant and its first admin; prints the admin's one-time password.
+    Create {
+        /// Shown as the issuer in authenticator apps.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        admin_username: String,
+        #[arg(long)]
+        admin_email: Option<String>,
+    },
+    /// Replace the tenant's two-factor settings with the JSON given.
+    Settings {
+        #[arg(long)]
+        tenant: TenantId,
+        /// The settings as JSON (see README, "Settings"); `-` reads standard input.
+        #[arg(long)]
+        json: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum UserCommand {
+    /// Create a user; the password is read from standard input.
+    Create {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        email: Option<String>,
+        #[arg(long)]
+        phone: Option<String>,
+        /// Comma-separated roles.
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        #[arg(long)]
+        service_account: bool,
+    },
+}

@@ -1,0 +1,163 @@
+//! The operator's tools: tenants and users, read-model rebuilds, audit checks.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use anyhow::Context;
+use secrecy::SecretString;
+use twofold_domain::tenant::TwoFactorSettings;
+use twofold_domain::{Actor, Ctx};
+use twofold_platform::{Clock, Config};
+use twofold_verifier::accounts::{self, NewUser};
+use twofold_verifier::error::ApiError;
+
+use crate::cli::{TenantCommand, UserCommand};
+
+/// `twofold projections rebuild`
+pub async fn rebuild(config: &Config) -> anyhow::Result<()> {
+    let pool = twofold_platform::db::connect(config).await?;
+    twofold_platform::db::migrate(&pool).await?;
+    let total: i64 = sqlx_count(&pool).await?;
+    let done = twofold_projections::rebuild::rebuild(&pool, |n| {
+        eprint!("\r{}", progress_bar(n, total.max(0) as u64));
+    })
+    .await?;
+    eprintln!();
+    println!(
+        "{}",
+        serde_json::json!({
+            "events": done.events,
+            "users": done.users,
+            "seconds": done.seconds,
+            "events_per_second": done.events as f64 / done.seconds.max(1e-9),
+        })
+    );
+    Ok(())
+}
+
+/// `twofold tenant ...`
+pub async fn tenant(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    command: TenantCommand,
+) -> anyhow::Result<()> {
+    let state = twofold_verifier::connect(config, clock.clone()).await?;
+    let ctx = Ctx::new(clock.now(), Actor::Operator);
+    match command {
+        TenantCommand::Create {
+            name,
+            admin_username,
+            admin_email,
+        } => {
+            let created = accounts::create_tenant(&state, &name, &admin_username, admin_email, ctx)
+                .await
+                .map_err(api)?;
+            println!("{}", serde_json::to_string_pretty(&created)?);
+            eprintln!("twofold: the one-time password is shown only now; keep it safe");
+            Ok(())
+        }
+        TenantCommand::Settings {
+            tenant,
+            json,
+            reason,
+        } => {
+            let json = if json == "-" { read_stdin()? } else { json };
+            let settings: TwoFactorSettings =
+                serde_json::from_str(&json).context("reading the settings JSON")?;
+            let ctx = match reason {
+                Some(r) => ctx.with_reason(r),
+                None => ctx,
+            };
+            let stored = accounts::change_settings(&state, tenant, settings, ctx)
+                .await
+                .map_err(api)?;
+            println!("{}", serde_json::to_string_pretty(&stored)?);
+            Ok(())
+        }
+    }
+}
+
+/// `twofold user ...`
+pub async fn user(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    command: UserCommand,
+) -> anyhow::Result<()> {
+    let UserCommand::Create {
+        tenant,
+        username,
+        email,
+        phone,
+        roles,
+        service_account,
+    } = command;
+    let state = twofold_verifier::connect(config, clock.clone()).await?;
+    state.tenant(&tenant.to_string()).await.map_err(api)?;
+    let password = read_stdin()?;
+    let password = password.trim_end_matches(['\r', '\n']).to_string();
+    let ctx = Ctx::new(clock.now(), Actor::Operator);
+    let new = NewUser {
+        username,
+        password: SecretString::from(password),
+        email,
+        phone,
+        roles,
+        service_account,
+    };
+    let user_id = accounts::create_user(&state, tenant, new, ctx)
+        .await
+        .map_err(api)?;
+    println!("{}", serde_json::json!({ "user_id": user_id }));
+    Ok(())
+}
+
+async fn sqlx_count(pool: &twofold_platform::db::PgPool) -> anyhow::Result<i64> {
+    twofold_platform::db::count_events(pool).await
+}
+
+/// `[#####.....] 5000/10000 events`
+fn progress_bar(done: u64, total: u64) -> String {
+    const WIDTH: u64 = 30;
+    let filled = (done.min(total) * WIDTH)
+        .checked_div(total)
+        .unwrap_or(WIDTH);
+    format!(
+        "[{}{}] {done}/{total} events",
+        "#".repeat(filled as usize),
+        ".".repeat((WIDTH - filled) as usize)
+    )
+}
+
+pub fn verify_export(file: &std::path::Path) -> anyhow::Result<()> {
+    let text = if file.as_os_str() == "-" {
+        read_stdin()?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    match twofold_projections::audit::verify(&text) {
+        Ok(v) => {
+            println!(
+                "ok: {} entries, complete and unaltered (head {})",
+                v.entries, v.head
+            );
+            Ok(())
+        }
+        Err(e) => {
+            println!("FAILED: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn read_stdin() -> anyhow::Result<String> {
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .context("reading standard input")?;
+    Ok(s)
+}
+
+/// An API error as a CLI error: its code and message.
+fn api(e: ApiError) -> anyhow::Error {
+    anyhow::anyhow!("{} ({})", e.message, e.code)
+}
