@@ -9,9 +9,10 @@ use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, PgPool};
+use twofold_app::App;
 use twofold_domain::{Actor, Ctx, TenantId};
 use twofold_platform::{crypto, Config, ManualClock};
-use twofold_verifier::{accounts, AppState, Verifier};
+use twofold_verifier::Verifier;
 use uuid::Uuid;
 
 pub fn admin_database_url() -> String {
@@ -30,7 +31,7 @@ pub struct TestApp {
     pub admin_username: String,
     pub admin_password: String,
     pub clock: ManualClock,
-    pub state: AppState,
+    pub state: App,
     pub pool: PgPool,
     pub client: reqwest::Client,
     pub metrics_addr: SocketAddr,
@@ -96,15 +97,15 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     let clock = ManualClock::starting_at(start_time());
     let (addr, metrics_addr, state) = start_verifier(&config, &clock).await;
 
-    let created = accounts::create_tenant(
-        &state,
-        "Acme",
-        "root-admin",
-        Some("admin@acme.test".to_string()),
-        Ctx::new(start_time(), Actor::Operator),
-    )
-    .await
-    .unwrap();
+    let created = state
+        .create_tenant(
+            "Acme",
+            "root-admin",
+            Some("admin@acme.test".to_string()),
+            Ctx::new(start_time(), Actor::Operator),
+        )
+        .await
+        .unwrap();
     let pool = direct;
     TestApp {
         base: format!("http://{addr}/v1/tenants/{}", created.tenant_id),
@@ -122,16 +123,13 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
 
 /// A verifier serving in the background: its API and metrics addresses, and
 /// its state.
-async fn start_verifier(
-    config: &Config,
-    clock: &ManualClock,
-) -> (SocketAddr, SocketAddr, AppState) {
+async fn start_verifier(config: &Config, clock: &ManualClock) -> (SocketAddr, SocketAddr, App) {
     let verifier = Verifier::build(config, Arc::new(clock.clone()))
         .await
         .unwrap();
     let addr = verifier.local_addr().unwrap();
     let metrics_addr = verifier.metrics_addr().unwrap();
-    let state = verifier.state();
+    let state = verifier.app();
     tokio::spawn(verifier.run_until_stopped(std::future::pending()));
     (addr, metrics_addr, state)
 }

@@ -200,3 +200,60 @@ async fn a_lockout_through_another_verifier_holds_on_one_that_remembers_the_user
     assert_eq!(refused.status, StatusCode::LOCKED, "{:?}", refused.body);
     assert_eq!(refused.code(), "account_locked");
 }
+
+/// The username claim and the user's first events are one transaction: a
+/// connection killed by PostgreSQL after the claim is written, while the
+/// events are being written, leaves the name free (no compensating step
+/// exists to forget), and the same name can then be registered.
+#[tokio::test]
+async fn a_registration_killed_between_claim_and_events_leaves_the_name_free() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    // Kills the writing backend in the middle of its insert of the first event.
+    sqlx::raw_sql(
+        "CREATE FUNCTION die_on_register() RETURNS trigger AS $$ \
+         BEGIN \
+           IF NEW.event_type = 'UserRegistered' THEN \
+             PERFORM pg_terminate_backend(pg_backend_pid()); \
+           END IF; \
+           RETURN NEW; \
+         END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER die_on_register BEFORE INSERT ON events \
+           FOR EACH ROW EXECUTE FUNCTION die_on_register();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let body = json!({"username": "dora", "password": "correct horse battery"});
+    let refused = app.post_auth("/users", &admin, body.clone()).await;
+    assert!(
+        refused.status.is_server_error(),
+        "{} {}",
+        refused.status,
+        refused.body
+    );
+    let claims: i64 = sqlx::query_scalar("SELECT count(*) FROM usernames WHERE username = 'dora'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(claims, 0, "the claim must die with its events");
+    let registered: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type = 'UserRegistered' \
+         AND payload::text LIKE '%\"dora\"%'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(registered, 0);
+
+    sqlx::raw_sql("DROP TRIGGER die_on_register ON events")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let created = app.post_auth("/users", &admin, body).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    assert_eq!(
+        app.sign_in("dora", "correct horse battery").await.status,
+        StatusCode::OK
+    );
+}

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use secrecy::SecretString;
+use twofold_app::accounts::NewUser;
+use twofold_app::{App, AppError};
 use twofold_domain::tenant::TwoFactorSettings;
 use twofold_domain::{Actor, Ctx};
 use twofold_platform::{Clock, Config};
-use twofold_verifier::accounts::{self, NewUser};
-use twofold_verifier::error::ApiError;
 
 use crate::cli::{TenantCommand, UserCommand};
 
@@ -41,7 +41,7 @@ pub async fn tenant(
     clock: Arc<dyn Clock>,
     command: TenantCommand,
 ) -> anyhow::Result<()> {
-    let state = twofold_verifier::connect(config, clock.clone()).await?;
+    let app = App::connect(config, clock.clone()).await?;
     let ctx = Ctx::new(clock.now(), Actor::Operator);
     match command {
         TenantCommand::Create {
@@ -49,7 +49,8 @@ pub async fn tenant(
             admin_username,
             admin_email,
         } => {
-            let created = accounts::create_tenant(&state, &name, &admin_username, admin_email, ctx)
+            let created = app
+                .create_tenant(&name, &admin_username, admin_email, ctx)
                 .await
                 .map_err(api)?;
             println!("{}", serde_json::to_string_pretty(&created)?);
@@ -68,7 +69,8 @@ pub async fn tenant(
                 Some(r) => ctx.with_reason(r),
                 None => ctx,
             };
-            let stored = accounts::change_settings(&state, tenant, settings, ctx)
+            let stored = app
+                .change_settings(tenant, settings, ctx)
                 .await
                 .map_err(api)?;
             println!("{}", serde_json::to_string_pretty(&stored)?);
@@ -91,8 +93,8 @@ pub async fn user(
         roles,
         service_account,
     } = command;
-    let state = twofold_verifier::connect(config, clock.clone()).await?;
-    state.tenant(&tenant.to_string()).await.map_err(api)?;
+    let app = App::connect(config, clock.clone()).await?;
+    app.tenant(&tenant.to_string()).await.map_err(api)?;
     let password = read_stdin()?;
     let password = password.trim_end_matches(['\r', '\n']).to_string();
     let ctx = Ctx::new(clock.now(), Actor::Operator);
@@ -104,9 +106,7 @@ pub async fn user(
         roles,
         service_account,
     };
-    let user_id = accounts::create_user(&state, tenant, new, ctx)
-        .await
-        .map_err(api)?;
+    let user_id = app.create_user(tenant, new, ctx).await.map_err(api)?;
     println!("{}", serde_json::json!({ "user_id": user_id }));
     Ok(())
 }
@@ -157,7 +157,7 @@ fn read_stdin() -> anyhow::Result<String> {
     Ok(s)
 }
 
-/// An API error as a CLI error: its code and message.
-fn api(e: ApiError) -> anyhow::Error {
-    anyhow::anyhow!("{} ({})", e.message, e.code)
+/// An application error as a CLI error: its message and code.
+fn api(e: AppError) -> anyhow::Error {
+    anyhow::anyhow!("{} ({})", e.message(), e.code())
 }

@@ -1,5 +1,5 @@
-//! Request extractors: JSON bodies with API-style errors, the request context
-//! (IP, user agent) for events, and the signed-in session.
+//! Request extractors: JSON bodies with API-style errors, where a request came
+//! from (IP, user agent) for events, and the signed-in session.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -7,31 +7,15 @@ use axum::extract::{ConnectInfo, FromRef, FromRequest, FromRequestParts, Path};
 use axum::http::header;
 use axum::http::request::Parts;
 use secrecy::SecretString;
-use twofold_domain::tenant::Tenant;
-use twofold_domain::user::{SecondFactorUse, SkipReason, User};
-use twofold_domain::{Actor, Ctx, SessionId, TenantId, UserId};
-use twofold_platform::tokens::{self, TokenKind};
+use twofold_app::{AdminSession, AppError, Origin, Session};
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::ApiState;
 
 /// `axum::Json`, but malformed bodies answer with an [`ApiError`].
 #[derive(FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct ApiJson<T>(pub T);
-
-/// Where a request came from, for the audit record.
-#[derive(Debug, Clone)]
-pub struct RequestMeta {
-    pub ip: Option<String>,
-    pub user_agent: Option<String>,
-}
-
-impl RequestMeta {
-    pub fn ctx(&self, at: chrono::DateTime<chrono::Utc>, actor: Actor) -> Ctx {
-        Ctx::new(at, actor).with_request(self.ip.clone(), self.user_agent.clone())
-    }
-}
 
 /// The client's address: the peer's, unless the peer is a trusted proxy; then
 /// the nearest address in `X-Forwarded-For` that is not a trusted proxy.
@@ -61,15 +45,18 @@ pub fn client_ip(
     Some(client)
 }
 
+/// Where a request came from, for the audit record.
+pub struct RequestMeta(pub Origin);
+
 impl<S> FromRequestParts<S> for RequestMeta
 where
     S: Send + Sync,
-    AppState: FromRef<S>,
+    ApiState: FromRef<S>,
 {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let app = AppState::from_ref(state);
+        let api = ApiState::from_ref(state);
         let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
@@ -78,118 +65,65 @@ where
             .headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok());
-        let ip = client_ip(peer, forwarded, &app.trusted_proxies).map(|ip| ip.to_string());
+        let ip = client_ip(peer, forwarded, &api.trusted_proxies).map(|ip| ip.to_string());
         let user_agent = parts
             .headers
             .get(header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
             .map(|s| s.chars().take(256).collect());
-        Ok(Self { ip, user_agent })
+        Ok(Self(Origin { ip, user_agent }))
     }
 }
 
-/// A live session of a user of the tenant in the path.
-pub struct SignedIn {
-    pub tenant_id: TenantId,
-    pub tenant: Tenant,
-    pub user_id: UserId,
-    pub session_id: SessionId,
-    pub second_factor: SecondFactorUse,
-    pub user: User,
+/// The tenant id as written in the path.
+async fn raw_tenant<S: Send + Sync>(parts: &mut Parts, state: &S) -> Result<String, ApiError> {
+    let Path(params): Path<std::collections::HashMap<String, String>> =
+        Path::from_request_parts(parts, state)
+            .await
+            .map_err(|_| AppError::TenantNotFound)?;
+    Ok(params
+        .get("tenant")
+        .cloned()
+        .ok_or(AppError::TenantNotFound)?)
 }
 
-impl SignedIn {
-    pub fn actor(&self) -> Actor {
-        Actor::User(self.user_id)
-    }
-}
+/// A live session (`Authorization: Bearer <token>`) of a user of the tenant
+/// in the path.
+pub struct SignedIn(pub Session);
 
 impl<S> FromRequestParts<S> for SignedIn
 where
     S: Send + Sync,
-    AppState: FromRef<S>,
+    ApiState: FromRef<S>,
 {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let app = AppState::from_ref(state);
-        let Path(params): Path<std::collections::HashMap<String, String>> =
-            Path::from_request_parts(parts, state)
-                .await
-                .map_err(|_| ApiError::tenant_not_found())?;
-        let raw_tenant = params
-            .get("tenant")
-            .ok_or_else(ApiError::tenant_not_found)?;
-        let (tenant_id, tenant) = app.tenant(raw_tenant).await?;
+        let api = ApiState::from_ref(state);
+        let tenant = raw_tenant(parts, state).await?;
         let token = parts
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| SecretString::from(t.trim().to_string()))
-            .ok_or_else(ApiError::unauthenticated)?;
-        let claim =
-            tokens::parse(TokenKind::Session, &token).ok_or_else(ApiError::unauthenticated)?;
-        let user = app
-            .user_in(tenant_id, claim.user_id)
-            .await?
-            .ok_or_else(ApiError::unauthenticated)?;
-        let session_id = SessionId(claim.item);
-        let second_factor = user
-            .live_session(session_id, &claim.hash, app.now())
-            .ok_or_else(ApiError::unauthenticated)?
-            .second_factor;
-        Ok(Self {
-            tenant_id,
-            tenant,
-            user_id: claim.user_id,
-            session_id,
-            second_factor,
-            user,
-        })
+            .map(|t| SecretString::from(t.trim().to_string()));
+        Ok(Self(api.app.session(&tenant, token.as_ref()).await?))
     }
 }
 
-/// A signed-in admin of the tenant.
-pub struct SignedInAdmin(pub SignedIn);
-
-impl SignedInAdmin {
-    pub fn actor(&self) -> Actor {
-        Actor::Admin(self.0.user_id)
-    }
-}
+/// A signed-in admin of the tenant (see `Session::admin`).
+pub struct SignedInAdmin(pub AdminSession);
 
 impl<S> FromRequestParts<S> for SignedInAdmin
 where
     S: Send + Sync,
-    AppState: FromRef<S>,
+    ApiState: FromRef<S>,
 {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let signed_in = SignedIn::from_request_parts(parts, state).await?;
-        if !signed_in.user.is_admin() {
-            return Err(ApiError::forbidden());
-        }
-        // With 2FA on, the admin's own session must have met the tenant's
-        // policy: a second factor passed, a device remembered by one, or a
-        // scope that does not ask this admin. A session from before 2FA was
-        // switched on, or of an admin with no factor set up, is not enough.
-        let checked = matches!(
-            signed_in.second_factor,
-            SecondFactorUse::Used { .. }
-                | SecondFactorUse::Skipped {
-                    reason: SkipReason::KnownDevice | SkipReason::NotRequired
-                }
-        );
-        if signed_in.tenant.settings.enabled && !checked {
-            return Err(ApiError::new(
-                axum::http::StatusCode::FORBIDDEN,
-                "second_factor_required",
-                "Admin actions need a session signed in with a second factor. Sign in again.",
-            ));
-        }
-        Ok(Self(signed_in))
+        let SignedIn(session) = SignedIn::from_request_parts(parts, state).await?;
+        Ok(Self(session.admin()?))
     }
 }
 

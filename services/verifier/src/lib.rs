@@ -1,12 +1,9 @@
 //! The verifier: twofold's HTTP API (axum). Stateless; run as many as needed
 //! behind a load balancer. `build` prepares it, `run_until_stopped` serves.
 
-pub mod accounts;
-pub mod backup_codes;
 pub mod error;
 pub mod extract;
 pub mod routes;
-pub mod state;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,15 +17,21 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
-use twofold_platform::password::Passwords;
-use twofold_platform::{db, telemetry, Clock, Config};
-
-pub use state::AppState;
+use twofold_app::App;
+use twofold_platform::{telemetry, Clock, Config};
 
 use error::ApiError;
 
+/// What every handler shares: the application and what only HTTP needs.
+#[derive(Clone)]
+pub struct ApiState {
+    pub app: App,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Arc<[ipnet::IpNet]>,
+}
+
 /// The API's routes over `state`.
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
     use routes::{admin, auth, me, reports};
     let tenant = Router::new()
         .route("/sign-in", post(auth::sign_in))
@@ -55,15 +58,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             "/users/{user}",
             get(admin::get_user).patch(admin::update_user),
         )
-        .route(
-            "/users/{user}/reset-enrollment",
-            post(admin::reset_enrollment),
-        )
-        .route("/users/{user}/unlock", post(admin::unlock))
-        .route(
-            "/users/{user}/revoke-sessions",
-            post(admin::revoke_sessions),
-        )
+        .route("/users/{user}/{action}", post(admin::act_on_user))
         .route(
             "/users/{user}/backup-codes",
             post(admin::regenerate_backup_codes),
@@ -76,13 +71,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     Router::new()
         .nest("/v1/tenants/{tenant}", tenant)
         .route("/health", get(|| async { "ok" }))
-        .fallback(|| async {
-            ApiError::new(
-                axum::http::StatusCode::NOT_FOUND,
-                "not_found",
-                "No such endpoint.",
-            )
-        })
+        .fallback(|| async { ApiError::not_found() })
         .layer(middleware::from_fn(record_request))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
@@ -108,42 +97,32 @@ async fn record_request(request: Request, next: Next) -> Response {
     response
 }
 
-/// The shared state from configuration: connects and applies migrations.
-pub async fn connect(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
-    let pool = db::connect(config).await?;
-    db::migrate(&pool).await?;
-    Ok(AppState::new(
-        pool,
-        Passwords::for_this_machine()?,
-        config.keyring()?,
-        clock,
-        config.trusted_proxies.clone(),
-        config.remembered_streams,
-    ))
-}
-
 /// A verifier bound to its ports, ready to serve.
 pub struct Verifier {
     listener: TcpListener,
     metrics_listener: TcpListener,
-    app: Router,
-    state: AppState,
+    router: Router,
+    app: App,
 }
 
 impl Verifier {
     /// Connects to PostgreSQL, applies migrations, binds the API and metrics ports.
     pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let state = connect(config, clock).await?;
+        let app = App::connect(config, clock).await?;
         let listener = TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("binding the API port {}", config.http_addr))?;
         let metrics_listener = telemetry::bind(config.metrics_addr).await?;
-        let app = router(state.clone(), config.max_body_bytes);
+        let state = ApiState {
+            app: app.clone(),
+            trusted_proxies: config.trusted_proxies.clone().into(),
+        };
+        let router = router(state, config.max_body_bytes);
         Ok(Self {
             listener,
             metrics_listener,
+            router,
             app,
-            state,
         })
     }
 
@@ -155,8 +134,9 @@ impl Verifier {
         Ok(self.metrics_listener.local_addr()?)
     }
 
-    pub fn state(&self) -> AppState {
-        self.state.clone()
+    /// The application this verifier serves (tests drive it directly).
+    pub fn app(&self) -> App {
+        self.app.clone()
     }
 
     /// Serves until `shutdown` resolves, then finishes in-flight requests.
@@ -176,7 +156,8 @@ impl Verifier {
         tracing::info!(addr = %self.listener.local_addr()?, "verifier listening");
         let served = axum::serve(
             self.listener,
-            self.app.into_make_service_with_connect_info::<SocketAddr>(),
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)
         .await

@@ -288,7 +288,10 @@ impl<'a> Events<'a> {
     }
 }
 
-async fn write(conn: &mut PgConnection, appends: &[Append]) -> Result<Written, sqlx::Error> {
+pub(super) async fn write(
+    conn: &mut PgConnection,
+    appends: &[Append],
+) -> Result<Written, sqlx::Error> {
     let mut c = Columns::default();
     for (i, a) in appends.iter().enumerate() {
         let i = i as i32;

@@ -358,10 +358,8 @@ impl<A: Aggregate<Services = ()> + TenantScoped + Clone> Store<A> {
             };
             let new_sequence = sequence + events.len() as i64;
             let snapshot = new_sequence - snapshot_sequence >= SNAPSHOT_EVERY;
-            match self
-                .append(id, sequence, &events, &state, snapshot, reads)
-                .await?
-            {
+            let append = Self::prepare(id, sequence, &events, &state, snapshot, reads)?;
+            match self.append(append).await? {
                 Outcome::Written => {
                     if let Some(cache) = &self.cache {
                         let versioned = Versioned {
@@ -393,17 +391,24 @@ impl<A: Aggregate<Services = ()> + TenantScoped + Clone> Store<A> {
         .into())
     }
 
-    /// Appends `events` after `expected` through the committer, with a new
-    /// snapshot (`state`) when `snapshot` says one is due.
-    async fn append(
-        &self,
+    /// Writes an append through the committer (shared with concurrent requests).
+    async fn append(&self, append: Append) -> Result<Outcome, StoreError> {
+        self.committer
+            .get_or_init(|| Committer::start(&self.pool))
+            .append(append)
+            .await
+    }
+
+    /// `events` to append after `expected`, with a new snapshot (`state`)
+    /// when `snapshot` says one is due, as the committer's statement writes them.
+    fn prepare(
         id: &str,
         expected: i64,
         events: &[A::Event],
         state: &A,
         snapshot: bool,
         reads: &[Read],
-    ) -> Result<Outcome, StoreError> {
+    ) -> Result<Append, StoreError> {
         let mut append = Append {
             aggregate_type: A::TYPE,
             aggregate_id: id.to_string(),
@@ -433,11 +438,85 @@ impl<A: Aggregate<Services = ()> + TenantScoped + Clone> Store<A> {
             append.event_versions.push(event.event_version());
             append.payloads.push(serde_json::to_string(event)?);
         }
-        self.committer
-            .get_or_init(|| Committer::start(&self.pool))
-            .append(append)
-            .await
+        Ok(append)
     }
+
+    /// Starts a new stream with the events of `command` (decided on the empty
+    /// state) and takes `claim` in the same transaction: both are written or
+    /// neither, so a crash between them cannot leave a claim without its
+    /// stream. Registration is rare, so this bypasses the group committer.
+    pub async fn create_claiming(
+        &self,
+        id: &str,
+        command: A::Command,
+        claim: Claim<'_>,
+    ) -> Result<Vec<A::Event>, CreateError<A::Error>> {
+        let mut state = A::default();
+        let sink = EventSink::default();
+        state
+            .handle(command, &(), &sink)
+            .await
+            .map_err(CreateError::Refused)?;
+        let events = sink.collect().await;
+        let snapshot = events.len() as i64 >= SNAPSHOT_EVERY;
+        let append = Self::prepare(id, 0, &events, &state, snapshot, &[])?;
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let claimed = match claim {
+            Claim::Username {
+                tenant_id,
+                username,
+                user_id,
+            } => sqlx::query(
+                "INSERT INTO usernames (tenant_id, username, user_id) VALUES ($1, $2, $3) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(tenant_id)
+            .bind(username)
+            .bind(user_id),
+        }
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?
+        .rows_affected();
+        if claimed == 0 {
+            return Err(CreateError::Taken);
+        }
+        let (written, _) = committer::write(&mut tx, std::slice::from_ref(&append))
+            .await
+            .map_err(StoreError::from)?;
+        if written.is_empty() {
+            // The stream already had events: nothing of this is kept.
+            return Err(CreateError::Exists);
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(events)
+    }
+}
+
+/// A unique name taken together with the first events of a stream.
+#[derive(Debug, Clone, Copy)]
+pub enum Claim<'a> {
+    /// A username in a tenant, for the user's stream.
+    Username {
+        tenant_id: uuid::Uuid,
+        username: &'a str,
+        user_id: uuid::Uuid,
+    },
+}
+
+/// Why [`Store::create_claiming`] wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError<E: StdError> {
+    #[error(transparent)]
+    Refused(E),
+    /// The claim is held by another stream.
+    #[error("the name is taken")]
+    Taken,
+    /// The stream already exists.
+    #[error("the stream already exists")]
+    Exists,
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Whether an error (or one it wraps) says PostgreSQL could not be reached.

@@ -1,78 +1,22 @@
-//! What every request handler shares.
+//! Reading what a command is decided on: the tenant and the user, remembered
+//! from earlier requests where that is safe, else read together.
 
-use std::sync::Arc;
-
-use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 use twofold_domain::tenant::Tenant;
 use twofold_domain::user::User;
 use twofold_domain::{TenantId, UserId};
-use twofold_platform::crypto::Keyring;
-use twofold_platform::password::Passwords;
-use twofold_platform::store::{read_streams, Basis, Cache, Store, StreamKey};
-use twofold_platform::Clock;
+use twofold_platform::store::{read_streams, Basis, StreamKey};
 
-use crate::error::ApiError;
+use crate::{App, AppError};
 
-/// Usernames remembered per process.
-const REMEMBERED_USERNAMES: usize = 16_384;
-
-#[derive(Clone)]
-pub struct AppState(pub Arc<Inner>);
-
-pub struct Inner {
-    pub pool: PgPool,
-    pub tenants: Store<Tenant>,
-    pub users: Store<User>,
-    /// Usernames seen at sign-in, by tenant: a registered username never
-    /// changes hands, so remembering it saves a read.
-    pub usernames: Cache<(TenantId, String), UserId>,
-    pub passwords: Passwords,
-    pub keys: Keyring,
-    pub clock: Arc<dyn Clock>,
-    pub trusted_proxies: Vec<ipnet::IpNet>,
-}
-
-impl std::ops::Deref for AppState {
-    type Target = Inner;
-    fn deref(&self) -> &Inner {
-        &self.0
-    }
-}
-
-impl AppState {
-    pub fn new(
-        pool: PgPool,
-        passwords: Passwords,
-        keys: Keyring,
-        clock: Arc<dyn Clock>,
-        trusted_proxies: Vec<ipnet::IpNet>,
-        remembered_streams: usize,
-    ) -> Self {
-        Self(Arc::new(Inner {
-            tenants: Store::remembering(pool.clone(), remembered_streams),
-            users: Store::remembering(pool.clone(), remembered_streams),
-            usernames: Cache::new(REMEMBERED_USERNAMES),
-            pool,
-            passwords,
-            keys,
-            clock,
-            trusted_proxies,
-        }))
-    }
-
-    pub fn now(&self) -> DateTime<Utc> {
-        self.clock.now()
-    }
-
+impl App {
     /// The tenant named in a path, or 404 for a malformed or unknown id.
-    pub async fn tenant(&self, raw_id: &str) -> Result<(TenantId, Tenant), ApiError> {
-        let id: TenantId = raw_id.parse().map_err(|_| ApiError::tenant_not_found())?;
+    pub async fn tenant(&self, raw_id: &str) -> Result<(TenantId, Tenant), AppError> {
+        let id: TenantId = raw_id.parse().map_err(|_| AppError::TenantNotFound)?;
         let tenant = self.tenants.load(&id.to_string()).await?;
         if tenant.exists() {
             Ok((id, tenant))
         } else {
-            Err(ApiError::tenant_not_found())
+            Err(AppError::TenantNotFound)
         }
     }
 
@@ -86,10 +30,8 @@ impl AppState {
         raw_tenant: &str,
         user: UserKey<'_>,
         memory: Memory,
-    ) -> Result<(TenantId, Basis<Tenant>, Option<(UserId, Basis<User>)>), ApiError> {
-        let tenant_id: TenantId = raw_tenant
-            .parse()
-            .map_err(|_| ApiError::tenant_not_found())?;
+    ) -> Result<(TenantId, Basis<Tenant>, Option<(UserId, Basis<User>)>), AppError> {
+        let tenant_id: TenantId = raw_tenant.parse().map_err(|_| AppError::TenantNotFound)?;
         let tenant_key = tenant_id.to_string();
         if memory == Memory::Use {
             let user_id = match user {
@@ -128,7 +70,7 @@ impl AppState {
         let (tenant_rows, user_rows) = (read.next().flatten(), read.next().flatten());
         let tenant = self.tenants.from_rows(&tenant_key, tenant_rows).await?;
         if !tenant.state.exists() {
-            return Err(ApiError::tenant_not_found());
+            return Err(AppError::TenantNotFound);
         }
         let tenant = self.tenants.read_now(&tenant_key, tenant);
         let user = match user_rows {
@@ -152,29 +94,14 @@ impl AppState {
 
     /// The tenant as it stands now, to decide again after a command found
     /// it had moved (`ExecError::ReadMoved`).
-    pub async fn tenant_now(&self, tenant_id: TenantId) -> Result<Basis<Tenant>, ApiError> {
+    pub async fn tenant_now(&self, tenant_id: TenantId) -> Result<Basis<Tenant>, AppError> {
         let key = tenant_id.to_string();
         let loaded = self.tenants.load_versioned(&key).await?;
         Ok(self.tenants.read_now(&key, loaded))
     }
 
-    /// The user with this username in this tenant, if any.
-    pub async fn user_id_by_name(
-        &self,
-        tenant: TenantId,
-        username: &str,
-    ) -> Result<Option<UserId>, ApiError> {
-        let row: Option<(uuid::Uuid,)> =
-            sqlx::query_as("SELECT user_id FROM usernames WHERE tenant_id = $1 AND username = $2")
-                .bind(tenant.as_uuid())
-                .bind(username)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(|(id,)| UserId(id)))
-    }
-
     /// A user of `tenant` (one of another tenant is treated as absent).
-    pub async fn user_in(&self, tenant: TenantId, user: UserId) -> Result<Option<User>, ApiError> {
+    pub async fn user_in(&self, tenant: TenantId, user: UserId) -> Result<Option<User>, AppError> {
         let loaded = self.users.load(&user.to_string()).await?;
         Ok((loaded.exists() && loaded.tenant_id == Some(tenant)).then_some(loaded))
     }

@@ -1,0 +1,171 @@
+//! Creating tenants and users, and changing a tenant's settings: shared by
+//! the admin API and the `twofold` CLI.
+
+use rand::distributions::{Alphanumeric, DistString};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use twofold_domain::tenant::{TenantCommand, TwoFactorSettings};
+use twofold_domain::user::UserCommand;
+use twofold_domain::values::{Email, Phone, Role, Username, ValueError};
+use twofold_domain::{Ctx, TenantId, UserId};
+use twofold_platform::store::Claim;
+use uuid::Uuid;
+
+use crate::auth::MAX_PASSWORD_BYTES;
+use crate::{observe, App, AppError};
+
+/// A user to create, as given (parsed here, once).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    pub username: String,
+    pub password: SecretString,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub phone: Option<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub service_account: bool,
+}
+
+pub const MIN_PASSWORD_CHARS: usize = 8;
+
+fn check_password(password: &SecretString) -> Result<(), AppError> {
+    let p = password.expose_secret();
+    if p.chars().count() < MIN_PASSWORD_CHARS || p.len() > MAX_PASSWORD_BYTES {
+        return Err(AppError::InvalidField(ValueError {
+            field: "password",
+            message: "must be 8 characters to 1024 bytes long",
+        }));
+    }
+    Ok(())
+}
+
+/// An optional field: absent or empty is none.
+fn optional<T>(
+    raw: Option<&str>,
+    parse: impl Fn(&str) -> Result<T, ValueError>,
+) -> Result<Option<T>, AppError> {
+    Ok(raw.filter(|s| !s.is_empty()).map(parse).transpose()?)
+}
+
+impl App {
+    /// Registers a user: hashes the password, then claims the username and
+    /// appends `UserRegistered` in one transaction (both or neither).
+    pub async fn create_user(
+        &self,
+        tenant_id: TenantId,
+        new: NewUser,
+        ctx: Ctx,
+    ) -> Result<UserId, AppError> {
+        let username = Username::parse(&new.username)?;
+        let email = optional(new.email.as_deref(), Email::parse)?;
+        let phone = optional(new.phone.as_deref(), Phone::parse)?;
+        let roles = new
+            .roles
+            .iter()
+            .map(|r| Role::parse(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_password(&new.password)?;
+        let password_hash = self.passwords.hash(&new.password).await?;
+        let user_id = UserId(Uuid::new_v4());
+        self.users
+            .create_claiming(
+                &user_id.to_string(),
+                UserCommand::Register {
+                    user_id,
+                    tenant_id,
+                    username: username.clone(),
+                    email,
+                    phone,
+                    roles,
+                    service_account: new.service_account,
+                    password_hash,
+                    ctx,
+                },
+                Claim::Username {
+                    tenant_id: tenant_id.as_uuid(),
+                    username: username.as_str(),
+                    user_id: user_id.as_uuid(),
+                },
+            )
+            .await?;
+        observe::user_created();
+        Ok(user_id)
+    }
+
+    /// A tenant and its first admin, whose generated password is returned once.
+    pub async fn create_tenant(
+        &self,
+        name: &str,
+        admin_username: &str,
+        admin_email: Option<String>,
+        ctx: Ctx,
+    ) -> Result<CreatedTenant, AppError> {
+        let tenant_id = TenantId(Uuid::new_v4());
+        // Check the admin's fields before the tenant exists, so a typo leaves nothing behind.
+        Username::parse(admin_username)?;
+        if let Some(e) = admin_email.as_deref() {
+            Email::parse(e)?;
+        }
+        self.tenants
+            .execute(&tenant_id.to_string(), |_| {
+                Ok(TenantCommand::Create {
+                    tenant_id,
+                    name: name.to_string(),
+                    ctx: ctx.clone(),
+                })
+            })
+            .await?;
+        let password = Alphanumeric.sample_string(&mut rand::rngs::OsRng, 20);
+        let admin_user_id = self
+            .create_user(
+                tenant_id,
+                NewUser {
+                    username: admin_username.to_string(),
+                    password: SecretString::from(password.clone()),
+                    email: admin_email,
+                    phone: None,
+                    roles: vec![Role::ADMIN.to_string()],
+                    service_account: false,
+                },
+                ctx,
+            )
+            .await?;
+        Ok(CreatedTenant {
+            tenant_id,
+            admin_user_id,
+            admin_username: admin_username.to_lowercase(),
+            one_time_password: password,
+        })
+    }
+
+    /// Replaces the tenant's two-factor settings; answers them as stored.
+    pub async fn change_settings(
+        &self,
+        tenant_id: TenantId,
+        settings: TwoFactorSettings,
+        ctx: Ctx,
+    ) -> Result<TwoFactorSettings, AppError> {
+        self.tenants
+            .execute(&tenant_id.to_string(), |_| {
+                Ok(TenantCommand::ChangeTwoFactorSettings {
+                    settings: settings.clone(),
+                    ctx: ctx.clone(),
+                })
+            })
+            .await?;
+        Ok(self.tenant(&tenant_id.to_string()).await?.1.settings)
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct CreatedTenant {
+    pub tenant_id: TenantId,
+    pub admin_user_id: UserId,
+    pub admin_username: String,
+    /// Shown once; only its argon2id hash is kept.
+    pub one_time_password: String,
+}

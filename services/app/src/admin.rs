@@ -1,0 +1,285 @@
+//! What a tenant's admin does: users, their factors and sessions, and the
+//! tenant's two-factor settings. Every action on a user carries the admin as
+//! actor and the reason given.
+
+use serde::Serialize;
+use twofold_domain::tenant::TwoFactorSettings;
+use twofold_domain::user::{User, UserCommand, UserError};
+use twofold_domain::values::{Email, Phone, Role};
+use twofold_domain::{Ctx, UserId};
+use twofold_projections::directory::LastSignIn;
+
+use crate::accounts::NewUser;
+use crate::me::Profile;
+use crate::session::AdminSession;
+use crate::{backup_codes, App, AppError, Origin};
+
+/// A user as an admin sees them: what they see of themselves, and more.
+#[derive(Debug, Serialize)]
+pub struct UserDetail {
+    #[serde(flatten)]
+    pub profile: Profile,
+    pub two_factor_switched_on: bool,
+    pub locked: bool,
+    pub failures: u32,
+    pub active_sessions: usize,
+    pub remembered_devices: usize,
+    /// From the directory read model (it may lag a little).
+    pub last_sign_in: Option<LastSignIn>,
+}
+
+/// What an admin can do to a user with one click (and a reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserAction {
+    /// The user enrolls again; their sessions and remembered devices end.
+    ResetEnrollment,
+    /// Ends a lockout.
+    Unlock,
+    /// Ends the user's sessions and remembered devices.
+    RevokeSessions,
+}
+
+/// A change to a user; absent fields stay as they are.
+#[derive(Debug, Default)]
+pub struct UserUpdate {
+    pub roles: Option<Vec<String>>,
+    /// `Some(None)` clears it.
+    pub email: Option<Option<String>>,
+    pub phone: Option<Option<String>>,
+    pub service_account: Option<bool>,
+    /// Switches 2FA on or off for this user (scope "per user").
+    pub two_factor_switched_on: Option<bool>,
+    pub reason: Option<String>,
+}
+
+fn admin_ctx(app: &App, origin: &Origin, admin: &AdminSession, reason: Option<String>) -> Ctx {
+    let mut ctx = origin.ctx(app.now(), admin.actor());
+    ctx.reason = reason.filter(|r| !r.trim().is_empty());
+    ctx
+}
+
+/// A field to set, clear (empty or null) or leave.
+fn change<T>(
+    raw: Option<Option<String>>,
+    parse: impl Fn(&str) -> Result<T, twofold_domain::values::ValueError>,
+) -> Result<Option<Option<T>>, AppError> {
+    Ok(raw
+        .map(|v| v.filter(|s| !s.is_empty()).map(|s| parse(&s)).transpose())
+        .transpose()?)
+}
+
+impl App {
+    /// The user an admin names, in the admin's tenant.
+    async fn target(
+        &self,
+        admin: &AdminSession,
+        raw_user: &str,
+    ) -> Result<(UserId, User), AppError> {
+        let user_id: UserId = raw_user.parse().map_err(|_| AppError::UserNotFound)?;
+        let user = self
+            .user_in(admin.tenant_id(), user_id)
+            .await?
+            .ok_or(AppError::UserNotFound)?;
+        Ok((user_id, user))
+    }
+
+    /// Runs one admin command on the user named.
+    async fn admin_command(
+        &self,
+        admin: &AdminSession,
+        raw_user: &str,
+        reason: Option<String>,
+        origin: &Origin,
+        command: impl Fn(Ctx) -> UserCommand,
+    ) -> Result<(), AppError> {
+        let (user_id, _) = self.target(admin, raw_user).await?;
+        let ctx = admin_ctx(self, origin, admin, reason);
+        self.users
+            .execute(&user_id.to_string(), |_| Ok(command(ctx.clone())))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn admin_create_user(
+        &self,
+        admin: &AdminSession,
+        new: NewUser,
+        origin: &Origin,
+    ) -> Result<UserId, AppError> {
+        let ctx = origin.ctx(self.now(), admin.actor());
+        self.create_user(admin.tenant_id(), new, ctx).await
+    }
+
+    pub async fn settings(&self, admin: &AdminSession) -> Result<TwoFactorSettings, AppError> {
+        Ok(self
+            .tenant(&admin.tenant_id().to_string())
+            .await?
+            .1
+            .settings)
+    }
+
+    pub async fn put_settings(
+        &self,
+        admin: &AdminSession,
+        settings: TwoFactorSettings,
+        reason: Option<String>,
+        origin: &Origin,
+    ) -> Result<TwoFactorSettings, AppError> {
+        let ctx = admin_ctx(self, origin, admin, reason);
+        self.change_settings(admin.tenant_id(), settings, ctx).await
+    }
+
+    pub async fn user_detail(
+        &self,
+        admin: &AdminSession,
+        raw_user: &str,
+    ) -> Result<UserDetail, AppError> {
+        let (user_id, u) = self.target(admin, raw_user).await?;
+        let now = self.now();
+        let last_sign_in = twofold_projections::queries::user(
+            &self.pool,
+            &admin.tenant_id().to_string(),
+            &user_id.to_string(),
+        )
+        .await?
+        .and_then(|row| row.last_sign_in);
+        Ok(UserDetail {
+            profile: Profile::of(user_id, &u),
+            two_factor_switched_on: u.two_factor_switched_on,
+            locked: u.lockout.is_locked(),
+            failures: u.lockout.failures(),
+            active_sessions: u.sessions.values().filter(|s| now < s.expires_at).count(),
+            remembered_devices: u.devices.len(),
+            last_sign_in,
+        })
+    }
+
+    pub async fn update_user(
+        &self,
+        admin: &AdminSession,
+        raw_user: &str,
+        update: UserUpdate,
+        origin: &Origin,
+    ) -> Result<(), AppError> {
+        let (user_id, _) = self.target(admin, raw_user).await?;
+        let roles = update
+            .roles
+            .map(|r| {
+                r.iter()
+                    .map(|r| Role::parse(r))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        let email = change(update.email, Email::parse)?;
+        let phone = change(update.phone, Phone::parse)?;
+        let ctx = admin_ctx(self, origin, admin, update.reason);
+        let tenant_enabled = admin.0.tenant.settings.enabled;
+        // Check the switch first, so a refused switch leaves the profile untouched.
+        if update.two_factor_switched_on == Some(true) && !tenant_enabled {
+            return Err(UserError::TwoFactorUnavailable.into());
+        }
+        let service_account = update.service_account;
+        if roles.is_some() || email.is_some() || phone.is_some() || service_account.is_some() {
+            self.users
+                .execute(&user_id.to_string(), |_| {
+                    Ok(UserCommand::Update {
+                        roles: roles.clone(),
+                        email: email.clone(),
+                        phone: phone.clone(),
+                        service_account,
+                        ctx: ctx.clone(),
+                    })
+                })
+                .await?;
+        }
+        if let Some(on) = update.two_factor_switched_on {
+            self.users
+                .execute(&user_id.to_string(), |_| {
+                    Ok(UserCommand::SwitchTwoFactor {
+                        on,
+                        tenant_enabled,
+                        ctx: ctx.clone(),
+                    })
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// One of the admin's actions on a user, with the reason given.
+    pub async fn act_on_user(
+        &self,
+        admin: &AdminSession,
+        raw_user: &str,
+        action: UserAction,
+        reason: Option<String>,
+        origin: &Origin,
+    ) -> Result<(), AppError> {
+        self.admin_command(admin, raw_user, reason, origin, |ctx| match action {
+            UserAction::ResetEnrollment => UserCommand::ResetEnrollment { ctx },
+            UserAction::Unlock => UserCommand::Unlock { ctx },
+            UserAction::RevokeSessions => UserCommand::RevokeSessions {
+                forget_devices: true,
+                ctx,
+            },
+        })
+        .await
+    }
+
+    /// New codes for a user who lost theirs, shown to the admin once to hand over.
+    pub async fn regenerate_backup_codes_for(
+        &self,
+        admin: &AdminSession,
+        raw_user: &str,
+        reason: Option<String>,
+        origin: &Origin,
+    ) -> Result<Vec<String>, AppError> {
+        let (user_id, _) = self.target(admin, raw_user).await?;
+        let (codes, hashes) = backup_codes::issue(&self.keys, user_id.as_uuid().as_bytes());
+        self.admin_command(admin, raw_user, reason, origin, |ctx| {
+            UserCommand::RegenerateBackupCodes {
+                backup_codes: hashes.clone(),
+                step_up: None,
+                ctx,
+            }
+        })
+        .await?;
+        Ok(codes)
+    }
+
+    /// Ends every session of the tenant (remembered devices stay); answers
+    /// how many users were signed out.
+    pub async fn revoke_all_sessions(
+        &self,
+        admin: &AdminSession,
+        reason: Option<String>,
+        origin: &Origin,
+    ) -> Result<usize, AppError> {
+        let ctx = admin_ctx(self, origin, admin, reason);
+        if ctx.reason.is_none() {
+            return Err(UserError::ReasonRequired.into());
+        }
+        let users: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT user_id FROM usernames WHERE tenant_id = $1 ORDER BY user_id",
+        )
+        .bind(admin.tenant_id().as_uuid())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut signed_out = 0;
+        for user in users {
+            let events = self
+                .users
+                .execute(&user.to_string(), |_| {
+                    Ok(UserCommand::RevokeSessions {
+                        forget_devices: false,
+                        ctx: ctx.clone(),
+                    })
+                })
+                .await?;
+            if !events.is_empty() {
+                signed_out += 1;
+            }
+        }
+        Ok(signed_out)
+    }
+}

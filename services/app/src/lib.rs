@@ -1,0 +1,111 @@
+//! The application layer: one function per use case (sign-in, verification,
+//! enrollment, step-up, self-service, admin actions, reports). It owns the
+//! decide-and-retry loop over the event store, the username claim, tokens and
+//! proofs, and the metrics taken from events. The HTTP API, the pages and the
+//! CLI are thin adapters over it: they parse input, call one use case and
+//! render its typed answer.
+
+pub mod accounts;
+pub mod admin;
+pub mod auth;
+pub mod backup_codes;
+pub mod error;
+pub mod me;
+mod observe;
+mod reads;
+pub mod reports;
+pub mod session;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use twofold_domain::tenant::Tenant;
+use twofold_domain::user::User;
+use twofold_domain::{Actor, Ctx, TenantId, UserId};
+use twofold_platform::crypto::Keyring;
+use twofold_platform::password::Passwords;
+use twofold_platform::store::{Cache, Store};
+use twofold_platform::{db, Clock, Config};
+
+pub use error::AppError;
+pub use reads::{Memory, UserKey};
+pub use session::{AdminSession, Session};
+
+/// Usernames remembered per process.
+const REMEMBERED_USERNAMES: usize = 16_384;
+
+/// What every use case works with; cheap to clone.
+#[derive(Clone)]
+pub struct App(Arc<Inner>);
+
+pub struct Inner {
+    pub pool: PgPool,
+    pub tenants: Store<Tenant>,
+    pub users: Store<User>,
+    /// Usernames seen at sign-in, by tenant: a registered username never
+    /// changes hands, so remembering it saves a read.
+    pub usernames: Cache<(TenantId, String), UserId>,
+    pub passwords: Passwords,
+    pub keys: Keyring,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::ops::Deref for App {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl App {
+    pub fn new(
+        pool: PgPool,
+        passwords: Passwords,
+        keys: Keyring,
+        clock: Arc<dyn Clock>,
+        remembered_streams: usize,
+    ) -> Self {
+        Self(Arc::new(Inner {
+            tenants: Store::remembering(pool.clone(), remembered_streams),
+            users: Store::remembering(pool.clone(), remembered_streams),
+            usernames: Cache::new(REMEMBERED_USERNAMES),
+            pool,
+            passwords,
+            keys,
+            clock,
+        }))
+    }
+
+    /// Connects to PostgreSQL as configured and applies the migrations.
+    pub async fn connect(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let pool = db::connect(config).await?;
+        db::migrate(&pool).await?;
+        Ok(Self::new(
+            pool,
+            Passwords::for_this_machine()?,
+            config.keyring()?,
+            clock,
+            config.remembered_streams,
+        ))
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+}
+
+/// Where a request came from, for the audit record (the adapters fill it:
+/// HTTP from the peer and trusted proxies, the CLI with nothing).
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+impl Origin {
+    /// The context of a command by `actor`, now.
+    pub fn ctx(&self, at: DateTime<Utc>, actor: Actor) -> Ctx {
+        Ctx::new(at, actor).with_request(self.ip.clone(), self.user_agent.clone())
+    }
+}

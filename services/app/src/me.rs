@@ -1,0 +1,244 @@
+//! The signed-in user's own account: profile, authenticator enrollment,
+//! step-up, and the sensitive changes a step-up allows.
+
+use serde::Serialize;
+use twofold_domain::user::{TwoFactorState, User, UserCommand, UserError, UserEvent};
+use twofold_domain::values::{Email, Method, Phone};
+use twofold_domain::{Ctx, UserId};
+use twofold_platform::totp;
+
+use crate::auth::{issued, IssuedChallenge, NewAuthenticator};
+use crate::session::Session;
+use crate::{backup_codes, observe, App, AppError, Origin};
+
+/// What a user sees of their own account.
+#[derive(Debug, Serialize)]
+pub struct Profile {
+    pub user_id: UserId,
+    pub username: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub roles: Vec<String>,
+    pub service_account: bool,
+    pub two_factor: TwoFactorState,
+    pub two_factor_opted_in: bool,
+    pub backup_codes_left: usize,
+}
+
+/// The account of a session's user.
+pub fn profile(session: &Session) -> Profile {
+    Profile::of(session.user_id, &session.user)
+}
+
+impl Profile {
+    pub fn of(user_id: UserId, u: &User) -> Self {
+        Self {
+            user_id,
+            username: u.username.as_ref().map(|n| n.as_str().to_string()),
+            email: u.email.as_ref().map(|e| e.as_str().to_string()),
+            phone: u.phone.as_ref().map(|p| p.as_str().to_string()),
+            roles: u.roles.iter().map(|r| r.as_str().to_string()).collect(),
+            service_account: u.service_account,
+            two_factor: u.two_factor,
+            two_factor_opted_in: u.two_factor_opted_in,
+            backup_codes_left: u.backup_codes_left(),
+        }
+    }
+}
+
+/// A contact change as sent: absent fields stay as they are.
+#[derive(Debug, Default)]
+pub struct ContactChange {
+    pub email: Option<String>,
+    pub phone: Option<String>,
+}
+
+impl App {
+    fn account_name(session: &Session) -> String {
+        session
+            .user
+            .username
+            .as_ref()
+            .map(|u| u.as_str().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Runs one command on the session user's own account.
+    async fn own_command(
+        &self,
+        session: &Session,
+        origin: &Origin,
+        command: impl Fn(Ctx) -> UserCommand,
+    ) -> Result<Vec<UserEvent>, AppError> {
+        let ctx = origin.ctx(self.now(), session.actor());
+        Ok(self
+            .users
+            .execute(&session.user_id.to_string(), |_| Ok(command(ctx.clone())))
+            .await?)
+    }
+
+    /// Starts enrolling an authenticator app: a new seed, sealed in the
+    /// user's stream until a code confirms it.
+    pub async fn start_totp(
+        &self,
+        session: &Session,
+        origin: &Origin,
+    ) -> Result<NewAuthenticator, AppError> {
+        let seed = totp::new_secret();
+        let sealed = self
+            .keys
+            .seal(&seed, session.user_id.as_uuid().as_bytes())?;
+        self.own_command(session, origin, |ctx| UserCommand::StartTotpEnrollment {
+            sealed: sealed.clone(),
+            ctx,
+        })
+        .await?;
+        NewAuthenticator::new(&seed, &session.tenant.name, &Self::account_name(session))
+    }
+
+    /// The pending enrollment, to show its QR code again.
+    pub fn pending_totp(&self, session: &Session) -> Result<NewAuthenticator, AppError> {
+        let sealed = session
+            .user
+            .pending_totp
+            .as_ref()
+            .ok_or(UserError::NoEnrollmentInProgress)?;
+        let seed = self
+            .keys
+            .open(sealed, session.user_id.as_uuid().as_bytes())?;
+        NewAuthenticator::new(&seed, &session.tenant.name, &Self::account_name(session))
+    }
+
+    /// Activates the pending authenticator once a valid code shows the app
+    /// has the seed; answers the 8 backup codes, shown this once.
+    pub async fn confirm_totp(
+        &self,
+        session: &Session,
+        code: &str,
+        origin: &Origin,
+    ) -> Result<Vec<String>, AppError> {
+        let code = twofold_domain::values::OtpCode::parse(code)
+            .map_err(|e| AppError::bad_input("invalid_code_format", format!("The {e}.")))?;
+        let sealed = session
+            .user
+            .pending_totp
+            .as_ref()
+            .ok_or(UserError::NoEnrollmentInProgress)?;
+        let seed = self
+            .keys
+            .open(sealed, session.user_id.as_uuid().as_bytes())?;
+        let matched_step = totp::matching_step(&seed, &code, self.now())?;
+        let (codes, hashes) = backup_codes::issue(&self.keys, session.user_id.as_uuid().as_bytes());
+        let events = self
+            .own_command(session, origin, |ctx| UserCommand::ConfirmTotpEnrollment {
+                matched_step,
+                backup_codes: hashes.clone(),
+                ctx,
+            })
+            .await?;
+        if events
+            .iter()
+            .any(|e| matches!(e, UserEvent::EnrollmentCompleted { .. }))
+        {
+            observe::enrollment(Method::Totp);
+            Ok(codes)
+        } else {
+            Err(AppError::InvalidCode {
+                message: "The code does not match the authenticator. Check the app's clock and try the current code.".to_string(),
+                attempts_remaining: None,
+            })
+        }
+    }
+
+    /// A challenge for a current factor before a sensitive change; answered
+    /// at verify, it lets this session make sensitive changes for a while.
+    pub async fn step_up(
+        &self,
+        session: &Session,
+        origin: &Origin,
+    ) -> Result<IssuedChallenge, AppError> {
+        let (token, challenge) = crate::auth::new_challenge_for(session.user_id);
+        let settings = session.tenant.settings.clone();
+        let events = self
+            .own_command(session, origin, |ctx| UserCommand::StartStepUp {
+                session_id: session.session_id,
+                challenge: challenge.clone(),
+                settings: settings.clone(),
+                ctx,
+            })
+            .await?;
+        issued(token, &events)
+            .ok_or_else(|| AppError::unexpected(anyhow::anyhow!("step-up issued no challenge")))
+    }
+
+    /// Opt in to (or, after a step-up, out of) 2FA where the tenant leaves
+    /// it to each user.
+    pub async fn set_voluntary(
+        &self,
+        session: &Session,
+        enabled: bool,
+        origin: &Origin,
+    ) -> Result<(), AppError> {
+        let tenant_enabled = session.tenant.settings.enabled;
+        self.own_command(session, origin, |ctx| UserCommand::SetVoluntaryTwoFactor {
+            on: enabled,
+            tenant_enabled,
+            step_up: session.session_id,
+            ctx,
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// New backup codes (after a step-up); the old ones stop working.
+    pub async fn regenerate_own_backup_codes(
+        &self,
+        session: &Session,
+        origin: &Origin,
+    ) -> Result<Vec<String>, AppError> {
+        let (codes, hashes) = backup_codes::issue(&self.keys, session.user_id.as_uuid().as_bytes());
+        self.own_command(session, origin, |ctx| UserCommand::RegenerateBackupCodes {
+            backup_codes: hashes.clone(),
+            step_up: Some(session.session_id),
+            ctx,
+        })
+        .await?;
+        Ok(codes)
+    }
+
+    /// Changes where codes go (after a step-up). A factor change ends every
+    /// session, this one included.
+    pub async fn change_contact(
+        &self,
+        session: &Session,
+        change: ContactChange,
+        origin: &Origin,
+    ) -> Result<(), AppError> {
+        let email = change
+            .email
+            .map(|e| Email::parse(&e).map(Some))
+            .transpose()?;
+        let phone = change
+            .phone
+            .map(|p| Phone::parse(&p).map(Some))
+            .transpose()?;
+        self.own_command(session, origin, |ctx| UserCommand::ChangeContact {
+            email: email.clone(),
+            phone: phone.clone(),
+            step_up: session.session_id,
+            ctx,
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Removes the authenticator (after a step-up); every session ends.
+    pub async fn remove_totp(&self, session: &Session, origin: &Origin) -> Result<(), AppError> {
+        self.own_command(session, origin, |ctx| UserCommand::RemoveAuthenticator {
+            step_up: session.session_id,
+            ctx,
+        })
+        .await?;
+        Ok(())
+    }
+}

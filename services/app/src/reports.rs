@@ -1,0 +1,177 @@
+//! What admins and auditors read: the Overview (live, at a past moment, day
+//! by day), delivery figures, the user directory, and the audit history with
+//! its exports.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use futures::{Stream, StreamExt};
+use serde::Serialize;
+use twofold_projections::audit::{AuditEntry, Exporter, Format};
+use twofold_projections::directory::{DirectoryQuery, UserRow};
+use twofold_projections::overview::{DailyPoint, Overview};
+use twofold_projections::queries::{self, AuditQuery, DeliveryStats};
+use twofold_projections::{overview, record};
+
+use crate::session::AdminSession;
+use crate::{App, AppError};
+
+/// The longest daily series answered at once.
+pub const MAX_DAYS: i64 = 366;
+
+/// One page of the directory.
+#[derive(Debug, Serialize)]
+pub struct DirectoryPage {
+    pub users: Vec<UserRow>,
+    pub total: i64,
+    pub page: u32,
+    pub per_page: u32,
+}
+
+fn one_of(value: Option<&str>, allowed: &[&str], message: &str) -> Result<(), AppError> {
+    match value {
+        Some(v) if !allowed.contains(&v) => Err(AppError::InvalidQuery(message.to_string())),
+        _ => Ok(()),
+    }
+}
+
+impl App {
+    /// The Overview now (from the read model) or as it stood at `as_of`
+    /// (folded from the events, the source of truth).
+    pub async fn overview(
+        &self,
+        admin: &AdminSession,
+        as_of: Option<DateTime<Utc>>,
+    ) -> Result<Overview, AppError> {
+        let tenant = admin.tenant_id().to_string();
+        Ok(match as_of {
+            Some(at) => overview::as_of(&record::load_tenant(&self.pool, &tenant).await?, at),
+            None => queries::overview(&self.pool, &tenant).await?,
+        })
+    }
+
+    /// The Overview at the end of each day from `from` to `to`.
+    pub async fn daily(
+        &self,
+        admin: &AdminSession,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<DailyPoint>, AppError> {
+        if to < from || (to - from).num_days() >= MAX_DAYS {
+            return Err(AppError::InvalidQuery(
+                "`from` must not be after `to`, and at most 366 days apart.".to_string(),
+            ));
+        }
+        let records = record::load_tenant(&self.pool, &admin.tenant_id().to_string()).await?;
+        Ok(overview::daily(&records, from, to))
+    }
+
+    /// Sent, failed, fallbacks and latency percentiles per method and provider.
+    pub async fn delivery(&self, admin: &AdminSession) -> Result<Vec<DeliveryStats>, AppError> {
+        Ok(queries::delivery(&self.pool, &admin.tenant_id().to_string()).await?)
+    }
+
+    /// A page of the user directory, filtered.
+    pub async fn directory(
+        &self,
+        admin: &AdminSession,
+        q: &DirectoryQuery,
+    ) -> Result<DirectoryPage, AppError> {
+        one_of(
+            q.status.as_deref(),
+            &["enrolled", "pending", "not_started"],
+            "`status` is one of enrolled, pending, not_started.",
+        )?;
+        one_of(
+            q.method.as_deref(),
+            &["totp", "email", "sms"],
+            "`method` is one of totp, email, sms.",
+        )?;
+        one_of(
+            q.two_factor.as_deref(),
+            &["on", "off"],
+            "`two_factor` is on or off.",
+        )?;
+        let (users, total) =
+            queries::directory(&self.pool, &admin.tenant_id().to_string(), q).await?;
+        Ok(DirectoryPage {
+            users,
+            total,
+            page: q.page.unwrap_or(1).max(1),
+            per_page: q.per_page.unwrap_or(50).clamp(1, queries::MAX_PER_PAGE),
+        })
+    }
+
+    /// A user's audit timeline.
+    pub async fn user_history(
+        &self,
+        admin: &AdminSession,
+        raw_user: &str,
+    ) -> Result<Vec<AuditEntry>, AppError> {
+        let tenant = admin.tenant_id().to_string();
+        let q = AuditQuery {
+            user_id: Some(raw_user.to_string()),
+            ..AuditQuery::default()
+        };
+        let entries: Vec<_> = queries::audit(&self.pool, &tenant, &q)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        Ok(entries)
+    }
+
+    /// The tenant's audit history as an export: a header, one hash-chained
+    /// line per entry and a closing trailer, streamed. A failure cuts the
+    /// export short without its trailer, so it fails verification.
+    pub fn audit_export(
+        &self,
+        admin: &AdminSession,
+        q: AuditQuery,
+    ) -> Result<
+        (
+            Format,
+            impl Stream<Item = Result<String, std::io::Error>> + Send + 'static,
+        ),
+        AppError,
+    > {
+        let format = match q.format.as_deref().unwrap_or("ndjson") {
+            "ndjson" => Format::Ndjson,
+            "csv" => Format::Csv,
+            _ => {
+                return Err(AppError::InvalidQuery(
+                    "`format` is ndjson or csv.".to_string(),
+                ))
+            }
+        };
+        let pool = self.pool.clone();
+        let tenant = admin.tenant_id().to_string();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
+        // The export owns what it reads from, so it can outlive the request.
+        tokio::spawn(async move {
+            let failed = || std::io::Error::other("audit export failed");
+            let mut exporter = Exporter::new(format);
+            let header = exporter.header();
+            if !header.is_empty() && tx.send(Ok(header)).await.is_err() {
+                return;
+            }
+            let mut entries = queries::audit(&pool, &tenant, &q);
+            while let Some(entry) = entries.next().await {
+                let line = entry
+                    .map_err(anyhow::Error::from)
+                    .and_then(|e| exporter.line(e))
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "audit export failed");
+                        failed()
+                    });
+                let broken = line.is_err();
+                if tx.send(line).await.is_err() || broken {
+                    return;
+                }
+            }
+            let _ = tx.send(exporter.trailer().map_err(|_| failed())).await;
+        });
+        let lines = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        Ok((format, lines))
+    }
+}

@@ -1,0 +1,94 @@
+//! Who is asking: a live session of a user of the tenant, and whether it may
+//! act as the tenant's admin.
+
+use secrecy::SecretString;
+use twofold_domain::tenant::Tenant;
+use twofold_domain::user::{SecondFactorUse, SkipReason, User};
+use twofold_domain::{Actor, SessionId, TenantId, UserId};
+use twofold_platform::tokens::{self, TokenKind};
+
+use crate::{App, AppError};
+
+/// A live session of a user of the tenant it was presented to.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub tenant_id: TenantId,
+    pub tenant: Tenant,
+    pub user_id: UserId,
+    pub session_id: SessionId,
+    pub second_factor: SecondFactorUse,
+    pub user: User,
+}
+
+impl Session {
+    pub fn actor(&self) -> Actor {
+        Actor::User(self.user_id)
+    }
+
+    /// This session as the tenant's admin: the user has the admin role and,
+    /// when the tenant's 2FA is on, the session met the tenant's policy (a
+    /// second factor passed, a device remembered by one, or a scope that does
+    /// not ask this admin). A session from before 2FA was switched on, or of
+    /// an admin with no factor set up, is not enough.
+    pub fn admin(self) -> Result<AdminSession, AppError> {
+        if !self.user.is_admin() {
+            return Err(AppError::Forbidden);
+        }
+        let checked = matches!(
+            self.second_factor,
+            SecondFactorUse::Used { .. }
+                | SecondFactorUse::Skipped {
+                    reason: SkipReason::KnownDevice | SkipReason::NotRequired
+                }
+        );
+        if self.tenant.settings.enabled && !checked {
+            return Err(AppError::SecondFactorRequired);
+        }
+        Ok(AdminSession(self))
+    }
+}
+
+/// A session of an admin of the tenant, checked by [`Session::admin`].
+#[derive(Debug, Clone)]
+pub struct AdminSession(pub Session);
+
+impl AdminSession {
+    pub fn actor(&self) -> Actor {
+        Actor::Admin(self.0.user_id)
+    }
+
+    pub fn tenant_id(&self) -> TenantId {
+        self.0.tenant_id
+    }
+}
+
+impl App {
+    /// The live session a token names, for the tenant named in `raw_tenant`.
+    pub async fn session(
+        &self,
+        raw_tenant: &str,
+        token: Option<&SecretString>,
+    ) -> Result<Session, AppError> {
+        let (tenant_id, tenant) = self.tenant(raw_tenant).await?;
+        let claim = token
+            .and_then(|t| tokens::parse(TokenKind::Session, t))
+            .ok_or(AppError::Unauthenticated)?;
+        let user = self
+            .user_in(tenant_id, claim.user_id)
+            .await?
+            .ok_or(AppError::Unauthenticated)?;
+        let session_id = SessionId(claim.item);
+        let second_factor = user
+            .live_session(session_id, &claim.hash, self.now())
+            .ok_or(AppError::Unauthenticated)?
+            .second_factor;
+        Ok(Session {
+            tenant_id,
+            tenant,
+            user_id: claim.user_id,
+            session_id,
+            second_factor,
+            user,
+        })
+    }
+}
