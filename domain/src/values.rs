@@ -143,6 +143,8 @@ pub struct Role(String);
 
 impl Role {
     pub const ADMIN: &'static str = "admin";
+    /// Reads the console (Overview, directory, timelines, audit) but cannot act.
+    pub const AUDITOR: &'static str = "auditor";
 
     pub fn parse(raw: &str) -> Result<Self, ValueError> {
         let s = raw.trim().to_lowercase();

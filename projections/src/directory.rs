@@ -140,6 +140,7 @@ impl UserRow {
             | UserEvent::EnrollmentCodeRejected { .. }
             | UserEvent::DeviceRemembered { .. }
             | UserEvent::StepUpCompleted { .. }
+            | UserEvent::DeviceForgotten { .. }
             | UserEvent::SessionsRevoked { .. } => {}
         }
     }

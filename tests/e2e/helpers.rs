@@ -154,6 +154,11 @@ impl TestApp {
         }
     }
 
+    /// The tenant's pages: `http://addr/t/{tenant}`.
+    pub fn pages(&self) -> String {
+        self.base.replace("/v1/tenants/", "/t/")
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> Reply {
         self.send(self.client.post(format!("{}{path}", self.base)).json(&body))
             .await
@@ -322,6 +327,20 @@ impl TestApp {
             .keys
             .delivered_code(challenge.id, challenge.generation)
     }
+}
+
+/// `zbarimg` (a real QR reader) on a PNG; returns the decoded text.
+pub fn zbarimg(png: &[u8]) -> String {
+    let path = std::env::temp_dir().join(format!("twofold-qr-{}.png", Uuid::new_v4()));
+    std::fs::write(&path, png).unwrap();
+    let out = Command::new("zbarimg")
+        .args(["--raw", "--quiet"])
+        .arg(&path)
+        .output()
+        .expect("zbarimg must be installed: run ops/deps");
+    let _ = std::fs::remove_file(&path);
+    assert!(out.status.success(), "zbarimg failed: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// A TOTP code from the real client, `oathtool`, at `at`.

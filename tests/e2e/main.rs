@@ -5,12 +5,15 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod browser;
 mod helpers;
 
 mod admin_http;
+mod console;
 mod delivery;
 mod guarantees;
 mod nats;
+mod pages;
 mod policy_http;
 mod reports;
 mod sign_in;

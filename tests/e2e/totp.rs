@@ -1,33 +1,17 @@
 //! Authenticator apps: enrollment by otpauth URI and QR code, activation only
 //! after a valid code, codes from a real TOTP client, one use per time step.
 
-use std::process::Command;
-
 use base64::Engine;
 use chrono::Duration;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{enrolled_user, oathtool, settings_on, spawn_app, ClockExt, TestApp};
+use crate::helpers::{enrolled_user, oathtool, settings_on, spawn_app, zbarimg, ClockExt, TestApp};
 
 async fn session_of(app: &TestApp, username: &str) -> String {
     let reply = app.sign_in(username, "correct horse battery").await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     reply.body["session"]["token"].as_str().unwrap().to_string()
-}
-
-/// `zbarimg` (a real QR reader) on a PNG; returns the decoded text.
-fn zbarimg(png: &[u8]) -> String {
-    let path = std::env::temp_dir().join(format!("twofold-qr-{}.png", uuid::Uuid::new_v4()));
-    std::fs::write(&path, png).unwrap();
-    let out = Command::new("zbarimg")
-        .args(["--raw", "--quiet"])
-        .arg(&path)
-        .output()
-        .expect("zbarimg must be installed: run ops/deps");
-    let _ = std::fs::remove_file(&path);
-    assert!(out.status.success(), "zbarimg failed: {out:?}");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 #[tokio::test]

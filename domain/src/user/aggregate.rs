@@ -110,6 +110,10 @@ impl User {
         self.roles.iter().any(|r| r.as_str() == Role::ADMIN)
     }
 
+    pub fn is_auditor(&self) -> bool {
+        self.roles.iter().any(|r| r.as_str() == Role::AUDITOR)
+    }
+
     pub fn backup_codes_left(&self) -> usize {
         self.backup_codes.iter().filter(|s| !s.used).count()
     }
@@ -710,6 +714,13 @@ impl User {
                     ctx,
                 }])
             }
+            UserCommand::ForgetDevice { device_id, ctx } => {
+                self.require_exists()?;
+                if !self.devices.contains_key(&device_id) {
+                    return Err(UserError::DeviceNotFound);
+                }
+                Ok(vec![UserEvent::DeviceForgotten { device_id, ctx }])
+            }
             UserCommand::StartTotpEnrollment { sealed, ctx } => {
                 self.require_exists()?;
                 if self.two_factor == TwoFactorState::Enrolled {
@@ -1131,6 +1142,9 @@ impl Aggregate for User {
             UserEvent::UserUnlocked { .. } => {
                 self.lockout = Lockout::default();
                 self.challenges.clear();
+            }
+            UserEvent::DeviceForgotten { device_id, .. } => {
+                self.devices.remove(&device_id);
             }
             UserEvent::DeviceRemembered {
                 device_id,

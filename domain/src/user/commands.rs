@@ -41,6 +41,12 @@ pub enum UserCommand {
         reason: SessionEndReason,
         ctx: Ctx,
     },
+    /// Stops trusting one remembered device (its next sign-in asks for a
+    /// second factor again).
+    ForgetDevice {
+        device_id: Uuid,
+        ctx: Ctx,
+    },
     StartTotpEnrollment {
         sealed: SealedSecret,
         ctx: Ctx,

@@ -22,6 +22,8 @@ pub enum UserError {
     ProofDoesNotFitChallenge,
     #[error("no such session")]
     SessionNotFound,
+    #[error("no such remembered device")]
+    DeviceNotFound,
     #[error("an authenticator app is already enrolled")]
     AlreadyEnrolled,
     #[error("no authenticator enrollment is in progress")]

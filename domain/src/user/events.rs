@@ -206,6 +206,11 @@ pub enum UserEvent {
         challenge_id: ChallengeId,
         ctx: Ctx,
     },
+    /// A remembered device is no longer trusted (the user or an admin forgot it).
+    DeviceForgotten {
+        device_id: Uuid,
+        ctx: Ctx,
+    },
     UserUpdated {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         roles: Option<Vec<Role>>,
@@ -264,6 +269,7 @@ impl UserEvent {
             | UserEvent::UserUnlocked { ctx }
             | UserEvent::DeviceRemembered { ctx, .. }
             | UserEvent::StepUpCompleted { ctx, .. }
+            | UserEvent::DeviceForgotten { ctx, .. }
             | UserEvent::UserUpdated { ctx, .. }
             | UserEvent::TwoFactorSwitched { ctx, .. }
             | UserEvent::VoluntaryTwoFactorChanged { ctx, .. }
@@ -296,6 +302,7 @@ impl UserEvent {
             UserEvent::UserUnlocked { .. } => "UserUnlocked",
             UserEvent::DeviceRemembered { .. } => "DeviceRemembered",
             UserEvent::StepUpCompleted { .. } => "StepUpCompleted",
+            UserEvent::DeviceForgotten { .. } => "DeviceForgotten",
             UserEvent::UserUpdated { .. } => "UserUpdated",
             UserEvent::TwoFactorSwitched { .. } => "TwoFactorSwitched",
             UserEvent::VoluntaryTwoFactorChanged { .. } => "VoluntaryTwoFactorChanged",

@@ -587,7 +587,16 @@ impl App {
                 Ok(command(reference.clone(), ctx.clone()))
             })
             .await?;
-        let user = self.users.load(&user_id.to_string()).await?;
+        self.challenge(raw_tenant, token).await
+    }
+
+    /// The open challenge a token names, as it stands (for a page to show).
+    pub async fn challenge(
+        &self,
+        raw_tenant: &str,
+        challenge_token: &SecretString,
+    ) -> Result<ChallengeState, AppError> {
+        let (_, user, reference) = self.challenged_user(raw_tenant, challenge_token).await?;
         let open = user.open_challenge(&reference)?;
         Ok(ChallengeState {
             method: open.method,
@@ -595,6 +604,45 @@ impl App {
             expires_at: open.expires_at,
             resends_remaining: open.resends_remaining(),
         })
+    }
+
+    /// The authenticator a sign-in that requires enrollment is waiting for,
+    /// to show its QR code again.
+    pub async fn pending_enrollment(
+        &self,
+        raw_tenant: &str,
+        challenge_token: &SecretString,
+    ) -> Result<NewAuthenticator, AppError> {
+        let (tenant_id, user, reference) =
+            self.challenged_user(raw_tenant, challenge_token).await?;
+        let open = user.open_challenge(&reference)?;
+        if open.purpose != ChallengePurpose::Enrollment {
+            return Err(UserError::WrongChallengePurpose.into());
+        }
+        let sealed = user
+            .pending_totp
+            .as_ref()
+            .ok_or(UserError::NoEnrollmentInProgress)?;
+        let user_id = user.id.map(|u| u.as_uuid()).unwrap_or_default();
+        let seed = self.keys.open(sealed, user_id.as_bytes())?;
+        let tenant = self.tenant(&tenant_id.to_string()).await?.1;
+        let account = user.username.as_ref().map(|u| u.as_str()).unwrap_or("");
+        NewAuthenticator::new(&seed, &tenant.name, account)
+    }
+
+    /// The user a challenge token names, read fresh, if they belong to the tenant.
+    async fn challenged_user(
+        &self,
+        raw_tenant: &str,
+        challenge_token: &SecretString,
+    ) -> Result<(TenantId, User, ChallengeRef), AppError> {
+        let (tenant_id, _) = self.tenant(raw_tenant).await?;
+        let (user_id, reference) = challenge_ref(challenge_token)?;
+        let user = self
+            .user_in(tenant_id, user_id)
+            .await?
+            .ok_or(AppError::ChallengeNotFound)?;
+        Ok((tenant_id, user, reference))
     }
 
     /// `challenge/resend`: a new code for an email or SMS challenge.

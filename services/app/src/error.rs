@@ -149,6 +149,7 @@ fn user_error_code(err: &UserError) -> &'static str {
         UserError::MethodNotAvailable => "method_not_available",
         UserError::ProofDoesNotFitChallenge => "wrong_code_kind",
         UserError::SessionNotFound => "session_not_found",
+        UserError::DeviceNotFound => "device_not_found",
         UserError::AlreadyEnrolled => "already_enrolled",
         UserError::NoEnrollmentInProgress => "no_enrollment_in_progress",
         UserError::WrongBackupCodeCount { .. } => "internal_error",

@@ -2,10 +2,13 @@
 //! step-up, and the sensitive changes a step-up allows.
 
 use serde::Serialize;
-use twofold_domain::user::{TwoFactorState, User, UserCommand, UserError, UserEvent};
+use twofold_domain::user::{
+    SessionEndReason, TwoFactorState, User, UserCommand, UserError, UserEvent,
+};
 use twofold_domain::values::{Email, Method, Phone};
-use twofold_domain::{Ctx, UserId};
+use twofold_domain::{Ctx, SessionId, UserId};
 use twofold_platform::totp;
+use uuid::Uuid;
 
 use crate::auth::{issued, IssuedChallenge, NewAuthenticator};
 use crate::session::Session;
@@ -236,6 +239,37 @@ impl App {
     pub async fn remove_totp(&self, session: &Session, origin: &Origin) -> Result<(), AppError> {
         self.own_command(session, origin, |ctx| UserCommand::RemoveAuthenticator {
             step_up: session.session_id,
+            ctx,
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Ends one of the user's own sessions (another browser, a lost phone).
+    pub async fn end_own_session(
+        &self,
+        session: &Session,
+        session_id: SessionId,
+        origin: &Origin,
+    ) -> Result<(), AppError> {
+        self.own_command(session, origin, |ctx| UserCommand::EndSession {
+            session_id,
+            reason: SessionEndReason::Revoked,
+            ctx,
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Stops trusting one of the user's remembered devices.
+    pub async fn forget_own_device(
+        &self,
+        session: &Session,
+        device_id: Uuid,
+        origin: &Origin,
+    ) -> Result<(), AppError> {
+        self.own_command(session, origin, |ctx| UserCommand::ForgetDevice {
+            device_id,
             ctx,
         })
         .await?;

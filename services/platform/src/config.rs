@@ -26,6 +26,9 @@ pub struct Config {
     pub http_addr: SocketAddr,
     /// Where Prometheus scrapes this worker's metrics.
     pub metrics_addr: SocketAddr,
+    /// The address people reach the verifier's pages at (behind any proxy).
+    /// Browser cookies are `Secure` unless this is plain http on loopback.
+    pub public_url: String,
     /// Server keys by id (hex, 32 bytes each): TOTP seeds are sealed, and
     /// codes and tokens keyed, under the current one; older ids still open.
     pub keys: BTreeMap<String, SecretString>,
@@ -93,6 +96,7 @@ impl Default for Config {
             remembered_streams: 8192,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            public_url: "http://127.0.0.1:8080".to_string(),
             keys: BTreeMap::new(),
             current_key_id: String::new(),
             max_body_bytes: 16 * 1024,
@@ -179,6 +183,9 @@ impl Config {
             self.metrics_addr = v
                 .parse()
                 .context("TWOFOLD_METRICS_ADDR must be an address like 127.0.0.1:9464")?;
+        }
+        if let Some(v) = var("TWOFOLD_PUBLIC_URL") {
+            self.public_url = v;
         }
         if let Some(v) = var("TWOFOLD_KEYS") {
             // "id1=hex,id2=hex"

@@ -179,6 +179,23 @@ impl Keyring {
         format!("{:06}", value % 1_000_000)
     }
 
+    /// The anti-forgery token of a browser's form nonce: forms carry it, and a
+    /// post is accepted only when it matches the nonce in the browser's cookie
+    /// (a signed double-submit cookie; a forger can read neither).
+    pub fn form_token(&self, nonce: &str) -> String {
+        let mut mac = mac_with(&self.current().derive("form-token"));
+        mac.update(nonce.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// Whether `presented` is the form token of `nonce`, in constant time.
+    pub fn form_token_matches(&self, nonce: &str, presented: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        let expected = self.form_token(nonce);
+        expected.len() == presented.len()
+            && bool::from(expected.as_bytes().ct_eq(presented.as_bytes()))
+    }
+
     /// Keyed hash of a backup code for one user, as `key_id:hex`.
     pub fn backup_code_hash(&self, user: &[u8], normalized_code: &str) -> SecretHash {
         self.backup_code_hash_with(&self.current_id, user, normalized_code)

@@ -87,32 +87,36 @@ impl From<JsonRejection> for ApiError {
 
 impl From<AppError> for ApiError {
     fn from(err: AppError) -> Self {
-        use StatusCode as S;
-        let status = match &err {
-            AppError::TenantNotFound | AppError::UserNotFound | AppError::ChallengeNotFound => {
-                S::NOT_FOUND
-            }
-            AppError::InvalidCredentials
-            | AppError::Unauthenticated
-            | AppError::InvalidCode { .. } => S::UNAUTHORIZED,
-            AppError::Forbidden | AppError::SecondFactorRequired => S::FORBIDDEN,
-            AppError::Locked => S::LOCKED,
-            AppError::UsernameTaken => S::CONFLICT,
-            AppError::InvalidField(_) | AppError::InvalidQuery(_) => S::UNPROCESSABLE_ENTITY,
-            AppError::BadInput { .. } => S::BAD_REQUEST,
-            AppError::Refused(e) => user_error_status(e),
-            AppError::Tenant(_) => match err.code() {
-                "tenant_not_found" => S::NOT_FOUND,
-                "tenant_exists" => S::CONFLICT,
-                "forbidden" => S::FORBIDDEN,
-                _ => S::UNPROCESSABLE_ENTITY,
-            },
-            AppError::Unavailable(_) => S::SERVICE_UNAVAILABLE,
-            AppError::Unexpected(_) => S::INTERNAL_SERVER_ERROR,
-        };
-        let mut api = Self::new(status, err.code(), err.message());
+        let mut api = Self::new(status_of(&err), err.code(), err.message());
         api.details = err.details();
         api
+    }
+}
+
+/// The HTTP status of an application error.
+pub fn status_of(err: &AppError) -> StatusCode {
+    use StatusCode as S;
+    match err {
+        AppError::TenantNotFound | AppError::UserNotFound | AppError::ChallengeNotFound => {
+            S::NOT_FOUND
+        }
+        AppError::InvalidCredentials | AppError::Unauthenticated | AppError::InvalidCode { .. } => {
+            S::UNAUTHORIZED
+        }
+        AppError::Forbidden | AppError::SecondFactorRequired => S::FORBIDDEN,
+        AppError::Locked => S::LOCKED,
+        AppError::UsernameTaken => S::CONFLICT,
+        AppError::InvalidField(_) | AppError::InvalidQuery(_) => S::UNPROCESSABLE_ENTITY,
+        AppError::BadInput { .. } => S::BAD_REQUEST,
+        AppError::Refused(e) => user_error_status(e),
+        AppError::Tenant(_) => match err.code() {
+            "tenant_not_found" => S::NOT_FOUND,
+            "tenant_exists" => S::CONFLICT,
+            "forbidden" => S::FORBIDDEN,
+            _ => S::UNPROCESSABLE_ENTITY,
+        },
+        AppError::Unavailable(_) => S::SERVICE_UNAVAILABLE,
+        AppError::Unexpected(_) => S::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -125,7 +129,7 @@ fn user_error_status(err: &twofold_domain::user::UserError) -> StatusCode {
         }
         E::NoEnrollmentInProgress | E::NotLocked | E::TwoFactorUnavailable => S::CONFLICT,
         E::NotEnrolled | E::WrongChallengePurpose => S::CONFLICT,
-        E::NotFound | E::ChallengeNotFound | E::SessionNotFound => S::NOT_FOUND,
+        E::NotFound | E::ChallengeNotFound | E::SessionNotFound | E::DeviceNotFound => S::NOT_FOUND,
         E::ChallengeExpired => S::GONE,
         E::LockedOut => S::LOCKED,
         E::ResendLimitReached | E::TooManyAttempts { .. } => S::TOO_MANY_REQUESTS,

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod pages;
 pub mod routes;
 
 use std::future::Future;
@@ -28,6 +29,27 @@ pub struct ApiState {
     pub app: App,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Arc<[ipnet::IpNet]>,
+    /// Whether browser cookies are marked `Secure`.
+    pub secure_cookies: bool,
+}
+
+/// Cookies are `Secure` unless the pages are served over plain http on
+/// loopback (a developer's machine), where a browser would not send them back.
+pub fn secure_cookies(public_url: &str) -> bool {
+    let Some(rest) = public_url.strip_prefix("http://") else {
+        return true;
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !loopback
 }
 
 /// The API's routes over `state`.
@@ -70,6 +92,8 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         );
     Router::new()
         .nest("/v1/tenants/{tenant}", tenant)
+        .nest("/t/{tenant}", pages::router(state.clone()))
+        .merge(pages::assets())
         .route("/health", get(|| async { "ok" }))
         .fallback(|| async { ApiError::not_found() })
         .layer(middleware::from_fn(record_request))
@@ -116,6 +140,7 @@ impl Verifier {
         let state = ApiState {
             app: app.clone(),
             trusted_proxies: config.trusted_proxies.clone().into(),
+            secure_cookies: secure_cookies(&config.public_url),
         };
         let router = router(state, config.max_body_bytes);
         Ok(Self {
