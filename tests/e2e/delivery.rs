@@ -196,11 +196,8 @@ async fn stack(smtp_port: u16, sms_url: &str) -> Stack {
     )
     .await
     .unwrap();
-    let stream = config.nats_stream.clone();
     let relay = tokio::spawn(async move {
-        let _ = relay
-            .run_until_stopped(&stream, std::future::pending())
-            .await;
+        let _ = relay.run_until_stopped(std::future::pending()).await;
     });
     let source = Source {
         stream: config.nats_stream.clone(),

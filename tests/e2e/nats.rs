@@ -9,7 +9,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use twofold_platform::Config;
-use twofold_projections::consumer::{Projector, Source};
+use twofold_projections::consumer::{Consumer, Source};
 use twofold_projections::store::Builder;
 use twofold_relay::Relay;
 
@@ -42,11 +42,8 @@ fn source(config: &Config, durable: &str) -> Source {
 
 async fn start_relay(app: &TestApp, config: &Config) -> tokio::task::JoinHandle<()> {
     let relay = Relay::connect(app.pool.clone(), config).await.unwrap();
-    let stream = config.nats_stream.clone();
     tokio::spawn(async move {
-        let _ = relay
-            .run_until_stopped(&stream, std::future::pending())
-            .await;
+        let _ = relay.run_until_stopped(std::future::pending()).await;
     })
 }
 
@@ -146,7 +143,7 @@ async fn committed_events_reach_the_read_models_through_jetstream() {
     let src = source(&config, "live");
     let mut builders = Vec::new();
     for builder in Builder::ALL {
-        let p = Projector::connect(app.pool.clone(), &src, builder)
+        let p = Consumer::connect(app.pool.clone(), &src, builder)
             .await
             .unwrap();
         builders.push(tokio::spawn(p.run_until_stopped(std::future::pending())));
@@ -203,7 +200,7 @@ async fn a_builder_killed_mid_batch_and_redelivery_leave_the_read_models_exact()
         assert!(Builder::Directory.apply(&app.pool, r).await.unwrap());
     }
     // Another dies mid-run.
-    let first = Projector::connect(app.pool.clone(), &src, Builder::Audit)
+    let first = Consumer::connect(app.pool.clone(), &src, Builder::Audit)
         .await
         .unwrap();
     let killed = tokio::spawn(first.run_until_stopped(std::future::pending()));
@@ -213,7 +210,7 @@ async fn a_builder_killed_mid_batch_and_redelivery_leave_the_read_models_exact()
     // Fresh builders on the same durable consumers finish the job.
     let mut builders = Vec::new();
     for builder in Builder::ALL {
-        let p = Projector::connect(app.pool.clone(), &src, builder)
+        let p = Consumer::connect(app.pool.clone(), &src, builder)
             .await
             .unwrap();
         builders.push(tokio::spawn(p.run_until_stopped(std::future::pending())));
