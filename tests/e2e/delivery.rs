@@ -18,7 +18,8 @@ use twofold_relay::Relay;
 
 use crate::helpers::{spawn_app_with, TestApp};
 
-fn free_port() -> u16 {
+/// A port nothing listens on now.
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
