@@ -79,6 +79,13 @@ struct CtxOf {
 }
 
 impl Envelope {
+    /// The envelope as JSON, the payload copied as stored. (Serialized here,
+    /// in the platform crate, which is optimized even in dev builds: the
+    /// relay does this for every event.)
+    pub fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(self)
+    }
+
     /// The payload as the aggregate's event type.
     pub fn event<E: DeserializeOwned>(&self) -> serde_json::Result<E> {
         serde_json::from_str(self.payload.get())

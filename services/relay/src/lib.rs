@@ -208,7 +208,7 @@ impl Relay {
                 msg_id: event.msg_id(),
                 // The stored payload goes out as it is (raw JSON): copied,
                 // not parsed and encoded again.
-                body: serde_json::to_vec(&event)?,
+                body: event.to_json()?,
             });
         }
         let mut rows: Vec<i64> = out.iter().map(|o| o.outbox_id).collect();
