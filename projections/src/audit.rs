@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::record::EventRecord;
+use twofold_domain::Ctx;
+
+use crate::record::{EventRecord, RecordExt};
 
 /// Payload fields that hold hashes or sealed secrets: not secrets in plaintext,
 /// but nothing an auditor needs, so they stay out of the history.
@@ -38,13 +40,13 @@ pub struct AuditEntry {
 
 impl AuditEntry {
     pub fn from_record(record: &EventRecord) -> Option<Self> {
-        let tenant_id = record.tenant_id()?;
-        let ctx = record.ctx();
-        let inner = record
-            .payload
-            .as_object()
-            .and_then(|o| o.values().next())
-            .and_then(Value::as_object);
+        let tenant_id = record.owning_tenant()?;
+        let payload: Map<String, Value> =
+            serde_json::from_str(record.payload.get()).unwrap_or_default();
+        let inner = payload.values().next().and_then(Value::as_object);
+        let ctx = inner
+            .and_then(|i| i.get("ctx"))
+            .and_then(|c| Ctx::deserialize(c).ok());
         let mut details = Map::new();
         if let Some(inner) = inner {
             for (k, v) in inner {

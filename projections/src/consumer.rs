@@ -1,4 +1,5 @@
-//! The live projector: one JetStream durable pull consumer per builder. Each
+//! The live projector: one JetStream durable pull consumer per builder
+//! ([`Consumer`]), run together by the [`Projector`] worker. Each
 //! message names an event (`Nats-Msg-Id` = `aggregate_type:aggregate_id:sequence`,
 //! as the relay publishes it); the builder brings that event's stream up to it
 //! from PostgreSQL, the source of truth (the event and any before it not yet
@@ -12,8 +13,12 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use async_nats::jetstream;
+use futures::FutureExt;
 use sqlx::{Connection, PgConnection, PgPool};
-use twofold_platform::jetstream::Batches;
+use twofold_platform::envelope::parse_msg_id;
+use twofold_platform::jetstream::{durable_consumer, Batches};
+use twofold_platform::telemetry::{Telemetry, WorkerStart};
+use twofold_platform::Config;
 
 use crate::record::EventRecord;
 use crate::store::{Builder, StreamTarget};
@@ -32,10 +37,72 @@ pub struct Source {
     pub ack_wait: Duration,
 }
 
+impl Source {
+    /// The projector's consumers as configured (`projector-<builder>`).
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            nats_url: config.nats_url.clone(),
+            stream: config.nats_stream.clone(),
+            filter_subject: format!("{}.events.>", config.nats_subject_prefix),
+            durable_prefix: "projector".to_string(),
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The projector worker: a [`Consumer`] per builder, its metrics and health.
 pub struct Projector {
+    consumers: Vec<Consumer>,
+    telemetry: Telemetry,
+}
+
+impl Projector {
+    /// Starts the metrics and health server on `metrics_addr`, then waits
+    /// for PostgreSQL (migrating it), NATS and the relay's stream, and binds
+    /// every builder's consumer.
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let start = WorkerStart::begin(config).await?;
+        let (source, js) = (Source::from_config(config), jetstream::new(start.nats));
+        let (telemetry, pool) = (start.telemetry, start.pool);
+        let mut consumers = Vec::new();
+        for builder in Builder::ALL {
+            let consumer = twofold_platform::retrying("binding a projector consumer", || {
+                Consumer::bind(&js, pool.clone(), &source, builder)
+            })
+            .await;
+            telemetry
+                .readiness()
+                .add_consumer(consumer.batches.consumer());
+            consumers.push(consumer);
+        }
+        Ok(Self {
+            consumers,
+            telemetry,
+        })
+    }
+
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.telemetry.local_addr()
+    }
+
+    /// Runs every builder's consumer until `shutdown` resolves.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
+        let shutdown = shutdown.shared();
+        futures::future::join_all(
+            self.consumers
+                .into_iter()
+                .map(|c| c.run_until_stopped(shutdown.clone())),
+        )
+        .await;
+        drop(self.telemetry);
+    }
+}
+
+/// One builder's durable consumer, applying what arrives.
+pub struct Consumer {
     pool: PgPool,
     /// The builder's own connections, one per batch being applied (see
-    /// `Projector::process_next`).
+    /// `Consumer::process_next`).
     connections: std::sync::Mutex<Vec<PgConnection>>,
     builder: Builder,
     /// The builder's durable consumer, up to `BATCH` messages pulled ahead.
@@ -45,34 +112,35 @@ pub struct Projector {
 /// Most messages applied in one transaction (and pulled ahead).
 const BATCH: usize = 500;
 
-impl Projector {
+impl Consumer {
     /// Binds to (creating if needed) the builder's durable consumer.
     pub async fn connect(pool: PgPool, source: &Source, builder: Builder) -> anyhow::Result<Self> {
         let client = async_nats::connect(&source.nats_url)
             .await
             .with_context(|| format!("connecting to NATS at {}", source.nats_url))?;
-        let js = jetstream::new(client);
-        let stream = js.get_stream(&source.stream).await.map_err(|e| {
-            anyhow!(
-                "the stream {} is not there yet (start the relay): {e}",
-                source.stream
-            )
-        })?;
+        Self::bind(&jetstream::new(client), pool, source, builder).await
+    }
+
+    /// [`Consumer::connect`] on a JetStream connection already made.
+    pub async fn bind(
+        js: &jetstream::Context,
+        pool: PgPool,
+        source: &Source,
+        builder: Builder,
+    ) -> anyhow::Result<Self> {
         let name = format!("{}-{}", source.durable_prefix, builder.name());
-        let consumer = stream
-            .get_or_create_consumer(
-                &name,
-                jetstream::consumer::pull::Config {
-                    durable_name: Some(name.clone()),
-                    filter_subject: source.filter_subject.clone(),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: source.ack_wait,
-                    max_ack_pending: 10_000,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| anyhow!("creating the consumer {name}: {e}"))?;
+        let consumer = durable_consumer(
+            js,
+            &source.stream,
+            jetstream::consumer::pull::Config {
+                durable_name: Some(name),
+                filter_subject: source.filter_subject.clone(),
+                ack_wait: source.ack_wait,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            },
+        )
+        .await?;
         Ok(Self {
             pool,
             connections: std::sync::Mutex::new(Vec::new()),
@@ -100,7 +168,7 @@ impl Projector {
                 .as_ref()
                 .and_then(|h| h.get("Nats-Msg-Id"))
                 .map(|v| v.to_string());
-            match id.as_deref().and_then(parse_id) {
+            match id.as_deref().and_then(parse_msg_id) {
                 Some((aggregate_type, aggregate_id, sequence)) => targets.push(StreamTarget {
                     aggregate_type,
                     aggregate_id,
@@ -179,27 +247,4 @@ impl Projector {
 #[allow(clippy::disallowed_methods)]
 fn wall_clock() -> chrono::DateTime<chrono::Utc> {
     chrono::Utc::now()
-}
-
-/// `user:6f1c…:12` → ("user", "6f1c…", 12).
-fn parse_id(id: &str) -> Option<(String, String, i64)> {
-    let (rest, sequence) = id.rsplit_once(':')?;
-    let (kind, aggregate) = rest.split_once(':')?;
-    Some((
-        kind.to_string(),
-        aggregate.to_string(),
-        sequence.parse().ok()?,
-    ))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn event_ids_parse() {
-        assert_eq!(
-            super::parse_id("user:abc-def:12"),
-            Some(("user".into(), "abc-def".into(), 12))
-        );
-        assert_eq!(super::parse_id("nonsense"), None);
-    }
 }

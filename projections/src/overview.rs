@@ -11,7 +11,7 @@ use serde::Serialize;
 use twofold_domain::user::TwoFactorState;
 
 use crate::directory::UserRow;
-use crate::record::{EventRecord, Typed};
+use crate::record::{EventRecord, RecordExt, Typed};
 
 /// Users with this many backup codes or fewer left count as running low.
 pub const LOW_BACKUP_CODES: u32 = 2;

@@ -10,7 +10,7 @@ use sqlx::PgPool;
 
 use crate::audit::AuditEntry;
 use crate::directory::UserRow;
-use crate::record::{load_batch, EventRecord, Typed};
+use crate::record::{load_batch, EventRecord, RecordExt, Typed};
 use crate::store::{copy_audit, write_users, Builder};
 
 const BATCH: i64 = 10_000;

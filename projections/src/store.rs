@@ -9,7 +9,9 @@ use twofold_domain::user::UserEvent;
 
 use crate::audit::AuditEntry;
 use crate::directory::UserRow;
-use crate::record::{EventRecord, Typed};
+use twofold_platform::envelope::COLUMNS;
+
+use crate::record::{EventRecord, RecordExt, Typed};
 
 /// The read-model builders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +81,7 @@ impl Builder {
         // key: `OFFSET 0` keeps PostgreSQL from turning the lookup into a
         // join, which its general plan (used for a statement run often)
         // answers by reading every event.
-        let records: Vec<EventRecord> = sqlx::query_as(
+        let records: Vec<EventRecord> = sqlx::query_as(&format!(
             "WITH claimed AS ( \
                INSERT INTO projection_positions AS p (projection, aggregate_type, aggregate_id, sequence) \
                SELECT $1, t.aggregate_type, t.aggregate_id, 0 \
@@ -87,16 +89,15 @@ impl Builder {
                ORDER BY t.n \
                ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET sequence = p.sequence \
                RETURNING p.aggregate_type, p.aggregate_id, p.sequence) \
-             SELECT e.global_position, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, \
-               e.event_version, e.payload, e.metadata, e.recorded_at \
+             SELECT e.* \
              FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t(aggregate_type, aggregate_id, upto) \
              JOIN claimed c ON c.aggregate_type = t.aggregate_type AND c.aggregate_id = t.aggregate_id \
              CROSS JOIN LATERAL ( \
-               SELECT * FROM events e \
+               SELECT {COLUMNS} FROM events e \
                WHERE e.aggregate_type = t.aggregate_type AND e.aggregate_id = t.aggregate_id \
                  AND e.sequence > c.sequence AND e.sequence <= t.upto OFFSET 0) e \
              ORDER BY e.global_position",
-        )
+        ))
         .bind(self.name())
         .bind(&types)
         .bind(&ids)

@@ -18,7 +18,8 @@ use twofold_relay::Relay;
 
 use crate::helpers::{spawn_app_with, TestApp};
 
-fn free_port() -> u16 {
+/// A port nothing listens on now.
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -196,11 +197,8 @@ async fn stack(smtp_port: u16, sms_url: &str) -> Stack {
     )
     .await
     .unwrap();
-    let stream = config.nats_stream.clone();
     let relay = tokio::spawn(async move {
-        let _ = relay
-            .run_until_stopped(&stream, std::future::pending())
-            .await;
+        let _ = relay.run_until_stopped(std::future::pending()).await;
     });
     let source = Source {
         stream: config.nats_stream.clone(),

@@ -9,10 +9,11 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use twofold_platform::Config;
-use twofold_projections::consumer::{Projector, Source};
+use twofold_projections::consumer::{Consumer, Source};
 use twofold_projections::store::Builder;
 use twofold_relay::Relay;
 
+use crate::delivery::free_port;
 use crate::helpers::{settings_on, spawn_app, TestApp};
 
 fn nats_url() -> String {
@@ -42,11 +43,8 @@ fn source(config: &Config, durable: &str) -> Source {
 
 async fn start_relay(app: &TestApp, config: &Config) -> tokio::task::JoinHandle<()> {
     let relay = Relay::connect(app.pool.clone(), config).await.unwrap();
-    let stream = config.nats_stream.clone();
     tokio::spawn(async move {
-        let _ = relay
-            .run_until_stopped(&stream, std::future::pending())
-            .await;
+        let _ = relay.run_until_stopped(std::future::pending()).await;
     })
 }
 
@@ -146,7 +144,7 @@ async fn committed_events_reach_the_read_models_through_jetstream() {
     let src = source(&config, "live");
     let mut builders = Vec::new();
     for builder in Builder::ALL {
-        let p = Projector::connect(app.pool.clone(), &src, builder)
+        let p = Consumer::connect(app.pool.clone(), &src, builder)
             .await
             .unwrap();
         builders.push(tokio::spawn(p.run_until_stopped(std::future::pending())));
@@ -203,7 +201,7 @@ async fn a_builder_killed_mid_batch_and_redelivery_leave_the_read_models_exact()
         assert!(Builder::Directory.apply(&app.pool, r).await.unwrap());
     }
     // Another dies mid-run.
-    let first = Projector::connect(app.pool.clone(), &src, Builder::Audit)
+    let first = Consumer::connect(app.pool.clone(), &src, Builder::Audit)
         .await
         .unwrap();
     let killed = tokio::spawn(first.run_until_stopped(std::future::pending()));
@@ -213,7 +211,7 @@ async fn a_builder_killed_mid_batch_and_redelivery_leave_the_read_models_exact()
     // Fresh builders on the same durable consumers finish the job.
     let mut builders = Vec::new();
     for builder in Builder::ALL {
-        let p = Projector::connect(app.pool.clone(), &src, builder)
+        let p = Consumer::connect(app.pool.clone(), &src, builder)
             .await
             .unwrap();
         builders.push(tokio::spawn(p.run_until_stopped(std::future::pending())));
@@ -275,11 +273,7 @@ impl Drop for PrivateNats {
 
 #[tokio::test]
 async fn with_nats_down_sign_in_works_and_every_event_arrives_once_it_is_back() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let dir = std::env::temp_dir().join(format!("twofold-nats-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let nats = PrivateNats::start(port, &dir);
@@ -451,4 +445,107 @@ async fn an_event_that_arrives_after_a_later_one_of_its_stream_changes_nothing()
         .unwrap();
     assert_eq!(read_models(&app).await, live);
     assert_eq!(live.1.len() as i64, events, "each event audited once");
+}
+
+/// The status and body of `GET http://{addr}{path}`, or `None` when nothing answers.
+async fn probe(addr: std::net::SocketAddr, path: &str) -> Option<(StatusCode, String)> {
+    let r = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
+    Some((r.status(), r.text().await.ok()?))
+}
+
+/// Waits (up to 30 s: reconnects back off) until every worker's `path` answers `status`.
+async fn all_answer(addrs: &[std::net::SocketAddr], path: &str, status: StatusCode) {
+    for _ in 0..300 {
+        let mut all = true;
+        for addr in addrs {
+            all &= probe(*addr, path).await.is_some_and(|(s, _)| s == status);
+        }
+        if all {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {path} to answer {status}");
+}
+
+#[tokio::test]
+async fn workers_wait_for_nats_and_say_when_they_are_ready() {
+    let nats_port = free_port();
+    let dir = std::env::temp_dir().join(format!("twofold-nats-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let app = spawn_app().await;
+    let base = nats_config(&format!("nats://127.0.0.1:{nats_port}"));
+    let config = |metrics_port: u16| Config {
+        metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+        nats_url: base.nats_url.clone(),
+        nats_stream: base.nats_stream.clone(),
+        nats_subject_prefix: base.nats_subject_prefix.clone(),
+        ..app.config.clone()
+    };
+    let (relay, dispatcher, projector) = (
+        config(free_port()),
+        config(free_port()),
+        config(free_port()),
+    );
+    let addrs = [
+        relay.metrics_addr,
+        dispatcher.metrics_addr,
+        projector.metrics_addr,
+    ];
+    let clock: std::sync::Arc<dyn twofold_platform::Clock> = std::sync::Arc::new(app.clock.clone());
+    // Started before NATS is there: they wait for it rather than exit.
+    let workers = [
+        tokio::spawn(async move {
+            let relay = Relay::build(&relay).await.unwrap();
+            let _ = relay.run_until_stopped(std::future::pending()).await;
+        }),
+        tokio::spawn(async move {
+            let dispatcher = twofold_dispatcher::Dispatcher::build(&dispatcher, clock)
+                .await
+                .unwrap();
+            dispatcher.run_until_stopped(std::future::pending()).await;
+        }),
+        tokio::spawn(async move {
+            let projector = twofold_projections::consumer::Projector::build(&projector)
+                .await
+                .unwrap();
+            projector.run_until_stopped(std::future::pending()).await;
+        }),
+    ];
+    all_answer(&addrs, "/health/live", StatusCode::OK).await;
+    for addr in addrs {
+        let (status, why) = probe(addr, "/health/ready").await.unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{why}");
+        assert!(why.contains("NATS"), "{why}");
+    }
+
+    // NATS comes: the relay creates the stream, the others bind to it.
+    let nats = PrivateNats::start(nats_port, &dir);
+    all_answer(&addrs, "/health/ready", StatusCode::OK).await;
+    for addr in addrs {
+        let (status, text) = probe(addr, "/metrics").await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    // And the stack works: a sign-in's events reach the read models.
+    some_history(&app).await;
+    eventually("the read models to catch up", async || {
+        caught_up(&app).await
+    })
+    .await;
+
+    // NATS goes away: not ready, and it says why; still live.
+    let (nats_port, dir) = nats.stop();
+    all_answer(&addrs, "/health/ready", StatusCode::SERVICE_UNAVAILABLE).await;
+    for addr in addrs {
+        let (_, why) = probe(addr, "/health/ready").await.unwrap();
+        assert!(why.contains("NATS"), "{why}");
+        assert_eq!(probe(addr, "/health/live").await.unwrap().0, StatusCode::OK);
+    }
+    // It comes back: ready again.
+    let _nats = PrivateNats::start(nats_port, &dir);
+    all_answer(&addrs, "/health/ready", StatusCode::OK).await;
+    for w in workers {
+        w.abort();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

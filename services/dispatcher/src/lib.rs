@@ -5,32 +5,39 @@
 //! falling back to email when the provider fails), records the outcome as an
 //! event, and only then acks. A crashed instance's job is redelivered to
 //! another; a request already delivered is not sent again.
+//!
+//! A job is three steps: [`plan`] (pure: from the typed event and the user,
+//! tenant and delivery, what to send where, or nothing), send (SMTP/SMS,
+//! [`send`]) and record (the delivery's events).
 
-mod send;
+pub mod plan;
+pub mod send;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use futures::future::join_all;
 use futures::StreamExt;
-use serde_json::Value;
 use sqlx::PgPool;
-use twofold_domain::delivery::{self, Delivery, DeliveryCommand, DeliveryError, DeliveryEvent};
+use twofold_domain::delivery::{Delivery, DeliveryCommand, DeliveryError, DeliveryEvent};
 use twofold_domain::tenant::Tenant;
 use twofold_domain::user::User;
 use twofold_domain::values::Method;
-use twofold_domain::{Actor, ChallengeId, Ctx, TenantId, UserId};
+use twofold_domain::{Actor, Ctx, TenantId, UserId};
 use twofold_platform::config::SmsProvider;
 use twofold_platform::crypto::Keyring;
-use twofold_platform::jetstream::Batches;
+use twofold_platform::jetstream::{durable_consumer, Batches};
 use twofold_platform::store::{read_streams, Basis, ExecError, Store, StreamKey};
-use twofold_platform::{Clock, Config};
+use twofold_platform::telemetry::{Telemetry, WorkerStart};
+use twofold_platform::{Clock, Config, Envelope};
 
-pub use send::{Mailer, SmsClient};
+use plan::{after_failure, plan, AfterFailure, CodeRequest, Plan};
+pub use send::{Mailer, RecipientLimit, SendError, SmsClient};
 
 /// Where the dispatcher reads from.
 #[derive(Debug, Clone)]
@@ -61,6 +68,8 @@ impl Source {
 
 pub struct Dispatcher {
     pool: PgPool,
+    /// Metrics and health, when built as a worker ([`Dispatcher::build`]).
+    telemetry: Option<Telemetry>,
     users: Store<User>,
     tenants: Store<Tenant>,
     deliveries: Store<Delivery>,
@@ -76,8 +85,7 @@ pub struct Dispatcher {
     providers: BTreeMap<String, SmsProvider>,
     max_attempts: u32,
     retry_delay: Duration,
-    recipient_limit: u32,
-    recently: Mutex<HashMap<String, VecDeque<Instant>>>,
+    recipients: RecipientLimit,
 }
 
 /// What one job came to.
@@ -95,10 +103,41 @@ pub enum Outcome {
     },
     /// Will be tried again after the delay, which doubles with each attempt.
     Retry(String, Duration),
-    Failed(String),
+    Failed(SendError),
+}
+
+/// What the send step came to.
+struct Sent {
+    /// Why an SMS code went by email instead.
+    fell_back: Option<SendError>,
+    /// The method and provider it went by, or why it did not go.
+    result: Result<(Method, String), SendError>,
 }
 
 impl Dispatcher {
+    /// The dispatcher worker: starts its metrics and health server on
+    /// `metrics_addr`, then waits for PostgreSQL (migrating it), NATS and the
+    /// relay's stream, and binds the shared consumer.
+    pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let start = WorkerStart::begin(config).await?;
+        let (source, js) = (Source::from_config(config), jetstream::new(start.nats));
+        let (telemetry, pool) = (start.telemetry, start.pool);
+        let consumer =
+            twofold_platform::retrying("binding the dispatcher's consumer", || bind(&js, &source))
+                .await;
+        telemetry.readiness().add_consumer(&consumer);
+        let mut dispatcher = Self::on(pool, config, &source, consumer, clock)?;
+        dispatcher.telemetry = Some(telemetry);
+        Ok(dispatcher)
+    }
+
+    /// Where the worker's metrics and health are served, when built as one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.telemetry.as_ref().map(Telemetry::local_addr)
+    }
+
+    /// A dispatcher on `pool` reading `source` (no metrics server: the
+    /// in-process form tests and benchmarks use).
     pub async fn connect(
         pool: PgPool,
         config: &Config,
@@ -108,28 +147,20 @@ impl Dispatcher {
         let client = async_nats::connect(&config.nats_url)
             .await
             .with_context(|| format!("connecting to NATS at {}", config.nats_url))?;
-        let js = jetstream::new(client);
-        let stream = js.get_stream(&source.stream).await.map_err(|e| {
-            anyhow!(
-                "the stream {} is not there yet (start the relay): {e}",
-                source.stream
-            )
-        })?;
-        let consumer = stream
-            .get_or_create_consumer(
-                &source.durable,
-                jetstream::consumer::pull::Config {
-                    durable_name: Some(source.durable.clone()),
-                    filter_subject: format!("{}.events.*.user.>", source.subject_prefix),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: source.ack_wait,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| anyhow!("creating the consumer {}: {e}", source.durable))?;
+        let consumer = bind(&jetstream::new(client), source).await?;
+        Self::on(pool, config, source, consumer, clock)
+    }
+
+    fn on(
+        pool: PgPool,
+        config: &Config,
+        source: &Source,
+        consumer: PullConsumer,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
             pool: pool.clone(),
+            telemetry: None,
             users: Store::new(pool.clone()),
             tenants: Store::new(pool.clone()),
             // A job claims its delivery, then records it: the claim's state is
@@ -145,8 +176,7 @@ impl Dispatcher {
             providers: config.sms_providers.clone(),
             max_attempts: config.delivery_max_attempts.max(1),
             retry_delay: source.retry_delay,
-            recipient_limit: config.recipient_limit_per_hour,
-            recently: Mutex::new(HashMap::new()),
+            recipients: RecipientLimit::per_hour(config.recipient_limit_per_hour),
         })
     }
 
@@ -187,33 +217,43 @@ impl Dispatcher {
     /// A job cut off by the shutdown is not acked: JetStream hands it to
     /// another instance after the ack wait.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        loop {
-            let messages = match self.batches.open().await {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "dispatcher cannot subscribe; retrying");
-                    tokio::select! {
-                        _ = &mut shutdown => return,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+        let work = async {
+            loop {
+                let messages = match self.batches.open().await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "dispatcher cannot subscribe; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
                     }
-                }
-            };
-            let work = messages.for_each_concurrent(self.concurrency, |message| async {
-                match message {
-                    Ok(m) => {
-                        if let Err(e) = self.job(m).await {
-                            tracing::warn!(error = %format!("{e:#}"), "dispatcher step failed");
+                };
+                // Until the subscription ends; then another is opened.
+                messages
+                    .for_each_concurrent(self.concurrency, |message| async {
+                        match message {
+                            Ok(m) => {
+                                if let Err(e) = self.job(m).await {
+                                    tracing::warn!(error = %format!("{e:#}"), "dispatcher step failed");
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "receiving from JetStream"),
                         }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "receiving from JetStream"),
-                }
-            });
-            tokio::select! {
-                _ = &mut shutdown => return,
-                // The subscription ended: open another.
-                _ = work => {}
+                    })
+                    .await;
             }
+        };
+        // Recipients whose hourly budget is whole again are forgotten.
+        let forget = async {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                self.recipients.forget_idle();
+            }
+        };
+        tokio::select! {
+            _ = shutdown => {}
+            _ = work => {}
+            _ = forget => {}
         }
     }
 
@@ -270,16 +310,9 @@ impl Dispatcher {
         Ok((user, tenant, delivery))
     }
 
-    async fn record(
-        &self,
-        id: &str,
-        command: DeliveryCommand,
-    ) -> anyhow::Result<Result<Vec<DeliveryEvent>, DeliveryError>> {
-        self.record_on(id, None, command).await
-    }
-
-    /// [`Dispatcher::record`], deciding on `basis` (just read) when given.
-    async fn record_on(
+    /// Appends `command` to the delivery `id`, deciding on `basis` (just
+    /// read) when given.
+    async fn append(
         &self,
         id: &str,
         basis: Option<Basis<Delivery>>,
@@ -297,78 +330,53 @@ impl Dispatcher {
         }
     }
 
-    /// Whether `recipient` may get one more code this hour (per instance).
-    fn recipient_allowed(&self, recipient: &str) -> bool {
-        let Ok(mut recent) = self.recently.lock() else {
-            return true;
-        };
-        let sent = recent.entry(recipient.to_string()).or_default();
-        let hour = Duration::from_secs(3600);
-        while sent.front().is_some_and(|t| t.elapsed() > hour) {
-            sent.pop_front();
-        }
-        if sent.len() as u32 >= self.recipient_limit {
-            return false;
-        }
-        sent.push_back(Instant::now());
-        true
+    /// [`Dispatcher::append`] of a command the delivery must accept.
+    async fn record(&self, id: &str, command: DeliveryCommand) -> anyhow::Result<()> {
+        self.append(id, None, command)
+            .await?
+            .map_err(|e| anyhow!(e))?;
+        Ok(())
     }
 
+    /// One job: plan, claim, send, record.
     async fn handle(&self, payload: &[u8]) -> anyhow::Result<Outcome> {
-        let body: Value =
+        let event: Envelope =
             serde_json::from_slice(payload).context("a message that is not an event")?;
-        let event_type = body["event_type"].as_str().unwrap_or_default();
-        let inner = &body["payload"][event_type];
-        let (method, generation) = match event_type {
-            "ChallengeIssued" => (&inner["method"], 0),
-            "CodeResent" => (&inner["method"], inner["generation"].as_u64().unwrap_or(0)),
-            "ChallengeMethodSwitched" => (&inner["to"], inner["generation"].as_u64().unwrap_or(0)),
-            _ => return Ok(Outcome::Skipped),
-        };
-        let method: Method =
-            serde_json::from_value(method.clone()).context("a code event without a method")?;
-        if !method.is_delivered() {
+        let Some(request) = CodeRequest::from_event(&event)? else {
             return Ok(Outcome::Skipped);
-        }
-        let generation = u32::try_from(generation).unwrap_or(0);
-        let challenge_id: ChallengeId = serde_json::from_value(inner["challenge_id"].clone())
-            .context("a code event without a challenge")?;
-        let user_id: UserId = body["aggregate_id"]
-            .as_str()
-            .unwrap_or_default()
-            .parse()
-            .context("a code event without a user")?;
-        // The tenant the relay found in the event's metadata: read with the
-        // user (checked against the user's own below).
-        let tenant_hint: Option<TenantId> = body["metadata"]["tenant_id"]
-            .as_str()
-            .and_then(|t| t.parse().ok());
-        let id = delivery::stream_id(challenge_id, generation);
-        let (user, tenant, claim_basis) = self.read(user_id, tenant_hint, &id).await?;
+        };
+        let id = request.delivery_id();
+        let (user, tenant, basis) = self.read(request.user_id, request.tenant_hint, &id).await?;
+        // The tenant read with the user is the one the event named; the
+        // user's own is read if they differ.
+        let tenant = match (user.tenant_id, tenant) {
+            (Some(t), Some(tenant)) if request.tenant_hint == Some(t) => Some(tenant),
+            (Some(t), _) => Some(self.tenants.load(&t.to_string()).await?),
+            (None, _) => None,
+        };
         let now = self.clock.now();
-        let Some(challenge) = user.challenges.get(&challenge_id) else {
-            return Ok(Outcome::Superseded);
-        };
-        if challenge.is_expired(now) || challenge.generation != generation {
-            return Ok(Outcome::Superseded);
-        }
-        let Some(tenant_id) = user.tenant_id else {
-            return Ok(Outcome::Superseded);
-        };
-        let tenant = match tenant {
-            Some(tenant) if tenant_hint == Some(tenant_id) => tenant,
-            _ => self.tenants.load(&tenant_id.to_string()).await?,
+        let send = match plan(
+            &request,
+            &user,
+            tenant.as_ref(),
+            basis.state(),
+            &self.providers,
+            now,
+        ) {
+            Plan::Superseded => return Ok(Outcome::Superseded),
+            Plan::AlreadyDone => return Ok(Outcome::AlreadyDone),
+            Plan::Send(send) => send,
         };
         let claimed = self
-            .record_on(
+            .append(
                 &id,
-                Some(claim_basis),
+                Some(basis),
                 DeliveryCommand::Claim {
-                    challenge_id,
-                    generation,
-                    user_id,
-                    tenant_id,
-                    method,
+                    challenge_id: request.challenge_id,
+                    generation: request.generation,
+                    user_id: request.user_id,
+                    tenant_id: send.tenant_id,
+                    method: request.method,
                     ctx: self.ctx(),
                 },
             )
@@ -386,101 +394,152 @@ impl Dispatcher {
                 })
                 .unwrap_or(1),
         };
-        let code = self.keys.delivered_code(challenge_id, generation);
+        let code = self
+            .keys
+            .delivered_code(request.challenge_id, request.generation);
         let started = Instant::now();
-        let mut method_used = method;
-        let mut sent: Result<String, String> = Err("no recipient".to_string());
-        if method == Method::Sms {
-            sent = match (user.phone.as_ref(), tenant.settings.sms_provider.as_ref()) {
-                (Some(phone), Some(name)) => match self.providers.get(name) {
-                    Some(provider) if self.recipient_allowed(phone.as_str()) => self
-                        .sms
-                        .send(
-                            name,
-                            provider,
-                            phone.as_str(),
-                            &send::sms_text(&tenant.name, &code),
-                        )
-                        .await
-                        .map(|()| name.clone()),
-                    Some(_) => Err("the recipient's hourly limit is reached".to_string()),
-                    None => Err(format!("no SMS provider named {name:?} is configured")),
-                },
-                (None, _) => Err("the user has no phone number".to_string()),
-                (_, None) => Err("the tenant names no SMS provider".to_string()),
-            };
-            if let Err(reason) = &sent {
-                metrics::counter!("twofold_dispatcher_failed_total", "method" => "sms", "provider" => tenant.settings.sms_provider.clone().unwrap_or_default())
-                    .increment(1);
-                self.record(
-                    &id,
-                    DeliveryCommand::RecordFallback {
-                        reason: reason.clone(),
-                        ctx: self.ctx(),
-                    },
-                )
-                .await?
-                .map_err(|e| anyhow!(e))?;
-                method_used = Method::Email;
-            }
-        }
-        if method_used == Method::Email {
-            sent = match user.email.as_ref() {
-                Some(email) if self.recipient_allowed(email.as_str()) => self
-                    .mailer
-                    .send(email.as_str(), &tenant.name, &code, challenge.expires_at)
+        let sent = self.send(&send, &code).await;
+        self.record_sent(&id, &send, attempt, sent, started).await
+    }
+
+    /// The send step: by SMS when asked (falling back to email), else by email.
+    async fn send(&self, send: &plan::Send, code: &str) -> Sent {
+        let mut fell_back = None;
+        if let Some(sms) = &send.sms {
+            let sent = match sms {
+                Ok((provider, phone)) => self
+                    .send_sms(provider, phone, &send.tenant_name, code)
                     .await
-                    .map(|()| "smtp".to_string()),
-                Some(_) => Err("the recipient's hourly limit is reached".to_string()),
-                None => Err("the user has no email address".to_string()),
+                    .map(|()| (Method::Sms, provider.clone())),
+                Err(e) => Err(e.clone()),
             };
+            match sent {
+                Ok(sent) => {
+                    return Sent {
+                        fell_back: None,
+                        result: Ok(sent),
+                    }
+                }
+                Err(e) => fell_back = Some(e),
+            }
         }
-        match sent {
-            Ok(provider) => {
-                let latency_ms = started.elapsed().as_millis() as u64;
-                metrics::counter!("twofold_dispatcher_sent_total", "method" => method_used.as_str(), "provider" => provider.clone())
+        let result = match &send.email {
+            Ok(address) => self.send_email(address, send, code).await,
+            Err(e) => Err(e.clone()),
+        };
+        Sent {
+            fell_back,
+            result: result.map(|()| (Method::Email, "smtp".to_string())),
+        }
+    }
+
+    async fn send_sms(
+        &self,
+        provider: &str,
+        phone: &str,
+        tenant_name: &str,
+        code: &str,
+    ) -> Result<(), SendError> {
+        let config = self
+            .providers
+            .get(provider)
+            .ok_or_else(|| SendError::UnknownProvider(provider.to_string()))?;
+        self.recipients.take(phone)?;
+        self.sms
+            .send(provider, config, phone, &send::sms_text(tenant_name, code))
+            .await
+    }
+
+    async fn send_email(
+        &self,
+        address: &str,
+        send: &plan::Send,
+        code: &str,
+    ) -> Result<(), SendError> {
+        self.recipients.take(address)?;
+        self.mailer
+            .send(address, &send.tenant_name, code, send.expires_at)
+            .await
+    }
+
+    /// The record step: the fallback, then the delivery, a failure, or a
+    /// retry to come.
+    async fn record_sent(
+        &self,
+        id: &str,
+        send: &plan::Send,
+        attempt: u32,
+        sent: Sent,
+        started: Instant,
+    ) -> anyhow::Result<Outcome> {
+        if let Some(reason) = sent.fell_back {
+            let provider = match &send.sms {
+                Some(Ok((provider, _))) => provider.clone(),
+                _ => String::new(),
+            };
+            metrics::counter!("twofold_dispatcher_failed_total", "method" => "sms", "provider" => provider)
+                .increment(1);
+            self.record(
+                id,
+                DeliveryCommand::RecordFallback {
+                    reason: reason.to_string(),
+                    ctx: self.ctx(),
+                },
+            )
+            .await?;
+        }
+        match sent.result {
+            Ok((method, provider)) => {
+                let elapsed = started.elapsed();
+                metrics::counter!("twofold_dispatcher_sent_total", "method" => method.as_str(), "provider" => provider.clone())
                     .increment(1);
-                metrics::histogram!("twofold_dispatcher_send_seconds", "method" => method_used.as_str())
-                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!("twofold_dispatcher_send_seconds", "method" => method.as_str())
+                    .record(elapsed.as_secs_f64());
                 self.record(
-                    &id,
+                    id,
                     DeliveryCommand::RecordDelivered {
-                        method: method_used,
+                        method,
                         provider: provider.clone(),
-                        latency_ms,
+                        latency_ms: elapsed.as_millis() as u64,
                         ctx: self.ctx(),
                     },
                 )
-                .await?
-                .map_err(|e| anyhow!(e))?;
-                Ok(Outcome::Delivered {
-                    method: method_used,
-                    provider,
-                })
+                .await?;
+                Ok(Outcome::Delivered { method, provider })
             }
-            Err(reason) => {
-                metrics::counter!("twofold_dispatcher_failed_total", "method" => method_used.as_str(), "provider" => "smtp")
+            Err(error) => {
+                metrics::counter!("twofold_dispatcher_failed_total", "method" => Method::Email.as_str(), "provider" => "smtp")
                     .increment(1);
-                if attempt >= self.max_attempts
-                    || reason.contains("limit")
-                    || reason.contains("no email")
-                {
-                    self.record(
-                        &id,
-                        DeliveryCommand::RecordFailed {
-                            reason: reason.clone(),
-                            ctx: self.ctx(),
-                        },
-                    )
-                    .await?
-                    .map_err(|e| anyhow!(e))?;
-                    Ok(Outcome::Failed(reason))
-                } else {
-                    let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(10));
-                    let after = (self.retry_delay * factor).min(Duration::from_secs(300));
-                    Ok(Outcome::Retry(reason, after))
+                match after_failure(&error, attempt, self.max_attempts, self.retry_delay) {
+                    AfterFailure::Fail => {
+                        self.record(
+                            id,
+                            DeliveryCommand::RecordFailed {
+                                reason: error.to_string(),
+                                ctx: self.ctx(),
+                            },
+                        )
+                        .await?;
+                        Ok(Outcome::Failed(error))
+                    }
+                    AfterFailure::Retry(after) => Ok(Outcome::Retry(error.to_string(), after)),
                 }
             }
         }
     }
+}
+
+/// Binds to (creating if needed) the shared durable consumer of user events.
+async fn bind(js: &jetstream::Context, source: &Source) -> anyhow::Result<PullConsumer> {
+    durable_consumer(
+        js,
+        &source.stream,
+        jetstream::consumer::pull::Config {
+            durable_name: Some(source.durable.clone()),
+            filter_subject: format!("{}.events.*.user.>", source.subject_prefix),
+            ack_wait: source.ack_wait,
+            ..Default::default()
+        },
+    )
+    .await
 }

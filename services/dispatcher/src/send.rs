@@ -1,17 +1,109 @@
 //! Sending: email over SMTP (lettre, pooled connections) and SMS through a
-//! provider's HTTP API, each with a per-provider rate limit.
+//! provider's HTTP API, with the limits that protect cost (governor): SMS
+//! sends per second per provider, codes per recipient per hour.
 
-use std::time::{Duration, Instant};
+use std::num::NonZeroU32;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use chrono::{DateTime, Utc};
+use governor::{DefaultKeyedRateLimiter, Quota};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use secrecy::ExposeSecret;
-use tokio::sync::Mutex;
 use twofold_platform::config::SmsProvider;
 use twofold_platform::Config;
+
+/// Why a code was not sent. Permanent failures are recorded at once;
+/// the others are tried again (see [`crate::plan::after_failure`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("the user has no phone number")]
+    NoPhone,
+    #[error("the user has no email address")]
+    NoEmail,
+    #[error("the tenant names no SMS provider")]
+    NoSmsProvider,
+    #[error("no SMS provider named {0:?} is configured")]
+    UnknownProvider(String),
+    #[error("the recipient's hourly limit is reached")]
+    RecipientLimit,
+    #[error("the email address is not valid")]
+    InvalidAddress,
+    #[error("building the email: {0}")]
+    Message(String),
+    /// The SMTP server refused the message for good (a 5xx answer).
+    #[error("SMTP refused: {0}")]
+    SmtpRefused(String),
+    /// The SMTP server could not be reached, or answered 4xx.
+    #[error("SMTP: {0}")]
+    Smtp(String),
+    #[error("{provider}: timed out")]
+    ProviderTimeout { provider: String },
+    #[error("{provider}: unreachable ({cause})")]
+    ProviderUnreachable { provider: String, cause: String },
+    #[error("{provider}: answered {status}")]
+    ProviderStatus { provider: String, status: u16 },
+}
+
+impl SendError {
+    /// Whether trying again cannot help (the user, the configuration or
+    /// the limit has to change first).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            SendError::NoPhone
+            | SendError::NoEmail
+            | SendError::NoSmsProvider
+            | SendError::UnknownProvider(_)
+            | SendError::RecipientLimit
+            | SendError::InvalidAddress
+            | SendError::Message(_)
+            | SendError::SmtpRefused(_) => true,
+            SendError::Smtp(_)
+            | SendError::ProviderTimeout { .. }
+            | SendError::ProviderUnreachable { .. }
+            | SendError::ProviderStatus { .. } => false,
+        }
+    }
+}
+
+/// Codes per recipient per hour (per instance), keyed by the address or
+/// number; recipients not seen for a while are forgotten ([`RecipientLimit::forget_idle`]).
+pub struct RecipientLimit {
+    /// `None` when the limit is 0: nothing may be sent.
+    limiter: Option<DefaultKeyedRateLimiter<String>>,
+}
+
+impl RecipientLimit {
+    pub fn per_hour(limit: u32) -> Self {
+        Self {
+            limiter: NonZeroU32::new(limit)
+                .map(|n| DefaultKeyedRateLimiter::keyed(Quota::per_hour(n))),
+        }
+    }
+
+    /// Takes one code of `recipient`'s budget, or says it is spent.
+    pub fn take(&self, recipient: &str) -> Result<(), SendError> {
+        match &self.limiter {
+            Some(l) if l.check_key(&recipient.to_string()).is_ok() => Ok(()),
+            _ => Err(SendError::RecipientLimit),
+        }
+    }
+
+    /// Drops the recipients whose budget is full again (nothing to remember).
+    pub fn forget_idle(&self) {
+        if let Some(l) = &self.limiter {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    }
+
+    /// How many recipients are remembered.
+    pub fn remembered(&self) -> usize {
+        self.limiter.as_ref().map_or(0, |l| l.len())
+    }
+}
 
 pub fn sms_text(tenant: &str, code: &str) -> String {
     format!("{code} is your {tenant} sign-in code. Do not share it.")
@@ -53,7 +145,7 @@ impl Mailer {
         tenant: &str,
         code: &str,
         expires_at: DateTime<Utc>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SendError> {
         let expires = expires_at.format("%Y-%m-%d %H:%M UTC");
         let plain = format!(
             "Your {tenant} sign-in code is {code}.\n\nIt expires at {expires}. If you did not try to sign in, ignore this email.\n"
@@ -62,20 +154,21 @@ impl Mailer {
             "<p>Your {tenant} sign-in code is <strong>{code}</strong>.</p><p>It expires at {expires}. If you did not try to sign in, ignore this email.</p>",
             tenant = html_escape(tenant)
         );
-        let to: Mailbox = to
-            .parse()
-            .map_err(|_| "the email address is not valid".to_string())?;
+        let to: Mailbox = to.parse().map_err(|_| SendError::InvalidAddress)?;
         let message = Message::builder()
             .from(self.from.clone())
             .to(to)
             .subject(format!("{tenant} sign-in code"))
             .multipart(MultiPart::alternative_plain_html(plain, html))
-            .map_err(|e| format!("building the email: {e}"))?;
+            .map_err(|e| SendError::Message(e.to_string()))?;
         self.transport
             .send(message)
             .await
             .map(|_| ())
-            .map_err(|e| format!("SMTP: {e}"))
+            .map_err(|e| match e.is_permanent() {
+                true => SendError::SmtpRefused(e.to_string()),
+                false => SendError::Smtp(e.to_string()),
+            })
     }
 }
 
@@ -87,36 +180,19 @@ fn html_escape(s: &str) -> String {
 
 pub struct SmsClient {
     http: reqwest::Client,
-    per_second: u32,
-    window: Mutex<(Instant, u32)>,
+    /// Sends per second, per provider name.
+    pace: DefaultKeyedRateLimiter<String>,
 }
 
 impl SmsClient {
     pub fn new(per_second: u32) -> anyhow::Result<Self> {
+        let per_second = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
         Ok(Self {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()?,
-            per_second: per_second.max(1),
-            window: Mutex::new((Instant::now(), 0)),
+            pace: DefaultKeyedRateLimiter::keyed(Quota::per_second(per_second)),
         })
-    }
-
-    /// Waits until the provider's per-second budget has room.
-    async fn pace(&self) {
-        loop {
-            let mut w = self.window.lock().await;
-            if w.0.elapsed() >= Duration::from_secs(1) {
-                *w = (Instant::now(), 0);
-            }
-            if w.1 < self.per_second {
-                w.1 += 1;
-                return;
-            }
-            let left = Duration::from_secs(1).saturating_sub(w.0.elapsed());
-            drop(w);
-            tokio::time::sleep(left).await;
-        }
     }
 
     /// Sends; the error says why the provider failed (status, timeout, refused).
@@ -126,8 +202,8 @@ impl SmsClient {
         provider: &SmsProvider,
         to: &str,
         text: &str,
-    ) -> Result<(), String> {
-        self.pace().await;
+    ) -> Result<(), SendError> {
+        self.pace.until_key_ready(&name.to_string()).await;
         let request = match provider {
             SmsProvider::Twilio {
                 base_url,
@@ -153,17 +229,89 @@ impl SmsClient {
                 }
             }
         };
+        let provider = name.to_string();
         let response = request.send().await.map_err(|e| {
             if e.is_timeout() {
-                format!("{name}: timed out")
+                SendError::ProviderTimeout { provider }
             } else {
-                format!("{name}: unreachable ({})", anyhow!(e).root_cause())
+                let cause = anyhow!(e).root_cause().to_string();
+                SendError::ProviderUnreachable {
+                    provider: name.to_string(),
+                    cause,
+                }
             }
         })?;
         if response.status().is_success() {
             Ok(())
         } else {
-            Err(format!("{name}: answered {}", response.status().as_u16()))
+            Err(SendError::ProviderStatus {
+                provider: name.to_string(),
+                status: response.status().as_u16(),
+            })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_the_user_or_the_configuration_must_change_is_permanent() {
+        for e in [
+            SendError::NoPhone,
+            SendError::NoEmail,
+            SendError::NoSmsProvider,
+            SendError::UnknownProvider("x".into()),
+            SendError::RecipientLimit,
+            SendError::InvalidAddress,
+            SendError::SmtpRefused("550 no such mailbox".into()),
+        ] {
+            assert!(e.is_permanent(), "{e}");
+        }
+        for e in [
+            SendError::Smtp("connection refused".into()),
+            SendError::ProviderTimeout {
+                provider: "p".into(),
+            },
+            SendError::ProviderUnreachable {
+                provider: "p".into(),
+                cause: "refused".into(),
+            },
+            SendError::ProviderStatus {
+                provider: "p".into(),
+                status: 500,
+            },
+        ] {
+            assert!(!e.is_permanent(), "{e}");
+        }
+    }
+
+    #[test]
+    fn reasons_read_as_the_events_record_them() {
+        let e = SendError::ProviderStatus {
+            provider: "test-sms".into(),
+            status: 500,
+        };
+        assert_eq!(e.to_string(), "test-sms: answered 500");
+        assert!(SendError::Smtp("x".into()).to_string().starts_with("SMTP"));
+    }
+
+    #[test]
+    fn a_recipient_gets_its_hourly_budget_and_no_more() {
+        let limit = RecipientLimit::per_hour(2);
+        assert_eq!(limit.take("a@x.test"), Ok(()));
+        assert_eq!(limit.take("a@x.test"), Ok(()));
+        assert_eq!(limit.take("a@x.test"), Err(SendError::RecipientLimit));
+        // Each recipient has a budget of its own.
+        assert_eq!(limit.take("b@x.test"), Ok(()));
+        assert_eq!(limit.remembered(), 2);
+        // Both still owe part of their budget: neither is forgotten.
+        limit.forget_idle();
+        assert_eq!(limit.remembered(), 2);
+        assert_eq!(
+            RecipientLimit::per_hour(0).take("a@x.test"),
+            Err(SendError::RecipientLimit)
+        );
     }
 }

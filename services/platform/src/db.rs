@@ -49,6 +49,17 @@ pub fn pool_options(max_connections: u32) -> PgPoolOptions {
         })
 }
 
+/// A pool on a migrated database, waiting (with backoff) until PostgreSQL is
+/// there: how a worker connects at start.
+pub async fn connect_and_migrate(config: &Config) -> PgPool {
+    crate::retrying("connecting to PostgreSQL", || async {
+        let pool = connect(config).await?;
+        migrate(&pool).await?;
+        Ok(pool)
+    })
+    .await
+}
+
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR
         .run(pool)

@@ -1,12 +1,46 @@
-//! Batches from a JetStream durable pull consumer, for workers that take
-//! whatever has arrived and handle it together (the projector's builders,
-//! the dispatcher).
+//! The workers' side of JetStream: connecting, binding a durable pull
+//! consumer, and batches from it for workers that take whatever has arrived
+//! and handle it together (the projector's builders, the dispatcher).
 
 use std::time::Duration;
 
-use anyhow::anyhow;
-use async_nats::jetstream::{consumer::pull, consumer::PullConsumer, Message};
+use anyhow::{anyhow, Context as _};
+use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer, Message};
 use futures::{FutureExt, StreamExt};
+
+/// A client that connects in the background and reconnects by itself: a
+/// worker started before NATS waits for it.
+pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to NATS at {url}"))
+}
+
+/// Binds to (creating if needed) the durable pull consumer `config` names on
+/// `stream`, with explicit acks.
+pub async fn durable_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    config: pull::Config,
+) -> anyhow::Result<PullConsumer> {
+    let stream = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| anyhow!("the stream {stream} is not there yet (start the relay): {e}"))?;
+    let name = config.durable_name.clone().unwrap_or_default();
+    stream
+        .get_or_create_consumer(
+            &name,
+            pull::Config {
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ..config
+            },
+        )
+        .await
+        .map_err(|e| anyhow!("creating the consumer {name}: {e}"))
+}
 
 /// A consumer's messages as JetStream pushes them: the subscription keeps
 /// pull requests outstanding for at most `ahead` messages, is opened at the
@@ -24,6 +58,11 @@ impl Batches {
             ahead: ahead.max(1),
             messages: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The durable consumer the batches come from.
+    pub fn consumer(&self) -> &PullConsumer {
+        &self.consumer
     }
 
     /// A subscription of its own, `ahead` messages at most outstanding.

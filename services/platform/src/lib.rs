@@ -6,6 +6,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod envelope;
 pub mod jetstream;
 pub mod password;
 pub mod qr;
@@ -16,3 +17,24 @@ pub mod totp;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::Config;
+pub use envelope::Envelope;
+
+/// Runs `attempt` until it succeeds, waiting twice as long after each
+/// failure (from 200 ms, at most 5 s) and logging why: a worker started
+/// before PostgreSQL or NATS waits for them instead of exiting.
+pub async fn retrying<T, F>(what: &str, mut attempt: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut wait = std::time::Duration::from_millis(200);
+    loop {
+        match attempt().await {
+            Ok(value) => return value,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "{what} failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}

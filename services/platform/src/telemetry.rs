@@ -1,10 +1,16 @@
-//! Prometheus metrics: one recorder per process, served on the worker's own port.
+//! Prometheus metrics and health answers: one recorder per process, served
+//! on the worker's own port with `/health/live` and `/health/ready`.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
 use anyhow::Context;
+use async_nats::jetstream::consumer::PullConsumer;
+use axum::http::StatusCode;
+use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use sqlx::PgPool;
 use tokio::net::TcpListener;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -29,23 +35,195 @@ pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
+fn metrics_router(handle: PrometheusHandle) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    )
+}
+
 /// Serves `GET /metrics` in Prometheus text format until `shutdown` resolves.
 pub async fn serve_metrics(
     listener: TcpListener,
     handle: PrometheusHandle,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
-        }),
-    );
-    axum::serve(listener, app)
+    axum::serve(listener, metrics_router(handle))
         .with_graceful_shutdown(shutdown)
         .await
         .context("serving metrics")
+}
+
+/// Serves `GET /metrics`, `GET /health/live` (200 while the process runs)
+/// and `GET /health/ready` (200 when `readiness` holds, else 503 and why)
+/// until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    readiness: Readiness,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let app = metrics_router(handle)
+        .route("/health/live", get(|| async { "live\n" }))
+        .route(
+            "/health/ready",
+            get(move || {
+                let readiness = readiness.clone();
+                async move {
+                    match readiness.check().await {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving metrics and health")
+}
+
+/// What a worker's `/health/ready` checks, filled in as it connects: its
+/// database, its NATS connection (if it uses NATS) and its JetStream consumers.
+#[derive(Clone)]
+pub struct Readiness {
+    uses_nats: bool,
+    parts: Arc<RwLock<Parts>>,
+}
+
+#[derive(Default)]
+struct Parts {
+    pool: Option<PgPool>,
+    nats: Option<async_nats::Client>,
+    consumers: Vec<PullConsumer>,
+}
+
+/// Longest a readiness probe waits on one dependency.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Readiness {
+    pub fn new(uses_nats: bool) -> Self {
+        Self {
+            uses_nats,
+            parts: Arc::default(),
+        }
+    }
+
+    fn parts(&self) -> std::sync::RwLockWriteGuard<'_, Parts> {
+        self.parts.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_pool(&self, pool: &PgPool) {
+        self.parts().pool = Some(pool.clone());
+    }
+
+    pub fn set_nats(&self, client: &async_nats::Client) {
+        self.parts().nats = Some(client.clone());
+    }
+
+    pub fn add_consumer(&self, consumer: &PullConsumer) {
+        self.parts().consumers.push(consumer.clone());
+    }
+
+    /// `Ok` when every dependency answers; else a short reason (no secrets:
+    /// no connection strings).
+    pub async fn check(&self) -> Result<(), String> {
+        let (pool, nats, consumers) = {
+            let parts = self.parts();
+            (
+                parts.pool.clone(),
+                parts.nats.clone(),
+                parts.consumers.clone(),
+            )
+        };
+        let pool = pool.ok_or("not connected to PostgreSQL yet")?;
+        match tokio::time::timeout(PROBE_TIMEOUT, sqlx::query("SELECT 1").execute(&pool)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return Err("PostgreSQL is not answering".into()),
+        }
+        if self.uses_nats {
+            let nats = nats.ok_or("not connected to NATS yet")?;
+            if nats.connection_state() != async_nats::connection::State::Connected {
+                return Err("NATS is disconnected".into());
+            }
+            for consumer in &consumers {
+                match tokio::time::timeout(PROBE_TIMEOUT, consumer.get_info()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) | Err(_) => return Err("a JetStream consumer is not usable".into()),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A worker's metrics and health server, from its start (it answers
+/// `/health/live` while the worker is still connecting); stops when dropped.
+pub struct Telemetry {
+    addr: SocketAddr,
+    readiness: Readiness,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Telemetry {
+    /// Binds `addr` and serves [`serve`] on it in a task of its own.
+    pub async fn start(addr: SocketAddr, readiness: Readiness) -> anyhow::Result<Self> {
+        let handle = metrics_handle()?;
+        let listener = bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let served = readiness.clone();
+        let server = tokio::spawn(async move {
+            if let Err(e) = serve(listener, handle, served, std::future::pending()).await {
+                tracing::warn!(error = %format!("{e:#}"), "the metrics server stopped");
+            }
+        });
+        Ok(Self {
+            addr,
+            readiness,
+            server,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
+    }
+}
+
+/// What a worker on NATS starts from: its metrics and health server (up
+/// first, so it answers while the rest is waited for), its migrated
+/// database and its NATS client, both watched by `/health/ready`.
+pub struct WorkerStart {
+    pub telemetry: Telemetry,
+    pub pool: PgPool,
+    pub nats: async_nats::Client,
+}
+
+impl WorkerStart {
+    pub async fn begin(config: &crate::Config) -> anyhow::Result<Self> {
+        let telemetry = Telemetry::start(config.metrics_addr, Readiness::new(true)).await?;
+        let pool = crate::db::connect_and_migrate(config).await;
+        telemetry.readiness().set_pool(&pool);
+        let nats = crate::jetstream::connect(&config.nats_url).await?;
+        telemetry.readiness().set_nats(&nats);
+        Ok(Self {
+            telemetry,
+            pool,
+            nats,
+        })
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
 }
 
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {

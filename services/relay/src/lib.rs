@@ -27,12 +27,16 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use async_nats::jetstream::{self, context::PublishAckFuture, stream};
-use sqlx::{Connection, PgConnection, PgPool, Row};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, FromRow, PgConnection, PgPool, Postgres, Row};
 use tokio::sync::Mutex;
+use twofold_platform::envelope::{Envelope, COLUMNS};
+use twofold_platform::telemetry::{Telemetry, WorkerStart};
 use twofold_platform::Config;
 
 /// Advisory lock key held by the publishing relay ("twofold relay").
@@ -51,6 +55,9 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 pub struct Relay {
     pool: PgPool,
+    /// Metrics and health, when built as a worker ([`Relay::build`]).
+    telemetry: Option<Telemetry>,
+    stream: String,
     /// The connection the outbox is read on (see `Relay::read`).
     reader: Mutex<Option<PgConnection>>,
     js: jetstream::Context,
@@ -83,21 +90,14 @@ pub struct Batch {
     pub rows: Vec<i64>,
 }
 
-/// The tenant named in an event's metadata (`{"tenant_id":"…"}`, as the
-/// store writes it), without parsing the JSON.
-fn tenant_of(metadata: &str) -> Option<&str> {
-    let start = metadata.find("\"tenant_id\":\"")? + "\"tenant_id\":\"".len();
-    let len = metadata[start..].find('"')?;
-    Some(&metadata[start..start + len])
-}
-
 /// One event, as it goes out.
 pub struct Outgoing {
     pub outbox_id: i64,
     pub subject: String,
     /// `aggregate_type:aggregate_id:sequence`
     pub msg_id: String,
-    pub body: String,
+    /// The serialized [`Envelope`].
+    pub body: Vec<u8>,
 }
 
 /// A batch published and waiting for its acknowledgements.
@@ -117,25 +117,44 @@ struct Settled {
 }
 
 impl Relay {
+    /// The relay worker: starts its metrics and health server on
+    /// `metrics_addr`, then connects, waiting for PostgreSQL (and migrating
+    /// it) and NATS as long as they are not there.
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let start = WorkerStart::begin(config).await?;
+        let mut relay = Self::on(start.pool, start.nats, config);
+        relay.telemetry = Some(start.telemetry);
+        Ok(relay)
+    }
+
+    /// Where the worker's metrics and health are served, when built as one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.telemetry.as_ref().map(Telemetry::local_addr)
+    }
+
+    /// A relay on `pool` (no metrics server: the in-process form tests and
+    /// benchmarks use). The NATS connection is made in the background.
     pub async fn connect(pool: PgPool, config: &Config) -> anyhow::Result<Self> {
-        let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connect(&config.nats_url)
-            .await
-            .with_context(|| format!("connecting to NATS at {}", config.nats_url))?;
+        let client = twofold_platform::jetstream::connect(&config.nats_url).await?;
+        Ok(Self::on(pool, client, config))
+    }
+
+    fn on(pool: PgPool, client: async_nats::Client, config: &Config) -> Self {
         // async-nats holds a publish back while this many acks are awaited;
         // with fewer than the batches in flight plus the one being sent, the
         // relay would wait on itself.
         let js = jetstream::ContextBuilder::new()
             .max_ack_inflight((IN_FLIGHT + 1) * BATCH_EVENTS)
             .build(client);
-        Ok(Self {
+        Self {
             pool,
+            telemetry: None,
+            stream: config.nats_stream.clone(),
             reader: Mutex::new(None),
             js,
             prefix: config.nats_subject_prefix.clone(),
             poll_interval: Duration::from_millis(config.relay_poll_ms),
-        })
+        }
     }
 
     pub fn jetstream(&self) -> &jetstream::Context {
@@ -165,16 +184,14 @@ impl Relay {
                 conn
             }
         };
-        let rows = sqlx::query(
-            "SELECT n.id, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, \
-               e.event_version, e.payload::text AS payload, e.metadata::text AS metadata, \
-               e.global_position, e.recorded_at \
+        let rows = sqlx::query(&format!(
+            "SELECT n.id AS outbox_id, e.* \
              FROM (SELECT id, positions FROM outbox WHERE id <> ALL($2) ORDER BY id LIMIT $1) n \
              CROSS JOIN LATERAL unnest(n.positions) AS p(position) \
              CROSS JOIN LATERAL ( \
-               SELECT * FROM events WHERE global_position = p.position OFFSET 0) e \
-             ORDER BY n.id, p.position",
-        )
+               SELECT {COLUMNS} FROM events WHERE global_position = p.position OFFSET 0) e \
+             ORDER BY n.id, p.position"
+        ))
         .bind(BATCH_ROWS)
         .bind(in_flight)
         .fetch_all(&mut conn)
@@ -184,33 +201,14 @@ impl Relay {
         drop(reader);
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let aggregate_type: &str = row.get("aggregate_type");
-            let aggregate_id: &str = row.get("aggregate_id");
-            let sequence: i64 = row.get("sequence");
-            let event_type: &str = row.get("event_type");
-            let metadata: &str = row.get("metadata");
-            let tenant = tenant_of(metadata).unwrap_or("none");
-            // The stored JSON goes out as it is: no parsing and re-encoding.
-            // Identifiers and types are plain tokens (no quoting needed).
-            let body = format!(
-                "{{\"aggregate_type\":\"{aggregate_type}\",\"aggregate_id\":\"{aggregate_id}\",\
-                 \"sequence\":{sequence},\"event_type\":\"{event_type}\",\"event_version\":\"{}\",\
-                 \"global_position\":{},\"recorded_at\":\"{}\",\"payload\":{},\"metadata\":{}}}",
-                row.get::<&str, _>("event_version"),
-                row.get::<i64, _>("global_position"),
-                row.get::<chrono::DateTime<chrono::Utc>, _>("recorded_at")
-                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-                row.get::<&str, _>("payload"),
-                metadata,
-            );
+            let event = Envelope::from_row(row)?;
             out.push(Outgoing {
-                outbox_id: row.get("id"),
-                subject: format!(
-                    "{}.events.{tenant}.{aggregate_type}.{event_type}",
-                    self.prefix
-                ),
-                msg_id: format!("{aggregate_type}:{aggregate_id}:{sequence}"),
-                body,
+                outbox_id: row.try_get("outbox_id")?,
+                subject: event.subject(&self.prefix),
+                msg_id: event.msg_id(),
+                // The stored payload goes out as it is (raw JSON): copied,
+                // not parsed and encoded again.
+                body: event.to_json()?,
             });
         }
         let mut rows: Vec<i64> = out.iter().map(|o| o.outbox_id).collect();
@@ -230,7 +228,7 @@ impl Relay {
             headers.insert("Nats-Msg-Id", out.msg_id.as_str());
             match self
                 .js
-                .publish_with_headers(out.subject, headers, out.body.into_bytes().into())
+                .publish_with_headers(out.subject, headers, out.body.into())
                 .await
             {
                 Ok(ack) => {
@@ -423,39 +421,47 @@ impl Relay {
             .await?)
     }
 
-    /// Publishes until `shutdown` resolves: holds the advisory lock (standing
-    /// by while another relay holds it), polls the outbox while it is empty,
-    /// and backs off while NATS or PostgreSQL is unreachable.
-    pub async fn run_until_stopped(
-        self,
-        stream: &str,
-        shutdown: impl Future<Output = ()>,
-    ) -> anyhow::Result<()> {
-        tokio::pin!(shutdown);
-        let mut lock = self
+    /// Takes the advisory lock on a connection of its own, or says it is
+    /// held by another relay.
+    async fn try_lock(&self) -> anyhow::Result<Option<PoolConnection<Postgres>>> {
+        let mut conn = self
             .pool
             .acquire()
             .await
             .context("a connection for the relay lock")?;
-        loop {
-            let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(LOCK_KEY)
-                .fetch_one(&mut *lock)
-                .await?;
-            if held {
-                break;
-            }
+        let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LOCK_KEY)
+            .fetch_one(&mut *conn)
+            .await
+            .context("taking the relay lock")?;
+        Ok(held.then_some(conn))
+    }
+
+    /// Publishes until `shutdown` resolves: holds the advisory lock (standing
+    /// by while another relay holds it), polls the outbox while it is empty,
+    /// and backs off while NATS or PostgreSQL is unreachable.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        let mut lock = loop {
+            let wait = match self.try_lock().await {
+                Ok(Some(conn)) => break conn,
+                Ok(None) => Duration::from_secs(1),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "relay cannot take its lock; retrying");
+                    Duration::from_secs(2)
+                }
+            };
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-        }
+        };
         tracing::info!("relay publishing");
         let mut stream_ready = false;
         let mut backoff = Duration::from_millis(100);
         loop {
             if !stream_ready {
-                match ensure_stream(&self.js, stream, &self.prefix).await {
+                match ensure_stream(&self.js, &self.stream, &self.prefix).await {
                     Ok(()) => stream_ready = true,
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "JetStream not ready"),
                 }
@@ -492,20 +498,5 @@ impl Relay {
             .execute(&mut *lock)
             .await;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::tenant_of;
-
-    #[test]
-    fn the_tenant_is_read_from_the_metadata_the_store_writes() {
-        assert_eq!(
-            tenant_of(r#"{"tenant_id":"6f1c0d3e-0000-4000-8000-000000000001"}"#),
-            Some("6f1c0d3e-0000-4000-8000-000000000001")
-        );
-        assert_eq!(tenant_of("{}"), None);
-        assert_eq!(tenant_of(r#"{"tenant_id":"#), None);
     }
 }

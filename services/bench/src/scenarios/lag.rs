@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use twofold_domain::tenant::TwoFactorSettings;
 use twofold_domain::TenantId;
 use twofold_platform::crypto::Keyring;
-use twofold_projections::consumer::{Projector, Source};
+use twofold_projections::consumer::{Consumer, Source};
 use twofold_projections::store::Builder;
 use uuid::Uuid;
 
@@ -72,13 +72,8 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<Scenario> {
     .await?;
     let js = relay.jetstream().clone();
     let relay_task = tokio::spawn({
-        let stream = config.nats_stream.clone();
         let stopped = stopped.clone();
-        async move {
-            relay
-                .run_until_stopped(&stream, until_stopped(stopped))
-                .await
-        }
+        async move { relay.run_until_stopped(until_stopped(stopped)).await }
     });
     let applied: Applied = Arc::default();
     let source = Source {
@@ -90,8 +85,8 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<Scenario> {
     };
     let mut projectors = Vec::new();
     for builder in Builder::ALL {
-        let projector = Arc::new(Projector::connect(pool.clone(), &source, builder).await?);
-        // Two batches at a time, as `Projector::run_until_stopped` does.
+        let projector = Arc::new(Consumer::connect(pool.clone(), &source, builder).await?);
+        // Two batches at a time, as `Consumer::run_until_stopped` does.
         for _ in 0..2 {
             let (projector, applied) = (projector.clone(), applied.clone());
             let mut stopped = stopped.clone();

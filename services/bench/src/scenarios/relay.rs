@@ -65,7 +65,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Scenario> {
                         js.publish_with_headers(
                             format!("{}.baseline", like.subject),
                             headers,
-                            like.body.clone().into_bytes().into(),
+                            like.body.clone().into(),
                         )
                         .await
                         .map_err(|e| anyhow::anyhow!("{e}"))?,

@@ -1,0 +1,193 @@
+//! One committed event as every reader sees it: the event store's row with
+//! its payload as raw JSON. The relay publishes it (serialized, the payload
+//! copied as stored), the dispatcher and the projector read it back, and the
+//! rebuild and `as_of` reports load it from PostgreSQL.
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use sqlx::Row;
+use twofold_domain::Ctx;
+
+/// The columns of `events` an [`Envelope`] is read from (`FromRow`).
+pub const COLUMNS: &str = "global_position, aggregate_type, aggregate_id, sequence, event_type, \
+     event_version, payload, metadata, recorded_at";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The event's place in the whole store (commit order).
+    pub global_position: i64,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    /// The event's place in its aggregate's stream, from 1.
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    /// The tenant the store recorded the event under, when its aggregate
+    /// belongs to one.
+    pub tenant_id: Option<String>,
+    pub recorded_at: DateTime<Utc>,
+    /// The event as stored: `{"<event_type>": {…}}`.
+    pub payload: Box<RawValue>,
+}
+
+/// The part of the stored metadata the envelope carries.
+#[derive(Deserialize)]
+struct Metadata {
+    tenant_id: Option<String>,
+}
+
+impl<'r> sqlx::FromRow<'r, PgRow> for Envelope {
+    fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
+        let Json(metadata): Json<Option<Metadata>> = row.try_get("metadata")?;
+        let Json(payload): Json<Box<RawValue>> = row.try_get("payload")?;
+        Ok(Self {
+            global_position: row.try_get("global_position")?,
+            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            sequence: row.try_get("sequence")?,
+            event_type: row.try_get("event_type")?,
+            event_version: row.try_get("event_version")?,
+            tenant_id: metadata.and_then(|m| m.tenant_id),
+            recorded_at: row.try_get("recorded_at")?,
+            payload,
+        })
+    }
+}
+
+impl PartialEq for Envelope {
+    fn eq(&self, other: &Self) -> bool {
+        self.global_position == other.global_position
+            && self.aggregate_type == other.aggregate_type
+            && self.aggregate_id == other.aggregate_id
+            && self.sequence == other.sequence
+            && self.event_type == other.event_type
+            && self.event_version == other.event_version
+            && self.tenant_id == other.tenant_id
+            && self.recorded_at == other.recorded_at
+            && self.payload.get() == other.payload.get()
+    }
+}
+
+/// A `ctx` inside an event's variant, whichever variant it is.
+#[derive(Deserialize)]
+struct CtxOf {
+    ctx: Option<Ctx>,
+}
+
+impl Envelope {
+    /// The envelope as JSON, the payload copied as stored. (Serialized here,
+    /// in the platform crate, which is optimized even in dev builds: the
+    /// relay does this for every event.)
+    pub fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(self)
+    }
+
+    /// The payload as the aggregate's event type.
+    pub fn event<E: DeserializeOwned>(&self) -> serde_json::Result<E> {
+        serde_json::from_str(self.payload.get())
+    }
+
+    /// The event's `ctx` (time, actor, IP, reason), without decoding the rest
+    /// of the event.
+    pub fn ctx(&self) -> Option<Ctx> {
+        let variant: std::collections::BTreeMap<&str, CtxOf> =
+            serde_json::from_str(self.payload.get()).ok()?;
+        variant.into_values().next()?.ctx
+    }
+
+    /// `aggregate_type:aggregate_id:sequence`, JetStream's `Nats-Msg-Id`
+    /// (a republished event within the duplicate window is dropped).
+    pub fn msg_id(&self) -> String {
+        format!(
+            "{}:{}:{}",
+            self.aggregate_type, self.aggregate_id, self.sequence
+        )
+    }
+
+    /// `<prefix>.events.<tenant or none>.<aggregate_type>.<event_type>`.
+    pub fn subject(&self, prefix: &str) -> String {
+        format!(
+            "{prefix}.events.{}.{}.{}",
+            self.tenant_id.as_deref().unwrap_or("none"),
+            self.aggregate_type,
+            self.event_type
+        )
+    }
+}
+
+/// The stream and sequence a [`Envelope::msg_id`] names:
+/// `user:6f1c…:12` → (`user`, `6f1c…`, 12).
+pub fn parse_msg_id(id: &str) -> Option<(String, String, i64)> {
+    let (rest, sequence) = id.rsplit_once(':')?;
+    let (kind, aggregate) = rest.split_once(':')?;
+    Some((
+        kind.to_string(),
+        aggregate.to_string(),
+        sequence.parse().ok()?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use twofold_domain::Actor;
+
+    fn envelope(payload: &str) -> Envelope {
+        Envelope {
+            global_position: 42,
+            aggregate_type: "user".into(),
+            aggregate_id: "6f1c0d3e-0000-4000-8000-000000000001".into(),
+            sequence: 7,
+            event_type: "UserLockedOut".into(),
+            event_version: "1.0".into(),
+            tenant_id: Some("6f1c0d3e-0000-4000-8000-0000000000aa".into()),
+            recorded_at: Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap(),
+            payload: RawValue::from_string(payload.to_string()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn an_envelope_survives_the_wire_with_its_payload_as_stored() {
+        // Spacing and key order of the stored JSON are kept byte for byte.
+        let stored = r#"{"UserLockedOut": {"until":null,  "ctx":{"at":"2026-03-01T12:00:00Z","actor":{"kind":"system"}}}}"#;
+        let sent = envelope(stored);
+        let wire = serde_json::to_string(&sent).unwrap();
+        assert!(wire.contains(stored), "{wire}");
+        let back: Envelope = serde_json::from_str(&wire).unwrap();
+        assert_eq!(back, sent);
+        assert_eq!(back.payload.get(), stored);
+    }
+
+    #[test]
+    fn the_ctx_is_read_from_whichever_variant_holds_it() {
+        let e = envelope(
+            r#"{"UserLockedOut":{"until":null,"ctx":{"at":"2026-03-01T12:00:00Z","actor":{"kind":"system"}}}}"#,
+        );
+        let ctx = e.ctx().unwrap();
+        assert_eq!(ctx.at, Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap());
+        assert_eq!(ctx.actor, Actor::System);
+        assert_eq!(envelope(r#"{"Other":{"n":1}}"#).ctx(), None);
+    }
+
+    #[test]
+    fn ids_and_subjects_follow_the_relay_scheme() {
+        let mut e = envelope("{}");
+        assert_eq!(e.msg_id(), "user:6f1c0d3e-0000-4000-8000-000000000001:7");
+        assert_eq!(
+            parse_msg_id(&e.msg_id()),
+            Some((e.aggregate_type.clone(), e.aggregate_id.clone(), 7))
+        );
+        assert_eq!(parse_msg_id("nonsense"), None);
+        assert_eq!(
+            e.subject("twofold"),
+            "twofold.events.6f1c0d3e-0000-4000-8000-0000000000aa.user.UserLockedOut"
+        );
+        e.tenant_id = None;
+        assert_eq!(e.subject("p"), "p.events.none.user.UserLockedOut");
+    }
+}
