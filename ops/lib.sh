@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Helpers shared by ops/ scripts: make sure the local services and tools the
 # twofold test suite talks to (PostgreSQL, NATS JetStream, oathtool, zbarimg,
-# Debian python3 + aiosmtpd) are installed and running.
+# Debian python3 + aiosmtpd, Chromium + chromedriver) are installed and running.
 #
 # Usage: source this file, then call ensure_postgres / ensure_nats /
 # ensure_packages PKG... / ensure_test_peers. Each returns non-zero after
@@ -272,8 +272,9 @@ ensure_nats() {
 # Debian's dist-packages (where python3-aiosmtpd lives).
 ensure_test_peers() {
     local ok=0 tool
-    ensure_packages oathtool zbar-tools python3-aiosmtpd || return 1
-    for tool in oathtool zbarimg; do
+    # chromium and its WebDriver drive the pages' browser tests.
+    ensure_packages oathtool zbar-tools python3-aiosmtpd chromium chromium-driver || return 1
+    for tool in oathtool zbarimg chromium chromedriver; do
         if ! command -v "$tool" >/dev/null 2>&1; then
             twofold_say "$tool is not on PATH even though its package is installed; check PATH (Debian installs it in /usr/bin), then rerun"
             ok=1

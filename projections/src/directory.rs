@@ -158,6 +158,10 @@ pub struct DirectoryQuery {
     pub locked: Option<bool>,
     /// `totp`, `email` or `sms`: users who have that method set up.
     pub method: Option<String>,
+    /// Part of the username.
+    pub q: Option<String>,
+    /// `none` (enrolled, no recovery code left) or `low` (enrolled, 2 or fewer).
+    pub backup_codes: Option<String>,
     pub page: Option<u32>,
     pub per_page: Option<u32>,
 }

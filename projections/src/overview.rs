@@ -27,6 +27,8 @@ pub struct Overview {
     /// Share of active users who completed enrollment, 0 to 1.
     pub enrollment_rate: f64,
     pub locked: u64,
+    /// Active users with each method set up (`totp`, `email`, `sms`).
+    pub by_method: BTreeMap<String, u64>,
     pub backup_codes: BackupCodeHealth,
     pub recent_enrollments: Vec<RecentEnrollment>,
     pub roles_without_2fa: Vec<RoleGap>,
@@ -38,6 +40,15 @@ pub struct BackupCodeHealth {
     pub none_left: u64,
     /// Enrolled users with 1 or 2 left.
     pub running_low: u64,
+    /// Who they are, fewest codes first (to reach out to them).
+    pub users: Vec<LowOnCodes>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LowOnCodes {
+    pub user_id: String,
+    pub username: String,
+    pub left: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -62,9 +73,14 @@ pub fn compute<'a>(rows: impl IntoIterator<Item = &'a UserRow>) -> Overview {
         not_started: 0,
         enrollment_rate: 0.0,
         locked: 0,
+        by_method: ["totp", "email", "sms"]
+            .into_iter()
+            .map(|m| (m.to_string(), 0))
+            .collect(),
         backup_codes: BackupCodeHealth {
             none_left: 0,
             running_low: 0,
+            users: Vec::new(),
         },
         recent_enrollments: Vec::new(),
         roles_without_2fa: Vec::new(),
@@ -84,11 +100,22 @@ pub fn compute<'a>(rows: impl IntoIterator<Item = &'a UserRow>) -> Overview {
         if row.locked {
             o.locked += 1;
         }
+        for method in row.methods() {
+            *o.by_method.entry(method.to_string()).or_default() += 1;
+        }
         if enrolled {
-            match row.backup_codes_left {
+            let left = row.backup_codes_left;
+            match left {
                 0 => o.backup_codes.none_left += 1,
                 n if n <= LOW_BACKUP_CODES => o.backup_codes.running_low += 1,
                 _ => {}
+            }
+            if left <= LOW_BACKUP_CODES {
+                o.backup_codes.users.push(LowOnCodes {
+                    user_id: row.user_id.clone(),
+                    username: row.username.clone(),
+                    left,
+                });
             }
             if let Some(at) = row.enrolled_at {
                 o.recent_enrollments.push(RecentEnrollment {
@@ -109,6 +136,11 @@ pub fn compute<'a>(rows: impl IntoIterator<Item = &'a UserRow>) -> Overview {
     if o.active_users > 0 {
         o.enrollment_rate = o.enrolled as f64 / o.active_users as f64;
     }
+    o.backup_codes.users.sort_by(|a, b| {
+        a.left
+            .cmp(&b.left)
+            .then_with(|| a.username.cmp(&b.username))
+    });
     o.recent_enrollments
         .sort_by(|a, b| b.at.cmp(&a.at).then_with(|| a.username.cmp(&b.username)));
     o.recent_enrollments.truncate(RECENT_ENROLLMENTS);

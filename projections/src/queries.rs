@@ -36,7 +36,15 @@ pub async fn directory(
          AND ($3::text IS NULL OR $3 = ANY(roles)) \
          AND ($4::boolean IS NULL OR locked = $4) \
          AND ($5::text IS NULL OR $5 = ANY(methods)) \
-         AND ($6::boolean IS NULL OR (two_factor = 'enrolled') = $6)";
+         AND ($6::boolean IS NULL OR (two_factor = 'enrolled') = $6) \
+         AND ($7::text IS NULL OR strpos(username, lower($7)) > 0) \
+         AND ($8::int IS NULL OR (two_factor = 'enrolled' AND (row->>'backup_codes_left')::int <= $8))";
+    let q_text = q.q.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    let max_codes: Option<i32> = match q.backup_codes.as_deref() {
+        Some("none") => Some(0),
+        Some("low") => Some(crate::overview::LOW_BACKUP_CODES as i32),
+        _ => None,
+    };
     let total: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM rm_users WHERE {filter}"))
         .bind(tenant_id)
         .bind(q.status.as_deref())
@@ -44,10 +52,12 @@ pub async fn directory(
         .bind(q.locked)
         .bind(q.method.as_deref())
         .bind(two_factor_on)
+        .bind(q_text)
+        .bind(max_codes)
         .fetch_one(pool)
         .await?;
     let rows: Vec<sqlx::types::Json<UserRow>> = sqlx::query_scalar(&format!(
-        "SELECT row FROM rm_users WHERE {filter} ORDER BY username LIMIT $7 OFFSET $8"
+        "SELECT row FROM rm_users WHERE {filter} ORDER BY username LIMIT $9 OFFSET $10"
     ))
     .bind(tenant_id)
     .bind(q.status.as_deref())
@@ -55,6 +65,8 @@ pub async fn directory(
     .bind(q.locked)
     .bind(q.method.as_deref())
     .bind(two_factor_on)
+    .bind(q_text)
+    .bind(max_codes)
     .bind(i64::from(per_page))
     .bind(i64::from((page - 1) * per_page))
     .fetch_all(pool)
@@ -158,6 +170,51 @@ pub async fn delivery(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Vec<Deli
          FROM outcomes GROUP BY method, provider ORDER BY method, provider",
     )
     .bind(tenant_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Every user row of a tenant (for figures the Overview does not keep, such
+/// as a settings change's effect).
+pub async fn users(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Vec<UserRow>> {
+    let rows: Vec<sqlx::types::Json<UserRow>> =
+        sqlx::query_scalar("SELECT row FROM rm_users WHERE tenant_id = $1 ORDER BY username")
+            .bind(tenant_id)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().map(|r| r.0).collect())
+}
+
+/// How far one read-model builder has got, against the event store's head.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
+pub struct Freshness {
+    pub builder: String,
+    /// The last event position it applied (0 before the first).
+    pub applied_position: i64,
+    /// The newest event position in the store.
+    pub head_position: i64,
+    /// When the last event it applied was committed, and when it applied it.
+    pub last_event_at: Option<DateTime<Utc>>,
+    pub last_applied_at: Option<DateTime<Utc>>,
+}
+
+/// Each builder's progress: the read models are current when every builder
+/// has applied up to the head.
+pub async fn freshness(pool: &PgPool) -> anyhow::Result<Vec<Freshness>> {
+    Ok(sqlx::query_as(
+        "WITH head AS (SELECT coalesce(max(global_position), 0) AS head FROM events) \
+         SELECT b.builder, coalesce(p.last_position, 0) AS applied_position, head.head AS head_position, \
+                p.last_event_at, p.last_applied_at \
+         FROM unnest($1::text[]) AS b(builder) CROSS JOIN head \
+         LEFT JOIN projection_progress p ON p.projection = b.builder \
+         ORDER BY b.builder",
+    )
+    .bind(
+        crate::store::Builder::ALL
+            .iter()
+            .map(|b| b.name())
+            .collect::<Vec<_>>(),
+    )
     .fetch_all(pool)
     .await?)
 }

@@ -156,14 +156,27 @@ impl Browser {
 
     /// Saves the page as `NN-name.png` at desktop width and
     /// `NN-name-phone.png` at 375 px.
+    /// The whole page, not only what fits the window.
     pub async fn shot(&mut self, name: &str) {
         self.count += 1;
         let base = format!("{:02}-{name}", self.count);
-        let png = self.client.screenshot().await.unwrap();
-        std::fs::write(self.shots.join(format!("{base}.png")), png).unwrap();
-        self.client.set_window_size(375, 812).await.unwrap();
-        let png = self.client.screenshot().await.unwrap();
-        std::fs::write(self.shots.join(format!("{base}-phone.png")), png).unwrap();
+        for (suffix, width) in [("", 1280), ("-phone", 375)] {
+            self.client.set_window_size(width, 900).await.unwrap();
+            let height = self
+                .client
+                .execute("return document.documentElement.scrollHeight", vec![])
+                .await
+                .ok()
+                .and_then(|v| v.as_u64())
+                .unwrap_or(900)
+                .clamp(600, 5000) as u32;
+            self.client
+                .set_window_size(width, height + 120)
+                .await
+                .unwrap();
+            let png = self.client.screenshot().await.unwrap();
+            std::fs::write(self.shots.join(format!("{base}{suffix}.png")), png).unwrap();
+        }
         self.client.set_window_size(1280, 900).await.unwrap();
     }
 

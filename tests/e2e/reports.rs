@@ -95,7 +95,12 @@ async fn the_overview_and_directory_answer_the_hand_computed_figures() {
     assert_eq!(o["not_started"], 2);
     assert_eq!(o["enrollment_rate"], 0.4);
     assert_eq!(o["locked"], 1);
-    assert_eq!(o["backup_codes"], json!({"none_left": 0, "running_low": 0}));
+    // ann and ben have an authenticator; the admin, ann, ben and dan an email.
+    assert_eq!(o["by_method"], json!({"totp": 2, "email": 4, "sms": 0}));
+    assert_eq!(
+        o["backup_codes"],
+        json!({"none_left": 0, "running_low": 0, "users": []})
+    );
     let recent: Vec<&str> = o["recent_enrollments"]
         .as_array()
         .unwrap()

@@ -2,16 +2,17 @@
 //! tenant's two-factor settings. Every action on a user carries the admin as
 //! actor and the reason given.
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use twofold_domain::tenant::TwoFactorSettings;
-use twofold_domain::user::{User, UserCommand, UserError};
+use twofold_domain::user::{SecondFactorUse, User, UserCommand, UserError};
 use twofold_domain::values::{Email, Phone, Role};
-use twofold_domain::{Ctx, UserId};
+use twofold_domain::{Ctx, SessionId, TenantId, UserId};
 use twofold_projections::directory::LastSignIn;
 
 use crate::accounts::NewUser;
 use crate::me::Profile;
-use crate::session::AdminSession;
+use crate::session::{AdminSession, ReaderSession};
 use crate::{backup_codes, App, AppError, Origin};
 
 /// A user as an admin sees them: what they see of themselves, and more.
@@ -24,6 +25,9 @@ pub struct UserDetail {
     pub failures: u32,
     pub active_sessions: usize,
     pub remembered_devices: usize,
+    /// Live sessions, oldest first.
+    pub sessions: Vec<SessionView>,
+    pub devices: Vec<DeviceView>,
     /// From the directory read model (it may lag a little).
     pub last_sign_in: Option<LastSignIn>,
 }
@@ -37,6 +41,20 @@ pub enum UserAction {
     Unlock,
     /// Ends the user's sessions and remembered devices.
     RevokeSessions,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SessionView {
+    pub session_id: SessionId,
+    pub started_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub second_factor: SecondFactorUse,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeviceView {
+    pub device_id: uuid::Uuid,
+    pub remembered_at: DateTime<Utc>,
 }
 
 /// A change to a user; absent fields stay as they are.
@@ -75,9 +93,18 @@ impl App {
         admin: &AdminSession,
         raw_user: &str,
     ) -> Result<(UserId, User), AppError> {
+        self.user_named(admin.tenant_id(), raw_user).await
+    }
+
+    /// A user of `tenant_id` by the id written in a request.
+    async fn user_named(
+        &self,
+        tenant_id: TenantId,
+        raw_user: &str,
+    ) -> Result<(UserId, User), AppError> {
         let user_id: UserId = raw_user.parse().map_err(|_| AppError::UserNotFound)?;
         let user = self
-            .user_in(admin.tenant_id(), user_id)
+            .user_in(tenant_id, user_id)
             .await?
             .ok_or(AppError::UserNotFound)?;
         Ok((user_id, user))
@@ -131,14 +158,14 @@ impl App {
 
     pub async fn user_detail(
         &self,
-        admin: &AdminSession,
+        reader: &ReaderSession,
         raw_user: &str,
     ) -> Result<UserDetail, AppError> {
-        let (user_id, u) = self.target(admin, raw_user).await?;
+        let (user_id, u) = self.user_named(reader.tenant_id(), raw_user).await?;
         let now = self.now();
         let last_sign_in = twofold_projections::queries::user(
             &self.pool,
-            &admin.tenant_id().to_string(),
+            &reader.tenant_id().to_string(),
             &user_id.to_string(),
         )
         .await?
@@ -150,6 +177,25 @@ impl App {
             failures: u.lockout.failures(),
             active_sessions: u.sessions.values().filter(|s| now < s.expires_at).count(),
             remembered_devices: u.devices.len(),
+            sessions: u
+                .sessions
+                .iter()
+                .filter(|(_, s)| now < s.expires_at)
+                .map(|(id, s)| SessionView {
+                    session_id: *id,
+                    started_at: s.started_at,
+                    expires_at: s.expires_at,
+                    second_factor: s.second_factor,
+                })
+                .collect(),
+            devices: u
+                .devices
+                .iter()
+                .map(|(id, d)| DeviceView {
+                    device_id: *id,
+                    remembered_at: d.remembered_at,
+                })
+                .collect(),
             last_sign_in,
         })
     }

@@ -31,6 +31,10 @@ pub enum AppError {
     Locked,
     #[error("A user with this username already exists in the tenant.")]
     UsernameTaken,
+    /// A settings change after which the admin saving it could not pass the
+    /// admin's second-factor check.
+    #[error("These settings would lock you out: you have no method they allow. Set up an authenticator or an allowed contact first, or allow a method you have.")]
+    WouldLockYouOut,
     /// A wrong (or reused) code; `attempts_remaining` where failures count.
     #[error("{message}")]
     InvalidCode {
@@ -85,6 +89,7 @@ impl AppError {
             Self::SecondFactorRequired => "second_factor_required",
             Self::Locked => "account_locked",
             Self::UsernameTaken => "username_taken",
+            Self::WouldLockYouOut => "would_lock_you_out",
             Self::InvalidCode { .. } => "invalid_code",
             Self::InvalidField(_) => "invalid_field",
             Self::BadInput { code, .. } => code,

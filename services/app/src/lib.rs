@@ -9,6 +9,7 @@ pub mod accounts;
 pub mod admin;
 pub mod auth;
 pub mod backup_codes;
+pub mod console;
 pub mod error;
 pub mod me;
 mod observe;
@@ -30,7 +31,7 @@ use twofold_platform::{db, Clock, Config};
 
 pub use error::AppError;
 pub use reads::{Memory, UserKey};
-pub use session::{AdminSession, Session};
+pub use session::{AdminSession, ReaderSession, Session};
 
 /// Usernames remembered per process.
 const REMEMBERED_USERNAMES: usize = 16_384;

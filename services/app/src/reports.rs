@@ -11,7 +11,7 @@ use twofold_projections::overview::{DailyPoint, Overview};
 use twofold_projections::queries::{self, AuditQuery, DeliveryStats};
 use twofold_projections::{overview, record};
 
-use crate::session::AdminSession;
+use crate::session::ReaderSession;
 use crate::{App, AppError};
 
 /// The longest daily series answered at once.
@@ -38,10 +38,10 @@ impl App {
     /// (folded from the events, the source of truth).
     pub async fn overview(
         &self,
-        admin: &AdminSession,
+        reader: &ReaderSession,
         as_of: Option<DateTime<Utc>>,
     ) -> Result<Overview, AppError> {
-        let tenant = admin.tenant_id().to_string();
+        let tenant = reader.tenant_id().to_string();
         Ok(match as_of {
             Some(at) => overview::as_of(&record::load_tenant(&self.pool, &tenant).await?, at),
             None => queries::overview(&self.pool, &tenant).await?,
@@ -51,7 +51,7 @@ impl App {
     /// The Overview at the end of each day from `from` to `to`.
     pub async fn daily(
         &self,
-        admin: &AdminSession,
+        reader: &ReaderSession,
         from: NaiveDate,
         to: NaiveDate,
     ) -> Result<Vec<DailyPoint>, AppError> {
@@ -60,19 +60,19 @@ impl App {
                 "`from` must not be after `to`, and at most 366 days apart.".to_string(),
             ));
         }
-        let records = record::load_tenant(&self.pool, &admin.tenant_id().to_string()).await?;
+        let records = record::load_tenant(&self.pool, &reader.tenant_id().to_string()).await?;
         Ok(overview::daily(&records, from, to))
     }
 
     /// Sent, failed, fallbacks and latency percentiles per method and provider.
-    pub async fn delivery(&self, admin: &AdminSession) -> Result<Vec<DeliveryStats>, AppError> {
-        Ok(queries::delivery(&self.pool, &admin.tenant_id().to_string()).await?)
+    pub async fn delivery(&self, reader: &ReaderSession) -> Result<Vec<DeliveryStats>, AppError> {
+        Ok(queries::delivery(&self.pool, &reader.tenant_id().to_string()).await?)
     }
 
     /// A page of the user directory, filtered.
     pub async fn directory(
         &self,
-        admin: &AdminSession,
+        reader: &ReaderSession,
         q: &DirectoryQuery,
     ) -> Result<DirectoryPage, AppError> {
         one_of(
@@ -91,7 +91,7 @@ impl App {
             "`two_factor` is on or off.",
         )?;
         let (users, total) =
-            queries::directory(&self.pool, &admin.tenant_id().to_string(), q).await?;
+            queries::directory(&self.pool, &reader.tenant_id().to_string(), q).await?;
         Ok(DirectoryPage {
             users,
             total,
@@ -103,10 +103,10 @@ impl App {
     /// A user's audit timeline.
     pub async fn user_history(
         &self,
-        admin: &AdminSession,
+        reader: &ReaderSession,
         raw_user: &str,
     ) -> Result<Vec<AuditEntry>, AppError> {
-        let tenant = admin.tenant_id().to_string();
+        let tenant = reader.tenant_id().to_string();
         let q = AuditQuery {
             user_id: Some(raw_user.to_string()),
             ..AuditQuery::default()
@@ -124,7 +124,7 @@ impl App {
     /// export short without its trailer, so it fails verification.
     pub fn audit_export(
         &self,
-        admin: &AdminSession,
+        reader: &ReaderSession,
         q: AuditQuery,
     ) -> Result<
         (
@@ -143,7 +143,7 @@ impl App {
             }
         };
         let pool = self.pool.clone();
-        let tenant = admin.tenant_id().to_string();
+        let tenant = reader.tenant_id().to_string();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
         // The export owns what it reads from, so it can outlive the request.
         tokio::spawn(async move {

@@ -34,6 +34,21 @@ impl Session {
         if !self.user.is_admin() {
             return Err(AppError::Forbidden);
         }
+        self.policy_met()?;
+        Ok(AdminSession(self))
+    }
+
+    /// This session as a reader of the tenant's reports: an admin or an
+    /// auditor, whose session met the tenant's policy as an admin's must.
+    pub fn reader(self) -> Result<ReaderSession, AppError> {
+        if !self.user.is_admin() && !self.user.is_auditor() {
+            return Err(AppError::Forbidden);
+        }
+        self.policy_met()?;
+        Ok(ReaderSession(self))
+    }
+
+    fn policy_met(&self) -> Result<(), AppError> {
         let checked = matches!(
             self.second_factor,
             SecondFactorUse::Used { .. }
@@ -44,7 +59,19 @@ impl Session {
         if self.tenant.settings.enabled && !checked {
             return Err(AppError::SecondFactorRequired);
         }
-        Ok(AdminSession(self))
+        Ok(())
+    }
+}
+
+/// A session that may read the tenant's reports (Overview, directory,
+/// timelines, audit), checked by [`Session::reader`]; an admin's or an
+/// auditor's. It cannot act.
+#[derive(Debug, Clone)]
+pub struct ReaderSession(pub Session);
+
+impl ReaderSession {
+    pub fn tenant_id(&self) -> TenantId {
+        self.0.tenant_id
     }
 }
 
@@ -59,6 +86,11 @@ impl AdminSession {
 
     pub fn tenant_id(&self) -> TenantId {
         self.0.tenant_id
+    }
+
+    /// An admin reads whatever an auditor may.
+    pub fn reader(&self) -> ReaderSession {
+        ReaderSession(self.0.clone())
     }
 }
 

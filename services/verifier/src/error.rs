@@ -105,7 +105,7 @@ pub fn status_of(err: &AppError) -> StatusCode {
         }
         AppError::Forbidden | AppError::SecondFactorRequired => S::FORBIDDEN,
         AppError::Locked => S::LOCKED,
-        AppError::UsernameTaken => S::CONFLICT,
+        AppError::UsernameTaken | AppError::WouldLockYouOut => S::CONFLICT,
         AppError::InvalidField(_) | AppError::InvalidQuery(_) => S::UNPROCESSABLE_ENTITY,
         AppError::BadInput { .. } => S::BAD_REQUEST,
         AppError::Refused(e) => user_error_status(e),

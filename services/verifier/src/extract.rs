@@ -7,7 +7,7 @@ use axum::extract::{ConnectInfo, FromRef, FromRequest, FromRequestParts, Path};
 use axum::http::header;
 use axum::http::request::Parts;
 use secrecy::SecretString;
-use twofold_app::{AdminSession, AppError, Origin, Session};
+use twofold_app::{AdminSession, AppError, Origin, ReaderSession, Session};
 
 use crate::error::ApiError;
 use crate::ApiState;
@@ -108,6 +108,23 @@ where
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(|t| SecretString::from(t.trim().to_string()));
         Ok(Self(api.app.session(&tenant, token.as_ref()).await?))
+    }
+}
+
+/// A signed-in reader of the tenant's reports: an admin or an auditor (see
+/// `Session::reader`).
+pub struct SignedInReader(pub ReaderSession);
+
+impl<S> FromRequestParts<S> for SignedInReader
+where
+    S: Send + Sync,
+    ApiState: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let SignedIn(session) = SignedIn::from_request_parts(parts, state).await?;
+        Ok(Self(session.reader()?))
     }
 }
 

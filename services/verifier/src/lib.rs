@@ -31,6 +31,8 @@ pub struct ApiState {
     pub trusted_proxies: Arc<[ipnet::IpNet]>,
     /// Whether browser cookies are marked `Secure`.
     pub secure_cookies: bool,
+    /// The SMS providers configured, by name (for the settings page).
+    pub sms_providers: Arc<[String]>,
 }
 
 /// Cookies are `Secure` unless the pages are served over plain http on
@@ -141,6 +143,7 @@ impl Verifier {
             app: app.clone(),
             trusted_proxies: config.trusted_proxies.clone().into(),
             secure_cookies: secure_cookies(&config.public_url),
+            sms_providers: config.sms_providers.keys().cloned().collect(),
         };
         let router = router(state, config.max_body_bytes);
         Ok(Self {

@@ -14,7 +14,7 @@ use rand::RngCore;
 use secrecy::SecretString;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use twofold_app::{AdminSession, AppError, Session};
+use twofold_app::{AdminSession, AppError, ReaderSession, Session};
 
 use crate::error::status_of;
 use crate::ApiState;
@@ -190,9 +190,8 @@ where
 
 /// Who may see the console: an admin (who may act) or an auditor (who may
 /// only read).
-#[allow(dead_code)] // the console's pages come next
 pub struct ConsoleUser {
-    pub session: Session,
+    pub reader: ReaderSession,
     /// The session as an admin, when it may act.
     pub admin: Option<AdminSession>,
 }
@@ -206,17 +205,27 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, PageError> {
         let BrowserSession(session) = BrowserSession::from_request_parts(parts, state).await?;
-        match session.clone().admin() {
-            Ok(admin) => Ok(Self {
-                session,
-                admin: Some(admin),
-            }),
-            Err(AppError::Forbidden) if session.user.is_auditor() => Ok(Self {
-                session,
-                admin: None,
-            }),
-            Err(e) => Err(e.into()),
-        }
+        let reader = session.clone().reader()?;
+        Ok(Self {
+            reader,
+            admin: session.admin().ok(),
+        })
+    }
+}
+
+/// An admin acting from the console (auditors get 403).
+pub struct ConsoleAdmin(pub AdminSession);
+
+impl<S> FromRequestParts<S> for ConsoleAdmin
+where
+    S: Send + Sync,
+    ApiState: FromRef<S>,
+{
+    type Rejection = PageError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, PageError> {
+        let BrowserSession(session) = BrowserSession::from_request_parts(parts, state).await?;
+        Ok(Self(session.admin()?))
     }
 }
 

@@ -97,7 +97,7 @@ fn forget(jar: CookieJar, name: &'static str, tenant: &str) -> CookieJar {
 #[derive(Deserialize, Default)]
 pub struct Notice {
     #[serde(default)]
-    done: Option<String>,
+    pub done: Option<String>,
 }
 
 /// A fixed sentence for a redirect's `?done=` (never the query's own text).
@@ -116,6 +116,9 @@ fn notice_text(done: Option<&str>) -> Option<&'static str> {
             "The device is forgotten: it will be asked for a second factor again."
         }
         "expired" => "That sign-in took too long. Start again.",
+        "settings_saved" => {
+            "Settings saved. Sign out and in again with a second factor to keep using the console."
+        }
         _ => return None,
     })
 }

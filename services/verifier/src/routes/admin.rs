@@ -11,7 +11,7 @@ use twofold_app::admin::{UserAction, UserDetail, UserUpdate};
 use twofold_domain::tenant::TwoFactorSettings;
 
 use crate::error::ApiError;
-use crate::extract::{ApiJson, RequestMeta, SignedInAdmin};
+use crate::extract::{ApiJson, RequestMeta, SignedInAdmin, SignedInReader};
 use crate::ApiState;
 
 /// `POST /v1/tenants/{tenant}/users`
@@ -91,10 +91,10 @@ pub struct UpdateUserBody {
 /// `GET /v1/tenants/{tenant}/users/{user}`
 pub async fn get_user(
     State(api): State<ApiState>,
-    SignedInAdmin(admin): SignedInAdmin,
+    SignedInReader(reader): SignedInReader,
     Path((_, user)): Path<(String, String)>,
 ) -> Result<Json<UserDetail>, ApiError> {
-    Ok(Json(api.app.user_detail(&admin, &user).await?))
+    Ok(Json(api.app.user_detail(&reader, &user).await?))
 }
 
 /// `PATCH /v1/tenants/{tenant}/users/{user}`

@@ -16,7 +16,7 @@ use twofold_projections::directory::DirectoryQuery;
 use twofold_projections::queries::AuditQuery;
 
 use crate::error::ApiError;
-use crate::extract::SignedInAdmin;
+use crate::extract::SignedInReader;
 use crate::ApiState;
 
 /// The query string, or 422 `invalid_query` naming what is wrong with it.
@@ -34,20 +34,22 @@ pub struct OverviewQuery {
 /// `GET /v1/tenants/{tenant}/overview[?as_of=2026-03-01T00:00:00Z]`
 pub async fn overview(
     State(api): State<ApiState>,
-    SignedInAdmin(admin): SignedInAdmin,
+    SignedInReader(reader): SignedInReader,
     q: Result<Query<OverviewQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let q = query(q)?;
-    let figures = api.app.overview(&admin, q.as_of).await?;
+    let figures = api.app.overview(&reader, q.as_of).await?;
     Ok(Json(json!({ "as_of": q.as_of, "overview": figures })))
 }
 
 /// `GET /v1/tenants/{tenant}/overview/delivery`
 pub async fn delivery(
     State(api): State<ApiState>,
-    SignedInAdmin(admin): SignedInAdmin,
+    SignedInReader(reader): SignedInReader,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "delivery": api.app.delivery(&admin).await? })))
+    Ok(Json(
+        json!({ "delivery": api.app.delivery(&reader).await? }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -60,32 +62,32 @@ pub struct DailyQuery {
 /// `GET /v1/tenants/{tenant}/overview/daily?from=2026-03-01&to=2026-03-31`
 pub async fn daily(
     State(api): State<ApiState>,
-    SignedInAdmin(admin): SignedInAdmin,
+    SignedInReader(reader): SignedInReader,
     q: Result<Query<DailyQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let q = query(q)?;
     Ok(Json(
-        json!({ "days": api.app.daily(&admin, q.from, q.to).await? }),
+        json!({ "days": api.app.daily(&reader, q.from, q.to).await? }),
     ))
 }
 
 /// `GET /v1/tenants/{tenant}/users?status=&two_factor=&role=&locked=&method=&page=&per_page=`
 pub async fn directory(
     State(api): State<ApiState>,
-    SignedInAdmin(admin): SignedInAdmin,
+    SignedInReader(reader): SignedInReader,
     q: Result<Query<DirectoryQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let page = api.app.directory(&admin, &query(q)?).await?;
+    let page = api.app.directory(&reader, &query(q)?).await?;
     Ok(Json(page).into_response())
 }
 
 /// `GET /v1/tenants/{tenant}/users/{user}/history`: the user's timeline.
 pub async fn user_history(
     State(api): State<ApiState>,
-    SignedInAdmin(admin): SignedInAdmin,
+    SignedInReader(reader): SignedInReader,
     Path((_, user)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let entries = api.app.user_history(&admin, &user).await?;
+    let entries = api.app.user_history(&reader, &user).await?;
     Ok(Json(json!({ "entries": entries })))
 }
 
@@ -93,10 +95,10 @@ pub async fn user_history(
 /// streamed, with a hash chain and a closing trailer (`twofold audit verify`).
 pub async fn audit_export(
     State(api): State<ApiState>,
-    SignedInAdmin(admin): SignedInAdmin,
+    SignedInReader(reader): SignedInReader,
     q: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (format, lines) = api.app.audit_export(&admin, query(q)?)?;
+    let (format, lines) = api.app.audit_export(&reader, query(q)?)?;
     let content_type = match format {
         Format::Ndjson => "application/x-ndjson",
         Format::Csv => "text/csv; charset=utf-8",
