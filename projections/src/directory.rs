@@ -19,6 +19,10 @@ pub struct UserRow {
     pub roles: BTreeSet<String>,
     pub service_account: bool,
     pub two_factor: TwoFactorState,
+    /// Methods the user has proved they hold: an authenticator confirmed, or
+    /// an email or SMS code answered. Any of them makes the user enrolled.
+    #[serde(default)]
+    pub verified_methods: BTreeSet<String>,
     pub switched_on: bool,
     pub opted_in: bool,
     pub backup_codes_left: u32,
@@ -38,6 +42,17 @@ pub struct LastSignIn {
 }
 
 impl UserRow {
+    /// Where the user stands with 2FA, whatever the method: enrolled once
+    /// any method is proved, else pending while an authenticator is being
+    /// set up, else not started.
+    pub fn status(&self) -> TwoFactorState {
+        if self.two_factor == TwoFactorState::Enrolled || !self.verified_methods.is_empty() {
+            TwoFactorState::Enrolled
+        } else {
+            self.two_factor
+        }
+    }
+
     /// The methods a user has set up for codes.
     pub fn methods(&self) -> Vec<&'static str> {
         let mut m = Vec::new();
@@ -82,6 +97,14 @@ impl UserRow {
             UserEvent::EnrollmentCompleted { ctx, .. } => {
                 self.two_factor = TwoFactorState::Enrolled;
                 self.enrolled_at = Some(ctx.at);
+                self.verified_methods.insert("totp".to_string());
+            }
+            UserEvent::CodeVerified { method, ctx, .. } => {
+                if self.verified_methods.insert(method.as_str().to_string())
+                    && self.enrolled_at.is_none()
+                {
+                    self.enrolled_at = Some(ctx.at);
+                }
             }
             UserEvent::BackupCodesIssued { hashes, .. } => {
                 self.backup_codes_left = u32::try_from(hashes.len()).unwrap_or(u32::MAX);
@@ -110,11 +133,14 @@ impl UserRow {
                 if let Some(roles) = roles {
                     self.roles = roles.iter().map(|r| r.as_str().to_string()).collect();
                 }
+                // A new address or number is not yet proved.
                 if let Some(email) = email {
                     self.email = email.as_ref().map(|e| e.as_str().to_string());
+                    self.verified_methods.remove("email");
                 }
                 if let Some(phone) = phone {
                     self.phone = phone.as_ref().map(|p| p.as_str().to_string());
+                    self.verified_methods.remove("sms");
                 }
                 if let Some(flag) = service_account {
                     self.service_account = *flag;
@@ -122,9 +148,18 @@ impl UserRow {
             }
             UserEvent::TwoFactorSwitched { on, .. } => self.switched_on = *on,
             UserEvent::VoluntaryTwoFactorChanged { on, .. } => self.opted_in = *on,
-            UserEvent::EnrollmentReset { .. } | UserEvent::AuthenticatorRemoved { .. } => {
+            UserEvent::EnrollmentReset { .. } => {
                 self.two_factor = TwoFactorState::NotStarted;
+                self.verified_methods.clear();
                 self.enrolled_at = None;
+                self.backup_codes_left = 0;
+            }
+            UserEvent::AuthenticatorRemoved { .. } => {
+                self.two_factor = TwoFactorState::NotStarted;
+                self.verified_methods.remove("totp");
+                if self.verified_methods.is_empty() {
+                    self.enrolled_at = None;
+                }
                 self.backup_codes_left = 0;
             }
             UserEvent::PasswordRejected { .. }
@@ -135,7 +170,6 @@ impl UserRow {
             | UserEvent::ChallengeMethodSwitched { .. }
             | UserEvent::CodeRejected { .. }
             | UserEvent::ChallengeExpired { .. }
-            | UserEvent::CodeVerified { .. }
             | UserEvent::SessionEnded { .. }
             | UserEvent::EnrollmentCodeRejected { .. }
             | UserEvent::DeviceRemembered { .. }

@@ -27,7 +27,8 @@ pub struct Overview {
     /// Share of active users who completed enrollment, 0 to 1.
     pub enrollment_rate: f64,
     pub locked: u64,
-    /// Active users with each method set up (`totp`, `email`, `sms`).
+    /// Enrolled users by the methods they have proved (`totp`, `email`,
+    /// `sms`; a user may count under several).
     pub by_method: BTreeMap<String, u64>,
     pub backup_codes: BackupCodeHealth,
     pub recent_enrollments: Vec<RecentEnrollment>,
@@ -91,8 +92,9 @@ pub fn compute<'a>(rows: impl IntoIterator<Item = &'a UserRow>) -> Overview {
             continue;
         }
         o.active_users += 1;
-        let enrolled = row.two_factor == TwoFactorState::Enrolled;
-        match row.two_factor {
+        let status = row.status();
+        let enrolled = status == TwoFactorState::Enrolled;
+        match status {
             TwoFactorState::Enrolled => o.enrolled += 1,
             TwoFactorState::Pending => o.pending += 1,
             TwoFactorState::NotStarted => o.not_started += 1,
@@ -100,10 +102,11 @@ pub fn compute<'a>(rows: impl IntoIterator<Item = &'a UserRow>) -> Overview {
         if row.locked {
             o.locked += 1;
         }
-        for method in row.methods() {
-            *o.by_method.entry(method.to_string()).or_default() += 1;
+        for method in &row.verified_methods {
+            *o.by_method.entry(method.clone()).or_default() += 1;
         }
-        if enrolled {
+        // Recovery codes come with an authenticator.
+        if row.two_factor == TwoFactorState::Enrolled {
             let left = row.backup_codes_left;
             match left {
                 0 => o.backup_codes.none_left += 1,
@@ -117,6 +120,8 @@ pub fn compute<'a>(rows: impl IntoIterator<Item = &'a UserRow>) -> Overview {
                     left,
                 });
             }
+        }
+        if enrolled {
             if let Some(at) = row.enrolled_at {
                 o.recent_enrollments.push(RecentEnrollment {
                     user_id: row.user_id.clone(),

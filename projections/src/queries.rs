@@ -38,7 +38,7 @@ pub async fn directory(
          AND ($5::text IS NULL OR $5 = ANY(methods)) \
          AND ($6::boolean IS NULL OR (two_factor = 'enrolled') = $6) \
          AND ($7::text IS NULL OR strpos(username, lower($7)) > 0) \
-         AND ($8::int IS NULL OR (two_factor = 'enrolled' AND (row->>'backup_codes_left')::int <= $8))";
+         AND ($8::int IS NULL OR (row->>'two_factor' = 'enrolled' AND (row->>'backup_codes_left')::int <= $8))";
     let q_text = q.q.as_deref().map(str::trim).filter(|s| !s.is_empty());
     let max_codes: Option<i32> = match q.backup_codes.as_deref() {
         Some("none") => Some(0),

@@ -239,7 +239,7 @@ impl Progress<'_> {
 }
 
 pub fn two_factor_str(row: &UserRow) -> &'static str {
-    match row.two_factor {
+    match row.status() {
         twofold_domain::user::TwoFactorState::NotStarted => "not_started",
         twofold_domain::user::TwoFactorState::Pending => "pending",
         twofold_domain::user::TwoFactorState::Enrolled => "enrolled",

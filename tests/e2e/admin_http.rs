@@ -238,6 +238,19 @@ async fn admin_actions_are_recorded_with_the_admin_and_the_reason() {
     let session = new.body["session"]["token"].as_str().unwrap().to_string();
 
     // A new phone is a factor change: sessions and remembered devices end.
+    // Without a reason nothing changes.
+    let before = app.event_types(&lee).await;
+    let refused = call(
+        &app,
+        Method::PATCH,
+        &format!("/users/{lee}"),
+        &admin,
+        json!({"phone": "+4915112345678"}),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(refused.code(), "reason_required");
+    assert_eq!(app.event_types(&lee).await, before);
     let patched = call(
         &app,
         Method::PATCH,
@@ -426,4 +439,46 @@ async fn sensitive_self_service_asks_for_a_current_factor_first() {
         app.get_auth("/me", &again).await.body["two_factor"],
         "not_started"
     );
+}
+
+#[tokio::test]
+async fn a_reset_enrollment_also_ends_a_lockout_and_says_so() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    let (noa, secret, _) = enrolled_user(&app, &admin, "noa").await;
+    app.set_settings(&admin, settings_on(&["totp", "email"], "totp"))
+        .await;
+    let admin = app.admin_token().await;
+    let c = app.sign_in("noa", PASSWORD).await;
+    let wrong = if oathtool(&secret, app.clock.now_for_tests()) == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    for _ in 0..3 {
+        app.post(
+            "/challenge/verify",
+            json!({"challenge_token": c.body["challenge"]["token"], "code": wrong}),
+        )
+        .await;
+    }
+    assert_eq!(app.sign_in("noa", PASSWORD).await.code(), "account_locked");
+    let reset = call(
+        &app,
+        Method::POST,
+        &format!("/users/{noa}/reset-enrollment"),
+        &admin,
+        json!({"reason": "lost phone, locked"}),
+    )
+    .await;
+    assert_eq!(reset.status, StatusCode::NO_CONTENT, "{:?}", reset.body);
+    let types = app.event_types(&noa).await;
+    let at = types.iter().rposition(|t| t == "EnrollmentReset").unwrap();
+    assert_eq!(types[at + 1], "UserUnlocked");
+    let detail = app.get_auth(&format!("/users/{noa}"), &admin).await;
+    assert_eq!(detail.body["locked"], false);
+    assert_eq!(detail.body["two_factor"], "not_started");
+    // Noa starts over: the password opens the challenge again (by email).
+    let again = app.sign_in("noa", PASSWORD).await;
+    assert_eq!(again.status, StatusCode::OK, "{:?}", again.body);
 }

@@ -164,7 +164,18 @@ impl Drop for Stack {
 /// server keys, so it derives the codes the verifier checks).
 async fn stack(smtp_port: u16, sms_url: &str) -> Stack {
     let mut keys = None;
-    let app = spawn_app_with(|c| keys = Some(c.keys.clone())).await;
+    // The verifier knows the provider's name too: settings may name only it.
+    let app = spawn_app_with(|c| {
+        keys = Some(c.keys.clone());
+        c.sms_providers.insert(
+            "test-sms".to_string(),
+            SmsProvider::Webhook {
+                url: sms_url.to_string(),
+                bearer_token: None,
+            },
+        );
+    })
+    .await;
     let id = uuid::Uuid::new_v4().simple().to_string();
     let config = Config {
         keys: keys.unwrap(),

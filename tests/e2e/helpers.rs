@@ -57,6 +57,21 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
+/// A verifier whose configuration names an SMS provider `test-provider`
+/// (a webhook nobody answers: these tests run no dispatcher).
+pub async fn spawn_app_with_sms() -> TestApp {
+    spawn_app_with(|c| {
+        c.sms_providers.insert(
+            "test-provider".to_string(),
+            twofold_platform::config::SmsProvider::Webhook {
+                url: "http://127.0.0.1:9/sms".to_string(),
+                bearer_token: None,
+            },
+        );
+    })
+    .await
+}
+
 /// The same, with the verifier's configuration adjusted by `adjust` (after the
 /// test database is named in it).
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {

@@ -6,7 +6,9 @@ use chrono::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{oathtool, settings_on, spawn_app, spawn_app_with, ClockExt, TestApp};
+use crate::helpers::{
+    oathtool, settings_on, spawn_app, spawn_app_with, spawn_app_with_sms, ClockExt, TestApp,
+};
 
 const PASSWORD: &str = "correct horse battery";
 
@@ -271,7 +273,7 @@ async fn with_no_limit_guessing_slows_down_instead() {
 
 #[tokio::test]
 async fn the_resend_limit_and_fallback_apply() {
-    let app = spawn_app().await;
+    let app = spawn_app_with_sms().await;
     let admin = app.admin_token().await;
     user(&app, &admin, "fay", json!({"phone": "+4915112345678"})).await;
     app.set_settings(
@@ -506,6 +508,10 @@ async fn every_refused_combination_names_its_field() {
         (json!({"allowed_methods": []}), "allowed_methods"),
         (json!({"default_method": "totp"}), "default_method"),
         (json!({"allowed_methods": ["email", "sms"]}), "sms_provider"),
+        (
+            json!({"allowed_methods": ["email", "sms"], "sms_provider": "nowhere"}),
+            "sms_provider",
+        ),
         (json!({"enrollment": "required"}), "enrollment"),
         (
             json!({"session_duration_secs": 60}),
@@ -525,6 +531,19 @@ async fn every_refused_combination_names_its_field() {
         .set_settings(&admin, json!({"code_timeout": "3m"}))
         .await;
     assert_eq!(unknown.code(), "invalid_body");
+    // A reason is required; without one nothing is written.
+    let current = app.get_auth("/settings", &admin).await.body;
+    for reason in [json!(null), json!(" ")] {
+        let r = app
+            .put_auth(
+                "/settings",
+                &admin,
+                json!({"settings": current, "reason": reason}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(r.code(), "reason_required");
+    }
     let tenant_events: i64 =
         sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'tenant'")
             .fetch_one(&app.pool)

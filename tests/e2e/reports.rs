@@ -20,9 +20,10 @@ async fn get(app: &TestApp, admin: &str, path: &str) -> Value {
     reply.body
 }
 
-/// Users: the admin (not enrolled, email), ann and ben enrolled, cat pending,
-/// dan not started (role finance), a service account; ben locked out; ann used
-/// a backup code.
+/// Users: the admin (not enrolled, email), ann and ben enrolled with an
+/// authenticator, eli enrolled by answering an email code (role support), cat
+/// pending, dan not started (role finance), a service account; ben locked out;
+/// ann used a backup code.
 async fn scripted_history(app: &TestApp) -> (String, String) {
     let admin = app.admin_token().await;
     let (ann, ann_secret, ann_codes) = enrolled_user(app, &admin, "ann").await;
@@ -46,10 +47,24 @@ async fn scripted_history(app: &TestApp) -> (String, String) {
     )
     .await;
     let _ = cat;
+    app.create_user(&admin, json!({"username": "eli", "password": "correct horse battery", "roles": ["support"], "email": "eli@acme.test"}))
+        .await;
 
-    // 2FA on: ann signs in with TOTP, then with a backup code; ben fails 3 times.
+    // 2FA on: ann signs in with TOTP, then with a backup code; ben fails 3
+    // times; eli answers an email code.
     app.set_settings(&admin, settings_on(&["totp", "email"], "totp"))
         .await;
+    let c = app.sign_in("eli", "correct horse battery").await;
+    assert_eq!(c.body["challenge"]["method"], "email", "{:?}", c.body);
+    let token = c.body["challenge"]["token"].as_str().unwrap();
+    let code = app.delivered_code(token).await;
+    let ok = app
+        .post(
+            "/challenge/verify",
+            json!({"challenge_token": token, "code": code}),
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::OK, "{:?}", ok.body);
     let c = app.sign_in("ann", "correct horse battery").await;
     let ok = app
         .post("/challenge/verify", json!({"challenge_token": c.body["challenge"]["token"], "code": oathtool(&ann_secret, app.clock.now_for_tests())}))
@@ -88,15 +103,15 @@ async fn the_overview_and_directory_answer_the_hand_computed_figures() {
     let admin = app.admin_token().await;
 
     let o = &get(&app, &admin, "/overview").await["overview"];
-    // Active users: root-admin, ann, ben, cat, dan (the service account is not counted).
-    assert_eq!(o["active_users"], 5);
-    assert_eq!(o["enrolled"], 2);
+    // Active users: root-admin, ann, ben, eli, cat, dan (the service account
+    // is not counted); enrolled: ann and ben (authenticator), eli (email).
+    assert_eq!(o["active_users"], 6);
+    assert_eq!(o["enrolled"], 3);
     assert_eq!(o["pending"], 1);
     assert_eq!(o["not_started"], 2);
-    assert_eq!(o["enrollment_rate"], 0.4);
+    assert_eq!(o["enrollment_rate"], 0.5);
     assert_eq!(o["locked"], 1);
-    // ann and ben have an authenticator; the admin, ann, ben and dan an email.
-    assert_eq!(o["by_method"], json!({"totp": 2, "email": 4, "sms": 0}));
+    assert_eq!(o["by_method"], json!({"totp": 2, "email": 1, "sms": 0}));
     assert_eq!(
         o["backup_codes"],
         json!({"none_left": 0, "running_low": 0, "users": []})
@@ -107,7 +122,7 @@ async fn the_overview_and_directory_answer_the_hand_computed_figures() {
         .iter()
         .map(|e| e["username"].as_str().unwrap())
         .collect();
-    assert_eq!(recent, ["ben", "ann"]);
+    assert_eq!(recent, ["eli", "ben", "ann"]);
     assert_eq!(
         o["roles_without_2fa"],
         json!([
@@ -118,13 +133,13 @@ async fn the_overview_and_directory_answer_the_hand_computed_figures() {
     );
 
     let enrolled = get(&app, &admin, "/users?status=enrolled").await;
-    assert_eq!(enrolled["total"], 2);
+    assert_eq!(enrolled["total"], 3);
     let locked = get(&app, &admin, "/users?locked=true").await;
     assert_eq!(locked["users"][0]["username"], "ben");
     let finance = get(&app, &admin, "/users?role=finance").await;
     assert_eq!(finance["users"][0]["username"], "dan");
     let email = get(&app, &admin, "/users?method=email&per_page=2&page=1").await;
-    assert_eq!(email["total"], 4); // admin, ann, ben, dan
+    assert_eq!(email["total"], 5); // admin, ann, ben, dan, eli
     assert_eq!(email["users"].as_array().unwrap().len(), 2);
     let off = get(&app, &admin, "/users?two_factor=off").await;
     assert_eq!(off["total"], 4);
@@ -147,8 +162,9 @@ async fn the_overview_and_directory_answer_the_hand_computed_figures() {
 async fn as_of_a_past_moment_answers_what_the_read_model_answered_then() {
     let app = spawn_app().await;
     scripted_history(&app).await;
-    rebuild(&app).await;
     let admin = app.admin_token().await;
+    // The admin's sign-in (an email code) counts too: rebuild after it.
+    rebuild(&app).await;
     let then = app.clock.now_for_tests();
     let answered_then = get(&app, &admin, "/overview").await["overview"].clone();
 
@@ -161,7 +177,8 @@ async fn as_of_a_past_moment_answers_what_the_read_model_answered_then() {
     rebuild(&app).await;
     let now = get(&app, &admin, "/overview").await["overview"].clone();
     assert_ne!(now, answered_then);
-    assert_eq!(now["enrolled"], 3);
+    // ann, ben, eli, eve, and the admin, who answered an email code since.
+    assert_eq!(now["enrolled"], 5);
 
     let as_of = get(
         &app,
@@ -188,8 +205,9 @@ async fn as_of_a_past_moment_answers_what_the_read_model_answered_then() {
     .await;
     let days = series["days"].as_array().unwrap();
     assert_eq!(days.len(), 3);
-    assert_eq!(days[0]["enrolled"], 2);
-    assert_eq!(days[2]["enrolled"], 3);
+    // Day one: ann, ben, eli and the admin; two days on, eve too.
+    assert_eq!(days[0]["enrolled"], 4);
+    assert_eq!(days[2]["enrolled"], 5);
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{settings_on, spawn_app};
+use crate::helpers::{settings_on, spawn_app, spawn_app_with_sms};
 
 #[tokio::test]
 async fn with_two_factor_off_a_password_opens_a_session_and_says_why() {
@@ -84,7 +84,7 @@ async fn a_wrong_password_is_recorded_on_the_users_stream() {
 
 #[tokio::test]
 async fn with_two_factor_on_the_password_step_issues_a_challenge_with_the_default_method() {
-    let app = spawn_app().await;
+    let app = spawn_app_with_sms().await;
     let admin = app.admin_token().await;
     let bob = app
         .create_user(

@@ -920,10 +920,13 @@ impl User {
                     return Err(UserError::CannotChangeOwnFactor);
                 }
                 self.require_admin_reason(&ctx)?;
-                Ok(vec![
-                    UserEvent::EnrollmentReset { ctx: ctx.clone() },
-                    self.revoke_all(&ctx),
-                ])
+                // A reset lets the user start over: a lockout ends with it.
+                let mut events = vec![UserEvent::EnrollmentReset { ctx: ctx.clone() }];
+                if self.lockout.is_locked() {
+                    events.push(UserEvent::UserUnlocked { ctx: ctx.clone() });
+                }
+                events.push(self.revoke_all(&ctx));
+                Ok(events)
             }
             UserCommand::RemoveAuthenticator { step_up, ctx } => {
                 self.require_exists()?;

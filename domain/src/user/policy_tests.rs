@@ -789,3 +789,25 @@ fn a_lockout_forgets_remembered_devices() {
     );
     assert!(user.devices.is_empty() && user.trusted_ips.is_empty() && user.sessions.is_empty());
 }
+
+#[test]
+fn a_reset_of_a_locked_out_user_ends_the_lockout_too() {
+    let mut history = enrolled();
+    history.push(UserEvent::UserLockedOut {
+        failures: 3,
+        ended_sessions: vec![SessionId(Uuid::from_u128(600))],
+        ctx: at(5),
+    });
+    Given::with(())
+        .given(history)
+        .when(UserCommand::ResetEnrollment { ctx: admin(10) })
+        .then_expect_events(vec![
+            UserEvent::EnrollmentReset { ctx: admin(10) },
+            UserEvent::UserUnlocked { ctx: admin(10) },
+            UserEvent::SessionsRevoked {
+                session_ids: vec![],
+                devices_forgotten: true,
+                ctx: admin(10),
+            },
+        ]);
+}

@@ -142,13 +142,18 @@ impl App {
         })
     }
 
-    /// Replaces the tenant's two-factor settings; answers them as stored.
+    /// Replaces the tenant's two-factor settings (with the reason, which the
+    /// audit history keeps); answers them as stored.
     pub async fn change_settings(
         &self,
         tenant_id: TenantId,
         settings: TwoFactorSettings,
         ctx: Ctx,
     ) -> Result<TwoFactorSettings, AppError> {
+        if ctx.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+            return Err(twofold_domain::user::UserError::ReasonRequired.into());
+        }
+        self.check_sms_provider(&settings)?;
         self.tenants
             .execute(&tenant_id.to_string(), |_| {
                 Ok(TenantCommand::ChangeTwoFactorSettings {
@@ -168,4 +173,18 @@ pub struct CreatedTenant {
     pub admin_username: String,
     /// Shown once; only its argon2id hash is kept.
     pub one_time_password: String,
+}
+
+impl App {
+    /// Settings may name only an SMS provider this deployment has configured.
+    fn check_sms_provider(&self, settings: &TwoFactorSettings) -> Result<(), AppError> {
+        match &settings.sms_provider {
+            Some(name) if !self.sms_providers.iter().any(|p| p == name) => {
+                Err(AppError::UnknownSmsProvider {
+                    configured: self.sms_providers.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
 }

@@ -219,6 +219,9 @@ impl App {
         let email = change(update.email, Email::parse)?;
         let phone = change(update.phone, Phone::parse)?;
         let ctx = admin_ctx(self, origin, admin, update.reason);
+        if ctx.reason.is_none() {
+            return Err(UserError::ReasonRequired.into());
+        }
         let tenant_enabled = admin.0.tenant.settings.enabled;
         // Check the switch first, so a refused switch leaves the profile untouched.
         if update.two_factor_switched_on == Some(true) && !tenant_enabled {

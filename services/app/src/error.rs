@@ -43,6 +43,9 @@ pub enum AppError {
     },
     #[error("{0}")]
     InvalidField(ValueError),
+    /// Settings that name an SMS provider this deployment does not have.
+    #[error("Invalid two-factor settings: sms_provider must name a configured SMS provider ({}).", if configured.is_empty() { "none is configured".to_string() } else { configured.join(", ") })]
+    UnknownSmsProvider { configured: Vec<String> },
     /// Input of the wrong shape, named by `code` (`invalid_code_format`, ...).
     #[error("{message}")]
     BadInput { code: &'static str, message: String },
@@ -92,6 +95,7 @@ impl AppError {
             Self::WouldLockYouOut => "would_lock_you_out",
             Self::InvalidCode { .. } => "invalid_code",
             Self::InvalidField(_) => "invalid_field",
+            Self::UnknownSmsProvider { .. } => "invalid_settings",
             Self::BadInput { code, .. } => code,
             Self::InvalidQuery(_) => "invalid_query",
             Self::Refused(e) => user_error_code(e),
@@ -128,6 +132,9 @@ impl AppError {
     pub fn details(&self) -> Option<Value> {
         match self {
             Self::InvalidField(e) => Some(json!({ "field": e.field })),
+            Self::UnknownSmsProvider { configured } => {
+                Some(json!({ "field": "sms_provider", "configured": configured }))
+            }
             Self::Tenant(TenantError::InvalidName) => Some(json!({ "field": "name" })),
             Self::Tenant(TenantError::InvalidSettings(e)) => Some(json!({ "field": e.field })),
             Self::InvalidCode {

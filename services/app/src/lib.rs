@@ -50,6 +50,8 @@ pub struct Inner {
     pub passwords: Passwords,
     pub keys: Keyring,
     pub clock: Arc<dyn Clock>,
+    /// The SMS providers configured, by name: tenant settings may name only these.
+    pub sms_providers: Vec<String>,
 }
 
 impl std::ops::Deref for App {
@@ -66,8 +68,10 @@ impl App {
         keys: Keyring,
         clock: Arc<dyn Clock>,
         remembered_streams: usize,
+        sms_providers: Vec<String>,
     ) -> Self {
         Self(Arc::new(Inner {
+            sms_providers,
             tenants: Store::remembering(pool.clone(), remembered_streams),
             users: Store::remembering(pool.clone(), remembered_streams),
             usernames: Cache::new(REMEMBERED_USERNAMES),
@@ -88,6 +92,7 @@ impl App {
             config.keyring()?,
             clock,
             config.remembered_streams,
+            config.sms_providers.keys().cloned().collect(),
         ))
     }
 

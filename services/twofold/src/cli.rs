@@ -91,7 +91,9 @@ pub enum TenantCommand {
         #[arg(long)]
         json: String,
         #[arg(long)]
-        reason: Option<String>,
+        /// Why (kept in the audit history).
+        #[arg(long)]
+        reason: String,
     },
 }
 

@@ -65,10 +65,7 @@ pub async fn tenant(
             let json = if json == "-" { read_stdin()? } else { json };
             let settings: TwoFactorSettings =
                 serde_json::from_str(&json).context("reading the settings JSON")?;
-            let ctx = match reason {
-                Some(r) => ctx.with_reason(r),
-                None => ctx,
-            };
+            let ctx = ctx.with_reason(reason);
             let stored = app
                 .change_settings(tenant, settings, ctx)
                 .await

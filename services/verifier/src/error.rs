@@ -106,7 +106,9 @@ pub fn status_of(err: &AppError) -> StatusCode {
         AppError::Forbidden | AppError::SecondFactorRequired => S::FORBIDDEN,
         AppError::Locked => S::LOCKED,
         AppError::UsernameTaken | AppError::WouldLockYouOut => S::CONFLICT,
-        AppError::InvalidField(_) | AppError::InvalidQuery(_) => S::UNPROCESSABLE_ENTITY,
+        AppError::InvalidField(_)
+        | AppError::InvalidQuery(_)
+        | AppError::UnknownSmsProvider { .. } => S::UNPROCESSABLE_ENTITY,
         AppError::BadInput { .. } => S::BAD_REQUEST,
         AppError::Refused(e) => user_error_status(e),
         AppError::Tenant(_) => match err.code() {

@@ -868,7 +868,7 @@ fn user_row(t: &str, u: &UserRow) -> Markup {
                 @if u.service_account { " " span.pill { "service account" } }
             }
             td { (u.roles.iter().cloned().collect::<Vec<_>>().join(", ")) }
-            td { (status_pill(u.two_factor)) }
+            td { (status_pill(u.status())) }
             td { (u.methods().join(", ")) }
             td { @if u.two_factor == TwoFactorState::Enrolled { (u.backup_codes_left) } @else { "–" } }
             td {
