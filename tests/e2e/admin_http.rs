@@ -482,3 +482,42 @@ async fn a_reset_enrollment_also_ends_a_lockout_and_says_so() {
     let again = app.sign_in("noa", PASSWORD).await;
     assert_eq!(again.status, StatusCode::OK, "{:?}", again.body);
 }
+
+#[tokio::test]
+async fn an_admin_without_a_second_factor_in_session_is_offered_a_step_up() {
+    let app = spawn_app().await;
+    let before = app.admin_token().await; // 2FA off: password only
+    let on = app
+        .set_settings(&before, settings_on(&["email"], "email"))
+        .await;
+    assert_eq!(on.status, StatusCode::OK, "{:?}", on.body);
+    let refused = app.get_auth("/overview", &before).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(refused.code(), "second_factor_required");
+    assert_eq!(refused.body["error"]["step_up"], "/me/step-up");
+    // The same session confirms an email code and may act again.
+    let step_up = app.post_auth("/me/step-up", &before, json!({})).await;
+    assert_eq!(step_up.status, StatusCode::OK, "{:?}", step_up.body);
+    let token = step_up.body["challenge"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let code = app.delivered_code(&token).await;
+    let verified = app
+        .post(
+            "/challenge/verify",
+            json!({"challenge_token": token, "code": code}),
+        )
+        .await;
+    assert_eq!(verified.body["status"], "stepped_up", "{:?}", verified.body);
+    assert_eq!(
+        app.get_auth("/overview", &before).await.status,
+        StatusCode::OK
+    );
+    // For the step-up's window only.
+    app.clock.advance(Duration::minutes(11));
+    assert_eq!(
+        app.get_auth("/overview", &before).await.code(),
+        "second_factor_required"
+    );
+}

@@ -161,8 +161,28 @@ async fn an_admin_rolls_out_2fa_in_the_console_and_follows_it_up() {
         twofold_domain::tenant::settings::Enrollment::Required
     );
 
+    // The console now asks this session for a second factor, and offers
+    // to confirm one (an email code: the admin has no authenticator yet).
     b.goto(&format!("{}/admin/overview", app.pages())).await;
-    assert!(b.text().await.contains("second_factor_required"));
+    assert!(
+        b.text().await.contains("Confirm it's you"),
+        "{}",
+        b.text().await
+    );
+    b.shot("step-up-offer").await;
+    b.click_text("Confirm with a code").await;
+    assert!(b.url().await.ends_with("/challenge"), "{}", b.url().await);
+    let challenge = b
+        .client
+        .get_named_cookie("twofold_challenge")
+        .await
+        .unwrap();
+    let code = app.delivered_code(challenge.value()).await;
+    b.fill("#code", &code).await;
+    b.submit("main form button[type=submit]").await;
+    assert!(b.text().await.contains("Confirmed"), "{}", b.text().await);
+    b.goto(&format!("{}/admin/overview", app.pages())).await;
+    assert!(b.find("#enrolled").await.text().await.is_ok());
     b.goto(&format!("{}/account", app.pages())).await;
     b.click_text("Sign out").await;
 

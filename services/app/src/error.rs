@@ -23,7 +23,7 @@ pub enum AppError {
     Unauthenticated,
     #[error("This needs the admin role.")]
     Forbidden,
-    #[error("Admin actions need a session signed in with a second factor. Sign in again.")]
+    #[error("Admin actions need a session that passed a second factor: confirm with a code (POST /me/step-up, then /challenge/verify), or sign in again.")]
     SecondFactorRequired,
     #[error(
         "This account is locked after too many wrong codes. Ask an administrator to unlock it."
@@ -141,6 +141,7 @@ impl AppError {
                 attempts_remaining: Some(n),
                 ..
             } => Some(json!({ "attempts_remaining": n })),
+            Self::SecondFactorRequired => Some(json!({ "step_up": "/me/step-up" })),
             Self::Refused(UserError::TooManyAttempts { retry_after_secs }) => {
                 Some(json!({ "retry_after_secs": retry_after_secs }))
             }

@@ -3,7 +3,7 @@
 
 use secrecy::SecretString;
 use twofold_domain::tenant::Tenant;
-use twofold_domain::user::{SecondFactorUse, SkipReason, User};
+use twofold_domain::user::{SecondFactorUse, SkipReason, User, STEP_UP_VALID_SECS};
 use twofold_domain::{Actor, SessionId, TenantId, UserId};
 use twofold_platform::tokens::{self, TokenKind};
 
@@ -17,6 +17,9 @@ pub struct Session {
     pub user_id: UserId,
     pub session_id: SessionId,
     pub second_factor: SecondFactorUse,
+    /// Whether the user confirmed a current factor in this session within the
+    /// step-up window (which also opens what needs a second factor).
+    pub stepped_up: bool,
     pub user: User,
 }
 
@@ -28,8 +31,9 @@ impl Session {
     /// This session as the tenant's admin: the user has the admin role and,
     /// when the tenant's 2FA is on, the session met the tenant's policy (a
     /// second factor passed, a device remembered by one, or a scope that does
-    /// not ask this admin). A session from before 2FA was switched on, or of
-    /// an admin with no factor set up, is not enough.
+    /// not ask this admin), or the session confirmed a current factor by a
+    /// step-up within its window. A session from before 2FA was switched on,
+    /// or of an admin with no factor set up, is not enough.
     pub fn admin(self) -> Result<AdminSession, AppError> {
         if !self.user.is_admin() {
             return Err(AppError::Forbidden);
@@ -56,7 +60,7 @@ impl Session {
                     reason: SkipReason::KnownDevice | SkipReason::NotRequired
                 }
         );
-        if self.tenant.settings.enabled && !checked {
+        if self.tenant.settings.enabled && !checked && !self.stepped_up {
             return Err(AppError::SecondFactorRequired);
         }
         Ok(())
@@ -110,16 +114,21 @@ impl App {
             .await?
             .ok_or(AppError::Unauthenticated)?;
         let session_id = SessionId(claim.item);
-        let second_factor = user
-            .live_session(session_id, &claim.hash, self.now())
-            .ok_or(AppError::Unauthenticated)?
-            .second_factor;
+        let now = self.now();
+        let live = user
+            .live_session(session_id, &claim.hash, now)
+            .ok_or(AppError::Unauthenticated)?;
+        let second_factor = live.second_factor;
+        let stepped_up = live
+            .stepped_up_at
+            .is_some_and(|at| (now - at).num_seconds() < STEP_UP_VALID_SECS);
         Ok(Session {
             tenant_id,
             tenant,
             user_id: claim.user_id,
             session_id,
             second_factor,
+            stepped_up,
             user,
         })
     }

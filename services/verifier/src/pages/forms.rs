@@ -205,7 +205,11 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, PageError> {
         let BrowserSession(session) = BrowserSession::from_request_parts(parts, state).await?;
-        let reader = session.clone().reader()?;
+        let tenant = raw_tenant(parts, state).await?;
+        let reader = session
+            .clone()
+            .reader()
+            .map_err(|e| offer_step_up(e, tenant, parts, state))?;
         Ok(Self {
             reader,
             admin: session.admin().ok(),
@@ -225,14 +229,36 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, PageError> {
         let BrowserSession(session) = BrowserSession::from_request_parts(parts, state).await?;
-        Ok(Self(session.admin()?))
+        let tenant = raw_tenant(parts, state).await?;
+        Ok(Self(
+            session
+                .admin()
+                .map_err(|e| offer_step_up(e, tenant, parts, state))?,
+        ))
+    }
+}
+
+/// A console refusal for want of a second factor becomes an offer to
+/// confirm one now (a step-up), rather than a dead end.
+fn offer_step_up<S>(err: AppError, tenant: String, parts: &Parts, state: &S) -> PageError
+where
+    ApiState: FromRef<S>,
+{
+    match (err, parts.extensions.get::<FormNonce>()) {
+        (AppError::SecondFactorRequired, Some(nonce)) => PageError::StepUp {
+            tenant,
+            token: nonce.token(&ApiState::from_ref(state)),
+        },
+        (err, _) => err.into(),
     }
 }
 
 /// A page that could not be shown: the sign-in page for a browser without a
-/// session, else an error page with the application's message.
+/// session, an offer to confirm a second factor, else an error page with the
+/// application's message.
 pub enum PageError {
     SignIn(String),
+    StepUp { tenant: String, token: String },
     App(AppError),
 }
 
@@ -256,6 +282,22 @@ impl IntoResponse for PageError {
     fn into_response(self) -> Response {
         match self {
             Self::SignIn(tenant) => Redirect::to(&format!("/t/{tenant}/sign-in")).into_response(),
+            Self::StepUp { tenant, token } => {
+                let body = layout::bare(
+                    "Confirm it's you",
+                    html! {
+                        div.notice role="status" {
+                            p { "The console needs a session that passed a second factor. Confirm with a code now; it opens the console for the next 10 minutes." }
+                        }
+                        form method="post" action={ "/t/" (tenant) "/account/step-up" } {
+                            (layout::token_input(&token))
+                            button type="submit" { "Confirm with a code" }
+                        }
+                        p { a href={ "/t/" (tenant) "/account" } { "Back to my account" } }
+                    },
+                );
+                (StatusCode::FORBIDDEN, body).into_response()
+            }
             Self::App(err) => {
                 let status = if err.code() == "form_expired" {
                     StatusCode::FORBIDDEN
