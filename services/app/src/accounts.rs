@@ -54,6 +54,7 @@ fn optional<T>(
 impl App {
     /// Registers a user: hashes the password, then claims the username and
     /// appends `UserRegistered` in one transaction (both or neither).
+    #[tracing::instrument(skip_all)]
     pub async fn create_user(
         &self,
         tenant_id: TenantId,
@@ -97,6 +98,7 @@ impl App {
     }
 
     /// A tenant and its first admin, whose generated password is returned once.
+    #[tracing::instrument(skip_all)]
     pub async fn create_tenant(
         &self,
         name: &str,
@@ -144,6 +146,7 @@ impl App {
 
     /// Replaces the tenant's two-factor settings (with the reason, which the
     /// audit history keeps); answers them as stored.
+    #[tracing::instrument(skip_all)]
     pub async fn change_settings(
         &self,
         tenant_id: TenantId,

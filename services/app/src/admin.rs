@@ -127,6 +127,7 @@ impl App {
         Ok(())
     }
 
+    #[tracing::instrument(skip_all)]
     pub async fn admin_create_user(
         &self,
         admin: &AdminSession,
@@ -137,6 +138,7 @@ impl App {
         self.create_user(admin.tenant_id(), new, ctx).await
     }
 
+    #[tracing::instrument(skip_all)]
     pub async fn settings(&self, admin: &AdminSession) -> Result<TwoFactorSettings, AppError> {
         Ok(self
             .tenant(&admin.tenant_id().to_string())
@@ -145,6 +147,7 @@ impl App {
             .settings)
     }
 
+    #[tracing::instrument(skip_all)]
     pub async fn put_settings(
         &self,
         admin: &AdminSession,
@@ -156,6 +159,7 @@ impl App {
         self.change_settings(admin.tenant_id(), settings, ctx).await
     }
 
+    #[tracing::instrument(skip_all)]
     pub async fn user_detail(
         &self,
         reader: &ReaderSession,
@@ -200,6 +204,7 @@ impl App {
         })
     }
 
+    #[tracing::instrument(skip_all)]
     pub async fn update_user(
         &self,
         admin: &AdminSession,
@@ -256,6 +261,7 @@ impl App {
     }
 
     /// One of the admin's actions on a user, with the reason given.
+    #[tracing::instrument(skip_all)]
     pub async fn act_on_user(
         &self,
         admin: &AdminSession,
@@ -276,6 +282,7 @@ impl App {
     }
 
     /// New codes for a user who lost theirs, shown to the admin once to hand over.
+    #[tracing::instrument(skip_all)]
     pub async fn regenerate_backup_codes_for(
         &self,
         admin: &AdminSession,
@@ -298,6 +305,7 @@ impl App {
 
     /// Ends every session of the tenant (remembered devices stay); answers
     /// how many users were signed out.
+    #[tracing::instrument(skip_all)]
     pub async fn revoke_all_sessions(
         &self,
         admin: &AdminSession,

@@ -195,6 +195,7 @@ impl App {
     }
 
     /// `sign-in`: the password, then a challenge, required enrollment or a session.
+    #[tracing::instrument(skip_all)]
     pub async fn sign_in(
         &self,
         raw_tenant: &str,
@@ -453,6 +454,7 @@ impl App {
     }
 
     /// `challenge/verify`: a code or a backup code for an open challenge.
+    #[tracing::instrument(skip_all)]
     pub async fn verify(
         &self,
         raw_tenant: &str,
@@ -521,6 +523,7 @@ impl App {
     /// `enrollment/complete`: enrollment required at sign-in. The new
     /// authenticator's first code activates it and completes the sign-in,
     /// with the 8 backup codes, shown once.
+    #[tracing::instrument(skip_all)]
     pub async fn complete_enrollment(
         &self,
         raw_tenant: &str,
@@ -591,6 +594,7 @@ impl App {
     }
 
     /// The open challenge a token names, as it stands (for a page to show).
+    #[tracing::instrument(skip_all)]
     pub async fn challenge(
         &self,
         raw_tenant: &str,
@@ -608,6 +612,7 @@ impl App {
 
     /// The authenticator a sign-in that requires enrollment is waiting for,
     /// to show its QR code again.
+    #[tracing::instrument(skip_all)]
     pub async fn pending_enrollment(
         &self,
         raw_tenant: &str,
@@ -646,6 +651,7 @@ impl App {
     }
 
     /// `challenge/resend`: a new code for an email or SMS challenge.
+    #[tracing::instrument(skip_all)]
     pub async fn resend(
         &self,
         raw_tenant: &str,
@@ -659,6 +665,7 @@ impl App {
     }
 
     /// `challenge/switch`: another of the challenge's listed methods.
+    #[tracing::instrument(skip_all)]
     pub async fn switch(
         &self,
         raw_tenant: &str,
@@ -682,6 +689,7 @@ impl App {
 
     /// `sessions/introspect`: what a portal asks of a session token. `None`
     /// for a token that opens nothing (unknown, ended, expired, malformed).
+    #[tracing::instrument(skip_all)]
     pub async fn introspect(
         &self,
         raw_tenant: &str,
@@ -714,6 +722,7 @@ impl App {
     }
 
     /// `sign-out`: ends the session.
+    #[tracing::instrument(skip_all)]
     pub async fn sign_out(&self, session: &Session, origin: &Origin) -> Result<(), AppError> {
         let ctx = origin.ctx(self.now(), session.actor());
         self.users

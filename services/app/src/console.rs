@@ -82,6 +82,7 @@ pub struct ChecklistItem {
 
 impl App {
     /// What saving `proposed` would do; the settings come back validated.
+    #[tracing::instrument(skip_all)]
     pub async fn preview_settings(
         &self,
         admin: &AdminSession,
@@ -128,6 +129,7 @@ impl App {
     /// Saves settings from the console: a reason is required, and a change
     /// that would leave the admin saving it unable to pass the console's
     /// second-factor check is refused.
+    #[tracing::instrument(skip_all)]
     pub async fn save_settings_checked(
         &self,
         admin: &AdminSession,
@@ -146,6 +148,7 @@ impl App {
     }
 
     /// The rollout checklist (from the seeds' checklist), from state.
+    #[tracing::instrument(skip_all)]
     pub async fn checklist(&self, reader: &ReaderSession) -> Result<Vec<ChecklistItem>, AppError> {
         let tenant_key = reader.tenant_id().to_string();
         let settings = &reader.0.tenant.settings;
@@ -230,11 +233,13 @@ impl App {
     }
 
     /// How fresh the read models are.
+    #[tracing::instrument(skip_all)]
     pub async fn freshness(&self) -> Result<Vec<Freshness>, AppError> {
         Ok(queries::freshness(&self.pool).await?)
     }
 
     /// The newest `limit` audit entries matching `q`, newest first.
+    #[tracing::instrument(skip_all)]
     pub async fn audit_search(
         &self,
         reader: &ReaderSession,
@@ -253,6 +258,7 @@ impl App {
     }
 
     /// Every user row of the tenant, for pages that list beyond a page.
+    #[tracing::instrument(skip_all)]
     pub async fn user_rows(&self, reader: &ReaderSession) -> Result<Vec<UserRow>, AppError> {
         Ok(queries::users(&self.pool, &reader.tenant_id().to_string()).await?)
     }

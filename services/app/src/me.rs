@@ -82,6 +82,7 @@ impl App {
 
     /// Starts enrolling an authenticator app: a new seed, sealed in the
     /// user's stream until a code confirms it.
+    #[tracing::instrument(skip_all)]
     pub async fn start_totp(
         &self,
         session: &Session,
@@ -114,6 +115,7 @@ impl App {
 
     /// Activates the pending authenticator once a valid code shows the app
     /// has the seed; answers the 8 backup codes, shown this once.
+    #[tracing::instrument(skip_all)]
     pub async fn confirm_totp(
         &self,
         session: &Session,
@@ -155,6 +157,7 @@ impl App {
 
     /// A challenge for a current factor before a sensitive change; answered
     /// at verify, it lets this session make sensitive changes for a while.
+    #[tracing::instrument(skip_all)]
     pub async fn step_up(
         &self,
         session: &Session,
@@ -176,6 +179,7 @@ impl App {
 
     /// Opt in to (or, after a step-up, out of) 2FA where the tenant leaves
     /// it to each user.
+    #[tracing::instrument(skip_all)]
     pub async fn set_voluntary(
         &self,
         session: &Session,
@@ -194,6 +198,7 @@ impl App {
     }
 
     /// New backup codes (after a step-up); the old ones stop working.
+    #[tracing::instrument(skip_all)]
     pub async fn regenerate_own_backup_codes(
         &self,
         session: &Session,
@@ -211,6 +216,7 @@ impl App {
 
     /// Changes where codes go (after a step-up). A factor change ends every
     /// session, this one included.
+    #[tracing::instrument(skip_all)]
     pub async fn change_contact(
         &self,
         session: &Session,
@@ -236,6 +242,7 @@ impl App {
     }
 
     /// Removes the authenticator (after a step-up); every session ends.
+    #[tracing::instrument(skip_all)]
     pub async fn remove_totp(&self, session: &Session, origin: &Origin) -> Result<(), AppError> {
         self.own_command(session, origin, |ctx| UserCommand::RemoveAuthenticator {
             step_up: session.session_id,
@@ -246,6 +253,7 @@ impl App {
     }
 
     /// Ends one of the user's own sessions (another browser, a lost phone).
+    #[tracing::instrument(skip_all)]
     pub async fn end_own_session(
         &self,
         session: &Session,
@@ -262,6 +270,7 @@ impl App {
     }
 
     /// Stops trusting one of the user's remembered devices.
+    #[tracing::instrument(skip_all)]
     pub async fn forget_own_device(
         &self,
         session: &Session,

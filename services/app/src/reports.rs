@@ -36,6 +36,7 @@ fn one_of(value: Option<&str>, allowed: &[&str], message: &str) -> Result<(), Ap
 impl App {
     /// The Overview now (from the read model) or as it stood at `as_of`
     /// (folded from the events, the source of truth).
+    #[tracing::instrument(skip_all)]
     pub async fn overview(
         &self,
         reader: &ReaderSession,
@@ -49,6 +50,7 @@ impl App {
     }
 
     /// The Overview at the end of each day from `from` to `to`.
+    #[tracing::instrument(skip_all)]
     pub async fn daily(
         &self,
         reader: &ReaderSession,
@@ -65,11 +67,13 @@ impl App {
     }
 
     /// Sent, failed, fallbacks and latency percentiles per method and provider.
+    #[tracing::instrument(skip_all)]
     pub async fn delivery(&self, reader: &ReaderSession) -> Result<Vec<DeliveryStats>, AppError> {
         Ok(queries::delivery(&self.pool, &reader.tenant_id().to_string()).await?)
     }
 
     /// A page of the user directory, filtered.
+    #[tracing::instrument(skip_all)]
     pub async fn directory(
         &self,
         reader: &ReaderSession,
@@ -101,6 +105,7 @@ impl App {
     }
 
     /// A user's audit timeline.
+    #[tracing::instrument(skip_all)]
     pub async fn user_history(
         &self,
         reader: &ReaderSession,

@@ -100,6 +100,7 @@ impl AdminSession {
 
 impl App {
     /// The live session a token names, for the tenant named in `raw_tenant`.
+    #[tracing::instrument(skip_all)]
     pub async fn session(
         &self,
         raw_tenant: &str,
