@@ -15,7 +15,7 @@ use crate::record::{EventRecord, RecordExt};
 
 /// Payload fields that hold hashes or sealed secrets: not secrets in plaintext,
 /// but nothing an auditor needs, so they stay out of the history.
-const WITHHELD: &[&str] = &["token_hash", "password_hash", "sealed", "hashes"];
+const WITHHELD: &[&str] = &["token_hash", "password_hash", "sealed", "hashes", "hash"];
 
 /// One entry of the history. Field order is the canonical form the hash
 /// chain is computed over.

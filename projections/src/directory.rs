@@ -112,6 +112,9 @@ impl UserRow {
             UserEvent::BackupCodeUsed { remaining, .. } => {
                 self.backup_codes_left = u32::try_from(*remaining).unwrap_or(0);
             }
+            UserEvent::BackupCodeReplaced { .. } => {
+                self.backup_codes_left = self.backup_codes_left.saturating_add(1);
+            }
             UserEvent::UserLockedOut { .. } => self.locked = true,
             UserEvent::UserUnlocked { .. } => self.locked = false,
             UserEvent::SessionStarted {
@@ -175,6 +178,7 @@ impl UserRow {
             | UserEvent::DeviceRemembered { .. }
             | UserEvent::StepUpCompleted { .. }
             | UserEvent::DeviceForgotten { .. }
+            | UserEvent::BackupCodesSealed { .. }
             | UserEvent::SessionsRevoked { .. } => {}
         }
     }

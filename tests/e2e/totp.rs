@@ -172,3 +172,77 @@ async fn enrolling_again_once_enrolled_is_refused() {
     assert_eq!(me.body["two_factor"], "enrolled");
     assert_eq!(me.body["backup_codes_left"], 8);
 }
+
+/// With `replace_backup_codes_on_use`, a used recovery code is replaced at
+/// once (still 8), the new one works and the used one does not; and the user
+/// can see their codes again after a step-up, the replacement among them.
+#[tokio::test]
+async fn a_used_recovery_code_is_replaced_and_the_codes_can_be_shown_again() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    let (_, secret, codes) = enrolled_user(&app, &admin, "rio").await;
+    let mut settings = settings_on(&["totp", "email"], "totp");
+    settings["replace_backup_codes_on_use"] = json!(true);
+    app.set_settings(&admin, settings).await;
+
+    let challenge = app.sign_in("rio", "correct horse battery").await;
+    let used = app
+        .post(
+            "/challenge/verify",
+            json!({"challenge_token": challenge.body["challenge"]["token"], "backup_code": codes[2]}),
+        )
+        .await;
+    assert_eq!(used.status, StatusCode::OK, "{:?}", used.body);
+    let replacement = used.body["backup_code_replacement"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!codes.contains(&replacement));
+    let session = used.body["session"]["token"].as_str().unwrap().to_string();
+    assert_eq!(
+        app.get_auth("/me", &session).await.body["backup_codes_left"],
+        8
+    );
+
+    // Shown again only after a step-up.
+    let refused = app.get_auth("/me/backup-codes", &session).await;
+    assert_eq!(refused.code(), "step_up_required");
+    let step_up = app.post_auth("/me/step-up", &session, json!({})).await;
+    app.clock.advance(Duration::seconds(30));
+    let stepped = app
+        .post(
+            "/challenge/verify",
+            json!({"challenge_token": step_up.body["challenge"]["token"],
+                   "code": oathtool(&secret, app.clock.now_for_tests())}),
+        )
+        .await;
+    assert_eq!(stepped.body["status"], "stepped_up", "{:?}", stepped.body);
+    let shown = app.get_auth("/me/backup-codes", &session).await;
+    assert_eq!(shown.status, StatusCode::OK, "{:?}", shown.body);
+    let shown: Vec<String> = shown.body["backup_codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert_eq!(c["used"], false);
+            c["code"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let mut expected = codes.clone();
+    expected[2] = replacement.clone();
+    assert_eq!(shown, expected);
+    // Nothing readable of them is stored.
+    assert!(!app.all_event_text().await.contains(&replacement.replace('-', "")));
+
+    // The replacement works; the used code does not.
+    for (code, works) in [(&codes[2], false), (&replacement, true)] {
+        let c = app.sign_in("rio", "correct horse battery").await;
+        let r = app
+            .post(
+                "/challenge/verify",
+                json!({"challenge_token": c.body["challenge"]["token"], "backup_code": code}),
+            )
+            .await;
+        assert_eq!(r.status == StatusCode::OK, works, "{code}: {:?}", r.body);
+    }
+}

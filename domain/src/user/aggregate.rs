@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::challenge::ChallengePurpose;
 use super::commands::{
-    ChallengeRef, CompleteEnrollment, NewChallenge, NewDevice, PresentedDevice, Proof, SignIn,
-    UserCommand, VerifyCode,
+    ChallengeRef, CompleteEnrollment, NewBackupCodes, NewChallenge, NewDevice, PresentedDevice,
+    Proof, SignIn, UserCommand, VerifyCode,
 };
 use super::events::{
     ProofKind, RejectionReason, SecondFactorUse, SessionEndReason, SkipReason, UserEvent,
@@ -82,6 +82,9 @@ pub struct User {
     /// The last TOTP time step accepted; no step at or before it is accepted again.
     pub last_totp_step: Option<u64>,
     pub backup_codes: Vec<BackupCodeSlot>,
+    /// The backup codes themselves, sealed, in slot order (to show again).
+    #[serde(default)]
+    pub sealed_backup_codes: Option<SealedSecret>,
     pub lockout: Lockout,
     pub challenges: BTreeMap<ChallengeId, Challenge>,
     pub sessions: BTreeMap<SessionId, SessionState>,
@@ -361,6 +364,27 @@ impl User {
         }
     }
 
+    /// The events of issuing `codes`: their hashes, and the sealed codes
+    /// when the caller sealed them.
+    fn issue_codes(codes: NewBackupCodes, ctx: &Ctx) -> Result<Vec<UserEvent>, UserError> {
+        if codes.hashes.len() != BACKUP_CODE_COUNT {
+            return Err(UserError::WrongBackupCodeCount {
+                expected: BACKUP_CODE_COUNT,
+            });
+        }
+        let mut events = vec![UserEvent::BackupCodesIssued {
+            hashes: codes.hashes,
+            ctx: ctx.clone(),
+        }];
+        if let Some(sealed) = codes.sealed {
+            events.push(UserEvent::BackupCodesSealed {
+                sealed,
+                ctx: ctx.clone(),
+            });
+        }
+        Ok(events)
+    }
+
     fn remember_device(device: NewDevice, ctx: Ctx) -> UserEvent {
         UserEvent::DeviceRemembered {
             device_id: device.id,
@@ -413,6 +437,7 @@ impl User {
             settings,
             session,
             device,
+            replacement,
             ctx,
         } = cmd;
         let open = self.open_unlocked(&challenge)?;
@@ -483,7 +508,29 @@ impl User {
         };
         match verdict {
             Ok(accepted) => {
+                // A used backup code's slot gets its replacement when the
+                // tenant keeps 8 (and the caller brought one).
+                let replaced = match (&accepted, replacement) {
+                    (UserEvent::BackupCodeUsed { slot, .. }, Some(r))
+                        if settings.replace_backup_codes_on_use =>
+                    {
+                        let mut extra = vec![UserEvent::BackupCodeReplaced {
+                            slot: *slot,
+                            hash: r.hash,
+                            ctx: ctx.clone(),
+                        }];
+                        if let Some(sealed) = r.sealed {
+                            extra.push(UserEvent::BackupCodesSealed {
+                                sealed,
+                                ctx: ctx.clone(),
+                            });
+                        }
+                        extra
+                    }
+                    _ => Vec::new(),
+                };
                 let mut events = vec![accepted];
+                events.extend(replaced);
                 match open.purpose {
                     ChallengePurpose::StepUp { session_id } => {
                         events.push(UserEvent::StepUpCompleted {
@@ -610,11 +657,7 @@ impl User {
         if self.pending_totp.is_none() {
             return Err(UserError::NoEnrollmentInProgress);
         }
-        if backup_codes.len() != BACKUP_CODE_COUNT {
-            return Err(UserError::WrongBackupCodeCount {
-                expected: BACKUP_CODE_COUNT,
-            });
-        }
+        let issued = Self::issue_codes(backup_codes, &ctx)?;
         if open.is_expired(ctx.at) {
             return Ok(vec![UserEvent::ChallengeExpired {
                 challenge_id: open.id,
@@ -631,23 +674,18 @@ impl User {
             };
             return Ok(self.reject(open.id, ProofKind::Totp, reason, &settings, ctx));
         };
-        let mut events = vec![
-            UserEvent::EnrollmentCompleted {
-                method: Method::Totp,
-                totp_step,
-                ctx: ctx.clone(),
-            },
-            UserEvent::BackupCodesIssued {
-                hashes: backup_codes,
-                ctx: ctx.clone(),
-            },
-            UserEvent::CodeVerified {
-                challenge_id: open.id,
-                method: Method::Totp,
-                totp_step: Some(totp_step),
-                ctx: ctx.clone(),
-            },
-        ];
+        let mut events = vec![UserEvent::EnrollmentCompleted {
+            method: Method::Totp,
+            totp_step,
+            ctx: ctx.clone(),
+        }];
+        events.extend(issued);
+        events.push(UserEvent::CodeVerified {
+            challenge_id: open.id,
+            method: Method::Totp,
+            totp_step: Some(totp_step),
+            ctx: ctx.clone(),
+        });
         events.extend(self.start_session(
             session,
             &settings,
@@ -740,24 +778,18 @@ impl User {
                 if self.pending_totp.is_none() {
                     return Err(UserError::NoEnrollmentInProgress);
                 }
-                if backup_codes.len() != BACKUP_CODE_COUNT {
-                    return Err(UserError::WrongBackupCodeCount {
-                        expected: BACKUP_CODE_COUNT,
-                    });
-                }
+                let issued = Self::issue_codes(backup_codes, &ctx)?;
                 let step = matched_step.filter(|s| self.last_totp_step.is_none_or(|l| *s > l));
                 Ok(match step {
-                    Some(totp_step) => vec![
-                        UserEvent::EnrollmentCompleted {
+                    Some(totp_step) => {
+                        let mut events = vec![UserEvent::EnrollmentCompleted {
                             method: Method::Totp,
                             totp_step,
-                            ctx: ctx.clone(),
-                        },
-                        UserEvent::BackupCodesIssued {
-                            hashes: backup_codes,
                             ctx,
-                        },
-                    ],
+                        }];
+                        events.extend(issued);
+                        events
+                    }
                     None => vec![UserEvent::EnrollmentCodeRejected { ctx }],
                 })
             }
@@ -771,15 +803,7 @@ impl User {
                     Some(session) => self.require_step_up(session, ctx.at)?,
                     None => self.require_admin_reason(&ctx)?,
                 }
-                if backup_codes.len() != BACKUP_CODE_COUNT {
-                    return Err(UserError::WrongBackupCodeCount {
-                        expected: BACKUP_CODE_COUNT,
-                    });
-                }
-                Ok(vec![UserEvent::BackupCodesIssued {
-                    hashes: backup_codes,
-                    ctx,
-                }])
+                Self::issue_codes(backup_codes, &ctx)
             }
             UserCommand::Unlock { ctx } => {
                 self.require_exists()?;
@@ -1141,6 +1165,16 @@ impl Aggregate for User {
                     .into_iter()
                     .map(|hash| BackupCodeSlot { hash, used: false })
                     .collect();
+                // New codes: a sealed copy, if any, follows.
+                self.sealed_backup_codes = None;
+            }
+            UserEvent::BackupCodesSealed { sealed, .. } => {
+                self.sealed_backup_codes = Some(sealed);
+            }
+            UserEvent::BackupCodeReplaced { slot, hash, .. } => {
+                if let Some(s) = self.backup_codes.get_mut(slot) {
+                    *s = BackupCodeSlot { hash, used: false };
+                }
             }
             UserEvent::UserUnlocked { .. } => {
                 self.lockout = Lockout::default();
@@ -1213,6 +1247,7 @@ impl Aggregate for User {
                 self.pending_totp = None;
                 self.two_factor = TwoFactorState::NotStarted;
                 self.backup_codes.clear();
+                self.sealed_backup_codes = None;
             }
             UserEvent::SessionsRevoked {
                 session_ids,

@@ -54,11 +54,11 @@ pub enum UserCommand {
     ConfirmTotpEnrollment {
         /// The TOTP time step the presented code matched, if any.
         matched_step: Option<u64>,
-        backup_codes: Vec<SecretHash>,
+        backup_codes: NewBackupCodes,
         ctx: Ctx,
     },
     RegenerateBackupCodes {
-        backup_codes: Vec<SecretHash>,
+        backup_codes: NewBackupCodes,
         /// The user's own session, which must have stepped up recently; `None`
         /// when an admin acts.
         step_up: Option<SessionId>,
@@ -140,7 +140,7 @@ pub struct NewDevice {
 pub struct CompleteEnrollment {
     pub challenge: ChallengeRef,
     pub matched_step: Option<u64>,
-    pub backup_codes: Vec<SecretHash>,
+    pub backup_codes: NewBackupCodes,
     pub settings: TwoFactorSettings,
     pub session: NewSession,
     pub device: NewDevice,
@@ -175,7 +175,41 @@ pub struct VerifyCode {
     pub session: NewSession,
     /// Remembered when a sign-in completes (not for a step-up).
     pub device: NewDevice,
+    /// A code to take the place of a backup code used here, when the tenant
+    /// keeps the user's 8 (`replace_backup_codes_on_use`).
+    pub replacement: Option<ReplacementCode>,
     pub ctx: Ctx,
+}
+
+/// Backup codes to issue: their keyed hashes, to check them by, and the
+/// codes themselves sealed, to show them to their user again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewBackupCodes {
+    pub hashes: Vec<SecretHash>,
+    pub sealed: Option<SealedSecret>,
+}
+
+impl FromIterator<SecretHash> for NewBackupCodes {
+    fn from_iter<I: IntoIterator<Item = SecretHash>>(hashes: I) -> Self {
+        hashes.into_iter().collect::<Vec<_>>().into()
+    }
+}
+
+impl From<Vec<SecretHash>> for NewBackupCodes {
+    fn from(hashes: Vec<SecretHash>) -> Self {
+        Self {
+            hashes,
+            sealed: None,
+        }
+    }
+}
+
+/// A new backup code for the slot of one being used, and the user's codes
+/// sealed again with it in that slot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplacementCode {
+    pub hash: SecretHash,
+    pub sealed: Option<SealedSecret>,
 }
 
 /// Names an open challenge and proves the caller holds its token.

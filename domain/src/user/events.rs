@@ -191,6 +191,18 @@ pub enum UserEvent {
         hashes: Vec<SecretHash>,
         ctx: Ctx,
     },
+    /// The user's backup codes, sealed under the server key (bound to the
+    /// user), so they can be shown again; verification keeps using hashes.
+    BackupCodesSealed {
+        sealed: SealedSecret,
+        ctx: Ctx,
+    },
+    /// A used backup code's slot holds a new code (the tenant keeps 8).
+    BackupCodeReplaced {
+        slot: usize,
+        hash: SecretHash,
+        ctx: Ctx,
+    },
     UserUnlocked {
         ctx: Ctx,
     },
@@ -266,6 +278,8 @@ impl UserEvent {
             | UserEvent::EnrollmentCodeRejected { ctx }
             | UserEvent::EnrollmentCompleted { ctx, .. }
             | UserEvent::BackupCodesIssued { ctx, .. }
+            | UserEvent::BackupCodesSealed { ctx, .. }
+            | UserEvent::BackupCodeReplaced { ctx, .. }
             | UserEvent::UserUnlocked { ctx }
             | UserEvent::DeviceRemembered { ctx, .. }
             | UserEvent::StepUpCompleted { ctx, .. }
@@ -299,6 +313,8 @@ impl UserEvent {
             UserEvent::EnrollmentCodeRejected { .. } => "EnrollmentCodeRejected",
             UserEvent::EnrollmentCompleted { .. } => "EnrollmentCompleted",
             UserEvent::BackupCodesIssued { .. } => "BackupCodesIssued",
+            UserEvent::BackupCodesSealed { .. } => "BackupCodesSealed",
+            UserEvent::BackupCodeReplaced { .. } => "BackupCodeReplaced",
             UserEvent::UserUnlocked { .. } => "UserUnlocked",
             UserEvent::DeviceRemembered { .. } => "DeviceRemembered",
             UserEvent::StepUpCompleted { .. } => "StepUpCompleted",

@@ -22,8 +22,8 @@ mod tests;
 pub use aggregate::{BackupCodeSlot, DeviceState, SessionState, TotpFactor, TwoFactorState, User};
 pub use challenge::{Challenge, ChallengePurpose};
 pub use commands::{
-    ChallengeRef, CompleteEnrollment, NewChallenge, NewDevice, NewSession, PresentedDevice, Proof,
-    SignIn, UserCommand, VerifyCode,
+    ChallengeRef, CompleteEnrollment, NewBackupCodes, NewChallenge, NewDevice, NewSession,
+    PresentedDevice, Proof, ReplacementCode, SignIn, UserCommand, VerifyCode,
 };
 pub use error::UserError;
 pub use events::{

@@ -347,6 +347,7 @@ fn an_enrollment_challenge_is_not_answered_at_verify() {
     Given::with(())
         .given(enrollment_history())
         .when(UserCommand::VerifyCode(VerifyCode {
+            replacement: None,
             challenge: ChallengeRef {
                 id: ChallengeId(Uuid::from_u128(500)),
                 token_hash: hash("challenge"),
@@ -387,6 +388,7 @@ fn without_a_limit_guessing_slows_down_but_is_not_refused_forever() {
     }
     let verify = |secs| {
         UserCommand::VerifyCode(VerifyCode {
+            replacement: None,
             challenge: ChallengeRef {
                 id: ChallengeId(Uuid::from_u128(500)),
                 token_hash: hash("challenge"),
@@ -452,6 +454,7 @@ fn a_step_up_challenge_marks_the_session_instead_of_opening_one() {
     let events = Given::with(())
         .given(history)
         .when(UserCommand::VerifyCode(VerifyCode {
+            replacement: None,
             challenge: ChallengeRef {
                 id: ChallengeId(Uuid::from_u128(501)),
                 token_hash: hash("step"),

@@ -181,6 +181,7 @@ fn verify_with(
     secs: i64,
 ) -> UserCommand {
     UserCommand::VerifyCode(VerifyCode {
+        replacement: None,
         challenge,
         proof,
         settings: settings.clone(),
@@ -223,7 +224,7 @@ fn switch(n: u128, method: Method, secs: i64) -> UserCommand {
 fn confirm(step: Option<u64>, codes: Vec<SecretHash>, secs: i64) -> UserCommand {
     UserCommand::ConfirmTotpEnrollment {
         matched_step: step,
-        backup_codes: codes,
+        backup_codes: codes.into(),
         ctx: ctx(secs),
     }
 }
@@ -456,7 +457,7 @@ fn commands_for_an_unregistered_user_are_refused() {
         },
         confirm(Some(5), backup_hashes("a"), 10),
         UserCommand::RegenerateBackupCodes {
-            backup_codes: backup_hashes("a"),
+            backup_codes: backup_hashes("a").into(),
             step_up: None,
             ctx: admin(10),
         },
@@ -1003,6 +1004,87 @@ fn a_backup_code_opens_a_session_once() {
 }
 
 #[test]
+fn a_used_backup_code_is_replaced_when_the_tenant_keeps_eight() {
+    let keep = TwoFactorSettings {
+        replace_backup_codes_on_use: true,
+        ..totp_and_email()
+    };
+    let with_replacement = |settings: &TwoFactorSettings| {
+        let UserCommand::VerifyCode(mut cmd) = verify(1, backup("a", 3), settings, 20) else {
+            unreachable!()
+        };
+        cmd.replacement = Some(ReplacementCode {
+            hash: keyed("new code"),
+            sealed: Some(sealed("codes again")),
+        });
+        UserCommand::VerifyCode(cmd)
+    };
+    let mut expected = vec![
+        UserEvent::BackupCodeUsed {
+            challenge_id: challenge_id(1),
+            slot: 3,
+            remaining: 7,
+            ctx: ctx(20),
+        },
+        UserEvent::BackupCodeReplaced {
+            slot: 3,
+            hash: keyed("new code"),
+            ctx: ctx(20),
+        },
+        UserEvent::BackupCodesSealed {
+            sealed: sealed("codes again"),
+            ctx: ctx(20),
+        },
+    ];
+    expected.extend(opened(1, ProofKind::BackupCode, 20));
+    Given::with(())
+        .given(totp_challenge())
+        .when(with_replacement(&keep))
+        .then_expect_events(expected.clone());
+    let mut history = totp_challenge();
+    history.extend(expected);
+    let user = fold(&history);
+    assert_eq!(user.backup_codes_left(), 8);
+    assert_eq!(user.sealed_backup_codes, Some(sealed("codes again")));
+    // Without the setting, a replacement brought along is not used.
+    let mut plain = vec![UserEvent::BackupCodeUsed {
+        challenge_id: challenge_id(1),
+        slot: 3,
+        remaining: 7,
+        ctx: ctx(20),
+    }];
+    plain.extend(opened(1, ProofKind::BackupCode, 20));
+    Given::with(())
+        .given(totp_challenge())
+        .when(with_replacement(&totp_and_email()))
+        .then_expect_events(plain);
+}
+
+#[test]
+fn issued_codes_may_come_sealed_to_be_shown_again() {
+    let history = totp_challenge();
+    let codes = NewBackupCodes {
+        hashes: backup_hashes("z"),
+        sealed: Some(sealed("z codes")),
+    };
+    let events = fold(&history)
+        .handle_for_tests(UserCommand::RegenerateBackupCodes {
+            backup_codes: codes,
+            step_up: None,
+            ctx: ctx(40).with_reason("lost them"),
+        })
+        .unwrap();
+    assert!(matches!(events[0], UserEvent::BackupCodesIssued { .. }));
+    assert_eq!(
+        events[1],
+        UserEvent::BackupCodesSealed {
+            sealed: sealed("z codes"),
+            ctx: ctx(40).with_reason("lost them"),
+        }
+    );
+}
+
+#[test]
 fn the_attempt_limit_follows_the_settings() {
     for (limit, max) in [
         (MaxInvalidAttempts::Five, 5u32),
@@ -1399,7 +1481,7 @@ fn confirming_needs_exactly_the_backup_code_count() {
 
 fn regenerate(set: &str, step_up: Option<SessionId>, ctx: Ctx) -> UserCommand {
     UserCommand::RegenerateBackupCodes {
-        backup_codes: backup_hashes(set),
+        backup_codes: backup_hashes(set).into(),
         step_up,
         ctx,
     }
@@ -1470,7 +1552,7 @@ fn an_admin_regenerates_backup_codes_with_a_reason() {
     Given::with(())
         .given(enrolled())
         .when(UserCommand::RegenerateBackupCodes {
-            backup_codes: backup_hashes("b")[1..].to_vec(),
+            backup_codes: backup_hashes("b")[1..].to_vec().into(),
             step_up: None,
             ctx: admin(40),
         })

@@ -291,7 +291,7 @@ impl App {
         origin: &Origin,
     ) -> Result<Vec<String>, AppError> {
         let (user_id, _) = self.target(admin, raw_user).await?;
-        let (codes, hashes) = backup_codes::issue(&self.keys, user_id.as_uuid().as_bytes());
+        let (codes, hashes) = backup_codes::issue(&self.keys, user_id.as_uuid().as_bytes())?;
         self.admin_command(admin, raw_user, reason, origin, |ctx| {
             UserCommand::RegenerateBackupCodes {
                 backup_codes: hashes.clone(),

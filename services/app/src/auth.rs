@@ -42,6 +42,9 @@ pub struct SignedIn {
     pub device_token: Option<SecretString>,
     /// Backup codes issued with this sign-in (after enrollment), shown once.
     pub backup_codes: Vec<String>,
+    /// The new code that took the place of a backup code this sign-in used
+    /// (when the tenant keeps 8).
+    pub replacement_code: Option<String>,
 }
 
 /// A challenge waiting for a code.
@@ -141,6 +144,7 @@ fn signed_in(
         second_factor,
         device_token: device_token.filter(|_| remembered),
         backup_codes,
+        replacement_code: None,
     })
 }
 
@@ -485,6 +489,8 @@ impl App {
             versioned: Versioned::default(),
             fresh: true,
         });
+        // A new code ready in case a backup code is used and the tenant keeps 8.
+        let new_code = backup_codes::new_code();
         let (events, tenant) = self
             .under_tenant_settings(tenant_id, tenant, user_id, Some(basis), |settings, user| {
                 owned_by(user, tenant_id)?;
@@ -492,12 +498,20 @@ impl App {
                     .open_challenge(&reference)
                     .map_err(ExecError::Refused)?;
                 let proof = self.proof_for(user, open, &presented, ctx.at)?;
+                let replacement = match &proof {
+                    Proof::Backup { hash } if settings.replace_backup_codes_on_use => Some(
+                        backup_codes::replacement(&self.keys, user, hash, &new_code)
+                            .map_err(unexpected)?,
+                    ),
+                    _ => None,
+                };
                 Ok(UserCommand::VerifyCode(VerifyCode {
                     challenge: reference.clone(),
                     proof,
                     settings: settings.clone(),
                     session: session.clone(),
                     device: device.clone(),
+                    replacement,
                     ctx: ctx.clone(),
                 }))
             })
@@ -515,8 +529,14 @@ impl App {
         {
             return Ok(VerifyOutcome::SteppedUp);
         }
+        let replaced = events
+            .iter()
+            .any(|e| matches!(e, UserEvent::BackupCodeReplaced { .. }));
         signed_in(session_token, Some(device_token), &events, Vec::new())
-            .map(VerifyOutcome::SignedIn)
+            .map(|mut s| {
+                s.replacement_code = replaced.then_some(new_code);
+                VerifyOutcome::SignedIn(s)
+            })
             .ok_or_else(|| AppError::unexpected(anyhow::anyhow!("verification opened no session")))
     }
 
@@ -536,7 +556,7 @@ impl App {
         let (user_id, reference) = challenge_ref(challenge_token)?;
         let (session_token, session) = new_session(user_id);
         let (device_token, device) = new_device(user_id);
-        let (codes, hashes) = backup_codes::issue(&self.keys, user_id.as_uuid().as_bytes());
+        let (codes, hashes) = backup_codes::issue(&self.keys, user_id.as_uuid().as_bytes())?;
         let ctx = origin.ctx(self.now(), Actor::User(user_id));
         let settings = tenant.settings;
         let events = self

@@ -133,7 +133,8 @@ impl App {
             .keys
             .open(sealed, session.user_id.as_uuid().as_bytes())?;
         let matched_step = totp::matching_step(&seed, &code, self.now())?;
-        let (codes, hashes) = backup_codes::issue(&self.keys, session.user_id.as_uuid().as_bytes());
+        let (codes, hashes) =
+            backup_codes::issue(&self.keys, session.user_id.as_uuid().as_bytes())?;
         let events = self
             .own_command(session, origin, |ctx| UserCommand::ConfirmTotpEnrollment {
                 matched_step,
@@ -204,7 +205,8 @@ impl App {
         session: &Session,
         origin: &Origin,
     ) -> Result<Vec<String>, AppError> {
-        let (codes, hashes) = backup_codes::issue(&self.keys, session.user_id.as_uuid().as_bytes());
+        let (codes, hashes) =
+            backup_codes::issue(&self.keys, session.user_id.as_uuid().as_bytes())?;
         self.own_command(session, origin, |ctx| UserCommand::RegenerateBackupCodes {
             backup_codes: hashes.clone(),
             step_up: Some(session.session_id),
@@ -284,4 +286,38 @@ impl App {
         .await?;
         Ok(())
     }
+
+    /// The user's recovery codes, shown again (after a step-up), each with
+    /// whether it was used. Checking a code still goes by its keyed hash.
+    pub fn own_backup_codes(&self, session: &Session) -> Result<Vec<ShownCode>, AppError> {
+        if !session.stepped_up {
+            return Err(UserError::StepUpRequired.into());
+        }
+        let user = &session.user;
+        if user.backup_codes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sealed = user.sealed_backup_codes.as_ref().ok_or_else(|| {
+            AppError::bad_input(
+                "codes_not_kept",
+                "These recovery codes were issued before twofold kept them to show again. Regenerate them to see them any time.",
+            )
+        })?;
+        let codes = backup_codes::open(&self.keys, session.user_id.as_uuid().as_bytes(), sealed)?;
+        Ok(codes
+            .into_iter()
+            .zip(&user.backup_codes)
+            .map(|(code, slot)| ShownCode {
+                code,
+                used: slot.used,
+            })
+            .collect())
+    }
+}
+
+/// A recovery code shown again, and whether it was used.
+#[derive(Debug, Serialize)]
+pub struct ShownCode {
+    pub code: String,
+    pub used: bool,
 }

@@ -68,7 +68,10 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/me", get(me::profile).patch(me::change_contact))
         .route("/me/step-up", post(me::step_up))
         .route("/me/two-factor", post(me::set_voluntary))
-        .route("/me/backup-codes", post(me::regenerate_backup_codes))
+        .route(
+            "/me/backup-codes",
+            get(me::backup_codes).post(me::regenerate_backup_codes),
+        )
         .route("/me/totp", post(me::start_totp).delete(me::remove_totp))
         .route("/me/totp/qr.png", get(me::totp_qr))
         .route("/me/totp/confirm", post(me::confirm_totp))

@@ -49,6 +49,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/account/totp/confirm", post(confirm_totp))
         .route("/account/totp/remove", post(remove_totp))
         .route("/account/backup-codes", post(regenerate_codes))
+        .route("/account/recovery-codes", post(show_codes))
         .route("/account/two-factor", post(set_voluntary))
         .route("/account/contact", post(change_contact))
         .route("/account/step-up", post(step_up))
@@ -242,7 +243,26 @@ fn open_session(
                 .build(),
         );
     }
-    if signed_in.backup_codes.is_empty() {
+    if let Some(code) = &signed_in.replacement_code {
+        let body = html! {
+            p { "You used a recovery code. It no longer works; this new code takes its place, so you still have 8:" }
+            ul.codes #replacement-code aria-label="New recovery code" { li { (code) } }
+            p.hint { "Add it to where you keep the others. You can see all of them on your account page after confirming it's you." }
+            a.button href={ "/t/" (tenant) (next) } { "I saved it, continue" }
+        };
+        let frame = Frame {
+            tenant_id: tenant,
+            tenant_name: "",
+            signed_in: None,
+            console: false,
+            tab: None,
+        };
+        (
+            jar,
+            layout::page(&frame, "Your new recovery code", true, body),
+        )
+            .into_response()
+    } else if signed_in.backup_codes.is_empty() {
         (jar, Redirect::to(&format!("/t/{tenant}{next}"))).into_response()
     } else {
         let body = recovery_codes(tenant, &signed_in.backup_codes, next);
@@ -807,6 +827,9 @@ async fn account(
             @if u.backup_codes_left() <= 2 && u.two_factor == TwoFactorState::Enrolled {
                 (message("warning", "You are running low on recovery codes. Regenerate them and store the new set."))
             }
+            @if !u.backup_codes.is_empty() {
+                (sensitive(&tenant, &token, stepped_up, "/account/recovery-codes", "Show recovery codes", false))
+            }
             (sensitive(&tenant, &token, stepped_up, "/account/backup-codes", "Regenerate recovery codes", false))
         }
         section.card aria-labelledby="sessions-h" {
@@ -1039,4 +1062,26 @@ async fn forget_device(
         .map_err(|_| AppError::Refused(twofold_domain::user::UserError::DeviceNotFound))?;
     api.app.forget_own_device(&session, id, &origin).await?;
     Ok(Redirect::to(&format!("/t/{tenant}/account?done=device_forgotten")).into_response())
+}
+
+async fn show_codes(
+    State(api): State<ApiState>,
+    Path(tenant): Path<String>,
+    nonce: FormNonce,
+    BrowserSession(session): BrowserSession,
+    CheckedForm(NoFields {}): CheckedForm<NoFields>,
+) -> Page {
+    let codes = api.app.own_backup_codes(&session)?;
+    let token = nonce.token(&api);
+    let frame = signed_in_frame(&session, &tenant, &token);
+    let body = html! {
+        p { "Each code signs you in once. Used codes are crossed out." }
+        ul.codes #recovery-codes aria-label="Recovery codes" {
+            @for c in &codes {
+                @if c.used { li { del { (c.code) } span.muted { " used" } } } @else { li { (c.code) } }
+            }
+        }
+        a.button href={ "/t/" (tenant) "/account" } { "Back to my account" }
+    };
+    Ok(layout::page(&frame, "Your recovery codes", true, body).into_response())
 }

@@ -80,6 +80,9 @@ fn signed_in_response(jar: CookieJar, signed_in: SignedIn) -> Response {
         if let Some(device) = &signed_in.device_token {
             obj.insert("device_token".into(), json!(device.expose_secret()));
         }
+        if let Some(code) = &signed_in.replacement_code {
+            obj.insert("backup_code_replacement".into(), json!(code));
+        }
     }
     let jar = match signed_in.device_token {
         Some(device) => jar.add(

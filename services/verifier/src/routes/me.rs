@@ -97,6 +97,15 @@ pub async fn set_voluntary(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `GET /v1/tenants/{tenant}/me/backup-codes`: the codes again (after a step-up).
+pub async fn backup_codes(
+    State(api): State<ApiState>,
+    SignedIn(session): SignedIn,
+) -> Result<Json<Value>, ApiError> {
+    let codes = api.app.own_backup_codes(&session)?;
+    Ok(Json(json!({ "backup_codes": codes })))
+}
+
 /// `POST /v1/tenants/{tenant}/me/backup-codes`: new codes (after a step-up).
 pub async fn regenerate_backup_codes(
     State(api): State<ApiState>,
