@@ -179,6 +179,7 @@ impl UserRow {
             | UserEvent::StepUpCompleted { .. }
             | UserEvent::DeviceForgotten { .. }
             | UserEvent::BackupCodesSealed { .. }
+            | UserEvent::PreferredMethodSet { .. }
             | UserEvent::SessionsRevoked { .. } => {}
         }
     }

@@ -551,3 +551,49 @@ async fn every_refused_combination_names_its_field() {
             .unwrap();
     assert_eq!(tenant_events, 1, "only TenantCreated");
 }
+
+#[tokio::test]
+async fn a_user_and_an_admin_choose_the_method_asked_first() {
+    let app = spawn_app_with_sms().await;
+    let admin = app.admin_token().await;
+    let pia = user(&app, &admin, "pia", json!({"phone": "+4915112345678"})).await;
+    let session = app.sign_in("pia", PASSWORD).await.body["session"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Only methods pia has set up can be preferred.
+    let refused = app
+        .post_auth("/me/preferred-method", &session, json!({"method": "totp"}))
+        .await;
+    assert_eq!(refused.code(), "method_not_available");
+    let chosen = app
+        .post_auth("/me/preferred-method", &session, json!({"method": "sms"}))
+        .await;
+    assert_eq!(chosen.status, StatusCode::NO_CONTENT, "{:?}", chosen.body);
+    assert_eq!(app.get_auth("/me", &session).await.body["preferred_method"], "sms");
+    app.set_settings(
+        &admin,
+        json!({"enabled": true, "enforcement": "every_login", "allowed_methods": ["email", "sms"],
+               "default_method": "email", "sms_provider": "test-provider"}),
+    )
+    .await;
+    let admin = app.admin_token().await;
+    let c = app.sign_in("pia", PASSWORD).await;
+    assert_eq!(c.body["challenge"]["method"], "sms", "{:?}", c.body);
+
+    // An admin sets it back to the tenant's default for her, with a reason.
+    let patched = app
+        .send(
+            app.client
+                .patch(format!("{}/users/{pia}", app.base))
+                .bearer_auth(&admin)
+                .json(&json!({"preferred_method": null, "reason": "SMS does not reach her"})),
+        )
+        .await;
+    assert_eq!(patched.status, StatusCode::NO_CONTENT, "{:?}", patched.body);
+    let c = app.sign_in("pia", PASSWORD).await;
+    assert_eq!(c.body["challenge"]["method"], "email", "{:?}", c.body);
+    let set = app.events_of(&pia, "PreferredMethodSet").await;
+    assert_eq!(set.len(), 2);
+    assert_eq!(set[1]["ctx"]["reason"], "SMS does not reach her");
+}

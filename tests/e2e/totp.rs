@@ -232,7 +232,10 @@ async fn a_used_recovery_code_is_replaced_and_the_codes_can_be_shown_again() {
     expected[2] = replacement.clone();
     assert_eq!(shown, expected);
     // Nothing readable of them is stored.
-    assert!(!app.all_event_text().await.contains(&replacement.replace('-', "")));
+    assert!(!app
+        .all_event_text()
+        .await
+        .contains(&replacement.replace('-', "")));
 
     // The replacement works; the used code does not.
     for (code, works) in [(&codes[2], false), (&replacement, true)] {

@@ -102,6 +102,9 @@ pub struct User {
     pub two_factor_opted_in: bool,
     #[serde(default)]
     pub last_failure_at: Option<DateTime<Utc>>,
+    /// The method the user (or an admin for them) wants asked first.
+    #[serde(default)]
+    pub preferred_method: Option<Method>,
 }
 
 impl User {
@@ -134,6 +137,17 @@ impl User {
                 Method::Sms => self.phone.is_some(),
             })
             .collect()
+    }
+
+    /// The method a challenge starts with, among the `available` ones (not
+    /// empty): the user's own preference, else the tenant's default, else the
+    /// first the user has.
+    fn first_method(&self, available: &[Method], settings: &TwoFactorSettings) -> Method {
+        [self.preferred_method, Some(settings.default_method)]
+            .into_iter()
+            .flatten()
+            .find(|m| available.contains(m))
+            .unwrap_or(available[0])
     }
 
     /// An open challenge whose token matches, or `ChallengeNotFound`.
@@ -275,11 +289,7 @@ impl User {
             ]);
         }
         let methods = self.available_methods(&settings);
-        let method = if methods.contains(&settings.default_method) {
-            settings.default_method
-        } else {
-            methods[0]
-        };
+        let method = self.first_method(&methods, &settings);
         let methods = if settings.allow_fallback {
             methods
         } else {
@@ -752,6 +762,23 @@ impl User {
                     ctx,
                 }])
             }
+            UserCommand::SetPreferredMethod { method, ctx } => {
+                self.require_exists()?;
+                self.require_admin_reason(&ctx)?;
+                if let Some(m) = method {
+                    let all = TwoFactorSettings {
+                        allowed_methods: Method::ALL.to_vec(),
+                        ..TwoFactorSettings::default()
+                    };
+                    if !self.available_methods(&all).contains(&m) {
+                        return Err(UserError::MethodNotAvailable);
+                    }
+                }
+                if method == self.preferred_method {
+                    return Ok(vec![]);
+                }
+                Ok(vec![UserEvent::PreferredMethodSet { method, ctx }])
+            }
             UserCommand::ForgetDevice { device_id, ctx } => {
                 self.require_exists()?;
                 if !self.devices.contains_key(&device_id) {
@@ -837,14 +864,10 @@ impl User {
                     ..settings.clone()
                 };
                 let methods = self.available_methods(&all);
-                let Some(first) = methods.first().copied() else {
+                if methods.is_empty() {
                     return Err(UserError::MethodNotAvailable);
-                };
-                let method = if methods.contains(&settings.default_method) {
-                    settings.default_method
-                } else {
-                    first
-                };
+                }
+                let method = self.first_method(&methods, &settings);
                 Ok(vec![self.challenge_issued(
                     challenge,
                     method,
@@ -1183,6 +1206,7 @@ impl Aggregate for User {
             UserEvent::DeviceForgotten { device_id, .. } => {
                 self.devices.remove(&device_id);
             }
+            UserEvent::PreferredMethodSet { method, .. } => self.preferred_method = method,
             UserEvent::DeviceRemembered {
                 device_id,
                 token_hash,

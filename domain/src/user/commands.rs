@@ -41,6 +41,12 @@ pub enum UserCommand {
         reason: SessionEndReason,
         ctx: Ctx,
     },
+    /// The method to ask first (among those the user has set up); `None`
+    /// leaves it to the tenant's default.
+    SetPreferredMethod {
+        method: Option<Method>,
+        ctx: Ctx,
+    },
     /// Stops trusting one remembered device (its next sign-in asks for a
     /// second factor again).
     ForgetDevice {

@@ -218,6 +218,11 @@ pub enum UserEvent {
         challenge_id: ChallengeId,
         ctx: Ctx,
     },
+    /// The method the user wants asked first (`None`: the tenant's default).
+    PreferredMethodSet {
+        method: Option<Method>,
+        ctx: Ctx,
+    },
     /// A remembered device is no longer trusted (the user or an admin forgot it).
     DeviceForgotten {
         device_id: Uuid,
@@ -284,6 +289,7 @@ impl UserEvent {
             | UserEvent::DeviceRemembered { ctx, .. }
             | UserEvent::StepUpCompleted { ctx, .. }
             | UserEvent::DeviceForgotten { ctx, .. }
+            | UserEvent::PreferredMethodSet { ctx, .. }
             | UserEvent::UserUpdated { ctx, .. }
             | UserEvent::TwoFactorSwitched { ctx, .. }
             | UserEvent::VoluntaryTwoFactorChanged { ctx, .. }
@@ -319,6 +325,7 @@ impl UserEvent {
             UserEvent::DeviceRemembered { .. } => "DeviceRemembered",
             UserEvent::StepUpCompleted { .. } => "StepUpCompleted",
             UserEvent::DeviceForgotten { .. } => "DeviceForgotten",
+            UserEvent::PreferredMethodSet { .. } => "PreferredMethodSet",
             UserEvent::UserUpdated { .. } => "UserUpdated",
             UserEvent::TwoFactorSwitched { .. } => "TwoFactorSwitched",
             UserEvent::VoluntaryTwoFactorChanged { .. } => "VoluntaryTwoFactorChanged",

@@ -814,3 +814,101 @@ fn a_reset_of_a_locked_out_user_ends_the_lockout_too() {
             },
         ]);
 }
+
+#[test]
+fn a_users_preferred_method_is_asked_first_when_the_tenant_allows_it() {
+    let with_phone = || {
+        let UserEvent::UserRegistered {
+            user_id,
+            tenant_id,
+            username,
+            email,
+            roles,
+            service_account,
+            password_hash,
+            ctx,
+            ..
+        } = registered(&[])
+        else {
+            unreachable!()
+        };
+        UserEvent::UserRegistered {
+            user_id,
+            tenant_id,
+            username,
+            email,
+            phone: Some(Phone::parse("+4915112345678").unwrap()),
+            roles,
+            service_account,
+            password_hash,
+            ctx,
+        }
+    };
+    let prefer_sms = UserEvent::PreferredMethodSet {
+        method: Some(Method::Sms),
+        ctx: at(1),
+    };
+    let both = TwoFactorSettings {
+        enabled: true,
+        enforcement: Enforcement::EveryLogin,
+        allowed_methods: vec![Method::Email, Method::Sms],
+        default_method: Method::Email,
+        sms_provider: Some("p".into()),
+        ..TwoFactorSettings::default()
+    };
+    let mut user = User::default();
+    for e in [with_phone(), prefer_sms.clone()] {
+        cqrs_es::Aggregate::apply(&mut user, e);
+    }
+    let events = user
+        .clone()
+        .handle_for_tests(sign_in(both.clone(), None, at(5)))
+        .unwrap();
+    assert!(
+        matches!(
+            &events[0],
+            UserEvent::ChallengeIssued {
+                method: Method::Sms,
+                ..
+            }
+        ),
+        "{events:?}"
+    );
+    // SMS not allowed: the tenant's default again.
+    let email_only = TwoFactorSettings {
+        allowed_methods: vec![Method::Email],
+        sms_provider: None,
+        ..both
+    };
+    let events = user
+        .handle_for_tests(sign_in(email_only, None, at(5)))
+        .unwrap();
+    assert!(
+        matches!(
+            &events[0],
+            UserEvent::ChallengeIssued {
+                method: Method::Email,
+                ..
+            }
+        ),
+        "{events:?}"
+    );
+    // A method the user has not set up cannot be preferred.
+    Given::with(())
+        .given(vec![registered(&[])])
+        .when(UserCommand::SetPreferredMethod {
+            method: Some(Method::Sms),
+            ctx: at(2),
+        })
+        .then_expect_error(UserError::MethodNotAvailable);
+    Given::with(())
+        .given(vec![with_phone()])
+        .when(UserCommand::SetPreferredMethod {
+            method: Some(Method::Sms),
+            ctx: at(2),
+        })
+        .then_expect_events(vec![UserEvent::PreferredMethodSet {
+            method: Some(Method::Sms),
+            ctx: at(2),
+        }]);
+}

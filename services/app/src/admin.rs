@@ -67,6 +67,8 @@ pub struct UserUpdate {
     pub service_account: Option<bool>,
     /// Switches 2FA on or off for this user (scope "per user").
     pub two_factor_switched_on: Option<bool>,
+    /// The method asked first (`Some(None)`: the tenant's default).
+    pub preferred_method: Option<Option<String>>,
     pub reason: Option<String>,
 }
 
@@ -241,6 +243,21 @@ impl App {
                         email: email.clone(),
                         phone: phone.clone(),
                         service_account,
+                        ctx: ctx.clone(),
+                    })
+                })
+                .await?;
+        }
+        if let Some(preferred) = &update.preferred_method {
+            let method = preferred
+                .as_deref()
+                .filter(|m| !m.is_empty())
+                .map(twofold_domain::values::Method::parse)
+                .transpose()?;
+            self.users
+                .execute(&user_id.to_string(), |_| {
+                    Ok(UserCommand::SetPreferredMethod {
+                        method,
                         ctx: ctx.clone(),
                     })
                 })

@@ -26,6 +26,8 @@ pub struct Profile {
     pub two_factor: TwoFactorState,
     pub two_factor_opted_in: bool,
     pub backup_codes_left: usize,
+    /// The method asked first, when the user chose one.
+    pub preferred_method: Option<Method>,
 }
 
 /// The account of a session's user.
@@ -45,6 +47,7 @@ impl Profile {
             two_factor: u.two_factor,
             two_factor_opted_in: u.two_factor_opted_in,
             backup_codes_left: u.backup_codes_left(),
+            preferred_method: u.preferred_method,
         }
     }
 }
@@ -237,6 +240,26 @@ impl App {
             email: email.clone(),
             phone: phone.clone(),
             step_up: session.session_id,
+            ctx,
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The method to ask first at sign-in (`None`: the tenant's default),
+    /// among those the user has set up.
+    pub async fn set_preferred_method(
+        &self,
+        session: &Session,
+        method: Option<&str>,
+        origin: &Origin,
+    ) -> Result<(), AppError> {
+        let method = method
+            .filter(|m| !m.is_empty())
+            .map(Method::parse)
+            .transpose()?;
+        self.own_command(session, origin, |ctx| UserCommand::SetPreferredMethod {
+            method,
             ctx,
         })
         .await?;

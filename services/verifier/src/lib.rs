@@ -68,6 +68,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/me", get(me::profile).patch(me::change_contact))
         .route("/me/step-up", post(me::step_up))
         .route("/me/two-factor", post(me::set_voluntary))
+        .route("/me/preferred-method", post(me::set_preferred_method))
         .route(
             "/me/backup-codes",
             get(me::backup_codes).post(me::regenerate_backup_codes),

@@ -51,6 +51,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/account/backup-codes", post(regenerate_codes))
         .route("/account/recovery-codes", post(show_codes))
         .route("/account/two-factor", post(set_voluntary))
+        .route("/account/preferred-method", post(set_preferred))
         .route("/account/contact", post(change_contact))
         .route("/account/step-up", post(step_up))
         .route("/account/sessions/{session}/end", post(end_session))
@@ -113,6 +114,7 @@ fn notice_text(done: Option<&str>) -> Option<&'static str> {
         "voluntary_on" => "Two-factor authentication is on for your account.",
         "voluntary_off" => "Two-factor authentication is off for your account.",
         "session_ended" => "The session is ended.",
+        "preferred" => "Saved: that method is asked first from your next sign-in.",
         "device_forgotten" => {
             "The device is forgotten: it will be asked for a second factor again."
         }
@@ -822,6 +824,21 @@ async fn account(
                     }
                 }
             }
+            @let mine = u.available_methods(settings);
+            @if settings.enabled && mine.len() > 1 {
+                h3 { "Method asked first" }
+                form.row method="post" action={ "/t/" (tenant) "/account/preferred-method" } {
+                    (token_input(&token))
+                    label for="preferred" { "Ask me first with" }
+                    select #preferred name="method" {
+                        option value="" selected[u.preferred_method.is_none()] { "My organization's default (" (method_label(settings.default_method)) ")" }
+                        @for m in &mine {
+                            option value=(m.as_str()) selected[u.preferred_method == Some(*m)] { (method_label(*m)) }
+                        }
+                    }
+                    button.secondary type="submit" { "Save" }
+                }
+            }
             h3 { "Recovery codes" }
             p { (u.backup_codes_left()) " of 8 unused." }
             @if u.backup_codes_left() <= 2 && u.two_factor == TwoFactorState::Enrolled {
@@ -1084,4 +1101,23 @@ async fn show_codes(
         a.button href={ "/t/" (tenant) "/account" } { "Back to my account" }
     };
     Ok(layout::page(&frame, "Your recovery codes", true, body).into_response())
+}
+
+#[derive(Deserialize)]
+struct PreferredForm {
+    #[serde(default)]
+    method: String,
+}
+
+async fn set_preferred(
+    State(api): State<ApiState>,
+    Path(tenant): Path<String>,
+    RequestMeta(origin): RequestMeta,
+    BrowserSession(session): BrowserSession,
+    CheckedForm(form): CheckedForm<PreferredForm>,
+) -> Page {
+    api.app
+        .set_preferred_method(&session, Some(form.method.as_str()), &origin)
+        .await?;
+    Ok(Redirect::to(&format!("/t/{tenant}/account?done=preferred")).into_response())
 }

@@ -84,6 +84,8 @@ pub struct UpdateUserBody {
     service_account: Option<bool>,
     #[serde(default)]
     two_factor_switched_on: Option<bool>,
+    #[serde(default, deserialize_with = "double_option")]
+    preferred_method: Option<Option<String>>,
     #[serde(default)]
     reason: Option<String>,
 }
@@ -111,6 +113,7 @@ pub async fn update_user(
         phone: body.phone,
         service_account: body.service_account,
         two_factor_switched_on: body.two_factor_switched_on,
+        preferred_method: body.preferred_method,
         reason: body.reason,
     };
     api.app.update_user(&admin, &user, update, &origin).await?;

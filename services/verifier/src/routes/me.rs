@@ -152,3 +152,23 @@ pub async fn remove_totp(
     api.app.remove_totp(&session, &origin).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreferredBody {
+    method: Option<String>,
+}
+
+/// `POST /v1/tenants/{tenant}/me/preferred-method` `{method}`: the method asked
+/// first at sign-in (`null`: the tenant's default).
+pub async fn set_preferred_method(
+    State(api): State<ApiState>,
+    RequestMeta(origin): RequestMeta,
+    SignedIn(session): SignedIn,
+    ApiJson(body): ApiJson<PreferredBody>,
+) -> Result<StatusCode, ApiError> {
+    api.app
+        .set_preferred_method(&session, body.method.as_deref(), &origin)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
