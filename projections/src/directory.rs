@@ -180,6 +180,8 @@ impl UserRow {
             | UserEvent::DeviceForgotten { .. }
             | UserEvent::BackupCodesSealed { .. }
             | UserEvent::PreferredMethodSet { .. }
+            | UserEvent::SignInRefusedNoMethod { .. }
+            | UserEvent::EnrollmentSkipped { .. }
             | UserEvent::SessionsRevoked { .. } => {}
         }
     }

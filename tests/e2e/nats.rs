@@ -291,7 +291,7 @@ async fn with_nats_down_sign_in_works_and_every_event_arrives_once_it_is_back() 
     let admin = app.admin_token().await;
     app.create_user(
         &admin,
-        json!({"username": "rio", "password": "correct horse battery"}),
+        json!({"username": "rio", "password": "correct horse battery", "email": "rio@acme.test"}),
     )
     .await;
     let r = app.sign_in("rio", "correct horse battery").await;

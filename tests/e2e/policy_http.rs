@@ -570,7 +570,10 @@ async fn a_user_and_an_admin_choose_the_method_asked_first() {
         .post_auth("/me/preferred-method", &session, json!({"method": "sms"}))
         .await;
     assert_eq!(chosen.status, StatusCode::NO_CONTENT, "{:?}", chosen.body);
-    assert_eq!(app.get_auth("/me", &session).await.body["preferred_method"], "sms");
+    assert_eq!(
+        app.get_auth("/me", &session).await.body["preferred_method"],
+        "sms"
+    );
     app.set_settings(
         &admin,
         json!({"enabled": true, "enforcement": "every_login", "allowed_methods": ["email", "sms"],

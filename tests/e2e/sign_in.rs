@@ -152,7 +152,7 @@ async fn with_two_factor_on_the_password_step_issues_a_challenge_with_the_defaul
 }
 
 #[tokio::test]
-async fn a_user_without_any_allowed_method_is_let_in_and_the_skip_is_recorded() {
+async fn a_user_without_a_usable_method_is_never_let_in_on_the_password_alone() {
     let app = spawn_app().await;
     let admin = app.admin_token().await;
     let carol = app
@@ -161,16 +161,58 @@ async fn a_user_without_any_allowed_method_is_let_in_and_the_skip_is_recorded() 
             json!({"username": "carol", "password": "correct horse battery"}),
         )
         .await;
+    // Email only, and carol has no email: refused, and recorded.
     app.set_settings(&admin, settings_on(&["email"], "email"))
         .await;
     let reply = app.sign_in("carol", "correct horse battery").await;
-    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{:?}", reply.body);
+    assert_eq!(reply.code(), "second_factor_unavailable");
+    assert!(reply.body.get("session").is_none());
+    let types = app.event_types(&carol).await;
+    assert_eq!(types.last().unwrap(), "SignInRefusedNoMethod");
+    assert!(!types.contains(&"SessionStarted".to_string()));
+
+    // With the authenticator allowed (enrollment optional), carol is sent to
+    // set one up, and may skip it: the skip is recorded with its reason.
+    let admin = app.admin_token().await;
+    app.set_settings(&admin, settings_on(&["totp", "email"], "totp"))
+        .await;
+    let reply = app.sign_in("carol", "correct horse battery").await;
     assert_eq!(
-        reply.body["second_factor"]["skipped_because"],
-        "no_method_available"
+        reply.body["status"], "enrollment_required",
+        "{:?}",
+        reply.body
     );
-    let skipped = app.events_of(&carol, "SecondFactorSkipped").await;
-    assert_eq!(skipped[0]["reason"], "no_method_available");
+    assert_eq!(reply.body["skippable"], true);
+    let skipped = app
+        .post(
+            "/enrollment/skip",
+            json!({"challenge_token": reply.body["challenge"]["token"]}),
+        )
+        .await;
+    assert_eq!(skipped.status, StatusCode::OK, "{:?}", skipped.body);
+    assert_eq!(
+        skipped.body["second_factor"]["skipped_because"],
+        "enrollment_skipped"
+    );
+    let recorded = app.events_of(&carol, "SecondFactorSkipped").await;
+    assert_eq!(recorded[0]["reason"], "enrollment_skipped");
+
+    // Required enrollment: no skipping.
+    let admin = app.admin_token().await;
+    let mut required = settings_on(&["totp", "email"], "totp");
+    required["enrollment"] = json!("required");
+    app.set_settings(&admin, required).await;
+    let reply = app.sign_in("carol", "correct horse battery").await;
+    assert_eq!(reply.body["skippable"], false);
+    let refused = app
+        .post(
+            "/enrollment/skip",
+            json!({"challenge_token": reply.body["challenge"]["token"]}),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::CONFLICT);
+    assert_eq!(refused.code(), "enrollment_required");
 }
 
 #[tokio::test]

@@ -228,16 +228,18 @@ impl User {
                 return Some(SkipReason::KnownIp);
             }
         }
-        if self.available_methods(settings).is_empty() {
-            return Some(SkipReason::NoMethodAvailable);
-        }
         None
     }
 
+    /// Whether a sign-in that asks for a second factor sends this user to
+    /// set up an authenticator: where the tenant requires one, or where the
+    /// user has no usable method at all (then the tenant's enrollment setting
+    /// says whether they may skip it).
     fn needs_enrollment(&self, settings: &TwoFactorSettings) -> bool {
-        settings.enrollment == Enrollment::Required
-            && settings.allows(Method::Totp)
+        settings.allows(Method::Totp)
             && self.two_factor != TwoFactorState::Enrolled
+            && (settings.enrollment == Enrollment::Required
+                || self.available_methods(settings).is_empty())
     }
 
     fn sign_in(&self, cmd: SignIn) -> Result<Vec<UserEvent>, UserError> {
@@ -271,6 +273,11 @@ impl User {
                 ctx,
             ));
             return Ok(events);
+        }
+        if !enrolling && self.available_methods(&settings).is_empty() {
+            // Asked for a second factor with nothing to give and nothing to
+            // set up: refused, never let through on the password alone.
+            return Ok(vec![UserEvent::SignInRefusedNoMethod { ctx }]);
         }
         if let (true, Some(sealed)) = (enrolling, enrollment_seed) {
             return Ok(vec![
@@ -762,6 +769,39 @@ impl User {
                     ctx,
                 }])
             }
+            UserCommand::SkipEnrollment {
+                challenge,
+                settings,
+                session,
+                ctx,
+            } => {
+                self.require_exists()?;
+                let open = self.open_unlocked(&challenge)?;
+                if open.purpose != ChallengePurpose::Enrollment {
+                    return Err(UserError::WrongChallengePurpose);
+                }
+                if settings.enrollment == Enrollment::Required {
+                    return Err(UserError::EnrollmentRequired);
+                }
+                let reason = SkipReason::EnrollmentSkipped;
+                let mut events = vec![
+                    UserEvent::EnrollmentSkipped {
+                        challenge_id: open.id,
+                        ctx: ctx.clone(),
+                    },
+                    UserEvent::SecondFactorSkipped {
+                        reason,
+                        ctx: ctx.clone(),
+                    },
+                ];
+                events.extend(self.start_session(
+                    session,
+                    &settings,
+                    SecondFactorUse::Skipped { reason },
+                    ctx,
+                ));
+                Ok(events)
+            }
             UserCommand::SetPreferredMethod { method, ctx } => {
                 self.require_exists()?;
                 self.require_admin_reason(&ctx)?;
@@ -1207,6 +1247,10 @@ impl Aggregate for User {
                 self.devices.remove(&device_id);
             }
             UserEvent::PreferredMethodSet { method, .. } => self.preferred_method = method,
+            UserEvent::EnrollmentSkipped { challenge_id, .. } => {
+                self.challenges.remove(&challenge_id);
+            }
+            UserEvent::SignInRefusedNoMethod { .. } => {}
             UserEvent::DeviceRemembered {
                 device_id,
                 token_hash,

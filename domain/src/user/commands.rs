@@ -41,6 +41,14 @@ pub enum UserCommand {
         reason: SessionEndReason,
         ctx: Ctx,
     },
+    /// At an enrollment offered at sign-in, go on without it (only where the
+    /// tenant's enrollment is optional).
+    SkipEnrollment {
+        challenge: ChallengeRef,
+        settings: TwoFactorSettings,
+        session: NewSession,
+        ctx: Ctx,
+    },
     /// The method to ask first (among those the user has set up); `None`
     /// leaves it to the tenant's default.
     SetPreferredMethod {

@@ -24,6 +24,8 @@ pub enum UserError {
     SessionNotFound,
     #[error("no such remembered device")]
     DeviceNotFound,
+    #[error("your organization requires setting up an authenticator; it cannot be skipped")]
+    EnrollmentRequired,
     #[error("an authenticator app is already enrolled")]
     AlreadyEnrolled,
     #[error("no authenticator enrollment is in progress")]

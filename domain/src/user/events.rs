@@ -22,6 +22,9 @@ pub enum SkipReason {
     ServiceAccount,
     /// None of the tenant's allowed methods is set up for this user.
     NoMethodAvailable,
+    /// Offered to set up an authenticator (having no usable method) where
+    /// enrollment is optional, the user chose to skip it for now.
+    EnrollmentSkipped,
     /// The tenant's scope does not ask this user (role, switch or opt-in).
     NotRequired,
     /// Unrecognized-devices mode: the remembered-device token matched.
@@ -223,6 +226,17 @@ pub enum UserEvent {
         method: Option<Method>,
         ctx: Ctx,
     },
+    /// A sign-in that would need a second factor the user has no way to give
+    /// (no usable method, none they could set up): refused, never let through.
+    SignInRefusedNoMethod {
+        ctx: Ctx,
+    },
+    /// The user chose not to set up an authenticator at this sign-in
+    /// (optional enrollment); the challenge is closed.
+    EnrollmentSkipped {
+        challenge_id: ChallengeId,
+        ctx: Ctx,
+    },
     /// A remembered device is no longer trusted (the user or an admin forgot it).
     DeviceForgotten {
         device_id: Uuid,
@@ -289,6 +303,8 @@ impl UserEvent {
             | UserEvent::DeviceRemembered { ctx, .. }
             | UserEvent::StepUpCompleted { ctx, .. }
             | UserEvent::DeviceForgotten { ctx, .. }
+            | UserEvent::SignInRefusedNoMethod { ctx }
+            | UserEvent::EnrollmentSkipped { ctx, .. }
             | UserEvent::PreferredMethodSet { ctx, .. }
             | UserEvent::UserUpdated { ctx, .. }
             | UserEvent::TwoFactorSwitched { ctx, .. }
@@ -325,6 +341,8 @@ impl UserEvent {
             UserEvent::DeviceRemembered { .. } => "DeviceRemembered",
             UserEvent::StepUpCompleted { .. } => "StepUpCompleted",
             UserEvent::DeviceForgotten { .. } => "DeviceForgotten",
+            UserEvent::SignInRefusedNoMethod { .. } => "SignInRefusedNoMethod",
+            UserEvent::EnrollmentSkipped { .. } => "EnrollmentSkipped",
             UserEvent::PreferredMethodSet { .. } => "PreferredMethodSet",
             UserEvent::UserUpdated { .. } => "UserUpdated",
             UserEvent::TwoFactorSwitched { .. } => "TwoFactorSwitched",

@@ -574,17 +574,59 @@ fn a_service_account_skips_the_second_factor() {
 }
 
 #[test]
-fn a_user_with_no_allowed_method_set_up_skips_the_second_factor() {
-    // No email address, email is the only method.
+fn a_user_with_no_usable_method_is_never_let_in_on_the_password_alone() {
+    // No email address, email is the only method, nothing to set up: refused.
     Given::with(())
         .given(vec![registration(false, false, false)])
         .when(sign_in(1, &email_only(), 10))
-        .then_expect_events(skipped(1, SkipReason::NoMethodAvailable, 10));
-    // An email address, but only the authenticator app is allowed and none is enrolled.
+        .then_expect_events(vec![UserEvent::SignInRefusedNoMethod { ctx: ctx(10) }]);
+    // Only the authenticator app is allowed and none is enrolled: sent to
+    // set it up, even where enrollment is optional.
+    let totp_only = two_factor(&[Method::Totp], Method::Totp);
+    let mut cmd = sign_in_cmd(1, &totp_only, 10);
+    cmd.enrollment_seed = Some(sealed("seed"));
+    let mut history = vec![registered()];
+    let events = run(&mut history, UserCommand::SignIn(cmd));
+    assert!(matches!(events[0], UserEvent::TotpEnrollmentStarted { .. }));
+    assert!(matches!(
+        events[1],
+        UserEvent::ChallengeIssued {
+            purpose: ChallengePurpose::Enrollment,
+            ..
+        }
+    ));
+    // Optional enrollment: the user may skip it, and the skip says so.
+    let skip = |settings: &TwoFactorSettings| UserCommand::SkipEnrollment {
+        challenge: cref(1),
+        settings: settings.clone(),
+        session: new_session(1),
+        ctx: ctx(11),
+    };
+    let reason = SkipReason::EnrollmentSkipped;
+    let mut expected = vec![
+        UserEvent::EnrollmentSkipped {
+            challenge_id: challenge_id(1),
+            ctx: ctx(11),
+        },
+        UserEvent::SecondFactorSkipped {
+            reason,
+            ctx: ctx(11),
+        },
+    ];
+    expected.push(started(1, SecondFactorUse::Skipped { reason }, 11));
     Given::with(())
-        .given(vec![registered()])
-        .when(sign_in(1, &two_factor(&[Method::Totp], Method::Totp), 10))
-        .then_expect_events(skipped(1, SkipReason::NoMethodAvailable, 10));
+        .given(history.clone())
+        .when(skip(&totp_only))
+        .then_expect_events(expected);
+    // Required: no skipping.
+    let required = TwoFactorSettings {
+        enrollment: crate::tenant::settings::Enrollment::Required,
+        ..totp_only
+    };
+    Given::with(())
+        .given(history)
+        .when(skip(&required))
+        .then_expect_error(UserError::EnrollmentRequired);
 }
 
 #[test]

@@ -87,11 +87,14 @@ impl NewAuthenticator {
 pub enum SignInOutcome {
     SignedIn(SignedIn),
     Challenge(IssuedChallenge),
-    /// The tenant requires an authenticator and the user has none: enroll
-    /// this one, then `complete_enrollment` opens the session.
+    /// The user must set up an authenticator (the tenant requires one, or
+    /// the user has no usable method): enroll this one, then
+    /// `complete_enrollment` opens the session. When `skippable` (optional
+    /// enrollment), `skip_enrollment` opens it without, and says so.
     EnrollmentRequired {
         challenge: IssuedChallenge,
         enrollment: NewAuthenticator,
+        skippable: bool,
     },
 }
 
@@ -269,8 +272,7 @@ impl App {
                     challenge: challenge.clone(),
                     session: session.clone(),
                     device: device.clone(),
-                    enrollment_seed: (settings.enrollment == Enrollment::Required)
-                        .then(|| sealed.clone()),
+                    enrollment_seed: settings.allows(Method::Totp).then(|| sealed.clone()),
                     ctx: ctx.clone(),
                 }))
             })
@@ -286,6 +288,10 @@ impl App {
                     observe::sign_in("locked");
                     return Err(AppError::Locked);
                 }
+                UserEvent::SignInRefusedNoMethod { .. } => {
+                    observe::sign_in("no_method");
+                    return Err(AppError::NoUsableMethod);
+                }
                 UserEvent::ChallengeIssued {
                     method, purpose, ..
                 } => {
@@ -298,6 +304,7 @@ impl App {
                         return Ok(SignInOutcome::EnrollmentRequired {
                             challenge,
                             enrollment,
+                            skippable: tenant.settings.enrollment == Enrollment::Optional,
                         });
                     }
                     return Ok(SignInOutcome::Challenge(challenge));
@@ -590,6 +597,37 @@ impl App {
         observe::enrollment(Method::Totp);
         signed_in(session_token, Some(device_token), &events, codes)
             .ok_or_else(|| AppError::unexpected(anyhow::anyhow!("enrollment opened no session")))
+    }
+
+    /// `enrollment/skip`: go on without setting up the authenticator offered
+    /// at sign-in, where the tenant's enrollment is optional; recorded as a
+    /// skip with its reason.
+    #[tracing::instrument(skip_all)]
+    pub async fn skip_enrollment(
+        &self,
+        raw_tenant: &str,
+        challenge_token: &SecretString,
+        origin: &Origin,
+    ) -> Result<SignedIn, AppError> {
+        let (tenant_id, tenant) = self.tenant(raw_tenant).await?;
+        let (user_id, reference) = challenge_ref(challenge_token)?;
+        let (session_token, session) = new_session(user_id);
+        let ctx = origin.ctx(self.now(), Actor::User(user_id));
+        let events = self
+            .users
+            .execute(&user_id.to_string(), |user| {
+                owned_by(user, tenant_id)?;
+                Ok(UserCommand::SkipEnrollment {
+                    challenge: reference.clone(),
+                    settings: tenant.settings.clone(),
+                    session: session.clone(),
+                    ctx: ctx.clone(),
+                })
+            })
+            .await?;
+        observe::sign_in("signed_in");
+        signed_in(session_token, None, &events, Vec::new())
+            .ok_or_else(|| AppError::unexpected(anyhow::anyhow!("skipping opened no session")))
     }
 
     /// Runs one command on the open challenge a token names, for the tenant

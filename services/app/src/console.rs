@@ -6,7 +6,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use twofold_domain::tenant::settings::{Enrollment, MaxInvalidAttempts, Scope};
 use twofold_domain::tenant::TwoFactorSettings;
-use twofold_domain::user::SecondFactorUse;
+use twofold_domain::user::{SecondFactorUse, TwoFactorState};
 use twofold_domain::values::{Method, Role};
 use twofold_projections::audit::AuditEntry;
 use twofold_projections::directory::UserRow;
@@ -25,9 +25,10 @@ pub struct SettingsPreview {
     pub asked: u64,
     /// Of those, who has a method the settings allow.
     pub with_method: u64,
-    /// Of those without one, who would be sent to set up an authenticator.
+    /// Who would be sent to set up an authenticator at their next sign-in.
     pub to_enroll: u64,
-    /// Of those without one, who has nothing they could use or set up.
+    /// Who has nothing usable and nothing they could set up: their sign-in
+    /// would be refused.
     pub without_method: u64,
     /// Admins (by username) with no method the settings allow.
     pub admins_without_factor: Vec<String>,
@@ -96,8 +97,10 @@ impl App {
             warnings: warnings(&settings),
             ..SettingsPreview::default()
         };
-        let can_enroll =
-            settings.enrollment == Enrollment::Required && settings.allows(Method::Totp);
+        // Sent to set up an authenticator: everyone without one where it is
+        // required, and anyone with no usable method where it is allowed.
+        let required = settings.enrollment == Enrollment::Required;
+        let can_enroll = settings.allows(Method::Totp);
         for row in rows.iter().filter(|r| !r.service_account) {
             let has = usable(&settings, row);
             if row.roles.contains(Role::ADMIN) && !has {
@@ -109,9 +112,11 @@ impl App {
             preview.asked += 1;
             if has {
                 preview.with_method += 1;
-            } else if can_enroll {
+            }
+            let totp_enrolled = row.two_factor == TwoFactorState::Enrolled;
+            if can_enroll && ((required && !totp_enrolled) || !has) {
                 preview.to_enroll += 1;
-            } else {
+            } else if !has {
                 preview.without_method += 1;
             }
         }

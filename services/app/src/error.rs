@@ -31,6 +31,9 @@ pub enum AppError {
     Locked,
     #[error("A user with this username already exists in the tenant.")]
     UsernameTaken,
+    /// A sign-in that needs a second factor the user has no way to give.
+    #[error("Your organization requires a second factor, and none you could use is set up. Ask an administrator to add your email address or phone number.")]
+    NoUsableMethod,
     /// A settings change after which the admin saving it could not pass the
     /// admin's second-factor check.
     #[error("These settings would lock you out: you have no method they allow. Set up an authenticator or an allowed contact first, or allow a method you have.")]
@@ -92,6 +95,7 @@ impl AppError {
             Self::SecondFactorRequired => "second_factor_required",
             Self::Locked => "account_locked",
             Self::UsernameTaken => "username_taken",
+            Self::NoUsableMethod => "second_factor_unavailable",
             Self::WouldLockYouOut => "would_lock_you_out",
             Self::InvalidCode { .. } => "invalid_code",
             Self::InvalidField(_) => "invalid_field",
@@ -163,6 +167,7 @@ fn user_error_code(err: &UserError) -> &'static str {
         UserError::ProofDoesNotFitChallenge => "wrong_code_kind",
         UserError::SessionNotFound => "session_not_found",
         UserError::DeviceNotFound => "device_not_found",
+        UserError::EnrollmentRequired => "enrollment_required",
         UserError::AlreadyEnrolled => "already_enrolled",
         UserError::NoEnrollmentInProgress => "no_enrollment_in_progress",
         UserError::WrongBackupCodeCount { .. } => "internal_error",

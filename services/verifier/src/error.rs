@@ -103,7 +103,9 @@ pub fn status_of(err: &AppError) -> StatusCode {
         AppError::InvalidCredentials | AppError::Unauthenticated | AppError::InvalidCode { .. } => {
             S::UNAUTHORIZED
         }
-        AppError::Forbidden | AppError::SecondFactorRequired => S::FORBIDDEN,
+        AppError::Forbidden | AppError::SecondFactorRequired | AppError::NoUsableMethod => {
+            S::FORBIDDEN
+        }
         AppError::Locked => S::LOCKED,
         AppError::UsernameTaken | AppError::WouldLockYouOut => S::CONFLICT,
         AppError::InvalidField(_)
@@ -130,7 +132,7 @@ fn user_error_status(err: &twofold_domain::user::UserError) -> StatusCode {
             S::CONFLICT
         }
         E::NoEnrollmentInProgress | E::NotLocked | E::TwoFactorUnavailable => S::CONFLICT,
-        E::NotEnrolled | E::WrongChallengePurpose => S::CONFLICT,
+        E::NotEnrolled | E::WrongChallengePurpose | E::EnrollmentRequired => S::CONFLICT,
         E::NotFound | E::ChallengeNotFound | E::SessionNotFound | E::DeviceNotFound => S::NOT_FOUND,
         E::ChallengeExpired => S::GONE,
         E::LockedOut => S::LOCKED,

@@ -65,6 +65,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/sessions/introspect", post(auth::introspect))
         .route("/sign-out", post(auth::sign_out))
         .route("/enrollment/complete", post(auth::complete_enrollment))
+        .route("/enrollment/skip", post(auth::skip_enrollment))
         .route("/me", get(me::profile).patch(me::change_contact))
         .route("/me/step-up", post(me::step_up))
         .route("/me/two-factor", post(me::set_voluntary))

@@ -575,7 +575,7 @@ fn preview_panel(p: &SettingsPreview) -> Markup {
                 li { strong { (p.asked) } " users will be asked for a second factor at sign-in" }
                 li { strong { (p.with_method) } " of them have a method these settings allow" }
                 li { strong { (p.to_enroll) } " will be sent to set up an authenticator at their next sign-in" }
-                li { strong { (p.without_method) } " have no usable method and nothing they could set up" }
+                li { strong { (p.without_method) } " have no usable method and nothing they could set up: their sign-in will be refused" }
             }
             @if p.admins_without_factor.is_empty() {
                 p { "Every admin has a usable method." }

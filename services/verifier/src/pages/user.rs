@@ -43,6 +43,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/challenge/resend", post(resend))
         .route("/challenge/switch", post(switch))
         .route("/enroll", get(enroll_page).post(complete_enrollment))
+        .route("/enroll/skip", post(skip_enrollment))
         .route("/sign-out", post(sign_out))
         .route("/account", get(account))
         .route("/account/totp", post(start_totp))
@@ -598,10 +599,23 @@ async fn enroll_page(
         return Ok(Redirect::to(&format!("/t/{tenant}/sign-in")).into_response());
     };
     let enrollment = api.app.pending_enrollment(&tenant, &token).await?;
+    let settings = api.app.tenant(&tenant).await?.1.settings;
     let name = tenant_name(&api, &tenant).await?;
+    let form_token = nonce.token(&api);
+    let skippable = settings.enrollment == twofold_domain::tenant::settings::Enrollment::Optional;
     let body = html! {
-        p { "Your organization requires two-factor authentication. Set up an authenticator app to finish signing in." }
-        (enrollment_body(&format!("/t/{tenant}/enroll"), &nonce.token(&api), &enrollment, None))
+        @if skippable {
+            p { "Your organization asks for a second factor at sign-in, and you have none set up yet. Set up an authenticator app now, or skip it this time." }
+        } @else {
+            p { "Your organization requires two-factor authentication. Set up an authenticator app to finish signing in." }
+        }
+        (enrollment_body(&format!("/t/{tenant}/enroll"), &form_token, &enrollment, None))
+        @if skippable {
+            form.inline method="post" action={ "/t/" (tenant) "/enroll/skip" } {
+                (token_input(&form_token))
+                button.secondary type="submit" { "Skip for now" }
+            }
+        }
     };
     Ok(layout::page(
         &anonymous(&tenant, &name),
@@ -705,6 +719,7 @@ fn second_factor_text(use_: SecondFactorUse) -> String {
             SkipReason::TwoFactorDisabled | SkipReason::NotRequired => "password only".to_string(),
             SkipReason::ServiceAccount => "service account".to_string(),
             SkipReason::NoMethodAvailable => "password only (no method set up)".to_string(),
+            SkipReason::EnrollmentSkipped => "password only (setup skipped)".to_string(),
         },
     }
 }
@@ -1120,4 +1135,24 @@ async fn set_preferred(
         .set_preferred_method(&session, Some(form.method.as_str()), &origin)
         .await?;
     Ok(Redirect::to(&format!("/t/{tenant}/account?done=preferred")).into_response())
+}
+
+async fn skip_enrollment(
+    State(api): State<ApiState>,
+    Path(tenant): Path<String>,
+    RequestMeta(origin): RequestMeta,
+    jar: CookieJar,
+    CheckedForm(NoFields {}): CheckedForm<NoFields>,
+) -> Page {
+    let Some(token) = challenge_token(&jar) else {
+        return Ok(Redirect::to(&format!("/t/{tenant}/sign-in")).into_response());
+    };
+    let signed_in = api.app.skip_enrollment(&tenant, &token, &origin).await?;
+    Ok(open_session(
+        jar,
+        &tenant,
+        signed_in,
+        api.secure_cookies,
+        "/account",
+    ))
 }

@@ -124,10 +124,12 @@ pub async fn sign_in(
         SignInOutcome::EnrollmentRequired {
             challenge,
             enrollment,
+            skippable,
         } => Json(json!({
             "status": "enrollment_required",
             "challenge": challenge_json(&challenge),
             "enrollment": enrollment_json(&enrollment),
+            "skippable": skippable,
         }))
         .into_response(),
     })
@@ -180,6 +182,28 @@ pub async fn complete_enrollment(
     let signed_in = api
         .app
         .complete_enrollment(&tenant, &body.challenge_token, &body.code, &origin)
+        .await?;
+    Ok(signed_in_response(jar, signed_in))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SkipEnrollmentBody {
+    challenge_token: SecretString,
+}
+
+/// `POST /v1/tenants/{tenant}/enrollment/skip`: go on without the
+/// authenticator offered at sign-in (optional enrollment only).
+pub async fn skip_enrollment(
+    State(api): State<ApiState>,
+    Path(tenant): Path<String>,
+    RequestMeta(origin): RequestMeta,
+    jar: CookieJar,
+    ApiJson(body): ApiJson<SkipEnrollmentBody>,
+) -> Result<Response, ApiError> {
+    let signed_in = api
+        .app
+        .skip_enrollment(&tenant, &body.challenge_token, &origin)
         .await?;
     Ok(signed_in_response(jar, signed_in))
 }
