@@ -113,7 +113,10 @@ pub fn audit<'a>(
            actor_id, ip, user_agent, reason, user_id, details FROM rm_audit \
          WHERE tenant_id = $1 \
            AND ($2::text IS NULL OR event_type = $2) \
-           AND ($3::text IS NULL OR user_id = $3) \
+           AND ($3::text IS NULL OR user_id = $3 \
+                OR (aggregate_type = 'delivery' AND aggregate_id IN ( \
+                    SELECT c.aggregate_id FROM rm_audit c WHERE c.tenant_id = $1 \
+                    AND c.event_type = 'DeliveryClaimed' AND c.user_id = $3))) \
            AND ($4::text IS NULL OR actor_id = $4) \
            AND ($5::timestamptz IS NULL OR at >= $5) \
            AND ($6::timestamptz IS NULL OR at <= $6) \
@@ -145,25 +148,33 @@ pub struct DeliveryStats {
 }
 
 pub async fn delivery(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Vec<DeliveryStats>> {
-    // Failures and fallbacks name no provider of their own: they are counted
-    // against the method of the request (from its claim) and provider "-".
+    // A fallback or a failure belongs to its request's method (from its claim)
+    // and, for SMS, to the provider the tenant's settings named when it
+    // happened (a `DeliveryFellBack` names none itself); a fallback's rate is
+    // its share of that method and provider's requests.
     Ok(sqlx::query_as(
         "WITH claims AS ( \
-           SELECT aggregate_id, details::jsonb ->> 'method' AS method FROM rm_audit \
-           WHERE tenant_id = $1 AND event_type = 'DeliveryClaimed'), \
+           SELECT DISTINCT ON (aggregate_id) aggregate_id, details::jsonb ->> 'method' AS method \
+           FROM rm_audit WHERE tenant_id = $1 AND event_type = 'DeliveryClaimed' \
+           ORDER BY aggregate_id, position), \
          outcomes AS ( \
            SELECT a.event_type, \
-             COALESCE(CASE WHEN a.event_type = 'CodeDelivered' THEN a.details::jsonb ->> 'method' END, c.method) AS method, \
-             COALESCE(a.details::jsonb ->> 'provider', '-') AS provider, \
+             CASE WHEN a.event_type = 'CodeDelivered' THEN a.details::jsonb ->> 'method' ELSE c.method END AS method, \
+             CASE WHEN a.event_type = 'CodeDelivered' THEN a.details::jsonb ->> 'provider' \
+                  WHEN c.method = 'sms' THEN COALESCE(( \
+                    SELECT s.details::jsonb -> 'settings' ->> 'sms_provider' FROM rm_audit s \
+                    WHERE s.tenant_id = $1 AND s.event_type = 'TwoFactorSettingsChanged' AND s.position < a.position \
+                    ORDER BY s.position DESC LIMIT 1), '-') \
+                  ELSE 'smtp' END AS provider, \
              (a.details::jsonb ->> 'latency_ms')::float8 AS latency \
-           FROM rm_audit a JOIN (SELECT DISTINCT ON (aggregate_id) * FROM claims) c USING (aggregate_id) \
+           FROM rm_audit a JOIN claims c USING (aggregate_id) \
            WHERE a.tenant_id = $1 AND a.event_type IN ('CodeDelivered', 'DeliveryFailed', 'DeliveryFellBack')) \
          SELECT method, provider, \
            count(*) FILTER (WHERE event_type = 'CodeDelivered') AS sent, \
            count(*) FILTER (WHERE event_type = 'DeliveryFailed') AS failed, \
            count(*) FILTER (WHERE event_type = 'DeliveryFellBack') AS fell_back, \
            COALESCE(count(*) FILTER (WHERE event_type = 'DeliveryFellBack')::float8 \
-             / NULLIF(count(*) FILTER (WHERE event_type <> 'DeliveryFellBack'), 0), 0) AS fallback_rate, \
+             / NULLIF(count(*), 0), 0) AS fallback_rate, \
            percentile_cont(0.5) WITHIN GROUP (ORDER BY latency) AS latency_p50_ms, \
            percentile_cont(0.95) WITHIN GROUP (ORDER BY latency) AS latency_p95_ms, \
            percentile_cont(0.99) WITHIN GROUP (ORDER BY latency) AS latency_p99_ms \

@@ -408,10 +408,37 @@ async fn an_sms_code_goes_through_the_provider_and_falls_back_to_email_when_it_f
             .cloned()
             .unwrap_or_else(|| panic!("no {method}/{provider} row in {rows:?}"))
     };
+    // Two SMS requests: one sent, one fell back to email, both under the
+    // tenant's provider.
     assert_eq!(row("sms", "test-sms")["sent"], 1);
+    assert_eq!(row("sms", "test-sms")["fell_back"], 1);
+    assert_eq!(row("sms", "test-sms")["fallback_rate"], 0.5);
     assert!(row("email", "smtp")["sent"].as_i64().unwrap() >= 1);
-    assert_eq!(row("sms", "-")["fell_back"], 1);
     assert!(row("sms", "test-sms")["latency_p50_ms"].is_number());
+    assert!(rows.iter().all(|r| r["provider"] != "-"), "{rows:?}");
+
+    // The user's timeline shows where each code went.
+    let sid: String =
+        sqlx::query_scalar("SELECT user_id::text FROM usernames WHERE username = 'sid'")
+            .fetch_one(&s.app.pool)
+            .await
+            .unwrap();
+    // (Read as GET /users/{id}/history does: the admin has no phone, so SMS
+    // only would refuse the admin's own sign-in.)
+    let tenant = s.app.tenant_id.to_string();
+    let q = twofold_projections::queries::AuditQuery {
+        user_id: Some(sid),
+        ..Default::default()
+    };
+    let entries: Vec<_> = futures::StreamExt::collect::<Vec<_>>(
+        twofold_projections::queries::audit(&s.app.pool, &tenant, &q),
+    )
+    .await;
+    let types: Vec<String> = entries.into_iter().map(|e| e.unwrap().event_type).collect();
+    let types: Vec<&str> = types.iter().map(String::as_str).collect();
+    for t in ["DeliveryClaimed", "CodeDelivered", "DeliveryFellBack"] {
+        assert!(types.contains(&t), "{t} missing from {types:?}");
+    }
 }
 
 #[tokio::test]
