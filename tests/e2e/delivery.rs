@@ -241,6 +241,25 @@ impl Stack {
 
     async fn with_user(&self, settings: serde_json::Value, name: &str, phone: bool) {
         let admin = self.app.admin_token().await;
+        // The admin keeps a method the settings allow (SMS only would
+        // otherwise lock every admin out, which is refused).
+        let me: String =
+            sqlx::query_scalar("SELECT user_id::text FROM usernames WHERE username = 'root-admin'")
+                .fetch_one(&self.app.pool)
+                .await
+                .unwrap();
+        let patched = self
+            .app
+            .send(
+                self.app
+                    .client
+                    .patch(format!("{}/users/{me}", self.app.base))
+                    .bearer_auth(&admin)
+                    .json(&json!({"phone": "+4915100000000", "reason": "admin phone"})),
+            )
+            .await;
+        assert_eq!(patched.status, StatusCode::NO_CONTENT, "{:?}", patched.body);
+        let admin = self.app.admin_token().await;
         let mut body = json!({"username": name, "password": "correct horse battery", "email": format!("{name}@acme.test")});
         if phone {
             body["phone"] = json!("+4915112345678");

@@ -600,3 +600,31 @@ async fn a_user_and_an_admin_choose_the_method_asked_first() {
     assert_eq!(set.len(), 2);
     assert_eq!(set[1]["ctx"]["reason"], "SMS does not reach her");
 }
+
+#[tokio::test]
+async fn settings_under_which_no_admin_could_sign_in_are_refused() {
+    let app = spawn_app_with_sms().await;
+    let admin = app.admin_token().await;
+    // SMS only: the admin has no phone, and no other admin has one.
+    let refused = app
+        .set_settings(
+            &admin,
+            json!({"enabled": true, "enforcement": "every_login", "allowed_methods": ["sms"],
+                   "default_method": "sms", "sms_provider": "test-provider"}),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{:?}", refused.body);
+    assert_eq!(refused.code(), "would_lock_you_out");
+    assert!(!app.get_auth("/settings", &admin).await.body["enabled"]
+        .as_bool()
+        .unwrap());
+    // With the authenticator allowed, anyone can set it up at sign-in: fine.
+    let allowed = app
+        .set_settings(
+            &admin,
+            json!({"enabled": true, "enforcement": "every_login", "allowed_methods": ["sms", "totp"],
+                   "default_method": "sms", "sms_provider": "test-provider"}),
+        )
+        .await;
+    assert_eq!(allowed.status, StatusCode::OK, "{:?}", allowed.body);
+}

@@ -158,6 +158,7 @@ impl App {
         origin: &Origin,
     ) -> Result<TwoFactorSettings, AppError> {
         let ctx = admin_ctx(self, origin, admin, reason);
+        self.keep_an_admin_able_to_sign_in(admin, &settings).await?;
         self.change_settings(admin.tenant_id(), settings, ctx).await
     }
 

@@ -152,6 +152,35 @@ impl App {
         self.put_settings(admin, settings, reason, origin).await
     }
 
+    /// Refuses settings under which no admin could pass a second factor any
+    /// more: neither the admin saving them (from their own state) nor any
+    /// other admin (from the directory) has a method they allow, and the
+    /// authenticator, which anyone could set up at sign-in, is not allowed.
+    pub(crate) async fn keep_an_admin_able_to_sign_in(
+        &self,
+        admin: &AdminSession,
+        settings: &TwoFactorSettings,
+    ) -> Result<(), AppError> {
+        if !settings.enabled || settings.allows(Method::Totp) {
+            return Ok(());
+        }
+        if !admin.0.user.available_methods(settings).is_empty() {
+            return Ok(());
+        }
+        let rows = queries::users(&self.pool, &admin.tenant_id().to_string()).await?;
+        let me = admin.0.user_id.to_string();
+        let another = rows.iter().any(|r| {
+            r.user_id != me
+                && r.roles.contains(Role::ADMIN)
+                && (!in_scope(settings, r) || usable(settings, r))
+        });
+        if another {
+            Ok(())
+        } else {
+            Err(AppError::WouldLockYouOut)
+        }
+    }
+
     /// The rollout checklist (from the seeds' checklist), from state.
     #[tracing::instrument(skip_all)]
     pub async fn checklist(&self, reader: &ReaderSession) -> Result<Vec<ChecklistItem>, AppError> {
