@@ -32,6 +32,10 @@ pub struct Ctx {
     /// Why an admin did this; required for admin actions on users.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The admin really acting, in a session an admin opened as this user
+    /// ("Login As"): every event of that session says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub impersonated_by: Option<UserId>,
 }
 
 impl Ctx {
@@ -42,6 +46,7 @@ impl Ctx {
             ip: None,
             user_agent: None,
             reason: None,
+            impersonated_by: None,
         }
     }
 

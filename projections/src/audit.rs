@@ -66,6 +66,10 @@ impl AuditEntry {
                 details.insert(k.clone(), v.clone());
             }
         }
+        // A session an admin opened as the user (Login As) names the admin.
+        if let Some(admin) = ctx.as_ref().and_then(|c| c.impersonated_by) {
+            details.insert("impersonated_by".into(), Value::from(admin.to_string()));
+        }
         let (actor_kind, actor_id) = match ctx.as_ref().map(|c| serde_json::to_value(&c.actor)) {
             Some(Ok(actor)) => (
                 actor["kind"].as_str().unwrap_or("system").to_string(),

@@ -521,3 +521,79 @@ async fn an_admin_without_a_second_factor_in_session_is_offered_a_step_up() {
         "second_factor_required"
     );
 }
+
+#[tokio::test]
+async fn login_as_is_off_by_default_needs_a_step_up_and_marks_every_event() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    let ola = app
+        .create_user(
+            &admin,
+            json!({"username": "ola", "password": PASSWORD, "email": "ola@acme.test"}),
+        )
+        .await;
+    let login_as = |token: String| {
+        let app = &app;
+        let ola = ola.clone();
+        async move {
+            call(
+                app,
+                Method::POST,
+                &format!("/users/{ola}/login-as"),
+                &token,
+                json!({"reason": "checking what ola sees"}),
+            )
+            .await
+        }
+    };
+    // Off by default.
+    let mut settings = settings_on(&["email"], "email");
+    let off = login_as(admin.clone()).await;
+    assert_eq!(off.status, StatusCode::FORBIDDEN);
+    settings["allow_login_as"] = json!(true);
+    app.set_settings(&admin, settings).await;
+    let admin = app.admin_token().await;
+    // On, but this admin session has not just confirmed a factor.
+    let no_step_up = login_as(admin.clone()).await;
+    assert_eq!(no_step_up.code(), "step_up_required");
+    let step_up = app.post_auth("/me/step-up", &admin, json!({})).await;
+    let token = step_up.body["challenge"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let code = app.delivered_code(&token).await;
+    let stepped = app
+        .post(
+            "/challenge/verify",
+            json!({"challenge_token": token, "code": code}),
+        )
+        .await;
+    assert_eq!(stepped.body["status"], "stepped_up", "{:?}", stepped.body);
+
+    let opened = login_as(admin.clone()).await;
+    assert_eq!(opened.status, StatusCode::OK, "{:?}", opened.body);
+    let as_ola = opened.body["session"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let seen = app
+        .post("/sessions/introspect", json!({"token": as_ola}))
+        .await;
+    assert_eq!(seen.body["active"], true);
+    assert_eq!(seen.body["username"], "ola");
+    let admin_id = opened.body["impersonated_by"].as_str().unwrap().to_string();
+    assert_eq!(seen.body["impersonated_by"], admin_id);
+    // What happens in that session names the admin.
+    let out = app.post_auth("/sign-out", &as_ola, json!({})).await;
+    assert_eq!(out.status, StatusCode::NO_CONTENT);
+    let started = app.events_of(&ola, "SessionStarted").await;
+    let started = started.last().unwrap();
+    assert_eq!(
+        started["second_factor"],
+        json!({"two_factor": "skipped", "reason": "login_as"})
+    );
+    assert_eq!(started["ctx"]["actor"]["id"], admin_id);
+    assert_eq!(started["ctx"]["reason"], "checking what ola sees");
+    let ended = app.events_of(&ola, "SessionEnded").await;
+    assert_eq!(ended.last().unwrap()["ctx"]["impersonated_by"], admin_id);
+}

@@ -131,6 +131,10 @@ pub struct TwoFactorSettings {
     pub replace_backup_codes_on_use: bool,
     /// Session lifetime in seconds.
     pub session_duration_secs: i64,
+    /// Whether admins may open a session as a user ("Login As"), to test
+    /// what they see. Off unless turned on.
+    #[serde(default)]
+    pub allow_login_as: bool,
 }
 
 impl Default for TwoFactorSettings {
@@ -149,6 +153,7 @@ impl Default for TwoFactorSettings {
             scope: Scope::AllUsers,
             replace_backup_codes_on_use: false,
             session_duration_secs: 90 * 24 * 3600,
+            allow_login_as: false,
         }
     }
 }

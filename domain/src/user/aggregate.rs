@@ -17,8 +17,9 @@ use super::events::{
 };
 use super::lockout::{AfterFailure, Lockout};
 use super::{
-    Challenge, UserError, BACKUP_CODE_COUNT, FREE_FAILURES_WITHOUT_LIMIT, MAX_ACTIVE_SESSIONS,
-    MAX_OPEN_CHALLENGES, MAX_REMEMBERED, MAX_SLOWDOWN_SECS, STEP_UP_VALID_SECS,
+    Challenge, UserError, BACKUP_CODE_COUNT, FREE_FAILURES_WITHOUT_LIMIT, LOGIN_AS_SESSION,
+    MAX_ACTIVE_SESSIONS, MAX_OPEN_CHALLENGES, MAX_REMEMBERED, MAX_SLOWDOWN_SECS,
+    STEP_UP_VALID_SECS,
 };
 use crate::context::{Actor, Ctx};
 use crate::ids::{ChallengeId, SessionId, TenantId, UserId};
@@ -58,6 +59,9 @@ pub struct SessionState {
     /// When the user last confirmed a current factor in this session.
     #[serde(default)]
     pub stepped_up_at: Option<DateTime<Utc>>,
+    /// The admin who opened this session as the user (Login As).
+    #[serde(default)]
+    pub impersonated_by: Option<UserId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -769,6 +773,34 @@ impl User {
                     ctx,
                 }])
             }
+            UserCommand::StartLoginAs {
+                session,
+                settings,
+                ctx,
+            } => {
+                self.require_exists()?;
+                let Actor::Admin(admin) = ctx.actor else {
+                    return Err(UserError::LoginAsNotAllowed);
+                };
+                if !settings.allow_login_as || self.is_admin() || Some(admin) == self.id {
+                    return Err(UserError::LoginAsNotAllowed);
+                }
+                self.require_admin_reason(&ctx)?;
+                if self.lockout.is_locked() {
+                    return Err(UserError::LockedOut);
+                }
+                let short = super::NewSession {
+                    expires_at: Some(
+                        session
+                            .expires_at
+                            .unwrap_or(ctx.at + LOGIN_AS_SESSION)
+                            .min(ctx.at + LOGIN_AS_SESSION),
+                    ),
+                    ..session
+                };
+                let reason = SkipReason::LoginAs;
+                Ok(self.start_session(short, &settings, SecondFactorUse::Skipped { reason }, ctx))
+            }
             UserCommand::SkipEnrollment {
                 challenge,
                 settings,
@@ -1198,6 +1230,15 @@ impl Aggregate for User {
                 if matches!(second_factor, SecondFactorUse::Skipped { .. }) {
                     self.sign_ins += 1;
                 }
+                let impersonated_by = match (second_factor, &ctx.actor) {
+                    (
+                        SecondFactorUse::Skipped {
+                            reason: SkipReason::LoginAs,
+                        },
+                        Actor::Admin(admin),
+                    ) => Some(*admin),
+                    _ => None,
+                };
                 self.sessions.insert(
                     session_id,
                     SessionState {
@@ -1206,6 +1247,7 @@ impl Aggregate for User {
                         expires_at,
                         second_factor,
                         stepped_up_at: None,
+                        impersonated_by,
                     },
                 );
             }

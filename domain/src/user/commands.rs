@@ -41,6 +41,14 @@ pub enum UserCommand {
         reason: SessionEndReason,
         ctx: Ctx,
     },
+    /// An admin opens a session as this user ("Login As", to test what they
+    /// see): only where the tenant allows it, never as an admin, never past a
+    /// lockout, with a reason; the session is short and marked.
+    StartLoginAs {
+        session: NewSession,
+        settings: TwoFactorSettings,
+        ctx: Ctx,
+    },
     /// At an enrollment offered at sign-in, go on without it (only where the
     /// tenant's enrollment is optional).
     SkipEnrollment {

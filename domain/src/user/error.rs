@@ -26,6 +26,8 @@ pub enum UserError {
     DeviceNotFound,
     #[error("your organization requires setting up an authenticator; it cannot be skipped")]
     EnrollmentRequired,
+    #[error("signing in as this user is not allowed: Login As is off for the tenant, or the user is an admin")]
+    LoginAsNotAllowed,
     #[error("an authenticator app is already enrolled")]
     AlreadyEnrolled,
     #[error("no authenticator enrollment is in progress")]

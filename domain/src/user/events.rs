@@ -25,6 +25,8 @@ pub enum SkipReason {
     /// Offered to set up an authenticator (having no usable method) where
     /// enrollment is optional, the user chose to skip it for now.
     EnrollmentSkipped,
+    /// An admin opened this session as the user ("Login As"), with a reason.
+    LoginAs,
     /// The tenant's scope does not ask this user (role, switch or opt-in).
     NotRequired,
     /// Unrecognized-devices mode: the remembered-device token matched.

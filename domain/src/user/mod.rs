@@ -41,6 +41,8 @@ pub const MAX_OPEN_CHALLENGES: usize = 20;
 pub const MAX_REMEMBERED: usize = 20;
 /// How long a step-up (a current factor confirmed) allows sensitive changes.
 pub const STEP_UP_VALID_SECS: i64 = 10 * 60;
+/// How long a session an admin opens as a user (Login As) lasts at most.
+pub const LOGIN_AS_SESSION: chrono::Duration = chrono::Duration::hours(1);
 /// With "no limit" on attempts, wrong codes beyond this many slow guessing down.
 pub const FREE_FAILURES_WITHOUT_LIMIT: u32 = 5;
 /// The longest wait the slow-down imposes.

@@ -912,3 +912,49 @@ fn a_users_preferred_method_is_asked_first_when_the_tenant_allows_it() {
             ctx: at(2),
         }]);
 }
+
+#[test]
+fn login_as_needs_the_tenant_setting_a_reason_and_a_non_admin_and_marks_the_session() {
+    let allowed = TwoFactorSettings {
+        allow_login_as: true,
+        ..on(Enforcement::EveryLogin)
+    };
+    let cmd = |settings: &TwoFactorSettings, ctx: Ctx| UserCommand::StartLoginAs {
+        session: NewSession {
+            id: SessionId(Uuid::from_u128(700)),
+            token_hash: hash("as"),
+            expires_at: None,
+        },
+        settings: settings.clone(),
+        ctx,
+    };
+    Given::with(())
+        .given(vec![registered(&[])])
+        .when(cmd(&on(Enforcement::EveryLogin), admin(5)))
+        .then_expect_error(UserError::LoginAsNotAllowed);
+    Given::with(())
+        .given(vec![registered(&["admin"])])
+        .when(cmd(&allowed, admin(5)))
+        .then_expect_error(UserError::LoginAsNotAllowed);
+    let mut no_reason = admin(5);
+    no_reason.reason = None;
+    Given::with(())
+        .given(vec![registered(&[])])
+        .when(cmd(&allowed, no_reason))
+        .then_expect_error(UserError::ReasonRequired);
+    let mut user = User::default();
+    cqrs_es::Aggregate::apply(&mut user, registered(&[]));
+    let events = user
+        .clone()
+        .handle_for_tests(cmd(&allowed, admin(5)))
+        .unwrap();
+    for e in events {
+        cqrs_es::Aggregate::apply(&mut user, e);
+    }
+    let session = &user.sessions[&SessionId(Uuid::from_u128(700))];
+    assert_eq!(session.impersonated_by, Some(admin_id()));
+    assert_eq!(
+        session.expires_at,
+        t0() + Duration::seconds(5) + Duration::hours(1)
+    );
+}

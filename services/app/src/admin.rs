@@ -299,6 +299,42 @@ impl App {
         .await
     }
 
+    /// "Login As": a short session as the user, to test what they see. Needs
+    /// the tenant to allow it, a reason, and this admin session to have
+    /// confirmed a factor just now (a step-up); every event of the session is
+    /// marked with the admin.
+    #[tracing::instrument(skip_all)]
+    pub async fn login_as(
+        &self,
+        admin: &AdminSession,
+        raw_user: &str,
+        reason: Option<String>,
+        origin: &Origin,
+    ) -> Result<crate::auth::SignedIn, AppError> {
+        if !admin.0.stepped_up {
+            return Err(UserError::StepUpRequired.into());
+        }
+        let (user_id, _) = self.target(admin, raw_user).await?;
+        let ctx = admin_ctx(self, origin, admin, reason);
+        if ctx.reason.is_none() {
+            return Err(UserError::ReasonRequired.into());
+        }
+        let (token, session) = crate::auth::new_session_for(user_id);
+        let settings = admin.0.tenant.settings.clone();
+        let events = self
+            .users
+            .execute(&user_id.to_string(), |_| {
+                Ok(UserCommand::StartLoginAs {
+                    session: session.clone(),
+                    settings: settings.clone(),
+                    ctx: ctx.clone(),
+                })
+            })
+            .await?;
+        crate::auth::signed_in_by(token, &events)
+            .ok_or_else(|| AppError::unexpected(anyhow::anyhow!("login as opened no session")))
+    }
+
     /// New codes for a user who lost theirs, shown to the admin once to hand over.
     #[tracing::instrument(skip_all)]
     pub async fn regenerate_backup_codes_for(

@@ -104,6 +104,15 @@ fn new_device(user_id: UserId) -> (SecretString, NewDevice) {
     (token, NewDevice { id, token_hash })
 }
 
+pub(crate) fn new_session_for(user_id: UserId) -> (SecretString, NewSession) {
+    new_session(user_id)
+}
+
+/// The session a command's events opened (no device, no codes).
+pub(crate) fn signed_in_by(token: SecretString, events: &[UserEvent]) -> Option<SignedIn> {
+    signed_in(token, None, events, Vec::new())
+}
+
 fn new_session(user_id: UserId) -> (SecretString, NewSession) {
     let id = SessionId(Uuid::new_v4());
     let (token, token_hash) = tokens::issue(TokenKind::Session, user_id, id.as_uuid());
@@ -769,6 +778,7 @@ impl App {
             return Ok(None);
         };
         Ok(Some(Introspected {
+            impersonated_by: session.impersonated_by,
             user_id: claim.user_id,
             session_id: SessionId(claim.item),
             started_at: session.started_at,
@@ -782,7 +792,7 @@ impl App {
     /// `sign-out`: ends the session.
     #[tracing::instrument(skip_all)]
     pub async fn sign_out(&self, session: &Session, origin: &Origin) -> Result<(), AppError> {
-        let ctx = origin.ctx(self.now(), session.actor());
+        let ctx = session.ctx(origin, self.now());
         self.users
             .execute(&session.user_id.to_string(), |_| {
                 Ok(UserCommand::EndSession {
@@ -806,4 +816,6 @@ pub struct Introspected {
     pub started_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub second_factor: SecondFactorUse,
+    /// The admin who opened this session as the user (Login As).
+    pub impersonated_by: Option<UserId>,
 }

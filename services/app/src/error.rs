@@ -168,6 +168,7 @@ fn user_error_code(err: &UserError) -> &'static str {
         UserError::SessionNotFound => "session_not_found",
         UserError::DeviceNotFound => "device_not_found",
         UserError::EnrollmentRequired => "enrollment_required",
+        UserError::LoginAsNotAllowed => "login_as_not_allowed",
         UserError::AlreadyEnrolled => "already_enrolled",
         UserError::NoEnrollmentInProgress => "no_enrollment_in_progress",
         UserError::WrongBackupCodeCount { .. } => "internal_error",

@@ -76,7 +76,7 @@ impl App {
         origin: &Origin,
         command: impl Fn(Ctx) -> UserCommand,
     ) -> Result<Vec<UserEvent>, AppError> {
-        let ctx = origin.ctx(self.now(), session.actor());
+        let ctx = session.ctx(origin, self.now());
         Ok(self
             .users
             .execute(&session.user_id.to_string(), |_| Ok(command(ctx.clone())))

@@ -1,13 +1,14 @@
 //! Who is asking: a live session of a user of the tenant, and whether it may
 //! act as the tenant's admin.
 
+use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use twofold_domain::tenant::Tenant;
 use twofold_domain::user::{SecondFactorUse, SkipReason, User, STEP_UP_VALID_SECS};
-use twofold_domain::{Actor, SessionId, TenantId, UserId};
+use twofold_domain::{Actor, Ctx, SessionId, TenantId, UserId};
 use twofold_platform::tokens::{self, TokenKind};
 
-use crate::{App, AppError};
+use crate::{App, AppError, Origin};
 
 /// A live session of a user of the tenant it was presented to.
 #[derive(Debug, Clone)]
@@ -20,12 +21,23 @@ pub struct Session {
     /// Whether the user confirmed a current factor in this session within the
     /// step-up window (which also opens what needs a second factor).
     pub stepped_up: bool,
+    /// The admin who opened this session as the user (Login As).
+    pub impersonated_by: Option<UserId>,
     pub user: User,
 }
 
 impl Session {
     pub fn actor(&self) -> Actor {
         Actor::User(self.user_id)
+    }
+
+    /// The context of a command this session makes: the user acts, and a
+    /// session an admin opened as them (Login As) marks every event with
+    /// that admin.
+    pub fn ctx(&self, origin: &Origin, at: DateTime<Utc>) -> Ctx {
+        let mut ctx = origin.ctx(at, self.actor());
+        ctx.impersonated_by = self.impersonated_by;
+        ctx
     }
 
     /// This session as the tenant's admin: the user has the admin role and,
@@ -123,6 +135,7 @@ impl App {
         let stepped_up = live
             .stepped_up_at
             .is_some_and(|at| (now - at).num_seconds() < STEP_UP_VALID_SECS);
+        let impersonated_by = live.impersonated_by;
         Ok(Session {
             tenant_id,
             tenant,
@@ -130,6 +143,7 @@ impl App {
             session_id,
             second_factor,
             stepped_up,
+            impersonated_by,
             user,
         })
     }

@@ -87,6 +87,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
             "/users/{user}",
             get(admin::get_user).patch(admin::update_user),
         )
+        .route("/users/{user}/login-as", post(admin::login_as))
         .route("/users/{user}/{action}", post(admin::act_on_user))
         .route(
             "/users/{user}/backup-codes",

@@ -40,6 +40,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/admin/overview", get(overview))
         .route("/admin/users", get(users))
         .route("/admin/users/{user}", get(user_page).post(user_action))
+        .route("/admin/users/{user}/login-as", axum::routing::post(login_as))
         .route("/admin/audit", get(audit))
         .route("/admin/audit/export", get(audit_export))
 }
@@ -347,6 +348,8 @@ struct SettingsForm {
     scope_roles: String,
     #[serde(default)]
     replace_backup_codes_on_use: Option<String>,
+    #[serde(default)]
+    allow_login_as: Option<String>,
     session_days: String,
     #[serde(default)]
     reason: String,
@@ -411,6 +414,7 @@ impl SettingsForm {
             scope,
             replace_backup_codes_on_use: self.replace_backup_codes_on_use.is_some(),
             session_duration_secs: days.saturating_mul(24 * 3600),
+            allow_login_as: self.allow_login_as.is_some(),
         })
     }
 }
@@ -549,6 +553,7 @@ fn settings_form(t: &str, token: &str, v: &SettingsView<'_>) -> Markup {
                     }
                 }
                 label.check { input type="checkbox" name="replace_backup_codes_on_use" value="on" checked[s.replace_backup_codes_on_use] disabled[ro]; "Replace a used recovery code automatically (keep 8)" }
+                label.check { input type="checkbox" name="allow_login_as" value="on" checked[s.allow_login_as] disabled[ro]; "Allow admins to sign in as a user (Login As: with a reason and a code, for one hour, marked in every event)" }
                 label for="session_days" { "Session duration (days)" }
                 input #session_days type="number" name="session_days" min="1" max="400" value=(s.session_duration_secs / 86_400) disabled[ro];
                 (field_error(&v.error, "session_duration_secs"))
@@ -962,6 +967,18 @@ async fn user_view(
                 ul { @for dev in &d.devices { li { "remembered " (when(&dev.remembered_at)) } } }
             }
         }
+        @if console.admin.is_some() && reader.0.tenant.settings.allow_login_as && !p.roles.iter().any(|r| r == "admin") {
+            section.card aria-labelledby="login-as-h" {
+                h2 #login-as-h { "Sign in as " (name) }
+                p.hint { "To see what they see. Needs a reason and a code from you first (confirm it's you within the last 10 minutes); the session lasts an hour, and every event in it names you. Your own console session in this browser is replaced." }
+                form method="post" action={ "/t/" (t) "/admin/users/" (p.user_id) "/login-as" } {
+                    (token_input(token))
+                    label for="login-as-reason" { "Reason" }
+                    input #login-as-reason type="text" name="reason" required;
+                    button.secondary type="submit" { "Sign in as " (name) }
+                }
+            }
+        }
         @if console.admin.is_some() {
             section.card aria-labelledby="actions-h" {
                 h2 #actions-h { "Actions" }
@@ -1230,4 +1247,43 @@ async fn audit_export(
         Body::from_stream(lines),
     )
         .into_response())
+}
+
+#[derive(Deserialize)]
+struct LoginAsForm {
+    #[serde(default)]
+    reason: String,
+}
+
+async fn login_as(
+    State(api): State<ApiState>,
+    Path((tenant, user)): Path<(String, String)>,
+    RequestMeta(origin): RequestMeta,
+    jar: axum_extra::extract::cookie::CookieJar,
+    ConsoleAdmin(admin): ConsoleAdmin,
+    CheckedForm(form): CheckedForm<LoginAsForm>,
+) -> Page {
+    let reason = Some(form.reason).filter(|r| !r.trim().is_empty());
+    let signed_in = match api.app.login_as(&admin, &user, reason, &origin).await {
+        Err(AppError::Refused(twofold_domain::user::UserError::StepUpRequired)) => {
+            // Confirm a code first, then come back here.
+            let nonce = jar
+                .get("twofold_form")
+                .map(|c| c.value().to_string())
+                .unwrap_or_default();
+            return Err(PageError::StepUp {
+                tenant,
+                token: api.app.keys.form_token(&nonce),
+            });
+        }
+        other => other?,
+    };
+    use secrecy::ExposeSecret;
+    let jar = jar.add(super::forms::tenant_cookie(
+        super::forms::SESSION_COOKIE,
+        signed_in.session_token.expose_secret().to_string(),
+        &tenant,
+        api.secure_cookies,
+    ));
+    Ok((jar, Redirect::to(&format!("/t/{tenant}/account"))).into_response())
 }

@@ -720,6 +720,7 @@ fn second_factor_text(use_: SecondFactorUse) -> String {
             SkipReason::ServiceAccount => "service account".to_string(),
             SkipReason::NoMethodAvailable => "password only (no method set up)".to_string(),
             SkipReason::EnrollmentSkipped => "password only (setup skipped)".to_string(),
+            SkipReason::LoginAs => "opened by an admin (Login As)".to_string(),
         },
     }
 }
@@ -772,6 +773,12 @@ async fn account(
         );
     let totp_allowed = settings.allowed_methods.contains(&Method::Totp);
     let body = html! {
+        @if session.impersonated_by.is_some() {
+            div.warning #impersonation role="status" {
+                "An admin opened this session as " strong { (u.username.as_ref().map(|n| n.as_str()).unwrap_or("")) }
+                " (Login As). Everything done here is recorded with that admin's name. Sign out to end it."
+            }
+        }
         @if let Some(text) = notice_text(notice.done.as_deref()) { (message("success", text)) }
         section.card aria-labelledby="profile-h" {
             h2 #profile-h { "Profile" }

@@ -168,3 +168,24 @@ pub async fn revoke_all_sessions(
         .await?;
     Ok(Json(json!({ "users_signed_out": signed_out })))
 }
+
+/// `POST /v1/tenants/{tenant}/users/{user}/login-as` `{reason}`: a short
+/// session as the user (Login As), where the tenant allows it, after a
+/// step-up; every event of that session names the admin.
+pub async fn login_as(
+    State(api): State<ApiState>,
+    RequestMeta(origin): RequestMeta,
+    SignedInAdmin(admin): SignedInAdmin,
+    Path((_, user)): Path<(String, String)>,
+    ApiJson(body): ApiJson<ReasonBody>,
+) -> Result<Json<Value>, ApiError> {
+    use secrecy::ExposeSecret;
+    let s = api
+        .app
+        .login_as(&admin, &user, body.reason, &origin)
+        .await?;
+    Ok(Json(json!({
+        "session": { "token": s.session_token.expose_secret(), "expires_at": s.expires_at },
+        "impersonated_by": admin.0.user_id,
+    })))
+}

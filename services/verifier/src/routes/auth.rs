@@ -270,6 +270,7 @@ pub async fn introspect(
                 "started_at": s.started_at,
                 "expires_at": s.expires_at,
                 "second_factor": second_factor_json(s.second_factor),
+                "impersonated_by": s.impersonated_by,
             }),
         },
     ))
