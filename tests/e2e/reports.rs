@@ -6,7 +6,7 @@ use chrono::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{enrolled_user, oathtool, settings_on, spawn_app, ClockExt, TestApp};
+use crate::helpers::{enrolled_user, oathtool, settings_on, spawn_app_with_sms, ClockExt, TestApp};
 
 async fn rebuild(app: &TestApp) {
     twofold_projections::rebuild::rebuild(&app.pool, |_| {})
@@ -49,11 +49,28 @@ async fn scripted_history(app: &TestApp) -> (String, String) {
     let _ = cat;
     app.create_user(&admin, json!({"username": "eli", "password": "correct horse battery", "roles": ["support"], "email": "eli@acme.test"}))
         .await;
+    app.create_user(&admin, json!({"username": "fox", "password": "correct horse battery", "roles": ["support"], "phone": "+4915112345678"}))
+        .await;
 
     // 2FA on: ann signs in with TOTP, then with a backup code; ben fails 3
     // times; eli answers an email code.
-    app.set_settings(&admin, settings_on(&["totp", "email"], "totp"))
+    let mut settings = settings_on(&["totp", "email", "sms"], "totp");
+    settings["sms_provider"] = json!("test-provider");
+    let changed = app.set_settings(&admin, settings).await;
+    assert_eq!(changed.status, StatusCode::OK, "{:?}", changed.body);
+    // fox answers an SMS code (the code the dispatcher would send).
+    let c = app.sign_in("fox", "correct horse battery").await;
+    assert_eq!(c.body["challenge"]["method"], "sms", "{:?}", c.body);
+    let token = c.body["challenge"]["token"].as_str().unwrap();
+    let code = app.delivered_code(token).await;
+    let ok = app
+        .post(
+            "/challenge/verify",
+            json!({"challenge_token": token, "code": code}),
+        )
         .await;
+    assert_eq!(ok.status, StatusCode::OK, "{:?}", ok.body);
+    app.clock.advance(Duration::seconds(30));
     let c = app.sign_in("eli", "correct horse battery").await;
     assert_eq!(c.body["challenge"]["method"], "email", "{:?}", c.body);
     let token = c.body["challenge"]["token"].as_str().unwrap();
@@ -97,21 +114,22 @@ async fn scripted_history(app: &TestApp) -> (String, String) {
 
 #[tokio::test]
 async fn the_overview_and_directory_answer_the_hand_computed_figures() {
-    let app = spawn_app().await;
+    let app = spawn_app_with_sms().await;
     let (ann, ben) = scripted_history(&app).await;
     rebuild(&app).await;
     let admin = app.admin_token().await;
 
     let o = &get(&app, &admin, "/overview").await["overview"];
-    // Active users: root-admin, ann, ben, eli, cat, dan (the service account
-    // is not counted); enrolled: ann and ben (authenticator), eli (email).
-    assert_eq!(o["active_users"], 6);
-    assert_eq!(o["enrolled"], 3);
+    // Active users: root-admin, ann, ben, eli, fox, cat, dan (the service
+    // account is not counted); enrolled: ann and ben (authenticator), eli
+    // (email), fox (SMS).
+    assert_eq!(o["active_users"], 7);
+    assert_eq!(o["enrolled"], 4);
     assert_eq!(o["pending"], 1);
     assert_eq!(o["not_started"], 2);
-    assert_eq!(o["enrollment_rate"], 0.5);
+    assert_eq!(o["enrollment_rate"], 4.0 / 7.0);
     assert_eq!(o["locked"], 1);
-    assert_eq!(o["by_method"], json!({"totp": 2, "email": 1, "sms": 0}));
+    assert_eq!(o["by_method"], json!({"totp": 2, "email": 1, "sms": 1}));
     assert_eq!(
         o["backup_codes"],
         json!({"none_left": 0, "running_low": 0, "users": []})
@@ -122,7 +140,7 @@ async fn the_overview_and_directory_answer_the_hand_computed_figures() {
         .iter()
         .map(|e| e["username"].as_str().unwrap())
         .collect();
-    assert_eq!(recent, ["eli", "ben", "ann"]);
+    assert_eq!(recent, ["eli", "fox", "ben", "ann"]);
     assert_eq!(
         o["roles_without_2fa"],
         json!([
@@ -133,7 +151,9 @@ async fn the_overview_and_directory_answer_the_hand_computed_figures() {
     );
 
     let enrolled = get(&app, &admin, "/users?status=enrolled").await;
-    assert_eq!(enrolled["total"], 3);
+    assert_eq!(enrolled["total"], 4);
+    let sms = get(&app, &admin, "/users?method=sms").await;
+    assert_eq!(sms["users"][0]["username"], "fox");
     let locked = get(&app, &admin, "/users?locked=true").await;
     assert_eq!(locked["users"][0]["username"], "ben");
     let finance = get(&app, &admin, "/users?role=finance").await;
@@ -160,7 +180,7 @@ async fn the_overview_and_directory_answer_the_hand_computed_figures() {
 
 #[tokio::test]
 async fn as_of_a_past_moment_answers_what_the_read_model_answered_then() {
-    let app = spawn_app().await;
+    let app = spawn_app_with_sms().await;
     scripted_history(&app).await;
     let admin = app.admin_token().await;
     // The admin's sign-in (an email code) counts too: rebuild after it.
@@ -177,8 +197,8 @@ async fn as_of_a_past_moment_answers_what_the_read_model_answered_then() {
     rebuild(&app).await;
     let now = get(&app, &admin, "/overview").await["overview"].clone();
     assert_ne!(now, answered_then);
-    // ann, ben, eli, eve, and the admin, who answered an email code since.
-    assert_eq!(now["enrolled"], 5);
+    // ann, ben, eli, fox, eve, and the admin, who answered an email code.
+    assert_eq!(now["enrolled"], 6);
 
     let as_of = get(
         &app,
@@ -205,14 +225,14 @@ async fn as_of_a_past_moment_answers_what_the_read_model_answered_then() {
     .await;
     let days = series["days"].as_array().unwrap();
     assert_eq!(days.len(), 3);
-    // Day one: ann, ben, eli and the admin; two days on, eve too.
-    assert_eq!(days[0]["enrolled"], 4);
-    assert_eq!(days[2]["enrolled"], 5);
+    // Day one: ann, ben, eli, fox and the admin; two days on, eve too.
+    assert_eq!(days[0]["enrolled"], 5);
+    assert_eq!(days[2]["enrolled"], 6);
 }
 
 #[tokio::test]
 async fn a_rebuild_equals_the_read_models_it_replaces_and_replays_are_harmless() {
-    let app = spawn_app().await;
+    let app = spawn_app_with_sms().await;
     let indexes = || async {
         let defs: Vec<String> = sqlx::query_scalar(
             "SELECT indexdef FROM pg_indexes WHERE tablename IN ('rm_audit', 'rm_users') ORDER BY 1",
@@ -264,7 +284,7 @@ async fn a_rebuild_equals_the_read_models_it_replaces_and_replays_are_harmless()
 
 #[tokio::test]
 async fn the_audit_history_and_its_exports_are_tamper_evident() {
-    let app = spawn_app().await;
+    let app = spawn_app_with_sms().await;
     let (ann, _) = scripted_history(&app).await;
     rebuild(&app).await;
     let admin = app.admin_token().await;
