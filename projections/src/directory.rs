@@ -181,6 +181,7 @@ impl UserRow {
             | UserEvent::BackupCodesSealed { .. }
             | UserEvent::PreferredMethodSet { .. }
             | UserEvent::SignInRefusedNoMethod { .. }
+            | UserEvent::SignInThrottled { .. }
             | UserEvent::EnrollmentSkipped { .. }
             | UserEvent::SessionsRevoked { .. } => {}
         }

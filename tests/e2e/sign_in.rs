@@ -352,3 +352,88 @@ async fn a_long_history_is_read_from_snapshots() {
     assert_eq!(loaded, replayed);
     assert_eq!(loaded.sign_ins, 40);
 }
+
+/// The account's password-guessing budget: five wrong passwords, then each
+/// next try waits longer; the wait answers the same whether the password is
+/// right or wrong, holds under parallel guessing, and a right password once
+/// allowed starts the budget over.
+#[tokio::test]
+async fn wrong_passwords_are_slowed_per_account_without_an_oracle() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    let mel = app
+        .create_user(
+            &admin,
+            json!({"username": "mel", "password": "correct horse battery"}),
+        )
+        .await;
+    // Twenty wrong passwords at once: exactly five are looked at.
+    let guesses: Vec<String> = (0..20).map(|i| format!("wrong password {i}")).collect();
+    let replies = futures::future::join_all(guesses.iter().map(|g| app.sign_in("mel", g))).await;
+    let refused = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::UNAUTHORIZED)
+        .count();
+    let throttled: Vec<_> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS)
+        .collect();
+    assert_eq!(refused, 5);
+    assert_eq!(throttled.len(), 15);
+    assert_eq!(throttled[0].code(), "too_many_attempts");
+    assert!(
+        throttled[0].body["error"]["retry_after_secs"]
+            .as_i64()
+            .unwrap()
+            >= 1
+    );
+    assert_eq!(app.events_of(&mel, "PasswordRejected").await.len(), 5);
+    // While it waits, the right password gets the same answer.
+    let right = app.sign_in("mel", "correct horse battery").await;
+    assert_eq!(right.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(right.code(), "too_many_attempts");
+    // After the wait, it opens the account and the budget starts over.
+    app.clock.advance(chrono::Duration::seconds(2));
+    let right = app.sign_in("mel", "correct horse battery").await;
+    assert_eq!(right.status, StatusCode::OK, "{:?}", right.body);
+    for _ in 0..5 {
+        assert_eq!(
+            app.sign_in("mel", "wrong again").await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+}
+
+/// A locked account answers the same whether the password is right or wrong.
+#[tokio::test]
+async fn a_locked_account_is_no_password_oracle() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    app.create_user(
+        &admin,
+        json!({"username": "lin", "password": "correct horse battery", "email": "lin@acme.test"}),
+    )
+    .await;
+    app.set_settings(&admin, settings_on(&["email"], "email"))
+        .await;
+    let c = app.sign_in("lin", "correct horse battery").await;
+    let token = c.body["challenge"]["token"].as_str().unwrap().to_string();
+    let right = app.delivered_code(&token).await;
+    let wrong = if right == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    for _ in 0..3 {
+        app.post(
+            "/challenge/verify",
+            json!({"challenge_token": token, "code": wrong}),
+        )
+        .await;
+    }
+    let with_right = app.sign_in("lin", "correct horse battery").await;
+    let with_wrong = app.sign_in("lin", "not the password").await;
+    assert_eq!(with_right.status, StatusCode::LOCKED);
+    assert_eq!(with_wrong.status, with_right.status);
+    assert_eq!(with_wrong.body, with_right.body);
+}

@@ -135,6 +135,27 @@ pub struct TwoFactorSettings {
     /// what they see. Off unless turned on.
     #[serde(default)]
     pub allow_login_as: bool,
+    /// Wrong passwords in a row an account may get before each next try
+    /// waits twice as long as the last (the password-guessing budget).
+    #[serde(default = "default_password_attempts")]
+    pub password_attempts_before_delay: u32,
+    /// How long a remembered device skips the second factor
+    /// (unrecognized-devices mode), in days.
+    #[serde(default = "default_device_days")]
+    pub remembered_device_days: u32,
+    /// Whether the address of an earlier 2FA sign-in counts as recognized
+    /// (unrecognized-devices mode). Off unless turned on: everyone behind the
+    /// same NAT, VPN or untrusted proxy would share it.
+    #[serde(default)]
+    pub trust_known_ips: bool,
+}
+
+fn default_device_days() -> u32 {
+    30
+}
+
+fn default_password_attempts() -> u32 {
+    5
 }
 
 impl Default for TwoFactorSettings {
@@ -154,6 +175,9 @@ impl Default for TwoFactorSettings {
             replace_backup_codes_on_use: false,
             session_duration_secs: 90 * 24 * 3600,
             allow_login_as: false,
+            password_attempts_before_delay: default_password_attempts(),
+            remembered_device_days: default_device_days(),
+            trust_known_ips: false,
         }
     }
 }
@@ -210,6 +234,15 @@ impl TwoFactorSettings {
             if roles.is_empty() {
                 return err("scope", "select at least one role");
             }
+        }
+        if !(1..=100).contains(&self.password_attempts_before_delay) {
+            return err(
+                "password_attempts_before_delay",
+                "must be between 1 and 100",
+            );
+        }
+        if !(1..=400).contains(&self.remembered_device_days) {
+            return err("remembered_device_days", "must be between 1 and 400");
         }
         if !(Self::MIN_SESSION_SECS..=Self::MAX_SESSION_SECS).contains(&self.session_duration_secs)
         {

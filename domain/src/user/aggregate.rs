@@ -109,6 +109,11 @@ pub struct User {
     /// The method the user (or an admin for them) wants asked first.
     #[serde(default)]
     pub preferred_method: Option<Method>,
+    /// Wrong passwords in a row, and when the last one came (the guessing budget).
+    #[serde(default)]
+    pub password_failures: u32,
+    #[serde(default)]
+    pub last_password_failure_at: Option<DateTime<Utc>>,
 }
 
 impl User {
@@ -198,6 +203,7 @@ impl User {
         settings: &TwoFactorSettings,
         device: Option<&PresentedDevice>,
         ip: Option<&str>,
+        at: DateTime<Utc>,
         enrolling: bool,
     ) -> Option<SkipReason> {
         if !settings.enabled {
@@ -219,16 +225,19 @@ impl User {
             return None;
         }
         if settings.enforcement == Enforcement::UnrecognizedDevices {
+            let fresh_until = |d: &DeviceState| {
+                d.remembered_at + chrono::Duration::days(settings.remembered_device_days.into())
+            };
             if let Some(d) = device {
-                if self
-                    .devices
-                    .get(&d.id)
-                    .is_some_and(|known| known.token_hash.matches(&d.token_hash))
-                {
+                if self.devices.get(&d.id).is_some_and(|known| {
+                    known.token_hash.matches(&d.token_hash) && at < fresh_until(known)
+                }) {
                     return Some(SkipReason::KnownDevice);
                 }
             }
-            if ip.is_some_and(|ip| self.trusted_ips.iter().any(|t| t == ip)) {
+            if settings.trust_known_ips
+                && ip.is_some_and(|ip| self.trusted_ips.iter().any(|t| t == ip))
+            {
                 return Some(SkipReason::KnownIp);
             }
         }
@@ -257,14 +266,28 @@ impl User {
             enrollment_seed,
             ctx,
         } = cmd;
-        if !password_ok {
-            return Ok(vec![UserEvent::PasswordRejected { ctx }]);
-        }
+        // Neither a lockout nor the guessing budget looks at the password,
+        // so their answers say nothing about whether it was right.
         if self.lockout.is_locked() {
             return Ok(vec![UserEvent::SignInRefusedLocked { ctx }]);
         }
+        if let Some(retry_after_secs) = self.password_wait(&settings, ctx.at) {
+            return Ok(vec![UserEvent::SignInThrottled {
+                retry_after_secs,
+                ctx,
+            }]);
+        }
+        if !password_ok {
+            return Ok(vec![UserEvent::PasswordRejected { ctx }]);
+        }
         let enrolling = self.needs_enrollment(&settings) && enrollment_seed.is_some();
-        let skip = self.skip_reason(&settings, device.as_ref(), ctx.ip.as_deref(), enrolling);
+        let skip = self.skip_reason(
+            &settings,
+            device.as_ref(),
+            ctx.ip.as_deref(),
+            ctx.at,
+            enrolling,
+        );
         if let Some(reason) = skip {
             let mut events = vec![UserEvent::SecondFactorSkipped {
                 reason,
@@ -359,6 +382,23 @@ impl User {
             });
         }
         Ok(())
+    }
+
+    /// The password-guessing budget of this account: after the tenant's
+    /// `password_attempts_before_delay` wrong passwords in a row (from any
+    /// address), each next try must wait twice as long as the last (1 s, 2 s,
+    /// … up to 15 minutes). A right password resets it. It slows guessing to
+    /// a crawl without ever locking the owner out. Seconds left to wait, if any.
+    fn password_wait(&self, settings: &TwoFactorSettings, at: DateTime<Utc>) -> Option<i64> {
+        let free = settings.password_attempts_before_delay;
+        let last = self.last_password_failure_at?;
+        if self.password_failures < free {
+            return None;
+        }
+        let exponent = (self.password_failures - free).min(20);
+        let wait = (1i64 << exponent).min(MAX_SLOWDOWN_SECS);
+        let allowed_at = last + chrono::Duration::seconds(wait);
+        (at < allowed_at).then(|| (allowed_at - at).num_seconds().max(1))
     }
 
     /// A step-up confirmed in `session` recently enough for a sensitive change.
@@ -640,6 +680,11 @@ impl User {
         }
         if method == open.method || !open.methods.contains(&method) {
             return Err(UserError::MethodNotAvailable);
+        }
+        // A switch to email or SMS sends a code: it counts as a resend, so
+        // switching back and forth cannot get round the resend limit.
+        if method.is_delivered() && open.resends_remaining() == Some(0) {
+            return Err(UserError::ResendLimitReached);
         }
         Ok(vec![UserEvent::ChallengeMethodSwitched {
             challenge_id: open.id,
@@ -1118,10 +1163,14 @@ impl Aggregate for User {
                 self.service_account = service_account;
                 self.password_hash = Some(password_hash);
             }
-            UserEvent::PasswordRejected { .. }
-            | UserEvent::SignInRefusedLocked { .. }
-            | UserEvent::SecondFactorSkipped { .. }
+            UserEvent::PasswordRejected { ctx } => {
+                self.password_failures = self.password_failures.saturating_add(1);
+                self.last_password_failure_at = Some(ctx.at);
+            }
+            UserEvent::SignInRefusedLocked { .. }
+            | UserEvent::SignInThrottled { .. }
             | UserEvent::EnrollmentCodeRejected { .. } => {}
+            UserEvent::SecondFactorSkipped { .. } => self.password_failures = 0,
             UserEvent::ChallengeIssued {
                 challenge_id,
                 method,
@@ -1132,6 +1181,8 @@ impl Aggregate for User {
                 purpose,
                 ctx,
             } => {
+                // The password was right: the guessing budget starts over.
+                self.password_failures = 0;
                 if !matches!(purpose, ChallengePurpose::StepUp { .. }) {
                     self.sign_ins += 1;
                 }
@@ -1183,6 +1234,9 @@ impl Aggregate for User {
                 if let Some(c) = self.challenges.get_mut(&challenge_id) {
                     c.method = to;
                     c.generation = generation;
+                    if to.is_delivered() {
+                        c.resends += 1;
+                    }
                 }
             }
             UserEvent::CodeRejected { failures, ctx, .. } => {
@@ -1292,7 +1346,7 @@ impl Aggregate for User {
             UserEvent::EnrollmentSkipped { challenge_id, .. } => {
                 self.challenges.remove(&challenge_id);
             }
-            UserEvent::SignInRefusedNoMethod { .. } => {}
+            UserEvent::SignInRefusedNoMethod { .. } => self.password_failures = 0,
             UserEvent::DeviceRemembered {
                 device_id,
                 token_hash,

@@ -228,6 +228,12 @@ pub enum UserEvent {
         method: Option<Method>,
         ctx: Ctx,
     },
+    /// A sign-in refused unlooked-at because the account's password-guessing
+    /// budget asks to wait (whether the password was right is not checked).
+    SignInThrottled {
+        retry_after_secs: i64,
+        ctx: Ctx,
+    },
     /// A sign-in that would need a second factor the user has no way to give
     /// (no usable method, none they could set up): refused, never let through.
     SignInRefusedNoMethod {
@@ -306,6 +312,7 @@ impl UserEvent {
             | UserEvent::StepUpCompleted { ctx, .. }
             | UserEvent::DeviceForgotten { ctx, .. }
             | UserEvent::SignInRefusedNoMethod { ctx }
+            | UserEvent::SignInThrottled { ctx, .. }
             | UserEvent::EnrollmentSkipped { ctx, .. }
             | UserEvent::PreferredMethodSet { ctx, .. }
             | UserEvent::UserUpdated { ctx, .. }
@@ -344,6 +351,7 @@ impl UserEvent {
             UserEvent::StepUpCompleted { .. } => "StepUpCompleted",
             UserEvent::DeviceForgotten { .. } => "DeviceForgotten",
             UserEvent::SignInRefusedNoMethod { .. } => "SignInRefusedNoMethod",
+            UserEvent::SignInThrottled { .. } => "SignInThrottled",
             UserEvent::EnrollmentSkipped { .. } => "EnrollmentSkipped",
             UserEvent::PreferredMethodSet { .. } => "PreferredMethodSet",
             UserEvent::UserUpdated { .. } => "UserUpdated",

@@ -224,12 +224,52 @@ fn unrecognized_devices_mode_skips_a_remembered_device() {
 }
 
 #[test]
-fn unrecognized_devices_mode_skips_a_known_ip() {
-    let settings = on(Enforcement::UnrecognizedDevices);
+fn unrecognized_devices_mode_skips_a_known_ip_only_when_the_tenant_trusts_them() {
+    let settings = TwoFactorSettings {
+        trust_known_ips: true,
+        ..on(Enforcement::UnrecognizedDevices)
+    };
     Given::with(())
         .given(vec![registered(&[]), remembered("198.51.100.4")])
         .when(sign_in(settings.clone(), None, at(10)))
         .then_expect_events(skipped(SkipReason::KnownIp, at(10), &settings));
+    // Off by default: the address alone recognizes nobody.
+    let default = on(Enforcement::UnrecognizedDevices);
+    Given::with(())
+        .given(vec![registered(&[]), remembered("198.51.100.4")])
+        .when(sign_in(default.clone(), None, at(10)))
+        .then_expect_events(vec![email_challenge(&default, at(10))]);
+}
+
+#[test]
+fn a_remembered_device_is_recognized_only_for_the_tenants_days() {
+    let settings = TwoFactorSettings {
+        remembered_device_days: 30,
+        ..on(Enforcement::UnrecognizedDevices)
+    };
+    let device = || {
+        Some(PresentedDevice {
+            id: Uuid::from_u128(900),
+            token_hash: hash("device"),
+        })
+    };
+    let history = vec![
+        registered(&[]),
+        UserEvent::DeviceRemembered {
+            device_id: Uuid::from_u128(900),
+            token_hash: hash("device"),
+            ctx: at(0),
+        },
+    ];
+    let day = 24 * 3600;
+    Given::with(())
+        .given(history.clone())
+        .when(sign_in(settings.clone(), device(), at(29 * day)))
+        .then_expect_events(skipped(SkipReason::KnownDevice, at(29 * day), &settings));
+    Given::with(())
+        .given(history)
+        .when(sign_in(settings.clone(), device(), at(31 * day)))
+        .then_expect_events(vec![email_challenge(&settings, at(31 * day))]);
 }
 
 #[test]

@@ -492,7 +492,7 @@ fn a_wrong_password_is_recorded_and_opens_nothing() {
 }
 
 #[test]
-fn a_locked_user_with_the_right_password_is_refused() {
+fn a_locked_user_is_refused_whether_the_password_is_right_or_wrong() {
     Given::with(())
         .given(locked())
         .when(sign_in(2, &email_only(), 20))
@@ -512,7 +512,59 @@ fn a_locked_user_with_the_right_password_is_refused() {
             password_ok: false,
             ..sign_in_cmd(2, &email_only(), 20)
         }))
-        .then_expect_events(vec![UserEvent::PasswordRejected { ctx: ctx(20) }]);
+        // The same answer: a lockout is no oracle for the password.
+        .then_expect_events(vec![UserEvent::SignInRefusedLocked { ctx: ctx(20) }]);
+}
+
+#[test]
+fn wrong_passwords_in_a_row_make_each_next_try_wait_longer_until_a_right_one() {
+    let s = email_only();
+    let wrong = |secs: i64| {
+        UserCommand::SignIn(SignIn {
+            password_ok: false,
+            ..sign_in_cmd(9, &s, secs)
+        })
+    };
+    let mut history = vec![registered()];
+    // Five free wrong passwords.
+    for i in 0..5 {
+        assert_eq!(
+            run(&mut history, wrong(10 + i)),
+            vec![UserEvent::PasswordRejected { ctx: ctx(10 + i) }]
+        );
+    }
+    // The sixth try waits 1 s after the fifth failure, right password or not.
+    for password_ok in [false, true] {
+        let events = fold(&history)
+            .handle_for_tests(UserCommand::SignIn(SignIn {
+                password_ok,
+                ..sign_in_cmd(9, &s, 14)
+            }))
+            .unwrap();
+        assert_eq!(
+            events,
+            vec![UserEvent::SignInThrottled {
+                retry_after_secs: 1,
+                ctx: ctx(14)
+            }]
+        );
+    }
+    assert_eq!(
+        run(&mut history, wrong(15)),
+        vec![UserEvent::PasswordRejected { ctx: ctx(15) }]
+    );
+    // Then 2 s.
+    assert!(matches!(
+        fold(&history).handle_for_tests(wrong(16)).unwrap()[0],
+        UserEvent::SignInThrottled {
+            retry_after_secs: 1,
+            ..
+        }
+    ));
+    // A right password once allowed starts the budget over.
+    let events = run(&mut history, sign_in(9, &s, 17));
+    assert!(matches!(events[0], UserEvent::ChallengeIssued { .. }));
+    assert_eq!(fold(&history).password_failures, 0);
 }
 
 #[test]

@@ -297,6 +297,15 @@ impl App {
                     observe::sign_in("locked");
                     return Err(AppError::Locked);
                 }
+                UserEvent::SignInThrottled {
+                    retry_after_secs, ..
+                } => {
+                    observe::sign_in("throttled");
+                    return Err(UserError::TooManyAttempts {
+                        retry_after_secs: *retry_after_secs,
+                    }
+                    .into());
+                }
                 UserEvent::SignInRefusedNoMethod { .. } => {
                     observe::sign_in("no_method");
                     return Err(AppError::NoUsableMethod);
@@ -346,10 +355,13 @@ pub enum VerifyOutcome {
     SteppedUp,
 }
 
-/// What the client presented, parsed before anything is decided.
+/// What the client presented, parsed before anything is decided. A code or
+/// backup code of the wrong shape is still an attempt: it counts as a wrong one.
 enum Presented {
     Code(OtpCode),
     Backup(String),
+    MalformedCode,
+    MalformedBackup,
 }
 
 fn parse_code(code: &str) -> Result<OtpCode, AppError> {
@@ -360,15 +372,12 @@ fn parse_code(code: &str) -> Result<OtpCode, AppError> {
 impl Presented {
     fn parse(code: Option<&str>, backup: Option<&SecretString>) -> Result<Self, AppError> {
         match (code, backup) {
-            (Some(code), None) => Ok(Self::Code(parse_code(code)?)),
-            (None, Some(backup)) => backup_codes::normalize(backup.expose_secret())
+            (Some(code), None) => Ok(parse_code(code)
+                .map(Self::Code)
+                .unwrap_or(Self::MalformedCode)),
+            (None, Some(backup)) => Ok(backup_codes::normalize(backup.expose_secret())
                 .map(Self::Backup)
-                .ok_or_else(|| {
-                    AppError::bad_input(
-                        "invalid_backup_code_format",
-                        "A backup code is 10 letters and digits, like abcde-23456.",
-                    )
-                }),
+                .unwrap_or(Self::MalformedBackup)),
             _ => Err(AppError::bad_input(
                 "code_required",
                 "Send exactly one of code or backup_code.",
@@ -449,6 +458,14 @@ impl App {
         match presented {
             Presented::Backup(code) => Ok(Proof::Backup {
                 hash: backup_codes::hash_for(&self.keys, user, code),
+            }),
+            // Counted like a wrong code of its kind.
+            Presented::MalformedBackup => Ok(Proof::Backup {
+                hash: twofold_domain::secrets::SecretHash(String::new()),
+            }),
+            Presented::MalformedCode => Ok(match open.method {
+                Method::Totp => Proof::Totp { matched_step: None },
+                Method::Email | Method::Sms => Proof::Delivered { matches: false },
             }),
             Presented::Code(code) => match open.method {
                 Method::Totp => {

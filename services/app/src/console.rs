@@ -4,7 +4,7 @@
 
 use futures::StreamExt;
 use serde::Serialize;
-use twofold_domain::tenant::settings::{Enrollment, MaxInvalidAttempts, Scope};
+use twofold_domain::tenant::settings::{Enforcement, Enrollment, MaxInvalidAttempts, Scope};
 use twofold_domain::tenant::TwoFactorSettings;
 use twofold_domain::user::{SecondFactorUse, TwoFactorState};
 use twofold_domain::values::{Method, Role};
@@ -54,6 +54,9 @@ pub fn warnings(settings: &TwoFactorSettings) -> Vec<&'static str> {
     }
     if !settings.enabled {
         out.push("Two-factor authentication is off: nobody is asked for a second factor.");
+    }
+    if settings.enforcement == Enforcement::UnrecognizedDevices && settings.trust_known_ips {
+        out.push("Known addresses skip the second factor: everyone behind the same office NAT or VPN shares one, so after one colleague passes it the others sign in with a password alone.");
     }
     out
 }

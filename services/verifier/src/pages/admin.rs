@@ -350,12 +350,32 @@ struct SettingsForm {
     replace_backup_codes_on_use: Option<String>,
     #[serde(default)]
     allow_login_as: Option<String>,
+    #[serde(default)]
+    trust_known_ips: Option<String>,
+    #[serde(default = "five")]
+    password_attempts_before_delay: String,
+    #[serde(default = "thirty")]
+    remembered_device_days: String,
     session_days: String,
     #[serde(default)]
     reason: String,
     /// `preview` or `save`.
     #[serde(default)]
     intent: String,
+}
+
+fn five() -> String {
+    "5".to_string()
+}
+
+fn thirty() -> String {
+    "30".to_string()
+}
+
+fn number(field: &'static str, raw: &str) -> Result<u32, (&'static str, String)> {
+    raw.trim()
+        .parse()
+        .map_err(|_| (field, "must be a whole number".to_string()))
 }
 
 fn enum_from<T: serde::de::DeserializeOwned>(
@@ -415,6 +435,12 @@ impl SettingsForm {
             replace_backup_codes_on_use: self.replace_backup_codes_on_use.is_some(),
             session_duration_secs: days.saturating_mul(24 * 3600),
             allow_login_as: self.allow_login_as.is_some(),
+            trust_known_ips: self.trust_known_ips.is_some(),
+            password_attempts_before_delay: number(
+                "password_attempts_before_delay",
+                &self.password_attempts_before_delay,
+            )?,
+            remembered_device_days: number("remembered_device_days", &self.remembered_device_days)?,
         })
     }
 }
@@ -490,6 +516,11 @@ fn settings_form(t: &str, token: &str, v: &SettingsView<'_>) -> Markup {
                 (choice("enforcement", "unrecognized_devices", "Only for unrecognized devices (risk-based)", s.enforcement == Enforcement::UnrecognizedDevices))
                 (choice("enforcement", "every_login", "At every login", s.enforcement == Enforcement::EveryLogin))
                 (field_error(&v.error, "enforcement"))
+                label for="remembered_device_days" { "Remember a device for (days)" }
+                input #remembered_device_days type="number" name="remembered_device_days" min="1" max="400" value=(s.remembered_device_days) disabled[ro];
+                (field_error(&v.error, "remembered_device_days"))
+                label.check { input type="checkbox" name="trust_known_ips" value="on" checked[s.trust_known_ips] disabled[ro]; "Also skip it from the address of an earlier 2FA sign-in" }
+                p.hint { "Off is safer: everyone behind the same office NAT, VPN or an unconfigured proxy shares an address, and would skip the second factor after one colleague passed it." }
             }
             fieldset {
                 legend { "Verification methods" }
@@ -554,6 +585,9 @@ fn settings_form(t: &str, token: &str, v: &SettingsView<'_>) -> Markup {
                 }
                 label.check { input type="checkbox" name="replace_backup_codes_on_use" value="on" checked[s.replace_backup_codes_on_use] disabled[ro]; "Replace a used recovery code automatically (keep 8)" }
                 label.check { input type="checkbox" name="allow_login_as" value="on" checked[s.allow_login_as] disabled[ro]; "Allow admins to sign in as a user (Login As: with a reason and a code, for one hour, marked in every event)" }
+                label for="password_attempts_before_delay" { "Wrong passwords before each try must wait longer" }
+                input #password_attempts_before_delay type="number" name="password_attempts_before_delay" min="1" max="100" value=(s.password_attempts_before_delay) disabled[ro];
+                (field_error(&v.error, "password_attempts_before_delay"))
                 label for="session_days" { "Session duration (days)" }
                 input #session_days type="number" name="session_days" min="1" max="400" value=(s.session_duration_secs / 86_400) disabled[ro];
                 (field_error(&v.error, "session_duration_secs"))
