@@ -364,7 +364,7 @@ enum Presented {
     MalformedBackup,
 }
 
-fn parse_code(code: &str) -> Result<OtpCode, AppError> {
+pub(crate) fn parse_code(code: &str) -> Result<OtpCode, AppError> {
     OtpCode::parse(code)
         .map_err(|e| AppError::bad_input("invalid_code_format", format!("The {e}.")))
 }

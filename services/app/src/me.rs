@@ -103,16 +103,21 @@ impl App {
         NewAuthenticator::new(&seed, &session.tenant.name, &Self::account_name(session))
     }
 
-    /// The pending enrollment, to show its QR code again.
-    pub fn pending_totp(&self, session: &Session) -> Result<NewAuthenticator, AppError> {
+    /// The seed of the enrollment in progress.
+    fn pending_seed(&self, session: &Session) -> Result<Vec<u8>, AppError> {
         let sealed = session
             .user
             .pending_totp
             .as_ref()
             .ok_or(UserError::NoEnrollmentInProgress)?;
-        let seed = self
+        Ok(self
             .keys
-            .open(sealed, session.user_id.as_uuid().as_bytes())?;
+            .open(sealed, session.user_id.as_uuid().as_bytes())?)
+    }
+
+    /// The pending enrollment, to show its QR code again.
+    pub fn pending_totp(&self, session: &Session) -> Result<NewAuthenticator, AppError> {
+        let seed = self.pending_seed(session)?;
         NewAuthenticator::new(&seed, &session.tenant.name, &Self::account_name(session))
     }
 
@@ -125,16 +130,8 @@ impl App {
         code: &str,
         origin: &Origin,
     ) -> Result<Vec<String>, AppError> {
-        let code = twofold_domain::values::OtpCode::parse(code)
-            .map_err(|e| AppError::bad_input("invalid_code_format", format!("The {e}.")))?;
-        let sealed = session
-            .user
-            .pending_totp
-            .as_ref()
-            .ok_or(UserError::NoEnrollmentInProgress)?;
-        let seed = self
-            .keys
-            .open(sealed, session.user_id.as_uuid().as_bytes())?;
+        let code = crate::auth::parse_code(code)?;
+        let seed = self.pending_seed(session)?;
         let matched_step = totp::matching_step(&seed, &code, self.now())?;
         let (codes, hashes) =
             backup_codes::issue(&self.keys, session.user_id.as_uuid().as_bytes())?;

@@ -671,10 +671,7 @@ async fn settings_post(
     ConsoleAdmin(admin): ConsoleAdmin,
     CheckedForm(form): CheckedForm<SettingsForm>,
 ) -> Page {
-    let console = ConsoleUser {
-        reader: admin.reader(),
-        admin: Some(admin.clone()),
-    };
+    let console = ConsoleUser::acting(&admin);
     let token = nonce.token(&api);
     let current = console.reader.0.tenant.settings.clone();
     let shown;
@@ -1067,17 +1064,13 @@ async fn user_action(
     ConsoleAdmin(admin): ConsoleAdmin,
     CheckedForm(form): CheckedForm<ActionForm>,
 ) -> Page {
-    let console = ConsoleUser {
-        reader: admin.reader(),
-        admin: Some(admin.clone()),
-    };
+    let console = ConsoleUser::acting(&admin);
     let token = nonce.token(&api);
     let reason = Some(form.reason.clone()).filter(|r| !r.trim().is_empty());
-    let refuse = |text: &str| text.to_string();
     let problem = if form.confirm.is_none() {
-        Some(refuse("Tick the confirmation to apply the action."))
+        Some("Tick the confirmation to apply the action.".to_string())
     } else if reason.is_none() {
-        Some(refuse("Give a reason: it is recorded with the action."))
+        Some("Give a reason: it is recorded with the action.".to_string())
     } else {
         None
     };

@@ -217,6 +217,16 @@ where
     }
 }
 
+impl ConsoleUser {
+    /// The console as seen by an admin who is acting.
+    pub fn acting(admin: &AdminSession) -> Self {
+        Self {
+            reader: admin.reader(),
+            admin: Some(admin.clone()),
+        }
+    }
+}
+
 /// An admin acting from the console (auditors get 403).
 pub struct ConsoleAdmin(pub AdminSession);
 
