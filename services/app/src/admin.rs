@@ -57,6 +57,20 @@ pub struct DeviceView {
     pub remembered_at: DateTime<Utc>,
 }
 
+impl UserAction {
+    /// The command that carries the action out.
+    pub fn command(self, ctx: Ctx) -> UserCommand {
+        match self {
+            UserAction::ResetEnrollment => UserCommand::ResetEnrollment { ctx },
+            UserAction::Unlock => UserCommand::Unlock { ctx },
+            UserAction::RevokeSessions => UserCommand::RevokeSessions {
+                forget_devices: true,
+                ctx,
+            },
+        }
+    }
+}
+
 /// A change to a user; absent fields stay as they are.
 #[derive(Debug, Default)]
 pub struct UserUpdate {
@@ -99,7 +113,7 @@ impl App {
     }
 
     /// A user of `tenant_id` by the id written in a request.
-    async fn user_named(
+    pub(crate) async fn user_named(
         &self,
         tenant_id: TenantId,
         raw_user: &str,
@@ -168,11 +182,20 @@ impl App {
         reader: &ReaderSession,
         raw_user: &str,
     ) -> Result<UserDetail, AppError> {
-        let (user_id, u) = self.user_named(reader.tenant_id(), raw_user).await?;
+        self.user_detail_in(reader.tenant_id(), raw_user).await
+    }
+
+    /// A user of `tenant_id` as an admin sees them.
+    pub(crate) async fn user_detail_in(
+        &self,
+        tenant_id: TenantId,
+        raw_user: &str,
+    ) -> Result<UserDetail, AppError> {
+        let (user_id, u) = self.user_named(tenant_id, raw_user).await?;
         let now = self.now();
         let last_sign_in = twofold_projections::queries::user(
             &self.pool,
-            &reader.tenant_id().to_string(),
+            &tenant_id.to_string(),
             &user_id.to_string(),
         )
         .await?
@@ -288,15 +311,8 @@ impl App {
         reason: Option<String>,
         origin: &Origin,
     ) -> Result<(), AppError> {
-        self.admin_command(admin, raw_user, reason, origin, |ctx| match action {
-            UserAction::ResetEnrollment => UserCommand::ResetEnrollment { ctx },
-            UserAction::Unlock => UserCommand::Unlock { ctx },
-            UserAction::RevokeSessions => UserCommand::RevokeSessions {
-                forget_devices: true,
-                ctx,
-            },
-        })
-        .await
+        self.admin_command(admin, raw_user, reason, origin, |ctx| action.command(ctx))
+            .await
     }
 
     /// "Login As": a short session as the user, to test what they see. Needs

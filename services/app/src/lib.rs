@@ -13,6 +13,7 @@ pub mod console;
 pub mod error;
 pub mod me;
 mod observe;
+pub mod operator;
 mod reads;
 pub mod reports;
 pub mod session;

@@ -13,6 +13,7 @@ use twofold_projections::{overview, record};
 
 use crate::session::ReaderSession;
 use crate::{App, AppError};
+use twofold_domain::TenantId;
 
 /// The longest daily series answered at once.
 pub const MAX_DAYS: i64 = 366;
@@ -42,7 +43,15 @@ impl App {
         reader: &ReaderSession,
         as_of: Option<DateTime<Utc>>,
     ) -> Result<Overview, AppError> {
-        let tenant = reader.tenant_id().to_string();
+        self.overview_in(reader.tenant_id(), as_of).await
+    }
+
+    pub(crate) async fn overview_in(
+        &self,
+        tenant_id: TenantId,
+        as_of: Option<DateTime<Utc>>,
+    ) -> Result<Overview, AppError> {
+        let tenant = tenant_id.to_string();
         Ok(match as_of {
             Some(at) => overview::as_of(&record::load_tenant(&self.pool, &tenant).await?, at),
             None => queries::overview(&self.pool, &tenant).await?,
@@ -138,6 +147,20 @@ impl App {
         ),
         AppError,
     > {
+        self.audit_export_in(reader.tenant_id(), q)
+    }
+
+    pub(crate) fn audit_export_in(
+        &self,
+        tenant_id: TenantId,
+        q: AuditQuery,
+    ) -> Result<
+        (
+            Format,
+            impl Stream<Item = Result<String, std::io::Error>> + Send + 'static,
+        ),
+        AppError,
+    > {
         let format = match q.format.as_deref().unwrap_or("ndjson") {
             "ndjson" => Format::Ndjson,
             "csv" => Format::Csv,
@@ -148,7 +171,7 @@ impl App {
             }
         };
         let pool = self.pool.clone();
-        let tenant = reader.tenant_id().to_string();
+        let tenant = tenant_id.to_string();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
         // The export owns what it reads from, so it can outlive the request.
         tokio::spawn(async move {

@@ -38,7 +38,7 @@ pub enum Command {
         #[command(subcommand)]
         command: TenantCommand,
     },
-    /// Users: create one.
+    /// Users: create one; the break-glass actions on one, and show one.
     User {
         #[command(subcommand)]
         command: UserCommand,
@@ -48,10 +48,15 @@ pub enum Command {
         #[command(subcommand)]
         command: ProjectionsCommand,
     },
-    /// Audit exports: check one is complete and unaltered.
+    /// Audit exports: write one, or check one is complete and unaltered.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Print a tenant's Overview (adoption figures) as JSON.
+    Overview {
+        #[arg(long)]
+        tenant: TenantId,
     },
 }
 
@@ -68,6 +73,17 @@ pub enum AuditCommand {
     Verify {
         /// The export file; `-` reads standard input.
         file: PathBuf,
+    },
+    /// Write a tenant's audit export (as GET /audit) to standard output.
+    Export {
+        #[arg(long)]
+        tenant: TenantId,
+        /// `ndjson` or `csv`.
+        #[arg(long, default_value = "ndjson")]
+        format: String,
+        /// Only the history of this user (id).
+        #[arg(long)]
+        user_id: Option<String>,
     },
 }
 
@@ -90,7 +106,6 @@ pub enum TenantCommand {
         /// The settings as JSON (see README, "Settings"); `-` reads standard input.
         #[arg(long)]
         json: String,
-        #[arg(long)]
         /// Why (kept in the audit history).
         #[arg(long)]
         reason: String,
@@ -115,4 +130,29 @@ pub enum UserCommand {
         #[arg(long)]
         service_account: bool,
     },
+    /// End a user's lockout (break-glass: no session needed).
+    Unlock(UserAct),
+    /// Make a user enroll again; their sessions and devices end, a lockout too.
+    ResetEnrollment(UserAct),
+    /// End a user's sessions and remembered devices.
+    RevokeSessions(UserAct),
+    /// Print a user as an admin sees them.
+    Show {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        username: String,
+    },
+}
+
+/// A break-glass action on one user, recorded with the operator as actor.
+#[derive(clap::Args)]
+pub struct UserAct {
+    #[arg(long)]
+    pub tenant: TenantId,
+    #[arg(long)]
+    pub username: String,
+    /// Why (kept in the audit history).
+    #[arg(long)]
+    pub reason: String,
 }

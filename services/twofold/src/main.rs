@@ -36,7 +36,16 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     match cli.command {
+        Command::Audit {
+            command:
+                AuditCommand::Export {
+                    tenant,
+                    format,
+                    user_id,
+                },
+        } => operator::audit_export(&config, clock, tenant, format, user_id).await,
         Command::Keygen | Command::Audit { .. } => Ok(()),
+        Command::Overview { tenant } => operator::overview(&config, clock, tenant).await,
         Command::Migrate => {
             let pool = twofold_platform::db::connect(&config).await?;
             twofold_platform::db::migrate(&pool).await?;

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use secrecy::SecretString;
 use twofold_app::accounts::NewUser;
+use twofold_app::admin::UserAction;
 use twofold_app::{App, AppError};
 use twofold_domain::tenant::TwoFactorSettings;
-use twofold_domain::{Actor, Ctx};
+use twofold_domain::{Actor, Ctx, TenantId};
 use twofold_platform::{Clock, Config};
 
 use crate::cli::{TenantCommand, UserCommand};
@@ -82,29 +83,98 @@ pub async fn user(
     clock: Arc<dyn Clock>,
     command: UserCommand,
 ) -> anyhow::Result<()> {
-    let UserCommand::Create {
-        tenant,
-        username,
-        email,
-        phone,
-        roles,
-        service_account,
-    } = command;
+    let (act, action) = match command {
+        UserCommand::Create {
+            tenant,
+            username,
+            email,
+            phone,
+            roles,
+            service_account,
+        } => {
+            let new = NewUser {
+                username,
+                password: SecretString::from(String::new()),
+                email,
+                phone,
+                roles,
+                service_account,
+            };
+            return create_user(config, clock, tenant, new).await;
+        }
+        UserCommand::Show { tenant, username } => {
+            let app = App::connect(config, clock).await?;
+            let user = app.operator_user(tenant, &username).await.map_err(api)?;
+            println!("{}", serde_json::to_string_pretty(&user)?);
+            return Ok(());
+        }
+        UserCommand::Unlock(act) => (act, UserAction::Unlock),
+        UserCommand::ResetEnrollment(act) => (act, UserAction::ResetEnrollment),
+        UserCommand::RevokeSessions(act) => (act, UserAction::RevokeSessions),
+    };
+    let app = App::connect(config, clock).await?;
+    app.operator_act(act.tenant, &act.username, action, &act.reason)
+        .await
+        .map_err(api)?;
+    eprintln!("twofold: done; recorded with the operator as actor and your reason");
+    Ok(())
+}
+
+/// `twofold user create`: the password comes from standard input.
+async fn create_user(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    tenant: TenantId,
+    new: NewUser,
+) -> anyhow::Result<()> {
     let app = App::connect(config, clock.clone()).await?;
     app.tenant(&tenant.to_string()).await.map_err(api)?;
     let password = read_stdin()?;
     let password = password.trim_end_matches(['\r', '\n']).to_string();
     let ctx = Ctx::new(clock.now(), Actor::Operator);
     let new = NewUser {
-        username,
         password: SecretString::from(password),
-        email,
-        phone,
-        roles,
-        service_account,
+        ..new
     };
     let user_id = app.create_user(tenant, new, ctx).await.map_err(api)?;
     println!("{}", serde_json::json!({ "user_id": user_id }));
+    Ok(())
+}
+
+/// `twofold overview --tenant`
+pub async fn overview(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    tenant: TenantId,
+) -> anyhow::Result<()> {
+    let app = App::connect(config, clock).await?;
+    let figures = app.operator_overview(tenant).await.map_err(api)?;
+    println!("{}", serde_json::to_string_pretty(&figures)?);
+    Ok(())
+}
+
+/// `twofold audit export --tenant`: the export on standard output.
+pub async fn audit_export(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    tenant: TenantId,
+    format: String,
+    user_id: Option<String>,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use std::io::Write;
+    let app = App::connect(config, clock).await?;
+    let q = twofold_projections::queries::AuditQuery {
+        user_id,
+        format: Some(format),
+        ..Default::default()
+    };
+    let (_, lines) = app.operator_audit_export(tenant, q).await.map_err(api)?;
+    let mut lines = std::pin::pin!(lines);
+    let mut out = std::io::stdout().lock();
+    while let Some(line) = lines.next().await {
+        out.write_all(line?.as_bytes())?;
+    }
     Ok(())
 }
 

@@ -88,3 +88,107 @@ fn a_missing_server_key_is_refused_with_a_hint() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("TWOFOLD_KEYS"));
 }
+
+/// The break-glass commands against a real database: show a user, act on one
+/// with a reason (recorded with the operator as actor), the Overview, and an
+/// audit export that `audit verify` accepts.
+#[test]
+fn the_break_glass_commands_work_without_any_session() {
+    let admin_url = std::env::var("TWOFOLD_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+    let db = format!("twofold_test_cli_{}", std::process::id());
+    let psql = |sql: &str| {
+        let out = Command::new("psql")
+            .args(["-w", "-X", "-q", &admin_url, "-c", sql])
+            .output()
+            .expect("psql must be installed: run ops/deps");
+        assert!(out.status.success(), "{out:?}");
+    };
+    psql(&format!("DROP DATABASE IF EXISTS {db}"));
+    psql(&format!("CREATE DATABASE {db}"));
+    let url = format!("{}/{db}", admin_url.rsplit_once('/').unwrap().0);
+    let key = String::from_utf8(twofold().arg("keygen").output().unwrap().stdout).unwrap();
+    let run = |args: &[&str]| {
+        twofold()
+            .args(args)
+            .env("TWOFOLD_DATABASE_URL", &url)
+            .env("TWOFOLD_KEYS", format!("k={}", key.trim()))
+            .env("TWOFOLD_CURRENT_KEY_ID", "k")
+            .env_remove("TWOFOLD_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let created = run(&[
+        "tenant",
+        "create",
+        "--name",
+        "Acme",
+        "--admin-username",
+        "root",
+    ]);
+    assert!(created.status.success(), "{created:?}");
+    let created: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    let tenant = created["tenant_id"].as_str().unwrap().to_string();
+
+    let shown = run(&["user", "show", "--tenant", &tenant, "--username", "root"]);
+    assert!(shown.status.success(), "{shown:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["username"], "root");
+    assert_eq!(shown["locked"], false);
+
+    // Not locked: refused with the stable code, nothing written.
+    let unlock = run(&[
+        "user",
+        "unlock",
+        "--tenant",
+        &tenant,
+        "--username",
+        "root",
+        "--reason",
+        "help desk",
+    ]);
+    assert!(!unlock.status.success());
+    assert!(String::from_utf8_lossy(&unlock.stderr).contains("not_locked"));
+    let revoke = run(&[
+        "user",
+        "revoke-sessions",
+        "--tenant",
+        &tenant,
+        "--username",
+        "root",
+        "--reason",
+        "laptop stolen",
+    ]);
+    assert!(revoke.status.success(), "{revoke:?}");
+    let unknown = run(&[
+        "user",
+        "revoke-sessions",
+        "--tenant",
+        &tenant,
+        "--username",
+        "nobody",
+        "--reason",
+        "x",
+    ]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("user_not_found"));
+
+    let overview = run(&["overview", "--tenant", &tenant]);
+    assert!(overview.status.success(), "{overview:?}");
+    let overview: serde_json::Value = serde_json::from_slice(&overview.stdout).unwrap();
+    assert!(overview["enrollment_rate"].is_number());
+
+    let export = run(&["audit", "export", "--tenant", &tenant]);
+    assert!(export.status.success(), "{export:?}");
+    let dir = std::env::temp_dir().join(format!("twofold-cli-export-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("export.ndjson");
+    std::fs::write(&file, &export.stdout).unwrap();
+    let verified = twofold()
+        .args(["audit", "verify"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{verified:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+    psql(&format!("DROP DATABASE IF EXISTS {db}"));
+}
