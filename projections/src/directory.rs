@@ -182,6 +182,8 @@ impl UserRow {
             | UserEvent::PreferredMethodSet { .. }
             | UserEvent::SignInRefusedNoMethod { .. }
             | UserEvent::SignInThrottled { .. }
+            | UserEvent::PasswordChanged { .. }
+            | UserEvent::PasswordChangeRequired { .. }
             | UserEvent::EnrollmentSkipped { .. }
             | UserEvent::SessionsRevoked { .. } => {}
         }

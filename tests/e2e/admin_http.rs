@@ -597,3 +597,104 @@ async fn login_as_is_off_by_default_needs_a_step_up_and_marks_every_event() {
     let ended = app.events_of(&ola, "SessionEnded").await;
     assert_eq!(ended.last().unwrap()["ctx"]["impersonated_by"], admin_id);
 }
+
+#[tokio::test]
+async fn a_one_time_password_must_be_changed_first_and_an_admin_reset_hands_one_out() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    let uli = app
+        .create_user(
+            &admin,
+            json!({"username": "uli", "password": PASSWORD, "email": "uli@acme.test"}),
+        )
+        .await;
+    app.set_settings(&admin, settings_on(&["email"], "email"))
+        .await;
+    let admin = app.admin_token().await;
+    // Another session of uli's, to see it end.
+    let c = app.sign_in("uli", PASSWORD).await;
+    let token = c.body["challenge"]["token"].as_str().unwrap().to_string();
+    let code = app.delivered_code(&token).await;
+    let old_session = app
+        .post(
+            "/challenge/verify",
+            json!({"challenge_token": token, "code": code}),
+        )
+        .await
+        .body["session"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let reset = call(
+        &app,
+        Method::POST,
+        &format!("/users/{uli}/reset-password"),
+        &admin,
+        json!({"reason": "forgot it"}),
+    )
+    .await;
+    assert_eq!(reset.status, StatusCode::OK, "{:?}", reset.body);
+    let one_time = reset.body["one_time_password"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        app.post("/sessions/introspect", json!({"token": old_session}))
+            .await
+            .body["active"],
+        false
+    );
+    // The old password is gone; the one-time one still asks the second factor.
+    assert_eq!(
+        app.sign_in("uli", PASSWORD).await.code(),
+        "invalid_credentials"
+    );
+    let c = app.sign_in("uli", &one_time).await;
+    assert_eq!(c.body["status"], "challenge", "{:?}", c.body);
+    let token = c.body["challenge"]["token"].as_str().unwrap().to_string();
+    let code = app.delivered_code(&token).await;
+    let signed = app
+        .post(
+            "/challenge/verify",
+            json!({"challenge_token": token, "code": code}),
+        )
+        .await;
+    assert_eq!(signed.body["password_change_required"], true);
+    let session = signed.body["session"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Nothing else until it is changed.
+    let blocked = app.post_auth("/me/step-up", &session, json!({})).await;
+    assert_eq!(blocked.code(), "password_change_required");
+    let wrong = app
+        .post_auth(
+            "/me/password",
+            &session,
+            json!({"current_password": "not it", "new_password": "a brand new password"}),
+        )
+        .await;
+    assert_eq!(wrong.code(), "invalid_credentials");
+    // This session passed 2FA at sign-in: that is the change's step-up.
+    let changed = app
+        .post_auth(
+            "/me/password",
+            &session,
+            json!({"current_password": one_time, "new_password": "a brand new password"}),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::NO_CONTENT, "{:?}", changed.body);
+    let now_free = app.post_auth("/me/step-up", &session, json!({})).await;
+    assert_eq!(now_free.status, StatusCode::OK, "{:?}", now_free.body);
+    // A later change, not forced, asks for a fresh step-up.
+    let again = app
+        .post_auth(
+            "/me/password",
+            &session,
+            json!({"current_password": "a brand new password", "new_password": "yet another password"}),
+        )
+        .await;
+    assert_eq!(again.code(), "step_up_required");
+    let events = app.event_types(&uli).await;
+    assert!(events.contains(&"PasswordChangeRequired".to_string()));
+}

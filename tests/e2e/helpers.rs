@@ -15,6 +15,9 @@ use twofold_platform::{crypto, Config, ManualClock};
 use twofold_verifier::Verifier;
 use uuid::Uuid;
 
+/// The first admin's password once the one-time one is changed.
+pub const ADMIN_PASSWORD: &str = "the admin's own password";
+
 pub fn admin_database_url() -> String {
     std::env::var("TWOFOLD_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
@@ -122,11 +125,41 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
         .await
         .unwrap();
     let pool = direct;
+    // The one-time password works only until it is changed: the first
+    // sign-in changes it, as an admin would.
+    let base = format!("http://{addr}/v1/tenants/{}", created.tenant_id);
+    let client = reqwest::Client::new();
+    let first: Value = client
+        .post(format!("{base}/sign-in"))
+        .json(&json!({"username": created.admin_username, "password": created.one_time_password}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["password_change_required"], true, "{first}");
+    let token = first["session"]["token"].as_str().unwrap();
+    let changed = client
+        .post(format!("{base}/me/password"))
+        .bearer_auth(token)
+        .json(
+            &json!({"current_password": created.one_time_password, "new_password": ADMIN_PASSWORD}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        changed.status(),
+        StatusCode::NO_CONTENT,
+        "{:?}",
+        changed.text().await
+    );
     TestApp {
-        base: format!("http://{addr}/v1/tenants/{}", created.tenant_id),
+        base,
         tenant_id: created.tenant_id,
         admin_username: created.admin_username,
-        admin_password: created.one_time_password,
+        admin_password: ADMIN_PASSWORD.to_string(),
         clock,
         state,
         pool,

@@ -114,6 +114,9 @@ pub struct User {
     pub password_failures: u32,
     #[serde(default)]
     pub last_password_failure_at: Option<DateTime<Utc>>,
+    /// The password is a one-time one: changing it comes before anything else.
+    #[serde(default)]
+    pub password_must_change: bool,
 }
 
 impl User {
@@ -818,6 +821,61 @@ impl User {
                     ctx,
                 }])
             }
+            UserCommand::ChangePassword {
+                current_ok,
+                new_hash,
+                session_id,
+                step_up,
+                ctx,
+            } => {
+                self.require_exists()?;
+                if !current_ok {
+                    return Err(UserError::CurrentPasswordWrong);
+                }
+                if let Some(session) = step_up {
+                    self.require_step_up(session, ctx.at)?;
+                }
+                let others: Vec<SessionId> = self
+                    .sessions
+                    .keys()
+                    .copied()
+                    .filter(|id| *id != session_id)
+                    .collect();
+                let mut events = vec![UserEvent::PasswordChanged {
+                    password_hash: new_hash,
+                    ctx: ctx.clone(),
+                }];
+                if !others.is_empty() {
+                    events.push(UserEvent::SessionsRevoked {
+                        session_ids: others,
+                        devices_forgotten: false,
+                        ctx,
+                    });
+                }
+                Ok(events)
+            }
+            UserCommand::ResetPassword { new_hash, ctx } => {
+                self.require_exists()?;
+                if matches!(ctx.actor, Actor::Admin(admin) if Some(admin) == self.id) {
+                    return Err(UserError::CannotChangeOwnFactor);
+                }
+                self.require_admin_reason(&ctx)?;
+                Ok(vec![
+                    UserEvent::PasswordChanged {
+                        password_hash: new_hash,
+                        ctx: ctx.clone(),
+                    },
+                    UserEvent::PasswordChangeRequired { ctx: ctx.clone() },
+                    self.revoke_all(&ctx),
+                ])
+            }
+            UserCommand::RequirePasswordChange { ctx } => {
+                self.require_exists()?;
+                if self.password_must_change {
+                    return Ok(vec![]);
+                }
+                Ok(vec![UserEvent::PasswordChangeRequired { ctx }])
+            }
             UserCommand::StartLoginAs {
                 session,
                 settings,
@@ -1347,6 +1405,12 @@ impl Aggregate for User {
                 self.challenges.remove(&challenge_id);
             }
             UserEvent::SignInRefusedNoMethod { .. } => self.password_failures = 0,
+            UserEvent::PasswordChanged { password_hash, .. } => {
+                self.password_hash = Some(password_hash);
+                self.password_must_change = false;
+                self.password_failures = 0;
+            }
+            UserEvent::PasswordChangeRequired { .. } => self.password_must_change = true,
             UserEvent::DeviceRemembered {
                 device_id,
                 token_hash,

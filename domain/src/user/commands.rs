@@ -49,6 +49,28 @@ pub enum UserCommand {
         settings: TwoFactorSettings,
         ctx: Ctx,
     },
+    /// The user changes their password: the current one must be right, and
+    /// `step_up` names the session that must have confirmed a factor (when
+    /// the tenant's 2FA asks this user for one). The user's other sessions end.
+    ChangePassword {
+        current_ok: bool,
+        new_hash: PasswordHash,
+        session_id: SessionId,
+        step_up: Option<SessionId>,
+        ctx: Ctx,
+    },
+    /// An admin (or the operator) sets a one-time password the user must
+    /// change at their next sign-in (which still asks the second factor);
+    /// every session ends.
+    ResetPassword {
+        new_hash: PasswordHash,
+        ctx: Ctx,
+    },
+    /// The password must be changed before anything else (a one-time
+    /// password handed out at tenant creation).
+    RequirePasswordChange {
+        ctx: Ctx,
+    },
     /// At an enrollment offered at sign-in, go on without it (only where the
     /// tenant's enrollment is optional).
     SkipEnrollment {

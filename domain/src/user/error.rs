@@ -28,6 +28,8 @@ pub enum UserError {
     EnrollmentRequired,
     #[error("signing in as this user is not allowed: Login As is off for the tenant, or the user is an admin")]
     LoginAsNotAllowed,
+    #[error("the current password is wrong")]
+    CurrentPasswordWrong,
     #[error("an authenticator app is already enrolled")]
     AlreadyEnrolled,
     #[error("no authenticator enrollment is in progress")]

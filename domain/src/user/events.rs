@@ -228,6 +228,15 @@ pub enum UserEvent {
         method: Option<Method>,
         ctx: Ctx,
     },
+    /// A new password (its argon2id hash), set by the user or by an admin.
+    PasswordChanged {
+        password_hash: PasswordHash,
+        ctx: Ctx,
+    },
+    /// The password must be changed before the user can do anything else.
+    PasswordChangeRequired {
+        ctx: Ctx,
+    },
     /// A sign-in refused unlooked-at because the account's password-guessing
     /// budget asks to wait (whether the password was right is not checked).
     SignInThrottled {
@@ -313,6 +322,8 @@ impl UserEvent {
             | UserEvent::DeviceForgotten { ctx, .. }
             | UserEvent::SignInRefusedNoMethod { ctx }
             | UserEvent::SignInThrottled { ctx, .. }
+            | UserEvent::PasswordChanged { ctx, .. }
+            | UserEvent::PasswordChangeRequired { ctx }
             | UserEvent::EnrollmentSkipped { ctx, .. }
             | UserEvent::PreferredMethodSet { ctx, .. }
             | UserEvent::UserUpdated { ctx, .. }
@@ -352,6 +363,8 @@ impl UserEvent {
             UserEvent::DeviceForgotten { .. } => "DeviceForgotten",
             UserEvent::SignInRefusedNoMethod { .. } => "SignInRefusedNoMethod",
             UserEvent::SignInThrottled { .. } => "SignInThrottled",
+            UserEvent::PasswordChanged { .. } => "PasswordChanged",
+            UserEvent::PasswordChangeRequired { .. } => "PasswordChangeRequired",
             UserEvent::EnrollmentSkipped { .. } => "EnrollmentSkipped",
             UserEvent::PreferredMethodSet { .. } => "PreferredMethodSet",
             UserEvent::UserUpdated { .. } => "UserUpdated",

@@ -32,7 +32,7 @@ pub struct NewUser {
 
 pub const MIN_PASSWORD_CHARS: usize = 8;
 
-fn check_password(password: &SecretString) -> Result<(), AppError> {
+pub(crate) fn check_password(password: &SecretString) -> Result<(), AppError> {
     let p = password.expose_secret();
     if p.chars().count() < MIN_PASSWORD_CHARS || p.len() > MAX_PASSWORD_BYTES {
         return Err(AppError::InvalidField(ValueError {
@@ -133,8 +133,17 @@ impl App {
                     roles: vec![Role::ADMIN.to_string()],
                     service_account: false,
                 },
-                ctx,
+                ctx.clone(),
             )
+            .await?;
+        let ctx_after = ctx;
+        // The generated password is for the first sign-in only.
+        self.users
+            .execute(&admin_user_id.to_string(), |_| {
+                Ok(UserCommand::RequirePasswordChange {
+                    ctx: ctx_after.clone(),
+                })
+            })
             .await?;
         Ok(CreatedTenant {
             tenant_id,

@@ -315,6 +315,39 @@ impl App {
             .await
     }
 
+    /// A one-time password for a user who lost theirs, to hand over: they
+    /// must change it at their next sign-in (which still asks the second
+    /// factor); their sessions end.
+    #[tracing::instrument(skip_all)]
+    pub async fn reset_password(
+        &self,
+        admin: &AdminSession,
+        raw_user: &str,
+        reason: Option<String>,
+        origin: &Origin,
+    ) -> Result<String, AppError> {
+        use rand::distributions::{Alphanumeric, DistString};
+        let (user_id, _) = self.target(admin, raw_user).await?;
+        let ctx = admin_ctx(self, origin, admin, reason);
+        if ctx.reason.is_none() {
+            return Err(UserError::ReasonRequired.into());
+        }
+        let password = Alphanumeric.sample_string(&mut rand::rngs::OsRng, 20);
+        let new_hash = self
+            .passwords
+            .hash(&secrecy::SecretString::from(password.clone()))
+            .await?;
+        self.users
+            .execute(&user_id.to_string(), |_| {
+                Ok(UserCommand::ResetPassword {
+                    new_hash: new_hash.clone(),
+                    ctx: ctx.clone(),
+                })
+            })
+            .await?;
+        Ok(password)
+    }
+
     /// "Login As": a short session as the user, to test what they see. Needs
     /// the tenant to allow it, a reason, and this admin session to have
     /// confirmed a factor just now (a step-up); every event of the session is

@@ -45,6 +45,8 @@ pub struct SignedIn {
     /// The new code that took the place of a backup code this sign-in used
     /// (when the tenant keeps 8).
     pub replacement_code: Option<String>,
+    /// The password is a one-time one: it must be changed before anything else.
+    pub password_change_required: bool,
 }
 
 /// A challenge waiting for a code.
@@ -157,6 +159,7 @@ fn signed_in(
         device_token: device_token.filter(|_| remembered),
         backup_codes,
         replacement_code: None,
+        password_change_required: false,
     })
 }
 
@@ -264,6 +267,7 @@ impl App {
         let (challenge_token, challenge) = new_challenge_for(user_id);
         let (session_token, session) = new_session(user_id);
         let ctx = origin.ctx(self.now(), Actor::User(user_id));
+        let must_change = basis.state().password_must_change;
         let account = basis
             .state()
             .username
@@ -332,7 +336,10 @@ impl App {
         }
         observe::sign_in("signed_in");
         signed_in(session_token, None, &events, Vec::new())
-            .map(SignInOutcome::SignedIn)
+            .map(|mut s| {
+                s.password_change_required = must_change;
+                SignInOutcome::SignedIn(s)
+            })
             .ok_or_else(|| {
                 AppError::unexpected(anyhow::anyhow!(
                     "sign-in produced neither a challenge nor a session"
@@ -518,6 +525,9 @@ impl App {
         let (session_token, session) = new_session(user_id);
         let (device_token, device) = new_device(user_id);
         let ctx = origin.ctx(self.now(), Actor::User(user_id));
+        let must_change = found
+            .as_ref()
+            .is_some_and(|(_, b)| b.state().password_must_change);
         let basis = found.map(|(_, basis)| basis).unwrap_or(Basis {
             versioned: Versioned::default(),
             fresh: true,
@@ -568,6 +578,7 @@ impl App {
         signed_in(session_token, Some(device_token), &events, Vec::new())
             .map(|mut s| {
                 s.replacement_code = replaced.then_some(new_code);
+                s.password_change_required = must_change;
                 VerifyOutcome::SignedIn(s)
             })
             .ok_or_else(|| AppError::unexpected(anyhow::anyhow!("verification opened no session")))

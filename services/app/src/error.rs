@@ -31,6 +31,9 @@ pub enum AppError {
     Locked,
     #[error("A user with this username already exists in the tenant.")]
     UsernameTaken,
+    /// A session whose user must change a one-time password first.
+    #[error("Change your password first: it was set for you and works only until you do (POST /me/password).")]
+    PasswordChangeRequired,
     /// A sign-in that needs a second factor the user has no way to give.
     #[error("Your organization requires a second factor, and none you could use is set up. Ask an administrator to add your email address or phone number.")]
     NoUsableMethod,
@@ -96,6 +99,7 @@ impl AppError {
             Self::Locked => "account_locked",
             Self::UsernameTaken => "username_taken",
             Self::NoUsableMethod => "second_factor_unavailable",
+            Self::PasswordChangeRequired => "password_change_required",
             Self::WouldLockYouOut => "would_lock_you_out",
             Self::InvalidCode { .. } => "invalid_code",
             Self::InvalidField(_) => "invalid_field",
@@ -169,6 +173,7 @@ fn user_error_code(err: &UserError) -> &'static str {
         UserError::DeviceNotFound => "device_not_found",
         UserError::EnrollmentRequired => "enrollment_required",
         UserError::LoginAsNotAllowed => "login_as_not_allowed",
+        UserError::CurrentPasswordWrong => "invalid_credentials",
         UserError::AlreadyEnrolled => "already_enrolled",
         UserError::NoEnrollmentInProgress => "no_enrollment_in_progress",
         UserError::WrongBackupCodeCount { .. } => "internal_error",

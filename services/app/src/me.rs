@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 use twofold_domain::user::{
-    SessionEndReason, TwoFactorState, User, UserCommand, UserError, UserEvent,
+    SecondFactorUse, SessionEndReason, TwoFactorState, User, UserCommand, UserError, UserEvent,
 };
 use twofold_domain::values::{Email, Method, Phone};
 use twofold_domain::{Ctx, SessionId, UserId};
@@ -76,6 +76,7 @@ impl App {
         origin: &Origin,
         command: impl Fn(Ctx) -> UserCommand,
     ) -> Result<Vec<UserEvent>, AppError> {
+        session.require_own_password()?;
         let ctx = session.ctx(origin, self.now());
         Ok(self
             .users
@@ -332,6 +333,48 @@ impl App {
                 used: slot.used,
             })
             .collect())
+    }
+}
+
+impl App {
+    /// The user changes their password: the current one, and (where the
+    /// tenant's 2FA asks them for one) a step-up in this session. Their other
+    /// sessions end; a one-time password stops being one.
+    #[tracing::instrument(skip_all)]
+    pub async fn change_password(
+        &self,
+        session: &Session,
+        current: &secrecy::SecretString,
+        new: &secrecy::SecretString,
+        origin: &Origin,
+    ) -> Result<(), AppError> {
+        crate::accounts::check_password(new)?;
+        let current_ok = self
+            .passwords
+            .verify(session.user.password_hash.as_ref(), current)
+            .await?;
+        let new_hash = self.passwords.hash(new).await?;
+        let settings = &session.tenant.settings;
+        // A forced change right after a sign-in that passed 2FA needs no
+        // other step-up: that second factor is this session's own.
+        let forced_after_2fa = session.user.password_must_change
+            && matches!(session.second_factor, SecondFactorUse::Used { .. });
+        let asks_a_factor = settings.enabled
+            && !session.user.available_methods(settings).is_empty()
+            && !forced_after_2fa;
+        let ctx = session.ctx(origin, self.now());
+        self.users
+            .execute(&session.user_id.to_string(), |_| {
+                Ok(UserCommand::ChangePassword {
+                    current_ok,
+                    new_hash: new_hash.clone(),
+                    session_id: session.session_id,
+                    step_up: asks_a_factor.then_some(session.session_id),
+                    ctx: ctx.clone(),
+                })
+            })
+            .await?;
+        Ok(())
     }
 }
 

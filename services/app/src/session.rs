@@ -27,6 +27,16 @@ pub struct Session {
 }
 
 impl Session {
+    /// Refuses while the user must change a one-time password first.
+    pub fn require_own_password(&self) -> Result<(), AppError> {
+        if self.user.password_must_change {
+            return Err(AppError::PasswordChangeRequired);
+        }
+        Ok(())
+    }
+}
+
+impl Session {
     pub fn actor(&self) -> Actor {
         Actor::User(self.user_id)
     }
@@ -65,6 +75,7 @@ impl Session {
     }
 
     fn policy_met(&self) -> Result<(), AppError> {
+        self.require_own_password()?;
         let checked = matches!(
             self.second_factor,
             SecondFactorUse::Used { .. }

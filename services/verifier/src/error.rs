@@ -103,9 +103,10 @@ pub fn status_of(err: &AppError) -> StatusCode {
         AppError::InvalidCredentials | AppError::Unauthenticated | AppError::InvalidCode { .. } => {
             S::UNAUTHORIZED
         }
-        AppError::Forbidden | AppError::SecondFactorRequired | AppError::NoUsableMethod => {
-            S::FORBIDDEN
-        }
+        AppError::Forbidden
+        | AppError::SecondFactorRequired
+        | AppError::NoUsableMethod
+        | AppError::PasswordChangeRequired => S::FORBIDDEN,
         AppError::Locked => S::LOCKED,
         AppError::UsernameTaken | AppError::WouldLockYouOut => S::CONFLICT,
         AppError::InvalidField(_)
@@ -140,6 +141,7 @@ fn user_error_status(err: &twofold_domain::user::UserError) -> StatusCode {
         E::ProofDoesNotFitChallenge => S::BAD_REQUEST,
         E::ReasonRequired => S::UNPROCESSABLE_ENTITY,
         E::StepUpRequired | E::CannotChangeOwnFactor | E::LoginAsNotAllowed => S::FORBIDDEN,
+        E::CurrentPasswordWrong => S::UNAUTHORIZED,
         E::WrongBackupCodeCount { .. } => S::INTERNAL_SERVER_ERROR,
     }
 }

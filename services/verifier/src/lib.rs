@@ -70,6 +70,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/me/step-up", post(me::step_up))
         .route("/me/two-factor", post(me::set_voluntary))
         .route("/me/preferred-method", post(me::set_preferred_method))
+        .route("/me/password", post(me::change_password))
         .route(
             "/me/backup-codes",
             get(me::backup_codes).post(me::regenerate_backup_codes),
@@ -88,6 +89,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
             get(admin::get_user).patch(admin::update_user),
         )
         .route("/users/{user}/login-as", post(admin::login_as))
+        .route("/users/{user}/reset-password", post(admin::reset_password))
         .route("/users/{user}/{action}", post(admin::act_on_user))
         .route(
             "/users/{user}/backup-codes",

@@ -53,6 +53,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/account/recovery-codes", post(show_codes))
         .route("/account/two-factor", post(set_voluntary))
         .route("/account/preferred-method", post(set_preferred))
+        .route("/account/password", post(change_password))
         .route("/account/contact", post(change_contact))
         .route("/account/step-up", post(step_up))
         .route("/account/sessions/{session}/end", post(end_session))
@@ -116,6 +117,7 @@ fn notice_text(done: Option<&str>) -> Option<&'static str> {
         "voluntary_off" => "Two-factor authentication is off for your account.",
         "session_ended" => "The session is ended.",
         "preferred" => "Saved: that method is asked first from your next sign-in.",
+        "password" => "Your password is changed. Your other sessions were ended.",
         "device_forgotten" => {
             "The device is forgotten: it will be asked for a second factor again."
         }
@@ -780,6 +782,20 @@ async fn account(
             }
         }
         @if let Some(text) = notice_text(notice.done.as_deref()) { (message("success", text)) }
+        @if u.password_must_change {
+            (message("warning", "Your password was set for you and works only until you change it. Choose your own now."))
+        }
+        section.card aria-labelledby="password-h" {
+            h2 #password-h { "Password" }
+            form method="post" action={ "/t/" (tenant) "/account/password" } {
+                (token_input(&token))
+                label for="current_password" { "Current password" }
+                input #current_password type="password" name="current_password" autocomplete="current-password" required;
+                label for="new_password" { "New password" p.hint { "At least 8 characters. Your other sessions end." } }
+                input #new_password type="password" name="new_password" autocomplete="new-password" minlength="8" required;
+                button type="submit" { "Change password" }
+            }
+        }
         section.card aria-labelledby="profile-h" {
             h2 #profile-h { "Profile" }
             p { "Username: " strong { (u.username.as_ref().map(|n| n.as_str()).unwrap_or("")) } }
@@ -1162,4 +1178,28 @@ async fn skip_enrollment(
         api.secure_cookies,
         "/account",
     ))
+}
+
+#[derive(Deserialize)]
+struct PasswordForm {
+    current_password: SecretString,
+    new_password: SecretString,
+}
+
+async fn change_password(
+    State(api): State<ApiState>,
+    Path(tenant): Path<String>,
+    RequestMeta(origin): RequestMeta,
+    BrowserSession(session): BrowserSession,
+    CheckedForm(form): CheckedForm<PasswordForm>,
+) -> Page {
+    api.app
+        .change_password(
+            &session,
+            &form.current_password,
+            &form.new_password,
+            &origin,
+        )
+        .await?;
+    Ok(Redirect::to(&format!("/t/{tenant}/account?done=password")).into_response())
 }

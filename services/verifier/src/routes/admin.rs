@@ -189,3 +189,19 @@ pub async fn login_as(
         "impersonated_by": admin.0.user_id,
     })))
 }
+
+/// `POST /v1/tenants/{tenant}/users/{user}/reset-password` `{reason}`: a
+/// one-time password to hand over, to be changed at the next sign-in.
+pub async fn reset_password(
+    State(api): State<ApiState>,
+    RequestMeta(origin): RequestMeta,
+    SignedInAdmin(admin): SignedInAdmin,
+    Path((_, user)): Path<(String, String)>,
+    ApiJson(body): ApiJson<ReasonBody>,
+) -> Result<Json<Value>, ApiError> {
+    let password = api
+        .app
+        .reset_password(&admin, &user, body.reason, &origin)
+        .await?;
+    Ok(Json(json!({ "one_time_password": password })))
+}

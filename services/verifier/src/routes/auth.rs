@@ -83,6 +83,9 @@ fn signed_in_response(jar: CookieJar, signed_in: SignedIn) -> Response {
         if let Some(code) = &signed_in.replacement_code {
             obj.insert("backup_code_replacement".into(), json!(code));
         }
+        if signed_in.password_change_required {
+            obj.insert("password_change_required".into(), json!(true));
+        }
     }
     let jar = match signed_in.device_token {
         Some(device) => jar.add(

@@ -172,3 +172,29 @@ pub async fn set_preferred_method(
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordBody {
+    current_password: secrecy::SecretString,
+    new_password: secrecy::SecretString,
+}
+
+/// `POST /v1/tenants/{tenant}/me/password`: a new password (the current one,
+/// and a step-up where 2FA asks this user for one); other sessions end.
+pub async fn change_password(
+    State(api): State<ApiState>,
+    RequestMeta(origin): RequestMeta,
+    SignedIn(session): SignedIn,
+    ApiJson(body): ApiJson<PasswordBody>,
+) -> Result<StatusCode, ApiError> {
+    api.app
+        .change_password(
+            &session,
+            &body.current_password,
+            &body.new_password,
+            &origin,
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
