@@ -774,17 +774,7 @@ async fn account(
             twofold_domain::tenant::settings::Scope::Voluntary
         );
     let totp_allowed = settings.allowed_methods.contains(&Method::Totp);
-    let body = html! {
-        @if session.impersonated_by.is_some() {
-            div.warning #impersonation role="status" {
-                "An admin opened this session as " strong { (u.username.as_ref().map(|n| n.as_str()).unwrap_or("")) }
-                " (Login As). Everything done here is recorded with that admin's name. Sign out to end it."
-            }
-        }
-        @if let Some(text) = notice_text(notice.done.as_deref()) { (message("success", text)) }
-        @if u.password_must_change {
-            (message("warning", "Your password was set for you and works only until you change it. Choose your own now."))
-        }
+    let password_card = html! {
         section.card aria-labelledby="password-h" {
             h2 #password-h { "Password" }
             form method="post" action={ "/t/" (tenant) "/account/password" } {
@@ -796,6 +786,19 @@ async fn account(
                 button type="submit" { "Change password" }
             }
         }
+    };
+    let body = html! {
+        @if session.impersonated_by.is_some() {
+            div.warning #impersonation role="status" {
+                "An admin opened this session as " strong { (u.username.as_ref().map(|n| n.as_str()).unwrap_or("")) }
+                " (Login As). Everything done here is recorded with that admin's name. Sign out to end it."
+            }
+        }
+        @if let Some(text) = notice_text(notice.done.as_deref()) { (message("success", text)) }
+        @if u.password_must_change {
+            (message("warning", "Your password was set for you and works only until you change it. Choose your own now."))
+        }
+        @if u.password_must_change { (password_card) }
         section.card aria-labelledby="profile-h" {
             h2 #profile-h { "Profile" }
             p { "Username: " strong { (u.username.as_ref().map(|n| n.as_str()).unwrap_or("")) } }
@@ -887,6 +890,7 @@ async fn account(
             }
             (sensitive(&tenant, &token, stepped_up, "/account/backup-codes", "Regenerate recovery codes", false))
         }
+        @if !u.password_must_change { (password_card) }
         section.card aria-labelledby="sessions-h" {
             h2 #sessions-h { "Where you are signed in" }
             div.table-wrap { table {
