@@ -12,6 +12,7 @@ mod admin_http;
 mod console;
 mod delivery;
 mod guarantees;
+mod keep_alive;
 mod nats;
 mod pages;
 mod policy_http;

@@ -231,3 +231,30 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .await
         .with_context(|| format!("binding the metrics port {addr}"))
 }
+
+/// Installs the process's log subscriber on stderr: the filter from
+/// `TWOFOLD_LOG` (default `info,sqlx=warn`), the format from
+/// `TWOFOLD_LOG_FORMAT` (`text`, the default, or `json`). Colour codes only
+/// when stderr is a terminal, so piped and collected logs stay plain.
+pub fn init_tracing() -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+
+    let filter = match std::env::var("TWOFOLD_LOG") {
+        Ok(spec) => EnvFilter::try_new(&spec)
+            .with_context(|| format!("TWOFOLD_LOG: bad filter {spec:?}"))?,
+        Err(_) => EnvFilter::new("info,sqlx=warn"),
+    };
+    let format = std::env::var("TWOFOLD_LOG_FORMAT").unwrap_or_else(|_| "text".to_string());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = match format.as_str() {
+        "text" => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        "json" => builder.json().with_ansi(false).try_init(),
+        other => anyhow::bail!("TWOFOLD_LOG_FORMAT: expected text or json, got {other:?}"),
+    };
+    installed.map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
+}

@@ -7,20 +7,13 @@ mod workers;
 use std::sync::Arc;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 use twofold_platform::{Clock, Config, SystemClock};
 
 use cli::{AuditCommand, Cli, Command, ProjectionsCommand};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("TWOFOLD_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    twofold_platform::telemetry::init_tracing()?;
     let cli = Cli::parse();
     // Commands that need no configuration.
     match &cli.command {

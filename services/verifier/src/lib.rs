@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod layers;
 pub mod pages;
 pub mod routes;
 
@@ -18,6 +19,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
+use tower_http::trace::TraceLayer;
 use twofold_app::App;
 use twofold_platform::{telemetry, Clock, Config};
 
@@ -108,6 +110,13 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .fallback(|| async { ApiError::not_found() })
         .layer(middleware::from_fn(record_request))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            max_body_bytes,
+            layers::read_body,
+        ))
+        .layer(middleware::from_fn(layers::timeout))
+        .layer(TraceLayer::new_for_http().make_span_with(layers::request_span))
+        .layer(middleware::from_fn(layers::request_id))
         .with_state(state)
 }
 
