@@ -154,12 +154,16 @@ struct TrailerBody {
 
 pub const CSV_HEADER: &str = "position,tenant_id,aggregate_type,aggregate_id,sequence,event_type,at,actor_kind,actor_id,ip,user_agent,reason,user_id,details,prev,hash\n";
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
+/// One CSV record (quoted only where needed), newline-terminated.
+fn csv_line(fields: &[&str]) -> anyhow::Result<String> {
+    let mut writer = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_writer(Vec::new());
+    writer.write_record(fields)?;
+    let bytes = writer
+        .into_inner()
+        .map_err(|e| anyhow::anyhow!("writing a CSV record: {}", e.error()))?;
+    Ok(String::from_utf8(bytes)?)
 }
 
 impl Exporter {
@@ -189,28 +193,27 @@ impl Exporter {
                 s
             }
             Format::Csv => {
-                let opt = |o: &Option<String>| csv_field(o.as_deref().unwrap_or(""));
-                format!(
-                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
-                    entry.position,
-                    csv_field(&entry.tenant_id),
-                    csv_field(&entry.aggregate_type),
-                    csv_field(&entry.aggregate_id),
-                    entry.sequence,
-                    csv_field(&entry.event_type),
-                    entry
+                let opt = |o: &Option<String>| o.clone().unwrap_or_default();
+                csv_line(&[
+                    &entry.position.to_string(),
+                    &entry.tenant_id,
+                    &entry.aggregate_type,
+                    &entry.aggregate_id,
+                    &entry.sequence.to_string(),
+                    &entry.event_type,
+                    &entry
                         .at
                         .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-                    csv_field(&entry.actor_kind),
-                    opt(&entry.actor_id),
-                    opt(&entry.ip),
-                    opt(&entry.user_agent),
-                    opt(&entry.reason),
-                    opt(&entry.user_id),
-                    csv_field(&serde_json::to_string(&entry.details)?),
-                    prev,
-                    hash
-                )
+                    &entry.actor_kind,
+                    &opt(&entry.actor_id),
+                    &opt(&entry.ip),
+                    &opt(&entry.user_agent),
+                    &opt(&entry.reason),
+                    &opt(&entry.user_id),
+                    &serde_json::to_string(&entry.details)?,
+                    &prev,
+                    &hash,
+                ])?
             }
         })
     }
@@ -305,60 +308,21 @@ fn verify_ndjson(text: &str) -> anyhow::Result<Verified> {
     bail!("the export has no trailer: it is incomplete")
 }
 
-/// Splits one CSV record (RFC 4180 quoting) starting at `pos`; returns the
-/// fields and where the next record starts.
-fn csv_record(text: &str, mut pos: usize) -> (Vec<String>, usize) {
-    let bytes = text.as_bytes();
-    let mut fields = Vec::new();
-    let mut field = String::new();
-    let mut quoted = false;
-    let mut chars = text[pos..].char_indices().peekable();
-    while let Some((i, c)) = chars.next() {
-        let at = pos + i;
-        if quoted {
-            if c == '"' {
-                if bytes.get(at + 1) == Some(&b'"') {
-                    field.push('"');
-                    chars.next();
-                } else {
-                    quoted = false;
-                }
-            } else {
-                field.push(c);
-            }
-            continue;
-        }
-        match c {
-            '"' => quoted = true,
-            ',' => fields.push(std::mem::take(&mut field)),
-            '\n' => {
-                fields.push(field);
-                return (fields, at + 1);
-            }
-            '\r' => {}
-            _ => field.push(c),
-        }
-    }
-    fields.push(field);
-    pos = text.len();
-    (fields, pos)
-}
-
 fn verify_csv(text: &str) -> anyhow::Result<Verified> {
-    let mut pos = CSV_HEADER.len();
     if !text.starts_with(CSV_HEADER) {
         bail!("the CSV header is not an audit export's");
     }
+    // The trailer has fewer columns than an entry, hence `flexible`.
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let mut records = reader.records();
     let mut prev = GENESIS.to_string();
     let mut seen = 0u64;
-    while pos < text.len() {
-        let (f, next) = csv_record(text, pos);
-        pos = next;
-        if f.len() == 1 && f[0].is_empty() {
-            continue;
-        }
-        if f[0] == "#trailer" {
-            if !text[pos..].trim().is_empty() {
+    while let Some(record) = records.next() {
+        let f = record.with_context(|| format!("entry {}: not a CSV record", seen + 1))?;
+        if f.get(0) == Some("#trailer") {
+            if records.next().is_some() {
                 bail!("lines follow the trailer");
             }
             let count = f
@@ -372,22 +336,22 @@ fn verify_csv(text: &str) -> anyhow::Result<Verified> {
         if f.len() != 16 {
             bail!("entry {seen}: expected 16 columns, found {}", f.len());
         }
-        let opt = |s: &String| (!s.is_empty()).then(|| s.clone());
+        let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
         let entry = AuditEntry {
             position: f[0]
                 .parse()
                 .with_context(|| format!("entry {seen}: bad position"))?,
-            tenant_id: f[1].clone(),
-            aggregate_type: f[2].clone(),
-            aggregate_id: f[3].clone(),
+            tenant_id: f[1].to_string(),
+            aggregate_type: f[2].to_string(),
+            aggregate_id: f[3].to_string(),
             sequence: f[4]
                 .parse()
                 .with_context(|| format!("entry {seen}: bad sequence"))?,
-            event_type: f[5].clone(),
+            event_type: f[5].to_string(),
             at: f[6]
                 .parse()
                 .with_context(|| format!("entry {seen}: bad time"))?,
-            actor_kind: f[7].clone(),
+            actor_kind: f[7].to_string(),
             actor_id: opt(&f[8]),
             ip: opt(&f[9]),
             user_agent: opt(&f[10]),
@@ -491,18 +455,23 @@ mod tests {
                 .map(|(_, l)| format!("{l}\n"))
                 .collect(),
             Format::Csv => {
-                let mut out = CSV_HEADER.to_string();
-                let mut pos = CSV_HEADER.len();
-                let mut index = 0;
-                while pos < text.len() {
-                    let (_, next) = csv_record(text, pos);
-                    index += 1;
-                    if index != n {
-                        out.push_str(&text[pos..next]);
+                // Where each record starts, as the csv reader sees them.
+                let mut reader = csv::ReaderBuilder::new()
+                    .flexible(true)
+                    .from_reader(text.as_bytes());
+                reader.headers().unwrap();
+                let mut starts = Vec::new();
+                let mut record = csv::StringRecord::new();
+                loop {
+                    let at = reader.position().byte() as usize;
+                    if !reader.read_record(&mut record).unwrap() {
+                        break;
                     }
-                    pos = next;
+                    starts.push(at);
                 }
-                out
+                starts.push(text.len());
+                let (from, to) = (starts[n - 1], starts[n]);
+                format!("{}{}", &text[..from], &text[to..])
             }
         }
     }

@@ -19,11 +19,17 @@ pub async fn rebuild(config: &Config) -> anyhow::Result<()> {
     let pool = twofold_platform::db::connect(config).await?;
     twofold_platform::db::migrate(&pool).await?;
     let total: i64 = sqlx_count(&pool).await?;
-    let done = twofold_projections::rebuild::rebuild(&pool, |n| {
-        eprint!("\r{}", progress_bar(n, total.max(0) as u64));
-    })
-    .await?;
-    eprintln!();
+    // indicatif draws on stderr only when it is a terminal; piped or
+    // captured runs print nothing but the summary.
+    let bar = indicatif::ProgressBar::new(total.max(0) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "[{elapsed_precise}] {wide_bar} {pos}/{len} events ({per_sec}, {eta} left)",
+        )
+        .context("the progress bar's template")?,
+    );
+    let done = twofold_projections::rebuild::rebuild(&pool, |n| bar.set_position(n)).await?;
+    bar.finish_and_clear();
     println!(
         "{}",
         serde_json::json!({
@@ -180,19 +186,6 @@ pub async fn audit_export(
 
 async fn sqlx_count(pool: &twofold_platform::db::PgPool) -> anyhow::Result<i64> {
     twofold_platform::db::count_events(pool).await
-}
-
-/// `[#####.....] 5000/10000 events`
-fn progress_bar(done: u64, total: u64) -> String {
-    const WIDTH: u64 = 30;
-    let filled = (done.min(total) * WIDTH)
-        .checked_div(total)
-        .unwrap_or(WIDTH);
-    format!(
-        "[{}{}] {done}/{total} events",
-        "#".repeat(filled as usize),
-        ".".repeat((WIDTH - filled) as usize)
-    )
 }
 
 pub fn verify_export(file: &std::path::Path) -> anyhow::Result<()> {
