@@ -154,12 +154,29 @@ struct TrailerBody {
 
 pub const CSV_HEADER: &str = "position,tenant_id,aggregate_type,aggregate_id,sequence,event_type,at,actor_kind,actor_id,ip,user_agent,reason,user_id,details,prev,hash\n";
 
-/// One CSV record (quoted only where needed), newline-terminated.
+/// A cell a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, tab,
+/// carriage return; OWASP's CSV injection list) is written with a leading
+/// `'`, and so is one that starts with `'` itself, so [`unguard`] restores
+/// every value exactly and the hash chain still verifies.
+fn guard(cell: &str) -> std::borrow::Cow<'_, str> {
+    match cell.chars().next() {
+        Some('=' | '+' | '-' | '@' | '\t' | '\r' | '\'') => format!("'{cell}").into(),
+        _ => cell.into(),
+    }
+}
+
+/// The value a guarded cell stands for.
+fn unguard(cell: &str) -> &str {
+    cell.strip_prefix('\'').unwrap_or(cell)
+}
+
+/// One CSV record (quoted only where needed, guarded against spreadsheet
+/// formulas), newline-terminated.
 fn csv_line(fields: &[&str]) -> anyhow::Result<String> {
     let mut writer = csv::WriterBuilder::new()
         .terminator(csv::Terminator::Any(b'\n'))
         .from_writer(Vec::new());
-    writer.write_record(fields)?;
+    writer.write_record(fields.iter().map(|f| guard(f).into_owned()))?;
     let bytes = writer
         .into_inner()
         .map_err(|e| anyhow::anyhow!("writing a CSV record: {}", e.error()))?;
@@ -336,6 +353,7 @@ fn verify_csv(text: &str) -> anyhow::Result<Verified> {
         if f.len() != 16 {
             bail!("entry {seen}: expected 16 columns, found {}", f.len());
         }
+        let f: Vec<&str> = f.iter().map(unguard).collect();
         let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
         let entry = AuditEntry {
             position: f[0]
@@ -352,15 +370,15 @@ fn verify_csv(text: &str) -> anyhow::Result<Verified> {
                 .parse()
                 .with_context(|| format!("entry {seen}: bad time"))?,
             actor_kind: f[7].to_string(),
-            actor_id: opt(&f[8]),
-            ip: opt(&f[9]),
-            user_agent: opt(&f[10]),
-            reason: opt(&f[11]),
-            user_id: opt(&f[12]),
-            details: serde_json::from_str(&f[13])
+            actor_id: opt(f[8]),
+            ip: opt(f[9]),
+            user_agent: opt(f[10]),
+            reason: opt(f[11]),
+            user_id: opt(f[12]),
+            details: serde_json::from_str(f[13])
                 .with_context(|| format!("entry {seen}: bad details"))?,
         };
-        prev = check_link(seen, &f[14], &prev, &entry, &f[15])?;
+        prev = check_link(seen, f[14], &prev, &entry, f[15])?;
     }
     bail!("the export has no trailer: it is incomplete")
 }
@@ -370,6 +388,32 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
     use serde_json::json;
+
+    #[test]
+    fn csv_cells_a_spreadsheet_would_run_are_neutralised_and_still_verify() {
+        let mut e = Exporter::new(Format::Csv);
+        let mut out = e.header();
+        let mut evil = entry(1);
+        evil.user_agent = Some("=HYPERLINK(\"http://evil.example\",\"click\")".into());
+        evil.reason = Some("'quoted already".into());
+        let mut plus = entry(2);
+        plus.reason = Some("+1 and @you and -2".into());
+        plus.ip = Some("\tfoo".into());
+        out.push_str(&e.line(evil).unwrap());
+        out.push_str(&e.line(plus).unwrap());
+        out.push_str(&e.trailer().unwrap());
+        for line in out.lines().skip(1) {
+            for cell in line.split(',') {
+                let cell = cell.trim_start_matches('"');
+                assert!(
+                    !cell.starts_with(['=', '+', '-', '@', '\t']),
+                    "unguarded cell {cell:?} in {line}"
+                );
+            }
+        }
+        assert!(out.contains("'=HYPERLINK"));
+        assert_eq!(verify(&out).unwrap().entries, 2);
+    }
 
     fn entry(n: i64) -> AuditEntry {
         AuditEntry {
