@@ -6,6 +6,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{bail, Context};
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Value};
+use figment::Figment;
 use ipnet::IpNet;
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -120,139 +123,169 @@ impl Default for Config {
     }
 }
 
-impl Config {
-    /// Defaults, then the file if one is named, then the environment.
-    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
-        let env_file = std::env::var("TWOFOLD_CONFIG").ok();
-        let file = file.or(env_file.as_deref().map(Path::new));
-        let mut config = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| {
-                    format!("reading the configuration file {}", path.display())
-                })?;
-                toml::from_str(&text)
-                    .with_context(|| format!("parsing the configuration file {}", path.display()))?
-            }
-            None => Config::default(),
-        };
-        config.apply_env(|name| std::env::var(name).ok())?;
-        config.validate()?;
-        Ok(config)
-    }
+/// Every configuration key; in the environment each is `TWOFOLD_` and the
+/// key in capitals (`http_addr` is `TWOFOLD_HTTP_ADDR`).
+const KEYS: &[&str] = &[
+    "database_url",
+    "database_max_connections",
+    "remembered_streams",
+    "http_addr",
+    "metrics_addr",
+    "public_url",
+    "keys",
+    "current_key_id",
+    "max_body_bytes",
+    "nats_url",
+    "nats_stream",
+    "nats_subject_prefix",
+    "relay_poll_ms",
+    "smtp_host",
+    "smtp_port",
+    "smtp_tls",
+    "smtp_username",
+    "smtp_password",
+    "smtp_from",
+    "sms_providers",
+    "delivery_max_attempts",
+    "dispatcher_concurrency",
+    "sms_rate_per_second",
+    "recipient_limit_per_hour",
+    "trusted_proxies",
+];
 
-    fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
-        if let Some(v) = var("TWOFOLD_DATABASE_URL") {
-            self.database_url = SecretString::from(v);
-        }
-        if let Some(v) = var("TWOFOLD_DATABASE_MAX_CONNECTIONS") {
-            self.database_max_connections = v
-                .parse()
-                .context("TWOFOLD_DATABASE_MAX_CONNECTIONS must be a whole number")?;
-        }
-        if let Some(v) = var("TWOFOLD_SMS_RATE_PER_SECOND") {
-            self.sms_rate_per_second = v
-                .parse()
-                .context("TWOFOLD_SMS_RATE_PER_SECOND must be a whole number")?;
-        }
-        if let Some(v) = var("TWOFOLD_RECIPIENT_LIMIT_PER_HOUR") {
-            self.recipient_limit_per_hour = v
-                .parse()
-                .context("TWOFOLD_RECIPIENT_LIMIT_PER_HOUR must be a whole number")?;
-        }
-        if let Some(v) = var("TWOFOLD_DISPATCHER_CONCURRENCY") {
-            self.dispatcher_concurrency = v
-                .parse()
-                .context("TWOFOLD_DISPATCHER_CONCURRENCY must be a whole number")?;
-        }
-        if let Some(v) = var("TWOFOLD_RELAY_POLL_MS") {
-            self.relay_poll_ms = v
-                .parse()
-                .context("TWOFOLD_RELAY_POLL_MS must be a whole number of milliseconds")?;
-        }
-        if let Some(v) = var("TWOFOLD_REMEMBERED_STREAMS") {
-            self.remembered_streams = v
-                .parse()
-                .context("TWOFOLD_REMEMBERED_STREAMS must be a whole number")?;
-        }
-        if let Some(v) = var("TWOFOLD_HTTP_ADDR") {
-            self.http_addr = v
-                .parse()
-                .context("TWOFOLD_HTTP_ADDR must be an address like 127.0.0.1:8080")?;
-        }
-        if let Some(v) = var("TWOFOLD_METRICS_ADDR") {
-            self.metrics_addr = v
-                .parse()
-                .context("TWOFOLD_METRICS_ADDR must be an address like 127.0.0.1:9464")?;
-        }
-        if let Some(v) = var("TWOFOLD_PUBLIC_URL") {
-            self.public_url = v;
-        }
-        if let Some(v) = var("TWOFOLD_KEYS") {
-            // "id1=hex,id2=hex"
-            self.keys.clear();
-            for pair in v.split(',').filter(|p| !p.trim().is_empty()) {
-                let Some((id, key)) = pair.split_once('=') else {
-                    bail!("TWOFOLD_KEYS must look like id1=<64 hex digits>,id2=<64 hex digits>");
+/// Keys whose values are whole numbers (the others are read as text).
+const NUMBERS: &[&str] = &[
+    "database_max_connections",
+    "remembered_streams",
+    "max_body_bytes",
+    "relay_poll_ms",
+    "smtp_port",
+    "delivery_max_attempts",
+    "dispatcher_concurrency",
+    "sms_rate_per_second",
+    "recipient_limit_per_hour",
+];
+
+/// `TWOFOLD_*` variables that are not configuration keys.
+fn other_variable(name: &str) -> bool {
+    matches!(
+        name,
+        "TWOFOLD_CONFIG" | "TWOFOLD_LOG" | "TWOFOLD_LOG_FORMAT"
+    ) || name.starts_with("TWOFOLD_TEST_")
+        || name.starts_with("TWOFOLD_BENCH_")
+}
+
+/// The known variable nearest to an unknown one, when it looks like a typo.
+fn nearest_variable(name: &str) -> Option<String> {
+    KEYS.iter()
+        .map(|k| format!("TWOFOLD_{}", k.to_uppercase()))
+        .map(|known| (strsim::levenshtein(name, &known), known))
+        .filter(|(distance, _)| *distance <= 4)
+        .min()
+        .map(|(_, known)| known)
+}
+
+/// The `TWOFOLD_*` variables that configure nothing, each with the known one
+/// it most looks like.
+pub fn unknown_variables<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+) -> Vec<(String, Option<String>)> {
+    names
+        .into_iter()
+        .filter(|n| n.starts_with("TWOFOLD_") && !other_variable(n))
+        .filter(|n| !KEYS.contains(&n["TWOFOLD_".len()..].to_lowercase().as_str()))
+        .map(|n| (n.to_string(), nearest_variable(n)))
+        .collect()
+}
+
+/// An environment variable's text as the value of `key`: `keys` as
+/// `id=hex,id2=hex`, `trusted_proxies` comma-separated, `sms_providers` as
+/// JSON, the numeric keys as numbers, anything else as text.
+fn env_value(key: &str, raw: &str) -> anyhow::Result<Value> {
+    let name = format!("TWOFOLD_{}", key.to_uppercase());
+    Ok(match key {
+        "keys" => {
+            let mut dict = Dict::new();
+            for pair in raw.split(',').filter(|p| !p.trim().is_empty()) {
+                let Some((id, hex)) = pair.split_once('=') else {
+                    bail!("{name} must look like id1=<64 hex digits>,id2=<64 hex digits>");
                 };
-                self.keys.insert(
-                    id.trim().to_string(),
-                    SecretString::from(key.trim().to_string()),
-                );
+                dict.insert(id.trim().to_string(), Value::from(hex.trim().to_string()));
             }
+            Value::from(dict)
         }
-        if let Some(v) = var("TWOFOLD_CURRENT_KEY_ID") {
-            self.current_key_id = v;
-        }
-        if let Some(v) = var("TWOFOLD_NATS_URL") {
-            self.nats_url = v;
-        }
-        if let Some(v) = var("TWOFOLD_NATS_STREAM") {
-            self.nats_stream = v;
-        }
-        if let Some(v) = var("TWOFOLD_NATS_SUBJECT_PREFIX") {
-            self.nats_subject_prefix = v;
-        }
-        if let Some(v) = var("TWOFOLD_SMTP_HOST") {
-            self.smtp_host = v;
-        }
-        if let Some(v) = var("TWOFOLD_SMTP_PORT") {
-            self.smtp_port = v
-                .parse()
-                .context("TWOFOLD_SMTP_PORT must be a port number")?;
-        }
-        if let Some(v) = var("TWOFOLD_SMTP_TLS") {
-            self.smtp_tls = v;
-        }
-        if let Some(v) = var("TWOFOLD_SMTP_USERNAME") {
-            self.smtp_username = Some(v);
-        }
-        if let Some(v) = var("TWOFOLD_SMTP_PASSWORD") {
-            self.smtp_password = Some(SecretString::from(v));
-        }
-        if let Some(v) = var("TWOFOLD_SMTP_FROM") {
-            self.smtp_from = v;
-        }
-        if let Some(v) = var("TWOFOLD_SMS_PROVIDERS") {
-            self.sms_providers = serde_json::from_str(&v)
-                .context("TWOFOLD_SMS_PROVIDERS must be a JSON object of providers by name")?;
-        }
-        if let Some(v) = var("TWOFOLD_TRUSTED_PROXIES") {
-            self.trusted_proxies = v
-                .split(',')
+        // A single address is a network of one.
+        "trusted_proxies" => Value::from(
+            raw.split(',')
                 .map(str::trim)
                 .filter(|p| !p.is_empty())
-                .map(|p| {
-                    p.parse::<IpNet>()
-                        .or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from))
-                        .with_context(|| {
-                            format!(
-                                "TWOFOLD_TRUSTED_PROXIES: {p:?} is not an IP address or CIDR range"
-                            )
-                        })
+                .map(|p| match (p.contains('/'), p.parse::<std::net::IpAddr>()) {
+                    (false, Ok(ip)) => Value::from(IpNet::from(ip).to_string()),
+                    _ => Value::from(p.to_string()),
                 })
-                .collect::<anyhow::Result<_>>()?;
+                .collect::<Vec<_>>(),
+        ),
+        "sms_providers" => {
+            let json: serde_json::Value = serde_json::from_str(raw)
+                .with_context(|| format!("{name} must be JSON (see README, Configuration)"))?;
+            Value::serialize(json).with_context(|| format!("reading {name}"))?
         }
-        Ok(())
+        k if NUMBERS.contains(&k) => Value::from(
+            raw.trim()
+                .parse::<u64>()
+                .with_context(|| format!("{name} must be a whole number, not {raw:?}"))?,
+        ),
+        _ => Value::from(raw.to_string()),
+    })
+}
+
+impl Config {
+    /// Defaults, then the TOML file if one is named (`--config`, else
+    /// `TWOFOLD_CONFIG`), then the `TWOFOLD_*` environment. Validated; an
+    /// unknown `TWOFOLD_*` variable is warned about with the nearest known one.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// [`Config::load`] with the environment given.
+    pub fn load_from(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Self> {
+        let vars: BTreeMap<String, String> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("TWOFOLD_"))
+            .collect();
+        for (name, nearest) in unknown_variables(vars.keys().map(String::as_str)) {
+            match nearest {
+                Some(known) => {
+                    tracing::warn!("{name} configures nothing; did you mean {known}?")
+                }
+                None => tracing::warn!("{name} configures nothing"),
+            }
+        }
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| vars.get("TWOFOLD_CONFIG").map(std::path::PathBuf::from));
+        let mut figment = Figment::new();
+        if let Some(path) = &file {
+            if !path.is_file() {
+                bail!("the configuration file {} does not exist", path.display());
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let mut env = Dict::new();
+        for key in KEYS {
+            if let Some(raw) = vars.get(&format!("TWOFOLD_{}", key.to_uppercase())) {
+                env.insert(key.to_string(), env_value(key, raw)?);
+            }
+        }
+        let config: Config = figment
+            .merge(Serialized::globals(env))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+        config.validate()?;
+        Ok(config)
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -294,32 +327,100 @@ mod tests {
     use super::*;
     use secrecy::ExposeSecret;
 
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
     #[test]
-    fn environment_overrides_the_defaults() {
-        let mut c = Config::default();
+    fn the_environment_overrides_the_file_which_overrides_the_defaults() {
         let key = "11".repeat(32);
-        let env = BTreeMap::from([
-            ("TWOFOLD_HTTP_ADDR", "0.0.0.0:9999".to_string()),
-            ("TWOFOLD_KEYS", format!("k1={key}")),
-            ("TWOFOLD_CURRENT_KEY_ID", "k1".to_string()),
-            ("TWOFOLD_SMS_RATE_PER_SECOND", "250".to_string()),
-            ("TWOFOLD_DISPATCHER_CONCURRENCY", "4".to_string()),
-        ]);
-        c.apply_env(|n| env.get(n).cloned()).unwrap();
-        assert_eq!(c.http_addr.port(), 9999);
+        let dir = std::env::temp_dir().join(format!("twofold-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("twofold.toml");
+        std::fs::write(
+            &file,
+            "http_addr = \"127.0.0.1:7000\"\nrelay_poll_ms = 9\ncurrent_key_id = \"k1\"\n",
+        )
+        .unwrap();
+        let c = Config::load_from(
+            Some(&file),
+            vars(&[
+                ("TWOFOLD_HTTP_ADDR", "0.0.0.0:9999"),
+                ("TWOFOLD_KEYS", &format!("k1={key}")),
+                ("TWOFOLD_SMS_RATE_PER_SECOND", "250"),
+                ("TWOFOLD_TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.1"),
+                (
+                    "TWOFOLD_SMS_PROVIDERS",
+                    r#"{"hook": {"kind": "webhook", "url": "http://127.0.0.1:9/sms"}}"#,
+                ),
+                ("TWOFOLD_TEST_DATABASE_URL", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.http_addr.port(), 9999, "the environment wins");
+        assert_eq!(c.relay_poll_ms, 9, "then the file");
+        assert_eq!(c.smtp_port, 25, "then the defaults");
         assert_eq!(c.sms_rate_per_second, 250);
-        assert_eq!(c.dispatcher_concurrency, 4);
         assert_eq!(c.keys["k1"].expose_secret(), key);
-        c.validate().unwrap();
+        assert_eq!(c.trusted_proxies.len(), 2);
+        assert!(c.sms_providers.contains_key("hook"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_unknown_variable_is_named_with_the_nearest_known_one() {
+        let unknown = unknown_variables([
+            "TWOFOLD_DATABSE_URL",
+            "TWOFOLD_HTTP_ADDR",
+            "TWOFOLD_LOG",
+            "TWOFOLD_TEST_NATS_URL",
+            "TWOFOLD_COMPLETELY_DIFFERENT_THING",
+        ]);
+        assert_eq!(
+            unknown,
+            vec![
+                (
+                    "TWOFOLD_DATABSE_URL".to_string(),
+                    Some("TWOFOLD_DATABASE_URL".to_string())
+                ),
+                ("TWOFOLD_COMPLETELY_DIFFERENT_THING".to_string(), None),
+            ]
+        );
     }
 
     #[test]
     fn a_bad_value_is_named_in_the_error() {
-        let mut c = Config::default();
-        let err = c
-            .apply_env(|n| (n == "TWOFOLD_HTTP_ADDR").then(|| "nope".to_string()))
-            .unwrap_err();
-        assert!(err.to_string().contains("TWOFOLD_HTTP_ADDR"));
+        let key = "11".repeat(32);
+        let base = [
+            ("TWOFOLD_KEYS", format!("k1={key}")),
+            ("TWOFOLD_CURRENT_KEY_ID", "k1".to_string()),
+        ];
+        for (name, bad, named) in [
+            ("TWOFOLD_HTTP_ADDR", "nope", "http_addr"),
+            ("TWOFOLD_SMTP_PORT", "twenty-five", "TWOFOLD_SMTP_PORT"),
+            (
+                "TWOFOLD_SMS_PROVIDERS",
+                "{not json",
+                "TWOFOLD_SMS_PROVIDERS",
+            ),
+        ] {
+            let mut v: Vec<(String, String)> = base
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            v.push((name.to_string(), bad.to_string()));
+            let err = format!("{:#}", Config::load_from(None, v).unwrap_err());
+            assert!(err.contains(named), "{name}: {err}");
+        }
+        // A secret's value never appears in an error.
+        let err = format!(
+            "{:#}",
+            Config::load_from(None, vars(&[("TWOFOLD_KEYS", "k1=0123abcd")])).unwrap_err()
+        );
+        assert!(!err.contains("0123abcd"), "{err}");
     }
 
     #[test]
