@@ -54,7 +54,7 @@ impl Browser {
             }),
         );
         let mut client = None;
-        for _ in 0..100 {
+        for _ in 0..300 {
             // chromedriver is on loopback: plain HTTP, no TLS stack needed.
             let connector = hyper_util::client::legacy::connect::HttpConnector::new();
             match ClientBuilder::new(connector)
@@ -142,7 +142,8 @@ impl Browser {
     async fn navigating(&self, target: Element) {
         let old = self.find("html").await;
         target.click().await.unwrap();
-        for _ in 0..200 {
+        // Up to 20 s: a loaded CI machine can be slow to answer.
+        for _ in 0..800 {
             if old.tag_name().await.is_err() {
                 return;
             }

@@ -77,7 +77,7 @@ async fn enroll_here(b: &Browser, app: &TestApp) -> String {
 
 /// Reloads the Overview until `what` holds (the projector catching up).
 async fn overview_until(b: &Browser, app: &TestApp, what: &str, done: impl Fn(&str) -> bool) {
-    for _ in 0..100 {
+    for _ in 0..300 {
         b.goto(&format!("{}/admin/overview", app.pages())).await;
         if done(&b.text().await) {
             return;
