@@ -533,7 +533,8 @@ impl App {
             fresh: true,
         });
         // A new code ready in case a backup code is used and the tenant keeps 8.
-        let new_code = backup_codes::new_code();
+        // Made only when a backup code is used and the tenant keeps 8.
+        let mut new_code: Option<String> = None;
         let (events, tenant) = self
             .under_tenant_settings(tenant_id, tenant, user_id, Some(basis), |settings, user| {
                 owned_by(user, tenant_id)?;
@@ -543,8 +544,13 @@ impl App {
                 let proof = self.proof_for(user, open, &presented, ctx.at)?;
                 let replacement = match &proof {
                     Proof::Backup { hash } if settings.replace_backup_codes_on_use => Some(
-                        backup_codes::replacement(&self.keys, user, hash, &new_code)
-                            .map_err(unexpected)?,
+                        backup_codes::replacement(
+                            &self.keys,
+                            user,
+                            hash,
+                            new_code.get_or_insert_with(backup_codes::new_code),
+                        )
+                        .map_err(unexpected)?,
                     ),
                     _ => None,
                 };
@@ -577,7 +583,7 @@ impl App {
             .any(|e| matches!(e, UserEvent::BackupCodeReplaced { .. }));
         signed_in(session_token, Some(device_token), &events, Vec::new())
             .map(|mut s| {
-                s.replacement_code = replaced.then_some(new_code);
+                s.replacement_code = new_code.filter(|_| replaced);
                 s.password_change_required = must_change;
                 VerifyOutcome::SignedIn(s)
             })
