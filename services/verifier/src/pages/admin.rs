@@ -246,7 +246,7 @@ async fn overview(
         }
         div.grid {
             section.card aria-labelledby="methods-h" {
-                h2 #methods-h { "Methods set up" }
+                h2 #methods-h { "Enrolled, by method proved" }
                 table { tbody {
                     @for (method, n) in &figures.by_method {
                         tr { td { (method) } td { (n) } }
