@@ -174,6 +174,7 @@ impl UserRow {
             | UserEvent::CodeRejected { .. }
             | UserEvent::ChallengeExpired { .. }
             | UserEvent::SessionEnded { .. }
+            | UserEvent::SessionUsed { .. }
             | UserEvent::EnrollmentCodeRejected { .. }
             | UserEvent::DeviceRemembered { .. }
             | UserEvent::StepUpCompleted { .. }

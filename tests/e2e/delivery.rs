@@ -529,8 +529,10 @@ async fn two_dispatchers_share_the_work_and_send_each_code_once() {
     let names: Vec<String> = (1..=12).map(|i| format!("u{i}")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     for n in &names {
+        // The admin signs in for each user made here: more codes in an hour
+        // than one account may have by default.
         s.with_user(
-            json!({"enabled": true, "enforcement": "every_login"}),
+            json!({"enabled": true, "enforcement": "every_login", "codes_per_account_per_hour": 100}),
             n,
             false,
         )

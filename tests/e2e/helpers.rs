@@ -42,6 +42,7 @@ pub struct TestApp {
     pub config: Config,
 }
 
+#[derive(Debug)]
 pub struct Reply {
     pub status: StatusCode,
     pub body: Value,

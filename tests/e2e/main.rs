@@ -9,6 +9,7 @@ mod browser;
 mod helpers;
 
 mod admin_http;
+mod budgets;
 mod console;
 mod delivery;
 mod guarantees;

@@ -337,6 +337,7 @@ async fn a_backlog_of_many_batches_is_published_once_each_and_in_order_per_strea
                 let command = || {
                     twofold_domain::user::UserCommand::SignIn(twofold_domain::user::SignIn {
                         password_ok: true,
+                        address_retry_after: None,
                         settings: Default::default(),
                         challenge: twofold_domain::user::NewChallenge {
                             id: twofold_domain::ChallengeId(uuid::Uuid::new_v4()),

@@ -148,6 +148,34 @@ pub struct TwoFactorSettings {
     /// same NAT, VPN or untrusted proxy would share it.
     #[serde(default)]
     pub trust_known_ips: bool,
+    /// Wrong passwords one client address may send in an hour, across all
+    /// the tenant's accounts (a password spray); past it, sign-ins from that
+    /// address are refused until the hour ends.
+    #[serde(default = "default_passwords_per_address")]
+    pub password_failures_per_address_per_hour: u32,
+    /// Codes (email or SMS) that may be sent in an hour for one account, and
+    /// to one email address or phone number.
+    #[serde(default = "default_codes_per_account")]
+    pub codes_per_account_per_hour: u32,
+    /// Codes that may be sent in an hour for sign-ins from one client address.
+    #[serde(default = "default_codes_per_address")]
+    pub codes_per_address_per_hour: u32,
+    /// Minutes without any use after which a session ends; none: sessions
+    /// last their full duration.
+    #[serde(default)]
+    pub idle_timeout_mins: Option<u32>,
+}
+
+fn default_passwords_per_address() -> u32 {
+    100
+}
+
+fn default_codes_per_account() -> u32 {
+    10
+}
+
+fn default_codes_per_address() -> u32 {
+    50
 }
 
 fn default_device_days() -> u32 {
@@ -178,6 +206,10 @@ impl Default for TwoFactorSettings {
             password_attempts_before_delay: default_password_attempts(),
             remembered_device_days: default_device_days(),
             trust_known_ips: false,
+            password_failures_per_address_per_hour: default_passwords_per_address(),
+            codes_per_account_per_hour: default_codes_per_account(),
+            codes_per_address_per_hour: default_codes_per_address(),
+            idle_timeout_mins: None,
         }
     }
 }
@@ -240,6 +272,24 @@ impl TwoFactorSettings {
                 "password_attempts_before_delay",
                 "must be between 1 and 100",
             );
+        }
+        if !(1..=100_000).contains(&self.password_failures_per_address_per_hour) {
+            return err(
+                "password_failures_per_address_per_hour",
+                "must be between 1 and 100000",
+            );
+        }
+        if !(1..=1_000).contains(&self.codes_per_account_per_hour) {
+            return err("codes_per_account_per_hour", "must be between 1 and 1000");
+        }
+        if !(1..=100_000).contains(&self.codes_per_address_per_hour) {
+            return err("codes_per_address_per_hour", "must be between 1 and 100000");
+        }
+        if self
+            .idle_timeout_mins
+            .is_some_and(|m| !(5..=7 * 24 * 60).contains(&m))
+        {
+            return err("idle_timeout_mins", "must be between 5 minutes and 7 days");
         }
         if !(1..=400).contains(&self.remembered_device_days) {
             return err("remembered_device_days", "must be between 1 and 400");

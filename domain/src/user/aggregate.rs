@@ -13,7 +13,8 @@ use super::commands::{
     Proof, SignIn, UserCommand, VerifyCode,
 };
 use super::events::{
-    ProofKind, RejectionReason, SecondFactorUse, SessionEndReason, SkipReason, UserEvent,
+    GuessBudget, ProofKind, RejectionReason, SecondFactorUse, SessionEndReason, SkipReason,
+    UserEvent,
 };
 use super::lockout::{AfterFailure, Lockout};
 use super::{
@@ -62,6 +63,26 @@ pub struct SessionState {
     /// The admin who opened this session as the user (Login As).
     #[serde(default)]
     pub impersonated_by: Option<UserId>,
+    /// When the session was last recorded in use (idle timeout).
+    #[serde(default)]
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+impl SessionState {
+    /// When this session was last known to be in use.
+    pub fn last_used(&self) -> DateTime<Utc> {
+        [Some(self.started_at), self.stepped_up_at, self.last_used_at]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(self.started_at)
+    }
+
+    /// Whether it sat unused for `idle_timeout_secs` by `at`.
+    pub fn idle_at(&self, idle_timeout_secs: Option<i64>, at: DateTime<Utc>) -> bool {
+        idle_timeout_secs
+            .is_some_and(|idle| at >= self.last_used() + chrono::Duration::seconds(idle))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -262,6 +283,7 @@ impl User {
         self.require_exists()?;
         let SignIn {
             password_ok,
+            address_retry_after,
             settings,
             challenge,
             session,
@@ -274,9 +296,17 @@ impl User {
         if self.lockout.is_locked() {
             return Ok(vec![UserEvent::SignInRefusedLocked { ctx }]);
         }
+        if let Some(retry_after_secs) = address_retry_after {
+            return Ok(vec![UserEvent::SignInThrottled {
+                retry_after_secs,
+                budget: GuessBudget::Address,
+                ctx,
+            }]);
+        }
         if let Some(retry_after_secs) = self.password_wait(&settings, ctx.at) {
             return Ok(vec![UserEvent::SignInThrottled {
                 retry_after_secs,
+                budget: GuessBudget::Account,
                 ctx,
             }]);
         }
@@ -806,6 +836,30 @@ impl User {
                 method,
                 ctx,
             } => self.switch(challenge, method, ctx),
+            UserCommand::TouchSession {
+                session_id,
+                idle_timeout_secs,
+                ctx,
+            } => {
+                self.require_exists()?;
+                let session = self
+                    .sessions
+                    .get(&session_id)
+                    .ok_or(UserError::SessionNotFound)?;
+                if session.idle_at(Some(idle_timeout_secs), ctx.at) {
+                    return Ok(vec![UserEvent::SessionEnded {
+                        session_id,
+                        reason: SessionEndReason::Idle,
+                        ctx,
+                    }]);
+                }
+                // Recorded now and then, not at every use.
+                let every = (idle_timeout_secs / 10).max(60);
+                if ctx.at - session.last_used() >= chrono::Duration::seconds(every) {
+                    return Ok(vec![UserEvent::SessionUsed { session_id, ctx }]);
+                }
+                Ok(vec![])
+            }
             UserCommand::EndSession {
                 session_id,
                 reason,
@@ -1360,11 +1414,17 @@ impl Aggregate for User {
                         second_factor,
                         stepped_up_at: None,
                         impersonated_by,
+                        last_used_at: None,
                     },
                 );
             }
             UserEvent::SessionEnded { session_id, .. } => {
                 self.sessions.remove(&session_id);
+            }
+            UserEvent::SessionUsed { session_id, ctx } => {
+                if let Some(s) = self.sessions.get_mut(&session_id) {
+                    s.last_used_at = Some(ctx.at);
+                }
             }
             UserEvent::TotpEnrollmentStarted { sealed, .. } => {
                 self.pending_totp = Some(sealed);
@@ -1494,6 +1554,12 @@ impl Aggregate for User {
 }
 
 impl User {
+    /// The events a command would produce on this state, without appending
+    /// anything (to see what it would do before paying for it).
+    pub fn decide(&self, command: UserCommand) -> Result<Vec<UserEvent>, UserError> {
+        self.handle_command(command)
+    }
+
     /// The events a command would produce, without the event store (tests).
     #[cfg(test)]
     pub(crate) fn handle_for_tests(

@@ -41,6 +41,13 @@ pub enum UserCommand {
         reason: SessionEndReason,
         ctx: Ctx,
     },
+    /// A session was used, under the tenant's idle timeout: it ends if it
+    /// sat idle that long, and its last use is recorded now and then.
+    TouchSession {
+        session_id: SessionId,
+        idle_timeout_secs: i64,
+        ctx: Ctx,
+    },
     /// An admin opens a session as this user ("Login As", to test what they
     /// see): only where the tenant allows it, never as an admin, never past a
     /// lockout, with a reason; the session is short and marked.
@@ -196,6 +203,9 @@ pub struct CompleteEnrollment {
 pub struct SignIn {
     /// Outcome of the argon2id check done by the service.
     pub password_ok: bool,
+    /// Seconds until the client address's hourly budget of wrong passwords
+    /// (kept by the service, across accounts) allows another try, when spent.
+    pub address_retry_after: Option<i64>,
     /// The tenant's settings as of this sign-in.
     pub settings: TwoFactorSettings,
     /// Used when a second factor is asked for.

@@ -89,6 +89,8 @@ pub enum SessionEndReason {
     /// The user reached the cap of active sessions; the oldest made room.
     Evicted,
     Revoked,
+    /// Unused for longer than the tenant's idle timeout.
+    Idle,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,6 +182,12 @@ pub enum UserEvent {
         reason: SessionEndReason,
         ctx: Ctx,
     },
+    /// A session in use (recorded at most every tenth of the idle timeout,
+    /// and only where the tenant has one).
+    SessionUsed {
+        session_id: SessionId,
+        ctx: Ctx,
+    },
     TotpEnrollmentStarted {
         sealed: SealedSecret,
         ctx: Ctx,
@@ -241,6 +249,9 @@ pub enum UserEvent {
     /// budget asks to wait (whether the password was right is not checked).
     SignInThrottled {
         retry_after_secs: i64,
+        /// Which budget was spent: the account's or the client address's.
+        #[serde(default)]
+        budget: GuessBudget,
         ctx: Ctx,
     },
     /// A sign-in that would need a second factor the user has no way to give
@@ -310,6 +321,7 @@ impl UserEvent {
             | UserEvent::BackupCodeUsed { ctx, .. }
             | UserEvent::SessionStarted { ctx, .. }
             | UserEvent::SessionEnded { ctx, .. }
+            | UserEvent::SessionUsed { ctx, .. }
             | UserEvent::TotpEnrollmentStarted { ctx, .. }
             | UserEvent::EnrollmentCodeRejected { ctx }
             | UserEvent::EnrollmentCompleted { ctx, .. }
@@ -361,6 +373,7 @@ impl UserEvent {
             UserEvent::DeviceRemembered { .. } => "DeviceRemembered",
             UserEvent::StepUpCompleted { .. } => "StepUpCompleted",
             UserEvent::DeviceForgotten { .. } => "DeviceForgotten",
+            UserEvent::SessionUsed { .. } => "SessionUsed",
             UserEvent::SignInRefusedNoMethod { .. } => "SignInRefusedNoMethod",
             UserEvent::SignInThrottled { .. } => "SignInThrottled",
             UserEvent::PasswordChanged { .. } => "PasswordChanged",
@@ -385,4 +398,15 @@ impl DomainEvent for UserEvent {
     fn event_version(&self) -> String {
         "1.0".to_string()
     }
+}
+
+/// The password-guessing budget a throttled sign-in ran into.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuessBudget {
+    /// Wrong passwords in a row for this account, from any address.
+    #[default]
+    Account,
+    /// Wrong passwords from the client's address in the hour, across accounts.
+    Address,
 }

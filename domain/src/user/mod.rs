@@ -27,7 +27,8 @@ pub use commands::{
 };
 pub use error::UserError;
 pub use events::{
-    ProofKind, RejectionReason, SecondFactorUse, SessionEndReason, SkipReason, UserEvent,
+    GuessBudget, ProofKind, RejectionReason, SecondFactorUse, SessionEndReason, SkipReason,
+    UserEvent,
 };
 pub use lockout::Lockout;
 

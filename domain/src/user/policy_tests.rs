@@ -57,6 +57,7 @@ fn on(enforcement: Enforcement) -> TwoFactorSettings {
 fn sign_in(settings: TwoFactorSettings, device: Option<PresentedDevice>, ctx: Ctx) -> UserCommand {
     UserCommand::SignIn(SignIn {
         password_ok: true,
+        address_retry_after: None,
         settings,
         challenge: NewChallenge {
             id: ChallengeId(Uuid::from_u128(500)),

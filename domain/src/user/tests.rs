@@ -159,6 +159,7 @@ fn new_session(n: u128) -> NewSession {
 fn sign_in_cmd(n: u128, settings: &TwoFactorSettings, secs: i64) -> SignIn {
     SignIn {
         password_ok: true,
+        address_retry_after: None,
         settings: settings.clone(),
         challenge: NewChallenge {
             id: challenge_id(n),
@@ -545,6 +546,7 @@ fn wrong_passwords_in_a_row_make_each_next_try_wait_longer_until_a_right_one() {
             events,
             vec![UserEvent::SignInThrottled {
                 retry_after_secs: 1,
+                budget: GuessBudget::Account,
                 ctx: ctx(14)
             }]
         );

@@ -18,6 +18,7 @@ use twofold_platform::tokens::{self, TokenKind};
 use twofold_platform::{qr, totp};
 use uuid::Uuid;
 
+use crate::budgets::Budget;
 use crate::session::Session;
 use crate::{backup_codes, observe, App, AppError, Memory, Origin, UserKey};
 
@@ -247,12 +248,41 @@ impl App {
                 "The password is too long.",
             ));
         }
-        // An unknown or malformed username costs an argon2id check all the same.
+        // Every try from an address takes from its hourly budget of wrong
+        // passwords across accounts, before anything is looked at; only a
+        // sign-in that gets through gives it back.
+        let now = self.now();
+        let address_budget = match origin.ip.as_deref() {
+            Some(ip) => Some(
+                self.take_budget(
+                    tenant_id,
+                    Budget::PasswordsPerAddress,
+                    ip,
+                    tenant
+                        .state()
+                        .settings
+                        .password_failures_per_address_per_hour,
+                    now,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let address_retry_after = match &address_budget {
+            Some(Err(spent)) => Some(spent.retry_after_secs),
+            _ => None,
+        };
+        // An unknown or malformed username costs an argon2id check all the
+        // same; a spent budget costs it too, so its answer takes as long.
         let stored = found
             .as_ref()
             .and_then(|(_, u)| u.state().password_hash.as_ref());
         let password_ok = self.passwords.verify(stored, &request.password).await?;
         let Some((user_id, basis)) = found else {
+            if let Some(retry_after_secs) = address_retry_after {
+                observe::sign_in("throttled");
+                return Err(UserError::TooManyAttempts { retry_after_secs }.into());
+            }
             observe::sign_in("invalid_credentials");
             return Err(AppError::InvalidCredentials);
         };
@@ -266,7 +296,7 @@ impl App {
             });
         let (challenge_token, challenge) = new_challenge_for(user_id);
         let (session_token, session) = new_session(user_id);
-        let ctx = origin.ctx(self.now(), Actor::User(user_id));
+        let ctx = origin.ctx(now, Actor::User(user_id));
         let must_change = basis.state().password_must_change;
         let account = basis
             .state()
@@ -277,20 +307,49 @@ impl App {
         // A seed ready in case the tenant requires enrollment and the user has none.
         let seed = totp::new_secret();
         let sealed = self.keys.seal(&seed, user_id.as_uuid().as_bytes())?;
-        let (events, tenant) = self
-            .under_tenant_settings(tenant_id, tenant, user_id, Some(basis), |settings, _| {
-                Ok(UserCommand::SignIn(SignIn {
-                    password_ok,
-                    settings: settings.clone(),
-                    challenge: challenge.clone(),
-                    session: session.clone(),
-                    device: device.clone(),
-                    enrollment_seed: settings.allows(Method::Totp).then(|| sealed.clone()),
-                    ctx: ctx.clone(),
-                }))
+        let command = |settings: &TwoFactorSettings| {
+            UserCommand::SignIn(SignIn {
+                password_ok,
+                address_retry_after,
+                settings: settings.clone(),
+                challenge: challenge.clone(),
+                session: session.clone(),
+                device: device.clone(),
+                enrollment_seed: settings.allows(Method::Totp).then(|| sealed.clone()),
+                ctx: ctx.clone(),
             })
+        };
+        let settings = &tenant.state().settings;
+        let fee = self
+            .pay_for_code(
+                tenant_id,
+                settings,
+                user_id,
+                basis.state(),
+                &command(settings),
+                origin.ip.as_deref(),
+            )
             .await?;
+        let decided = self
+            .under_tenant_settings(tenant_id, tenant, user_id, Some(basis), |settings, _| {
+                Ok(command(settings))
+            })
+            .await;
+        self.settle(fee, decided.as_ref().ok().map(|(e, _)| e.as_slice()))
+            .await;
+        let (events, tenant) = decided?;
 
+        let refused = events.iter().any(|e| {
+            matches!(
+                e,
+                UserEvent::PasswordRejected { .. }
+                    | UserEvent::SignInRefusedLocked { .. }
+                    | UserEvent::SignInThrottled { .. }
+            )
+        });
+        if let (false, Some(Ok(taken))) = (refused, address_budget) {
+            self.give_back(taken).await?;
+        }
         for event in &events {
             match event {
                 UserEvent::PasswordRejected { .. } => {
@@ -682,15 +741,35 @@ impl App {
         origin: &Origin,
         command: impl Fn(ChallengeRef, Ctx) -> UserCommand,
     ) -> Result<ChallengeState, AppError> {
-        let (tenant_id, _) = self.tenant(raw_tenant).await?;
+        let (tenant_id, tenant) = self.tenant(raw_tenant).await?;
         let (user_id, reference) = challenge_ref(token)?;
-        let ctx = origin.ctx(self.now(), Actor::User(user_id));
-        self.users
+        let user = self
+            .user_in(tenant_id, user_id)
+            .await?
+            .ok_or(AppError::ChallengeNotFound)?;
+        let now = self.now();
+        let ctx = origin.ctx(now, Actor::User(user_id));
+        // A resend or a switch to a delivered method pays for its code.
+        let fee = self
+            .pay_for_code(
+                tenant_id,
+                &tenant.settings,
+                user_id,
+                &user,
+                &command(reference.clone(), ctx.clone()),
+                origin.ip.as_deref(),
+            )
+            .await?;
+        let executed = self
+            .users
             .execute(&user_id.to_string(), |user| {
                 owned_by(user, tenant_id)?;
                 Ok(command(reference.clone(), ctx.clone()))
             })
-            .await?;
+            .await;
+        self.settle(fee, executed.as_ref().ok().map(Vec::as_slice))
+            .await;
+        executed?;
         self.challenge(raw_tenant, token).await
     }
 
@@ -800,17 +879,29 @@ impl App {
             self.tenant(raw_tenant).await?;
             return Ok(None);
         };
-        let (_, _, found) = self
+        let (_, tenant, found) = self
             .tenant_and_user(raw_tenant, UserKey::Id(claim.user_id), Memory::Fresh)
             .await?;
         let Some((_, basis)) = found else {
             return Ok(None);
         };
         let user = basis.versioned.state;
-        let Some(session) = user.live_session(SessionId(claim.item), &claim.hash, self.now())
-        else {
+        let now = self.now();
+        let Some(session) = user.live_session(SessionId(claim.item), &claim.hash, now) else {
             return Ok(None);
         };
+        if !self
+            .keep_alive(
+                &tenant.versioned.state,
+                claim.user_id,
+                SessionId(claim.item),
+                session,
+                now,
+            )
+            .await?
+        {
+            return Ok(None);
+        }
         Ok(Some(Introspected {
             impersonated_by: session.impersonated_by,
             user_id: claim.user_id,

@@ -49,6 +49,10 @@ pub enum AppError {
     },
     #[error("{0}")]
     InvalidField(ValueError),
+    /// An hourly budget of codes sent (for the account, its email address or
+    /// phone, or the client's address) is spent.
+    #[error("Too many codes were sent in the last hour. Try again later, or use your authenticator app or a recovery code.")]
+    CodeLimitReached { retry_after_secs: i64 },
     /// Settings that name an SMS provider this deployment does not have.
     #[error("Invalid two-factor settings: sms_provider must name a configured SMS provider ({}).", if configured.is_empty() { "none is configured".to_string() } else { configured.join(", ") })]
     UnknownSmsProvider { configured: Vec<String> },
@@ -103,6 +107,7 @@ impl AppError {
             Self::WouldLockYouOut => "would_lock_you_out",
             Self::InvalidCode { .. } => "invalid_code",
             Self::InvalidField(_) => "invalid_field",
+            Self::CodeLimitReached { .. } => "code_limit_reached",
             Self::UnknownSmsProvider { .. } => "invalid_settings",
             Self::BadInput { code, .. } => code,
             Self::InvalidQuery(_) => "invalid_query",
@@ -150,7 +155,8 @@ impl AppError {
                 ..
             } => Some(json!({ "attempts_remaining": n })),
             Self::SecondFactorRequired => Some(json!({ "step_up": "/me/step-up" })),
-            Self::Refused(UserError::TooManyAttempts { retry_after_secs }) => {
+            Self::Refused(UserError::TooManyAttempts { retry_after_secs })
+            | Self::CodeLimitReached { retry_after_secs } => {
                 Some(json!({ "retry_after_secs": retry_after_secs }))
             }
             _ => None,

@@ -9,6 +9,7 @@ pub mod accounts;
 pub mod admin;
 pub mod auth;
 pub mod backup_codes;
+mod budgets;
 pub mod console;
 pub mod error;
 pub mod me;

@@ -167,14 +167,27 @@ impl App {
     ) -> Result<IssuedChallenge, AppError> {
         let (token, challenge) = crate::auth::new_challenge_for(session.user_id);
         let settings = session.tenant.settings.clone();
-        let events = self
-            .own_command(session, origin, |ctx| UserCommand::StartStepUp {
-                session_id: session.session_id,
-                challenge: challenge.clone(),
-                settings: settings.clone(),
-                ctx,
-            })
+        let now = self.now();
+        let command = |ctx| UserCommand::StartStepUp {
+            session_id: session.session_id,
+            challenge: challenge.clone(),
+            settings: settings.clone(),
+            ctx,
+        };
+        let fee = self
+            .pay_for_code(
+                session.tenant_id,
+                &settings,
+                session.user_id,
+                &session.user,
+                &command(session.ctx(origin, now)),
+                origin.ip.as_deref(),
+            )
             .await?;
+        let executed = self.own_command(session, origin, command).await;
+        self.settle(fee, executed.as_ref().ok().map(Vec::as_slice))
+            .await;
+        let events = executed?;
         issued(token, &events)
             .ok_or_else(|| AppError::unexpected(anyhow::anyhow!("step-up issued no challenge")))
     }

@@ -4,8 +4,11 @@
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use twofold_domain::tenant::Tenant;
-use twofold_domain::user::{SecondFactorUse, SkipReason, User, STEP_UP_VALID_SECS};
+use twofold_domain::user::{
+    SecondFactorUse, SessionState, SkipReason, User, UserCommand, UserEvent, STEP_UP_VALID_SECS,
+};
 use twofold_domain::{Actor, Ctx, SessionId, TenantId, UserId};
+use twofold_platform::store::ExecError;
 use twofold_platform::tokens::{self, TokenKind};
 
 use crate::{App, AppError, Origin};
@@ -122,6 +125,56 @@ impl AdminSession {
 }
 
 impl App {
+    /// A live session being used, under the tenant's idle timeout: false when
+    /// it sat idle too long (it is ended then); its use is recorded now and
+    /// then. Without an idle timeout, nothing is read or written.
+    pub(crate) async fn keep_alive(
+        &self,
+        tenant: &Tenant,
+        user_id: UserId,
+        session_id: SessionId,
+        live: &SessionState,
+        now: DateTime<Utc>,
+    ) -> Result<bool, AppError> {
+        let Some(mins) = tenant.settings.idle_timeout_mins else {
+            return Ok(true);
+        };
+        let idle_timeout_secs = i64::from(mins) * 60;
+        let idle = live.idle_at(Some(idle_timeout_secs), now);
+        let every = (idle_timeout_secs / 10).max(60);
+        if idle || (now - live.last_used()).num_seconds() >= every {
+            let ctx = Ctx::new(
+                now,
+                if idle {
+                    Actor::System
+                } else {
+                    Actor::User(user_id)
+                },
+            );
+            let touched = self
+                .users
+                .execute(&user_id.to_string(), |_| {
+                    Ok(UserCommand::TouchSession {
+                        session_id,
+                        idle_timeout_secs,
+                        ctx: ctx.clone(),
+                    })
+                })
+                .await;
+            match touched {
+                Ok(events) => {
+                    return Ok(!events
+                        .iter()
+                        .any(|e| matches!(e, UserEvent::SessionEnded { .. })))
+                }
+                // Ended meanwhile (signed out, revoked).
+                Err(ExecError::Refused(_)) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+
     /// The live session a token names, for the tenant named in `raw_tenant`.
     #[tracing::instrument(skip_all)]
     pub async fn session(
@@ -142,6 +195,12 @@ impl App {
         let live = user
             .live_session(session_id, &claim.hash, now)
             .ok_or(AppError::Unauthenticated)?;
+        if !self
+            .keep_alive(&tenant, claim.user_id, session_id, live, now)
+            .await?
+        {
+            return Err(AppError::Unauthenticated);
+        }
         let second_factor = live.second_factor;
         let stepped_up = live
             .stepped_up_at

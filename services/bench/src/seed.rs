@@ -223,6 +223,7 @@ pub fn sign_in(
     let (_, session_hash) = tokens::issue(TokenKind::Session, user, Uuid::new_v4());
     let command = UserCommand::SignIn(SignIn {
         password_ok: true,
+        address_retry_after: None,
         settings: settings.clone(),
         challenge: NewChallenge {
             id: challenge_id,

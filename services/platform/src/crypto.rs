@@ -188,6 +188,17 @@ impl Keyring {
         hex::encode(mac.finalize().into_bytes())
     }
 
+    /// The name a budget keeps a client address, recipient or account under:
+    /// a keyed hash, so the budgets table holds no personal data. (A key
+    /// rotation starts every budget afresh.)
+    pub fn budget_key(&self, kind: &str, value: &str) -> String {
+        let mut mac = mac_with(&self.current().derive("budget-key"));
+        mac.update(kind.as_bytes());
+        mac.update(&[0]);
+        mac.update(value.as_bytes());
+        hex::encode(&mac.finalize().into_bytes()[..16])
+    }
+
     /// Whether `presented` is the form token of `nonce`, in constant time.
     pub fn form_token_matches(&self, nonce: &str, presented: &str) -> bool {
         use subtle::ConstantTimeEq;

@@ -356,6 +356,15 @@ struct SettingsForm {
     password_attempts_before_delay: String,
     #[serde(default = "thirty")]
     remembered_device_days: String,
+    #[serde(default = "hundred")]
+    password_failures_per_address_per_hour: String,
+    #[serde(default = "ten")]
+    codes_per_account_per_hour: String,
+    #[serde(default = "fifty")]
+    codes_per_address_per_hour: String,
+    /// Minutes; empty: no idle timeout.
+    #[serde(default)]
+    idle_timeout_mins: String,
     session_days: String,
     #[serde(default)]
     reason: String,
@@ -370,6 +379,18 @@ fn five() -> String {
 
 fn thirty() -> String {
     "30".to_string()
+}
+
+fn hundred() -> String {
+    "100".to_string()
+}
+
+fn ten() -> String {
+    "10".to_string()
+}
+
+fn fifty() -> String {
+    "50".to_string()
 }
 
 fn number(field: &'static str, raw: &str) -> Result<u32, (&'static str, String)> {
@@ -441,6 +462,22 @@ impl SettingsForm {
                 &self.password_attempts_before_delay,
             )?,
             remembered_device_days: number("remembered_device_days", &self.remembered_device_days)?,
+            password_failures_per_address_per_hour: number(
+                "password_failures_per_address_per_hour",
+                &self.password_failures_per_address_per_hour,
+            )?,
+            codes_per_account_per_hour: number(
+                "codes_per_account_per_hour",
+                &self.codes_per_account_per_hour,
+            )?,
+            codes_per_address_per_hour: number(
+                "codes_per_address_per_hour",
+                &self.codes_per_address_per_hour,
+            )?,
+            idle_timeout_mins: match self.idle_timeout_mins.trim() {
+                "" | "0" => None,
+                raw => Some(number("idle_timeout_mins", raw)?),
+            },
         })
     }
 }
@@ -588,6 +625,18 @@ fn settings_form(t: &str, token: &str, v: &SettingsView<'_>) -> Markup {
                 label for="password_attempts_before_delay" { "Wrong passwords before each try must wait longer" }
                 input #password_attempts_before_delay type="number" name="password_attempts_before_delay" min="1" max="100" value=(s.password_attempts_before_delay) disabled[ro];
                 (field_error(&v.error, "password_attempts_before_delay"))
+                label for="password_failures_per_address_per_hour" { "Wrong passwords per hour from one address, across accounts" }
+                input #password_failures_per_address_per_hour type="number" name="password_failures_per_address_per_hour" min="1" max="100000" value=(s.password_failures_per_address_per_hour) disabled[ro];
+                (field_error(&v.error, "password_failures_per_address_per_hour"))
+                label for="codes_per_account_per_hour" { "Email and SMS codes per hour for one account (and to one address or phone)" }
+                input #codes_per_account_per_hour type="number" name="codes_per_account_per_hour" min="1" max="1000" value=(s.codes_per_account_per_hour) disabled[ro];
+                (field_error(&v.error, "codes_per_account_per_hour"))
+                label for="codes_per_address_per_hour" { "Email and SMS codes per hour for sign-ins from one address" }
+                input #codes_per_address_per_hour type="number" name="codes_per_address_per_hour" min="1" max="100000" value=(s.codes_per_address_per_hour) disabled[ro];
+                (field_error(&v.error, "codes_per_address_per_hour"))
+                label for="idle_timeout_mins" { "Idle timeout (minutes)" p.hint { "Empty: sessions last their full duration. 60 minutes suits NIST AAL2." } }
+                input #idle_timeout_mins type="number" name="idle_timeout_mins" min="5" max="10080" placeholder="off" value=[s.idle_timeout_mins] disabled[ro];
+                (field_error(&v.error, "idle_timeout_mins"))
                 label for="session_days" { "Session duration (days)" }
                 input #session_days type="number" name="session_days" min="1" max="400" value=(s.session_duration_secs / 86_400) disabled[ro];
                 (field_error(&v.error, "session_duration_secs"))
