@@ -24,10 +24,33 @@ export DEBIAN_FRONTEND=noninteractive
 # Set once apt-get update has run; exported so ops/test -> ops/deps shares it.
 export TWOFOLD_APT_UPDATED="${TWOFOLD_APT_UPDATED:-0}"
 
-TWOFOLD_PG_HOST=127.0.0.1
-TWOFOLD_PG_PORT=5432
-TWOFOLD_NATS_HOST=127.0.0.1
-TWOFOLD_NATS_PORT=4222
+# "host port" of a URL such as postgres://user:pw@host:port/db or
+# nats://host:port (the first of a comma-separated list), with the default
+# port when it names none. IPv6 hosts in brackets lose the brackets.
+twofold_url_host_port() { # url default_port
+    local rest=${1#*://} host port
+    rest=${rest%%,*}
+    rest=${rest%%/*}
+    rest=${rest%%\?*}
+    rest=${rest##*@}
+    if [[ $rest =~ ^\[([^]]*)\](:([0-9]+))?$ ]]; then
+        host=${BASH_REMATCH[1]} port=${BASH_REMATCH[3]}
+    elif [[ $rest =~ ^([^:]*)(:([0-9]+))?$ ]]; then
+        host=${BASH_REMATCH[1]} port=${BASH_REMATCH[3]}
+    else
+        host=$rest port=
+    fi
+    echo "${host:-127.0.0.1} ${port:-$2}"
+}
+
+# The probes and the services started here follow the test URLs.
+read -r TWOFOLD_PG_HOST TWOFOLD_PG_PORT < <(twofold_url_host_port "$TWOFOLD_TEST_DATABASE_URL" 5432)
+read -r TWOFOLD_NATS_HOST TWOFOLD_NATS_PORT < <(twofold_url_host_port "$TWOFOLD_TEST_NATS_URL" 4222)
+
+# Whether a host is this machine (only then do we start or configure it).
+twofold_is_local() {
+    [[ $1 == 127.* || $1 == localhost || $1 == ::1 ]]
+}
 # How long to wait for a service we just started to answer.
 TWOFOLD_WAIT_SECONDS="${TWOFOLD_WAIT_SECONDS:-30}"
 
@@ -98,6 +121,29 @@ ensure_packages() {
     }
 }
 
+# ------------------------------------------------------------- build tools
+
+# A C compiler and linker (Rust links through `cc`; a few crates compile C)
+# and cargo. gcc is installed with apt when missing; cargo is not (it comes
+# from rustup, per user), so its absence is a message saying how.
+ensure_build_tools() {
+    if ! command -v cc >/dev/null 2>&1; then
+        twofold_say "no C compiler ('cc'): Rust needs one to link; installing gcc and libc6-dev"
+        ensure_packages gcc libc6-dev || {
+            twofold_say "install a C compiler by hand (sudo apt-get install gcc libc6-dev), then rerun"
+            return 1
+        }
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        if [[ -x $HOME/.cargo/bin/cargo ]]; then
+            export PATH="$HOME/.cargo/bin:$PATH"
+        else
+            twofold_say "cargo is missing: install Rust with rustup (curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy; on Debian 13 also: sudo apt-get install rustup && rustup default stable), open a new shell (or: source \$HOME/.cargo/env), then rerun"
+            return 1
+        fi
+    fi
+}
+
 # ---------------------------------------------------------------- PostgreSQL
 
 twofold_pg_answers() {
@@ -154,12 +200,24 @@ twofold_pg_trust_local() {
         twofold_as_root service postgresql reload
 }
 
+# psql's own error of the last failed query, for the message.
+TWOFOLD_PG_ERROR=
 twofold_pg_query_ok() {
-    PGCONNECT_TIMEOUT=5 psql -w -X -q -t -A "$TWOFOLD_TEST_DATABASE_URL" -c 'select 1' >/dev/null 2>&1
+    local out
+    if out=$(PGCONNECT_TIMEOUT=5 psql -w -X -q -t -A "$TWOFOLD_TEST_DATABASE_URL" -c 'select 1' 2>&1 >/dev/null); then
+        TWOFOLD_PG_ERROR=
+        return 0
+    fi
+    TWOFOLD_PG_ERROR=$out
+    return 1
 }
 
 ensure_postgres() {
     local fresh=0
+    if ! twofold_pg_answers && ! twofold_is_local "$TWOFOLD_PG_HOST"; then
+        twofold_say "nothing answers on $TWOFOLD_PG_HOST:$TWOFOLD_PG_PORT (from TWOFOLD_TEST_DATABASE_URL), and that is not this machine: start PostgreSQL there, or point TWOFOLD_TEST_DATABASE_URL at one that runs, then rerun"
+        return 1
+    fi
     if ! twofold_pg_answers; then
         if ! twofold_pg_installed; then
             if ! command -v apt-get >/dev/null 2>&1 || ! twofold_can_root; then
@@ -192,7 +250,8 @@ ensure_postgres() {
         twofold_wait_for twofold_pg_query_ok || true
     fi
     if ! twofold_pg_query_ok; then
-        twofold_say "PostgreSQL answers but 'psql $TWOFOLD_TEST_DATABASE_URL -c \"select 1\"' fails: the tests connect as user postgres without a password. For local development add 'host all all 127.0.0.1/32 trust' (and '::1/128') at the top of pg_hba.conf and reload PostgreSQL, or set TWOFOLD_TEST_DATABASE_URL to an admin URL that works, then rerun"
+        twofold_say "PostgreSQL answers on $TWOFOLD_PG_HOST:$TWOFOLD_PG_PORT but 'psql \$TWOFOLD_TEST_DATABASE_URL -c \"select 1\"' fails: ${TWOFOLD_PG_ERROR:-(psql said nothing)}"
+        twofold_say "by default the tests connect as user postgres without a password. For local development add 'host all all 127.0.0.1/32 trust' (and '::1/128') at the top of pg_hba.conf and reload PostgreSQL, or set TWOFOLD_TEST_DATABASE_URL to an admin URL that works, then rerun"
         return 1
     fi
 }
@@ -235,9 +294,52 @@ twofold_nats_start() {
     fi
 }
 
+twofold_nats_has_jetstream() {
+    [[ $(twofold_nats_info || true) == *'"jetstream":true'* ]]
+}
+
+# A NATS server that answers without JetStream: Debian's packaged service
+# (systemd, /etc/nats-server.conf with only host and port) is given a
+# jetstream block and restarted; anything else fails with the fix to apply.
+TWOFOLD_NATS_CONF=${TWOFOLD_NATS_CONF:-/etc/nats-server.conf}
+twofold_nats_enable_jetstream() {
+    local store=/var/lib/nats-server/jetstream
+    local fix="add 'jetstream { store_dir: \"$store\" }' to the server's configuration (Debian: $TWOFOLD_NATS_CONF) and restart it (sudo systemctl restart nats-server), or run it with -js -sd <dir>"
+    if ! twofold_is_local "$TWOFOLD_NATS_HOST"; then
+        twofold_say "the NATS server on $TWOFOLD_NATS_HOST:$TWOFOLD_NATS_PORT (from TWOFOLD_TEST_NATS_URL) answers without JetStream, which twofold needs: on that machine, $fix; then rerun"
+        return 1
+    fi
+    if ! command -v systemctl >/dev/null 2>&1 || ! systemctl is-active --quiet nats-server 2>/dev/null ||
+        [[ ! -f $TWOFOLD_NATS_CONF ]] || ! twofold_can_root; then
+        twofold_say "the NATS server on $TWOFOLD_NATS_HOST:$TWOFOLD_NATS_PORT answers without JetStream, which twofold needs, and it is not the nats-server systemd service this script can reconfigure (or you are not root): $fix; then rerun"
+        return 1
+    fi
+    if grep -q '^[[:space:]]*jetstream' "$TWOFOLD_NATS_CONF"; then
+        twofold_say "$TWOFOLD_NATS_CONF has a jetstream setting but the server on $TWOFOLD_NATS_HOST:$TWOFOLD_NATS_PORT runs without JetStream: check it (e.g. 'jetstream: disabled') and the log (journalctl -u nats-server), fix it and restart the service (sudo systemctl restart nats-server); then rerun"
+        return 1
+    fi
+    twofold_say "enabling JetStream in $TWOFOLD_NATS_CONF (store in $store) and restarting nats-server"
+    twofold_as_root mkdir -p "$store"
+    twofold_as_root chown nats:nats "$store" 2>/dev/null || true
+    printf '\n# Added by twofold ops/lib.sh: twofold needs JetStream.\njetstream {\n    store_dir: "%s"\n}\n' "$store" |
+        twofold_as_root tee -a "$TWOFOLD_NATS_CONF" >/dev/null
+    twofold_as_root systemctl restart nats-server || {
+        twofold_say "systemctl restart nats-server failed: see systemctl status nats-server and journalctl -u nats-server; then rerun"
+        return 1
+    }
+    if ! twofold_wait_for twofold_nats_has_jetstream; then
+        twofold_say "nats-server restarted but answers without JetStream on $TWOFOLD_NATS_HOST:$TWOFOLD_NATS_PORT after ${TWOFOLD_WAIT_SECONDS}s: see journalctl -u nats-server; then rerun"
+        return 1
+    fi
+}
+
 ensure_nats() {
-    local bin info
+    local bin
     if ! twofold_nats_answers; then
+        if ! twofold_is_local "$TWOFOLD_NATS_HOST"; then
+            twofold_say "nothing answers on $TWOFOLD_NATS_HOST:$TWOFOLD_NATS_PORT (from TWOFOLD_TEST_NATS_URL), and that is not this machine: start NATS with JetStream there, or point TWOFOLD_TEST_NATS_URL at one that runs, then rerun"
+            return 1
+        fi
         bin=$(twofold_nats_bin || true)
         if [[ -z $bin ]]; then
             if ! command -v apt-get >/dev/null 2>&1 || ! twofold_can_root; then
@@ -257,11 +359,14 @@ ensure_nats() {
             fi
         fi
     fi
-    # Not fatal: some tests may not need JetStream, and the test that does
-    # will fail with its own message.
-    info=$(twofold_nats_info || true)
-    if [[ -n $info && $info != *'"jetstream":true'* ]]; then
-        twofold_say "warning: the NATS server on $TWOFOLD_NATS_HOST:$TWOFOLD_NATS_PORT does not have JetStream enabled; restart it with -js (e.g. nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server)"
+    # The greeting ("INFO {...}") says whether JetStream is on; without it
+    # the relay cannot create its stream and the NATS tests fail.
+    if [[ -z $(twofold_nats_info || true) ]]; then
+        twofold_say "something accepts connections on $TWOFOLD_NATS_HOST:$TWOFOLD_NATS_PORT but sends no NATS greeting: is TWOFOLD_TEST_NATS_URL right, and is that port NATS's client port? Fix that, then rerun"
+        return 1
+    fi
+    if ! twofold_nats_has_jetstream; then
+        twofold_nats_enable_jetstream || return 1
     fi
 }
 

@@ -498,3 +498,69 @@ async fn with_postgresql_unreachable_sign_in_answers_503_and_recovers() {
         "sign-in works again once PostgreSQL is back"
     );
 }
+
+/// The status of `GET http://{addr}{path}`.
+async fn health_status(addr: &str, path: &str) -> StatusCode {
+    reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn verifier_is_ready_only_while_postgresql_answers() {
+    let proxy = DbProxy::start(0).await;
+    let port = proxy.port;
+    let app = crate::helpers::spawn_app_with(|config| {
+        let url = config
+            .database_url
+            .expose_secret()
+            .replace(":5432/", &format!(":{port}/"));
+        config.database_url = url.into();
+    })
+    .await;
+    let api = app
+        .base
+        .split("/v1/")
+        .next()
+        .unwrap()
+        .replace("http://", "");
+    let metrics = app.metrics_addr.to_string();
+    // On the API port (for load balancers) and on the metrics port (as every worker).
+    for addr in [api.as_str(), metrics.as_str()] {
+        assert_eq!(health_status(addr, "/health/live").await, StatusCode::OK);
+        assert_eq!(health_status(addr, "/health/ready").await, StatusCode::OK);
+    }
+
+    let port = proxy.cut().await;
+    for addr in [api.as_str(), metrics.as_str()] {
+        let ready = reqwest::get(format!("http://{addr}/health/ready"))
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let why = ready.text().await.unwrap();
+        assert!(why.contains("PostgreSQL"), "{why}");
+        assert!(
+            !why.contains(&port.to_string()),
+            "no connection details: {why}"
+        );
+        assert_eq!(health_status(addr, "/health/live").await, StatusCode::OK);
+    }
+    // `/health` stays what it was: the process answers, nothing checked.
+    assert_eq!(health_status(&api, "/health").await, StatusCode::OK);
+
+    let _proxy = DbProxy::start(port).await;
+    let mut ready = false;
+    for _ in 0..50 {
+        if health_status(&api, "/health/ready").await == StatusCode::OK {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ready, "ready again once PostgreSQL is back");
+    assert_eq!(
+        health_status(&metrics, "/health/ready").await,
+        StatusCode::OK
+    );
+}

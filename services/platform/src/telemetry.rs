@@ -72,18 +72,21 @@ pub async fn serve(
             "/health/ready",
             get(move || {
                 let readiness = readiness.clone();
-                async move {
-                    match readiness.check().await {
-                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
-                    }
-                }
+                async move { ready_answer(&readiness).await }
             }),
         );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .context("serving metrics and health")
+}
+
+/// The answer to `GET /health/ready`: 200 `ready`, or 503 and the reason.
+pub async fn ready_answer(readiness: &Readiness) -> (StatusCode, String) {
+    match readiness.check().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
 }
 
 /// What a worker's `/health/ready` checks, filled in as it connects: its

@@ -31,6 +31,11 @@ pub enum Command {
     Projector,
     /// Deliver email and SMS codes (run as many as the load needs).
     Dispatcher,
+    /// Run verifier, relay, dispatcher and projector in this one process (for
+    /// development). Each serves metrics and health on its own port:
+    /// metrics_addr's port for the verifier, the next three for the relay,
+    /// the dispatcher and the projector.
+    All,
     /// Print a new random server key (64 hex digits) for TWOFOLD_KEYS.
     Keygen,
     /// Tenants: create one with its first admin, or change its settings.

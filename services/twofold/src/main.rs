@@ -45,16 +45,22 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("twofold: migrations applied");
             Ok(())
         }
-        Command::Verifier => workers::verifier(&config, clock).await,
-        Command::Relay => workers::relay(&config).await,
-        Command::Dispatcher => workers::dispatcher(&config, clock).await,
-        Command::Projector => workers::projector(&config).await,
+        Command::Verifier => workers::verifier(&config, clock, stop_on_signal()).await,
+        Command::Relay => workers::relay(&config, stop_on_signal()).await,
+        Command::Dispatcher => workers::dispatcher(&config, clock, stop_on_signal()).await,
+        Command::Projector => workers::projector(&config, stop_on_signal()).await,
+        Command::All => workers::all(&config, clock).await,
         Command::Projections {
             command: ProjectionsCommand::Rebuild,
         } => operator::rebuild(&config).await,
         Command::Tenant { command } => operator::tenant(&config, clock, command).await,
         Command::User { command } => operator::user(&config, clock, command).await,
     }
+}
+
+/// A worker's stop: SIGTERM or ctrl-c.
+fn stop_on_signal() -> workers::Stop {
+    workers::Stop::on_signal().1
 }
 
 /// Resolves on SIGTERM or ctrl-c.

@@ -192,3 +192,113 @@ fn the_break_glass_commands_work_without_any_session() {
     let _ = std::fs::remove_dir_all(&dir);
     psql(&format!("DROP DATABASE IF EXISTS {db}"));
 }
+
+/// Four free consecutive ports on loopback (the metrics ports of `twofold all`).
+fn free_port_run(len: u16) -> u16 {
+    let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+    for _ in 0..100 {
+        let base = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if base < 65000 && (0..len).all(|i| free(base + i)) {
+            return base;
+        }
+    }
+    panic!("no run of {len} free ports");
+}
+
+/// The status line of `GET http://127.0.0.1:{port}{path}`, or `None`.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    answer.split(' ').nth(1)?.parse().ok()
+}
+
+/// `twofold all`: the four workers in one process, each ready on its own
+/// metrics port (and the verifier on its API port), all stopped by SIGTERM.
+#[test]
+fn all_runs_the_four_workers_until_sigterm() {
+    let admin_url = std::env::var("TWOFOLD_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+    let nats_url =
+        std::env::var("TWOFOLD_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let db = format!("twofold_test_all_{}", std::process::id());
+    let psql = |sql: &str| {
+        let out = Command::new("psql")
+            .args(["-w", "-X", "-q", &admin_url, "-c", sql])
+            .output()
+            .expect("psql must be installed: run ops/deps");
+        assert!(out.status.success(), "{out:?}");
+    };
+    psql(&format!("DROP DATABASE IF EXISTS {db}"));
+    psql(&format!("CREATE DATABASE {db}"));
+    let url = format!("{}/{db}", admin_url.rsplit_once('/').unwrap().0);
+    let key = String::from_utf8(twofold().arg("keygen").output().unwrap().stdout).unwrap();
+    let http = free_port_run(1);
+    let metrics = loop {
+        let base = free_port_run(4);
+        if !(base..base + 4).contains(&http) {
+            break base;
+        }
+    };
+    let id = format!("all{}", std::process::id());
+    let all = twofold()
+        .arg("all")
+        .env("TWOFOLD_DATABASE_URL", &url)
+        .env("TWOFOLD_KEYS", format!("k={}", key.trim()))
+        .env("TWOFOLD_CURRENT_KEY_ID", "k")
+        .env("TWOFOLD_HTTP_ADDR", format!("127.0.0.1:{http}"))
+        .env("TWOFOLD_METRICS_ADDR", format!("127.0.0.1:{metrics}"))
+        .env("TWOFOLD_NATS_URL", &nats_url)
+        .env("TWOFOLD_NATS_STREAM", id.to_uppercase())
+        .env("TWOFOLD_NATS_SUBJECT_PREFIX", &id)
+        .env_remove("TWOFOLD_CONFIG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ports = [http, metrics, metrics + 1, metrics + 2, metrics + 3];
+    let mut ready = false;
+    for _ in 0..600 {
+        if ports
+            .iter()
+            .all(|p| http_status(*p, "/health/ready") == Some(200))
+        {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let kill = |signal: &str| {
+        Command::new("kill")
+            .args([signal, &all.id().to_string()])
+            .status()
+            .unwrap()
+    };
+    if !ready {
+        kill("-KILL");
+        let out = all.wait_with_output().unwrap();
+        panic!(
+            "not every worker got ready: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(kill("-TERM").success());
+    let out = all.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for worker in ["verifier", "relay", "dispatcher", "projector"] {
+        assert!(stderr.contains(worker), "{worker}: {stderr}");
+    }
+    psql(&format!("DROP DATABASE IF EXISTS {db}"));
+}

@@ -56,7 +56,8 @@ pub fn secure_cookies(public_url: &str) -> bool {
     !loopback
 }
 
-/// The API's routes over `state`.
+/// The API's routes over `state`, with `/health` (answers `ok`, touching
+/// nothing), `/health/live` and `/health/ready` (a query on the database).
 pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
     use routes::{admin, auth, me, reports};
     let tenant = Router::new()
@@ -107,6 +108,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .nest("/t/{tenant}", pages::router(state.clone()))
         .merge(pages::assets())
         .route("/health", get(|| async { "ok" }))
+        .merge(health(&state.app))
         .fallback(|| async { ApiError::not_found() })
         .layer(middleware::from_fn(record_request))
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -118,6 +120,19 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .layer(TraceLayer::new_for_http().make_span_with(layers::request_span))
         .layer(middleware::from_fn(layers::request_id))
         .with_state(state)
+}
+
+/// `GET /health/live` (200 while the process runs) and `GET /health/ready`
+/// (200 when PostgreSQL answers a query, else 503 and why), for load balancers.
+fn health(app: &App) -> Router<ApiState> {
+    let readiness = telemetry::Readiness::new(false);
+    readiness.set_pool(&app.pool);
+    Router::new()
+        .route("/health/live", get(|| async { "live\n" }))
+        .route(
+            "/health/ready",
+            get(move || async move { telemetry::ready_answer(&readiness).await }),
+        )
 }
 
 /// Request latency by route and status.
@@ -190,10 +205,13 @@ impl Verifier {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let handle = telemetry::metrics_handle()?;
+        let readiness = telemetry::Readiness::new(false);
+        readiness.set_pool(&self.app.pool);
         let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-        let metrics = tokio::spawn(telemetry::serve_metrics(
+        let metrics = tokio::spawn(telemetry::serve(
             self.metrics_listener,
             handle,
+            readiness,
             async {
                 let _ = metrics_stopped.await;
             },
