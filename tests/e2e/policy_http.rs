@@ -163,6 +163,36 @@ async fn unrecognized_devices_mode_skips_a_remembered_device_and_says_so() {
     let issued = app.events_of(&ann, "ChallengeIssued").await;
     assert_eq!(issued[0]["ctx"]["ip"], "198.51.100.1");
 
+    // The admin sees the remembered device and forgets it, with a reason:
+    // its next sign-in is asked for a second factor again.
+    app.set_settings(&admin, json!({"trust_known_ips": false}))
+        .await;
+    let detail = app.get_auth(&format!("/users/{ann}"), &admin).await;
+    let devices = detail.body["devices"].as_array().unwrap().clone();
+    assert_eq!(devices.len(), 1, "{:?}", detail.body);
+    let device_id = devices[0]["device_id"].as_str().unwrap();
+    let path = format!("/users/{ann}/devices/{device_id}/forget");
+    let no_reason = app.post_auth(&path, &admin, json!({})).await;
+    assert_eq!(no_reason.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let forgot = app
+        .post_auth(&path, &admin, json!({"reason": "laptop stolen"}))
+        .await;
+    assert_eq!(forgot.status, StatusCode::NO_CONTENT, "{:?}", forgot.body);
+    let again = app
+        .post_auth(&path, &admin, json!({"reason": "again"}))
+        .await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+    let forgotten = app.events_of(&ann, "DeviceForgotten").await;
+    assert_eq!(forgotten[0]["ctx"]["reason"], "laptop stolen");
+    let asked = from(
+        "203.0.113.13",
+        json!({"username": "ann", "password": PASSWORD, "device_token": device}),
+    )
+    .await;
+    assert_eq!(asked.body["status"], "challenge");
+    app.set_settings(&admin, json!({"trust_known_ips": true}))
+        .await;
+
     // Every login: the same device is challenged.
     app.set_settings(&admin, json!({"enforcement": "every_login"}))
         .await;

@@ -1010,6 +1010,7 @@ impl User {
             }
             UserCommand::ForgetDevice { device_id, ctx } => {
                 self.require_exists()?;
+                self.require_admin_reason(&ctx)?;
                 if !self.devices.contains_key(&device_id) {
                     return Err(UserError::DeviceNotFound);
                 }

@@ -41,6 +41,8 @@ pub enum UserAction {
     Unlock,
     /// Ends the user's sessions and remembered devices.
     RevokeSessions,
+    /// Forgets one remembered device: its next sign-in asks a second factor.
+    ForgetDevice(uuid::Uuid),
 }
 
 #[derive(Debug, Serialize)]
@@ -67,6 +69,7 @@ impl UserAction {
                 forget_devices: true,
                 ctx,
             },
+            UserAction::ForgetDevice(device_id) => UserCommand::ForgetDevice { device_id, ctx },
         }
     }
 }

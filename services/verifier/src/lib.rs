@@ -95,6 +95,10 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/users/{user}/reset-password", post(admin::reset_password))
         .route("/users/{user}/{action}", post(admin::act_on_user))
         .route(
+            "/users/{user}/devices/{device}/forget",
+            post(admin::forget_device),
+        )
+        .route(
             "/users/{user}/backup-codes",
             post(admin::regenerate_backup_codes),
         )

@@ -1015,6 +1015,7 @@ async fn user_view(
         Some("unlock") => Some("The user is unlocked."),
         Some("reset-enrollment") => Some("The user's enrollment is reset: they set up their second factor again at the next sign-in."),
         Some("revoke-sessions") => Some("The user's sessions and remembered devices are ended."),
+        Some(d) if d.starts_with("forget-device:") => Some("The device is forgotten: its next sign-in asks for a second factor."),
         _ => None,
     };
     let body = html! {
@@ -1071,6 +1072,9 @@ async fn user_view(
                         option value="reset-enrollment" { "Reset enrollment (they set up 2FA again)" }
                         option value="backup-codes" { "Regenerate recovery codes (shown once, to hand over)" }
                         option value="revoke-sessions" { "Sign out everywhere (sessions and remembered devices)" }
+                        @for dev in &d.devices {
+                            option value={ "forget-device:" (dev.device_id) } { "Forget the device remembered " (when(&dev.remembered_at)) }
+                        }
                     }
                     label for="reason" { "Reason" }
                     input #reason type="text" name="reason" required;
@@ -1131,6 +1135,11 @@ async fn user_action(
         "unlock" => UserAction::Unlock,
         "reset-enrollment" => UserAction::ResetEnrollment,
         "revoke-sessions" => UserAction::RevokeSessions,
+        forget if forget.starts_with("forget-device:") => forget
+            .strip_prefix("forget-device:")
+            .and_then(|d| d.parse().ok())
+            .map(UserAction::ForgetDevice)
+            .ok_or_else(|| AppError::bad_input("invalid_form", "No such device."))?,
         "backup-codes" => {
             let codes = api
                 .app

@@ -140,6 +140,28 @@ pub async fn act_on_user(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `POST /v1/tenants/{tenant}/users/{user}/devices/{device}/forget`: one
+/// remembered device forgotten (its next sign-in asks a second factor).
+pub async fn forget_device(
+    State(api): State<ApiState>,
+    RequestMeta(origin): RequestMeta,
+    SignedInAdmin(admin): SignedInAdmin,
+    Path((_, user, device)): Path<(String, String, String)>,
+    ApiJson(body): ApiJson<ReasonBody>,
+) -> Result<StatusCode, ApiError> {
+    let device = device.parse().map_err(|_| ApiError::not_found())?;
+    api.app
+        .act_on_user(
+            &admin,
+            &user,
+            UserAction::ForgetDevice(device),
+            body.reason,
+            &origin,
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// `POST /v1/tenants/{tenant}/users/{user}/backup-codes`
 pub async fn regenerate_backup_codes(
     State(api): State<ApiState>,
