@@ -175,6 +175,8 @@ impl UserRow {
             | UserEvent::ChallengeExpired { .. }
             | UserEvent::SessionEnded { .. }
             | UserEvent::SessionUsed { .. }
+            | UserEvent::ContactVerificationStarted { .. }
+            | UserEvent::ContactVerified { .. }
             | UserEvent::EnrollmentCodeRejected { .. }
             | UserEvent::DeviceRemembered { .. }
             | UserEvent::StepUpCompleted { .. }

@@ -363,6 +363,117 @@ async fn an_email_code_arrives_by_smtp_and_signs_in() {
     assert!(!recorded[0].to_string().contains(&code));
 }
 
+/// A new email address is used only once a code sent to it comes back:
+/// until then codes keep going to the old one.
+#[tokio::test]
+async fn a_new_email_address_is_verified_by_a_code_before_any_code_goes_there() {
+    let smtp = Smtp::start().await;
+    let s = stack(smtp.port, "http://127.0.0.1:9").await;
+    s.with_user(
+        json!({"enabled": true, "enforcement": "every_login"}),
+        "cat",
+        false,
+    )
+    .await;
+    let d = s.dispatcher().await;
+    // Runs the dispatcher for one delivery and reads its code from `to`'s mailbox.
+    let code_for = |token: String, to: &'static str| {
+        let (d, smtp) = (&d, &smtp);
+        async move {
+            let before = smtp.mails_to(to);
+            run_until(d, |o| delivered(o) == 1).await;
+            // The mailbox is a directory: the new mail is the one not there before.
+            let new = smtp
+                .mails_to(to)
+                .into_iter()
+                .find(|m| !before.contains(m))
+                .expect("a new mail");
+            (token, code_in(&new).expect("a code"))
+        }
+    };
+    // Signed in with a code to the old address, then a step-up.
+    let (token, code) = code_for(s.challenge("cat").await, "cat@acme.test").await;
+    let signed_in = s
+        .app
+        .post(
+            "/challenge/verify",
+            json!({"challenge_token": token, "code": code}),
+        )
+        .await;
+    let session = signed_in.body["session"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let step = s.app.post_auth("/me/step-up", &session, json!({})).await;
+    let step_token = step.body["challenge"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (token, code) = code_for(step_token, "cat@acme.test").await;
+    assert_eq!(s.verify(&token, &code).await, StatusCode::OK);
+
+    // The new address gets a code; the profile keeps the old one meanwhile.
+    let changed = s
+        .app
+        .send(
+            s.app
+                .client
+                .patch(format!("{}/me", s.app.base))
+                .bearer_auth(&session)
+                .json(&json!({"email": "kit@elsewhere.test"})),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::ACCEPTED, "{:?}", changed.body);
+    assert_eq!(changed.body["status"], "verification_sent");
+    assert_eq!(changed.body["challenge"]["methods"], json!(["email"]));
+    let verify_token = changed.body["challenge"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (verify_token, new_code) = code_for(verify_token, "kit@elsewhere.test").await;
+    assert_eq!(
+        s.app.get_auth("/me", &session).await.body["email"],
+        "cat@acme.test"
+    );
+    // A sign-in now still sends its code to the old address.
+    let (_, _) = code_for(s.challenge("cat").await, "cat@acme.test").await;
+    assert_eq!(smtp.mails_to("kit@elsewhere.test").len(), 1);
+    assert_eq!(smtp.mails_to("cat@acme.test").len(), 3);
+
+    // A recovery code proves nothing about the new address; its code does.
+    let backup = s
+        .app
+        .post(
+            "/challenge/verify",
+            json!({"challenge_token": verify_token, "backup_code": "aaaa-bbbb"}),
+        )
+        .await;
+    assert_eq!(backup.status, StatusCode::BAD_REQUEST, "{:?}", backup.body);
+    let done = s
+        .app
+        .post(
+            "/challenge/verify",
+            json!({"challenge_token": verify_token, "code": new_code}),
+        )
+        .await;
+    assert_eq!(done.body, json!({"status": "contact_verified"}));
+    // Every session ended with the change; the new address is the user's.
+    assert_eq!(
+        s.app.get_auth("/me", &session).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let user: String =
+        sqlx::query_scalar("SELECT user_id::text FROM usernames WHERE username = 'cat'")
+            .fetch_one(&s.app.pool)
+            .await
+            .unwrap();
+    let types = s.app.event_types(&user).await;
+    assert!(types.contains(&"ContactVerificationStarted".to_string()));
+    assert!(types.contains(&"ContactVerified".to_string()));
+    let (_, _) = code_for(s.challenge("cat").await, "kit@elsewhere.test").await;
+    assert_eq!(smtp.mails_to("kit@elsewhere.test").len(), 2);
+}
+
 #[tokio::test]
 async fn an_sms_code_goes_through_the_provider_and_falls_back_to_email_when_it_fails() {
     let smtp = Smtp::start().await;

@@ -13,8 +13,8 @@ use super::commands::{
     Proof, SignIn, UserCommand, VerifyCode,
 };
 use super::events::{
-    GuessBudget, ProofKind, RejectionReason, SecondFactorUse, SessionEndReason, SkipReason,
-    UserEvent,
+    GuessBudget, NewContact, ProofKind, RejectionReason, SecondFactorUse, SessionEndReason,
+    SkipReason, UserEvent,
 };
 use super::lockout::{AfterFailure, Lockout};
 use super::{
@@ -138,6 +138,10 @@ pub struct User {
     /// The password is a one-time one: changing it comes before anything else.
     #[serde(default)]
     pub password_must_change: bool,
+    /// A new email address or phone number waiting for its code to come
+    /// back, by the challenge that carries it.
+    #[serde(default)]
+    pub pending_contact: Option<(ChallengeId, NewContact)>,
 }
 
 impl User {
@@ -538,6 +542,11 @@ impl User {
         if open.purpose == ChallengePurpose::Enrollment {
             return Err(UserError::WrongChallengePurpose);
         }
+        // A recovery code proves nothing about a new address or number.
+        if open.purpose == ChallengePurpose::VerifyContact && matches!(proof, Proof::Backup { .. })
+        {
+            return Err(UserError::ProofDoesNotFitChallenge);
+        }
         self.slowdown(&settings, ctx.at)?;
         if open.is_expired(ctx.at) {
             return Ok(vec![UserEvent::ChallengeExpired {
@@ -632,6 +641,31 @@ impl User {
                             challenge_id: open.id,
                             ctx,
                         });
+                    }
+                    ChallengePurpose::VerifyContact => {
+                        let contact = self
+                            .pending_contact
+                            .as_ref()
+                            .filter(|(id, _)| *id == open.id)
+                            .map(|(_, c)| c.clone())
+                            .ok_or(UserError::ChallengeNotFound)?;
+                        let (email, phone) = match &contact {
+                            NewContact::Email(e) => (Some(Some(e.clone())), None),
+                            NewContact::Phone(p) => (None, Some(Some(p.clone()))),
+                        };
+                        events.push(UserEvent::ContactVerified {
+                            challenge_id: open.id,
+                            contact,
+                            ctx: ctx.clone(),
+                        });
+                        events.push(UserEvent::UserUpdated {
+                            roles: None,
+                            email,
+                            phone,
+                            service_account: None,
+                            ctx: ctx.clone(),
+                        });
+                        events.push(self.revoke_all(&ctx));
                     }
                     ChallengePurpose::SignIn | ChallengePurpose::Enrollment => {
                         events.extend(self.start_session(
@@ -1139,12 +1173,40 @@ impl User {
                 email,
                 phone,
                 step_up,
+                challenge,
+                settings,
                 ctx,
             } => {
                 self.require_exists()?;
                 self.require_step_up(step_up, ctx.at)?;
                 let email = email.filter(|e| *e != self.email);
                 let phone = phone.filter(|p| *p != self.phone);
+                let new = match (&email, &phone) {
+                    (Some(Some(e)), None) => Some(NewContact::Email(e.clone())),
+                    (None, Some(Some(p))) => Some(NewContact::Phone(p.clone())),
+                    (Some(Some(_)), Some(_)) | (Some(_), Some(Some(_))) => {
+                        return Err(UserError::OneContactAtATime)
+                    }
+                    _ => None,
+                };
+                if let Some(contact) = new {
+                    let method = contact.method();
+                    return Ok(vec![
+                        UserEvent::ContactVerificationStarted {
+                            challenge_id: challenge.id,
+                            contact,
+                            ctx: ctx.clone(),
+                        },
+                        self.challenge_issued(
+                            challenge,
+                            method,
+                            vec![method],
+                            &settings,
+                            ChallengePurpose::VerifyContact,
+                            ctx,
+                        ),
+                    ]);
+                }
                 if email.is_none() && phone.is_none() {
                     return Ok(vec![]);
                 }
@@ -1422,6 +1484,12 @@ impl Aggregate for User {
             UserEvent::SessionEnded { session_id, .. } => {
                 self.sessions.remove(&session_id);
             }
+            UserEvent::ContactVerificationStarted {
+                challenge_id,
+                contact,
+                ..
+            } => self.pending_contact = Some((challenge_id, contact)),
+            UserEvent::ContactVerified { .. } => self.pending_contact = None,
             UserEvent::SessionUsed { session_id, ctx } => {
                 if let Some(s) = self.sessions.get_mut(&session_id) {
                     s.last_used_at = Some(ctx.at);

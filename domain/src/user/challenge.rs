@@ -39,6 +39,9 @@ pub enum ChallengePurpose {
     Enrollment,
     /// A current factor before a sensitive change, for this session.
     StepUp { session_id: SessionId },
+    /// A code sent to a new email address or phone number the user gave:
+    /// answering it proves they receive there, and only then is it used.
+    VerifyContact,
 }
 
 impl Challenge {

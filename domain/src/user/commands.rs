@@ -137,10 +137,16 @@ pub enum UserCommand {
         ctx: Ctx,
     },
     /// The user changes the email or phone their codes go to.
+    /// The user changes where codes go (after a step-up). Clearing applies
+    /// at once; a new address or number is only used once a code sent to it
+    /// comes back (one at a time).
     ChangeContact {
         email: Option<Option<Email>>,
         phone: Option<Option<Phone>>,
         step_up: SessionId,
+        /// The challenge that verifies a new address or number.
+        challenge: NewChallenge,
+        settings: TwoFactorSettings,
         ctx: Ctx,
     },
     /// An admin switches 2FA on or off for this user (scope "per user").

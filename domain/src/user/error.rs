@@ -22,6 +22,8 @@ pub enum UserError {
     ProofDoesNotFitChallenge,
     #[error("no such session")]
     SessionNotFound,
+    #[error("change the email address or the phone number, one at a time: each new one is confirmed with a code sent to it")]
+    OneContactAtATime,
     #[error("no such remembered device")]
     DeviceNotFound,
     #[error("your organization requires setting up an authenticator; it cannot be skipped")]

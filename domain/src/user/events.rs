@@ -182,6 +182,20 @@ pub enum UserEvent {
         reason: SessionEndReason,
         ctx: Ctx,
     },
+    /// The user gave a new email address or phone number: a code goes there
+    /// (the `ChallengeIssued` that follows), and it is used only once the
+    /// code comes back (`ContactVerified`).
+    ContactVerificationStarted {
+        challenge_id: ChallengeId,
+        contact: NewContact,
+        ctx: Ctx,
+    },
+    /// The code sent to a new contact came back: it is the user's now.
+    ContactVerified {
+        challenge_id: ChallengeId,
+        contact: NewContact,
+        ctx: Ctx,
+    },
     /// A session in use (recorded at most every tenth of the idle timeout,
     /// and only where the tenant has one).
     SessionUsed {
@@ -322,6 +336,8 @@ impl UserEvent {
             | UserEvent::SessionStarted { ctx, .. }
             | UserEvent::SessionEnded { ctx, .. }
             | UserEvent::SessionUsed { ctx, .. }
+            | UserEvent::ContactVerificationStarted { ctx, .. }
+            | UserEvent::ContactVerified { ctx, .. }
             | UserEvent::TotpEnrollmentStarted { ctx, .. }
             | UserEvent::EnrollmentCodeRejected { ctx }
             | UserEvent::EnrollmentCompleted { ctx, .. }
@@ -374,6 +390,8 @@ impl UserEvent {
             UserEvent::StepUpCompleted { .. } => "StepUpCompleted",
             UserEvent::DeviceForgotten { .. } => "DeviceForgotten",
             UserEvent::SessionUsed { .. } => "SessionUsed",
+            UserEvent::ContactVerificationStarted { .. } => "ContactVerificationStarted",
+            UserEvent::ContactVerified { .. } => "ContactVerified",
             UserEvent::SignInRefusedNoMethod { .. } => "SignInRefusedNoMethod",
             UserEvent::SignInThrottled { .. } => "SignInThrottled",
             UserEvent::PasswordChanged { .. } => "PasswordChanged",
@@ -397,6 +415,32 @@ impl DomainEvent for UserEvent {
 
     fn event_version(&self) -> String {
         "1.0".to_string()
+    }
+}
+
+/// A new email address or phone number, waiting for its code to come back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NewContact {
+    Email(Email),
+    Phone(Phone),
+}
+
+impl NewContact {
+    /// The method whose code goes to it.
+    pub fn method(&self) -> Method {
+        match self {
+            Self::Email(_) => Method::Email,
+            Self::Phone(_) => Method::Sms,
+        }
+    }
+
+    /// The address or number.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Email(e) => e.as_str(),
+            Self::Phone(p) => p.as_str(),
+        }
     }
 }
 

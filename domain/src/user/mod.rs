@@ -27,8 +27,8 @@ pub use commands::{
 };
 pub use error::UserError;
 pub use events::{
-    GuessBudget, ProofKind, RejectionReason, SecondFactorUse, SessionEndReason, SkipReason,
-    UserEvent,
+    GuessBudget, NewContact, ProofKind, RejectionReason, SecondFactorUse, SessionEndReason,
+    SkipReason, UserEvent,
 };
 pub use lockout::Lockout;
 

@@ -521,28 +521,65 @@ fn a_step_up_challenge_marks_the_session_instead_of_opening_one() {
 
 #[test]
 fn sensitive_self_service_needs_a_recent_step_up() {
-    let command = |secs| UserCommand::ChangeContact {
-        email: Some(Some(Email::parse("new@acme.test").unwrap())),
-        phone: None,
-        step_up: SessionId(Uuid::from_u128(600)),
-        ctx: at(secs),
+    let settings = on(Enforcement::EveryLogin);
+    let new_email = || Email::parse("new@acme.test").unwrap();
+    let command = |secs, email: Option<Option<Email>>, phone: Option<Option<Phone>>| {
+        UserCommand::ChangeContact {
+            email,
+            phone,
+            step_up: SessionId(Uuid::from_u128(600)),
+            challenge: NewChallenge {
+                id: ChallengeId(Uuid::from_u128(700)),
+                token_hash: hash("verify"),
+            },
+            settings: settings.clone(),
+            ctx: at(secs),
+        }
     };
     Given::with(())
         .given(vec![registered(&[]), session_started(600, 1)])
-        .when(command(10))
+        .when(command(10, Some(Some(new_email())), None))
         .then_expect_error(UserError::StepUpRequired);
-    // Fresh step-up: the change and the end of every session.
+    let stepped = vec![registered(&[]), session_started(600, 1), stepped_up(600, 5)];
+    // Fresh step-up: a new address is not used yet; a code goes to it.
+    let started = Given::with(())
+        .given(stepped.clone())
+        .when(command(10, Some(Some(new_email())), None))
+        .inspect_result()
+        .unwrap();
+    assert_eq!(
+        started[0],
+        UserEvent::ContactVerificationStarted {
+            challenge_id: ChallengeId(Uuid::from_u128(700)),
+            contact: NewContact::Email(new_email()),
+            ctx: at(10),
+        }
+    );
+    assert!(matches!(
+        &started[1],
+        UserEvent::ChallengeIssued {
+            purpose: ChallengePurpose::VerifyContact,
+            method: Method::Email,
+            methods,
+            ..
+        } if methods == &vec![Method::Email]
+    ));
+    // Both at once is refused; clearing one applies at once.
     Given::with(())
-        .given(vec![
-            registered(&[]),
-            session_started(600, 1),
-            stepped_up(600, 5),
-        ])
-        .when(command(10))
+        .given(stepped.clone())
+        .when(command(
+            10,
+            Some(Some(new_email())),
+            Some(Some(Phone::parse("+4915100000001").unwrap())),
+        ))
+        .then_expect_error(UserError::OneContactAtATime);
+    Given::with(())
+        .given(stepped.clone())
+        .when(command(10, Some(None), None))
         .then_expect_events(vec![
             UserEvent::UserUpdated {
                 roles: None,
-                email: Some(Some(Email::parse("new@acme.test").unwrap())),
+                email: Some(None),
                 phone: None,
                 service_account: None,
                 ctx: at(10),
@@ -553,14 +590,58 @@ fn sensitive_self_service_needs_a_recent_step_up() {
                 ctx: at(10),
             },
         ]);
-    // Ten minutes later it has lapsed.
+    // The code coming back makes it the user's, and every session ends; a
+    // recovery code does not prove the new address.
+    let mut history = stepped.clone();
+    history.extend(started);
+    let verify = |proof| {
+        UserCommand::VerifyCode(VerifyCode {
+            replacement: None,
+            challenge: ChallengeRef {
+                id: ChallengeId(Uuid::from_u128(700)),
+                token_hash: hash("verify"),
+            },
+            proof,
+            settings: settings.clone(),
+            session: NewSession {
+                id: SessionId(Uuid::from_u128(701)),
+                token_hash: hash("unused"),
+                expires_at: None,
+            },
+            device: NewDevice {
+                id: Uuid::from_u128(702),
+                token_hash: hash("unused"),
+            },
+            ctx: at(20),
+        })
+    };
     Given::with(())
-        .given(vec![
-            registered(&[]),
-            session_started(600, 1),
-            stepped_up(600, 5),
-        ])
-        .when(command(5 + 600))
+        .given(history.clone())
+        .when(verify(Proof::Backup {
+            hash: hash("a backup code"),
+        }))
+        .then_expect_error(UserError::ProofDoesNotFitChallenge);
+    let names: Vec<_> = Given::with(())
+        .given(history)
+        .when(verify(Proof::Delivered { matches: true }))
+        .inspect_result()
+        .unwrap()
+        .iter()
+        .map(|e| e.name())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "CodeVerified",
+            "ContactVerified",
+            "UserUpdated",
+            "SessionsRevoked"
+        ]
+    );
+    // Ten minutes later the step-up has lapsed.
+    Given::with(())
+        .given(stepped)
+        .when(command(5 + 600, Some(Some(new_email())), None))
         .then_expect_error(UserError::StepUpRequired);
 }
 

@@ -64,6 +64,8 @@ pub struct ChallengeState {
     pub methods: Vec<Method>,
     pub expires_at: DateTime<Utc>,
     pub resends_remaining: Option<u32>,
+    /// What answering it leads to (a page words itself by it).
+    pub purpose: ChallengePurpose,
 }
 
 /// A new authenticator to scan or type in.
@@ -172,6 +174,7 @@ pub(crate) fn issued(token: SecretString, events: &[UserEvent]) -> Option<Issued
             methods,
             expires_at,
             resend_limit,
+            purpose,
             ..
         } => Some(IssuedChallenge {
             token: token.clone(),
@@ -180,6 +183,7 @@ pub(crate) fn issued(token: SecretString, events: &[UserEvent]) -> Option<Issued
                 methods: methods.clone(),
                 expires_at: *expires_at,
                 resends_remaining: *resend_limit,
+                purpose: *purpose,
             },
         }),
         _ => None,
@@ -419,6 +423,9 @@ pub enum VerifyOutcome {
     /// A step-up challenge was answered: this session may make sensitive
     /// changes for a while.
     SteppedUp,
+    /// The code sent to a new email address or phone number came back: it
+    /// is the user's now, and every session ended.
+    ContactVerified,
 }
 
 /// What the client presented, parsed before anything is decided. A code or
@@ -637,6 +644,12 @@ impl App {
         {
             return Ok(VerifyOutcome::SteppedUp);
         }
+        if events
+            .iter()
+            .any(|e| matches!(e, UserEvent::ContactVerified { .. }))
+        {
+            return Ok(VerifyOutcome::ContactVerified);
+        }
         let replaced = events
             .iter()
             .any(|e| matches!(e, UserEvent::BackupCodeReplaced { .. }));
@@ -787,6 +800,7 @@ impl App {
             methods: open.methods.clone(),
             expires_at: open.expires_at,
             resends_remaining: open.resends_remaining(),
+            purpose: open.purpose,
         })
     }
 

@@ -7,7 +7,7 @@
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use twofold_domain::tenant::TwoFactorSettings;
-use twofold_domain::user::{User, UserCommand, UserEvent};
+use twofold_domain::user::{NewContact, User, UserCommand, UserEvent};
 use twofold_domain::values::Method;
 use twofold_domain::{TenantId, UserId};
 
@@ -115,6 +115,18 @@ impl App {
     }
 }
 
+/// Where a command's code goes when it is not to the user's own contact:
+/// a new address or number being verified.
+fn new_recipient(events: &[UserEvent]) -> Option<String> {
+    events.iter().find_map(|e| match e {
+        UserEvent::ContactVerificationStarted { contact, .. } => Some(match contact {
+            NewContact::Email(e) => format!("email:{}", e.as_str()),
+            NewContact::Phone(p) => format!("sms:{}", p.as_str()),
+        }),
+        _ => None,
+    })
+}
+
 /// The code a command's events send, if any: its method.
 fn code_sent(events: &[UserEvent]) -> Option<Method> {
     events.iter().find_map(|e| match e {
@@ -146,17 +158,14 @@ impl App {
         ip: Option<&str>,
     ) -> Result<CodeFee, AppError> {
         let at = self.now();
-        let Some(method) = user
-            .decide(command.clone())
-            .ok()
-            .and_then(|e| code_sent(&e))
-        else {
+        let decided = user.decide(command.clone()).unwrap_or_default();
+        let Some(method) = code_sent(&decided) else {
             return Ok(CodeFee(Vec::new()));
         };
-        let recipient = match method {
+        let recipient = new_recipient(&decided).or_else(|| match method {
             Method::Sms => user.phone.as_ref().map(|p| format!("sms:{}", p.as_str())),
             _ => user.email.as_ref().map(|e| format!("email:{}", e.as_str())),
-        };
+        });
         let per_account = settings.codes_per_account_per_hour;
         let uses = [
             Some((Budget::CodesPerAccount, user_id.to_string(), per_account)),

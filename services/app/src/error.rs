@@ -176,6 +176,7 @@ fn user_error_code(err: &UserError) -> &'static str {
         UserError::MethodNotAvailable => "method_not_available",
         UserError::ProofDoesNotFitChallenge => "wrong_code_kind",
         UserError::SessionNotFound => "session_not_found",
+        UserError::OneContactAtATime => "one_contact_at_a_time",
         UserError::DeviceNotFound => "device_not_found",
         UserError::EnrollmentRequired => "enrollment_required",
         UserError::LoginAsNotAllowed => "login_as_not_allowed",

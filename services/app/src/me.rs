@@ -238,7 +238,7 @@ impl App {
         session: &Session,
         change: ContactChange,
         origin: &Origin,
-    ) -> Result<(), AppError> {
+    ) -> Result<Option<IssuedChallenge>, AppError> {
         let email = change
             .email
             .map(|e| Email::parse(&e).map(Some))
@@ -247,14 +247,31 @@ impl App {
             .phone
             .map(|p| Phone::parse(&p).map(Some))
             .transpose()?;
-        self.own_command(session, origin, |ctx| UserCommand::ChangeContact {
+        let (token, challenge) = crate::auth::new_challenge_for(session.user_id);
+        let settings = &session.tenant.settings;
+        let command = |ctx| UserCommand::ChangeContact {
             email: email.clone(),
             phone: phone.clone(),
             step_up: session.session_id,
+            challenge: challenge.clone(),
+            settings: settings.clone(),
             ctx,
-        })
-        .await?;
-        Ok(())
+        };
+        // A code to a new address or number is paid for like any other.
+        let fee = self
+            .pay_for_code(
+                session.tenant_id,
+                settings,
+                session.user_id,
+                &session.user,
+                &command(session.ctx(origin, self.now())),
+                origin.ip.as_deref(),
+            )
+            .await?;
+        let executed = self.own_command(session, origin, command).await;
+        self.settle(fee, executed.as_ref().ok().map(Vec::as_slice))
+            .await;
+        Ok(issued(token, &executed?))
     }
 
     /// The method to ask first at sign-in (`None`: the tenant's default),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use twofold_domain::delivery::{self, Delivery, DeliveryStatus};
 use twofold_domain::tenant::Tenant;
-use twofold_domain::user::{User, UserEvent};
+use twofold_domain::user::{ChallengePurpose, NewContact, User, UserEvent};
 use twofold_domain::values::Method;
 use twofold_domain::{ChallengeId, TenantId, UserId};
 use twofold_platform::config::SmsProvider;
@@ -122,8 +122,23 @@ pub fn plan(
     ) {
         return Plan::AlreadyDone;
     }
+    // A new address or number being verified gets the code itself, with no
+    // fallback: the code must prove that one.
+    let verifying = if challenge.purpose == ChallengePurpose::VerifyContact {
+        match &user.pending_contact {
+            Some((id, contact)) if *id == request.challenge_id => Some(contact),
+            _ => return Plan::Superseded,
+        }
+    } else {
+        None
+    };
+    let (phone, email) = match verifying {
+        Some(NewContact::Phone(p)) => (Some(p), None),
+        Some(NewContact::Email(e)) => (None, Some(e)),
+        None => (user.phone.as_ref(), user.email.as_ref()),
+    };
     let sms = (request.method == Method::Sms).then(|| {
-        let phone = user.phone.as_ref().ok_or(SendError::NoPhone)?;
+        let phone = phone.ok_or(SendError::NoPhone)?;
         let name = tenant
             .settings
             .sms_provider
@@ -139,9 +154,7 @@ pub fn plan(
         tenant_name: tenant.name.clone(),
         expires_at: challenge.expires_at,
         sms,
-        email: user
-            .email
-            .as_ref()
+        email: email
             .map(|e| e.as_str().to_string())
             .ok_or(SendError::NoEmail),
     })

@@ -139,7 +139,7 @@ fn user_error_status(err: &twofold_domain::user::UserError) -> StatusCode {
         E::ChallengeExpired => S::GONE,
         E::LockedOut => S::LOCKED,
         E::ResendLimitReached | E::TooManyAttempts { .. } => S::TOO_MANY_REQUESTS,
-        E::ProofDoesNotFitChallenge => S::BAD_REQUEST,
+        E::ProofDoesNotFitChallenge | E::OneContactAtATime => S::BAD_REQUEST,
         E::ReasonRequired => S::UNPROCESSABLE_ENTITY,
         E::StepUpRequired | E::CannotChangeOwnFactor | E::LoginAsNotAllowed => S::FORBIDDEN,
         E::CurrentPasswordWrong => S::UNAUTHORIZED,

@@ -18,7 +18,9 @@ use twofold_app::auth::{
 };
 use twofold_app::me::ContactChange;
 use twofold_app::{AppError, Session};
-use twofold_domain::user::{ProofKind, SecondFactorUse, SkipReason, TwoFactorState};
+use twofold_domain::user::{
+    ChallengePurpose, ProofKind, SecondFactorUse, SkipReason, TwoFactorState,
+};
 use twofold_domain::values::Method;
 use twofold_domain::SessionId;
 use uuid::Uuid;
@@ -333,7 +335,26 @@ fn challenge_body(
     html! {
         @if let Some(e) = error { (message("error", e)) }
         @if let Some(n) = note { (message("success", n)) }
-        @if recovery {
+        @if state.purpose == ChallengePurpose::VerifyContact {
+            p {
+                @if state.method == Method::Sms {
+                    "We sent a 6-digit code by text message to your new phone number. Enter it to start using that number. Until then, codes keep going where they went before."
+                } @else {
+                    "We sent a 6-digit code to your new email address. Enter it to start using that address. Until then, codes keep going where they went before."
+                }
+            }
+            form method="post" action={ "/t/" (tenant) "/challenge" } {
+                (token_input(token))
+                label for="code" { "Code" }
+                input.code #code type="text" name="code" inputmode="numeric" pattern="[0-9]*"
+                    autocomplete="one-time-code" maxlength="6" required autofocus;
+                button type="submit" { "Confirm" }
+            }
+            form.inline method="post" action={ "/t/" (tenant) "/challenge/resend" } {
+                (token_input(token))
+                button.secondary type="submit" { "Resend code" }
+            }
+        } @else if recovery {
             p { "Enter one of your unused recovery codes." }
             form method="post" action={ "/t/" (tenant) "/challenge" } {
                 (token_input(token))
@@ -476,6 +497,11 @@ async fn verify(
             Redirect::to(&format!("/t/{tenant}/account?done=stepped_up")),
         )
             .into_response()),
+        Ok(VerifyOutcome::ContactVerified) => Ok(signed_out_after(
+            forget(jar, CHALLENGE_COOKIE, &tenant),
+            &tenant,
+            "contact",
+        )),
         Err(
             e @ (AppError::InvalidCode { .. } | AppError::BadInput { .. } | AppError::Refused(_)),
         ) => {
@@ -1089,8 +1115,19 @@ async fn change_contact(
         email: form.email,
         phone: form.phone,
     };
-    api.app.change_contact(&session, change, &origin).await?;
-    Ok(signed_out_after(jar, &tenant, "contact"))
+    match api.app.change_contact(&session, change, &origin).await? {
+        // A new address or number: its code is asked on the challenge page.
+        Some(challenge) => {
+            let jar = jar.add(tenant_cookie(
+                CHALLENGE_COOKIE,
+                challenge.token.expose_secret().to_string(),
+                &tenant,
+                api.secure_cookies,
+            ));
+            Ok((jar, Redirect::to(&format!("/t/{tenant}/challenge"))).into_response())
+        }
+        None => Ok(signed_out_after(jar, &tenant, "contact")),
+    }
 }
 
 async fn end_session(

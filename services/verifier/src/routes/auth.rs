@@ -164,6 +164,9 @@ pub async fn verify(
     Ok(match api.app.verify(&tenant, request, &origin).await? {
         VerifyOutcome::SignedIn(signed_in) => signed_in_response(jar, signed_in),
         VerifyOutcome::SteppedUp => Json(json!({ "status": "stepped_up" })).into_response(),
+        VerifyOutcome::ContactVerified => {
+            Json(json!({ "status": "contact_verified" })).into_response()
+        }
     })
 }
 

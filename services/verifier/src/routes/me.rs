@@ -129,18 +129,27 @@ pub struct ContactBody {
 }
 
 /// `PATCH /v1/tenants/{tenant}/me`: change where codes go (after a step-up).
+/// Clearing applies at once (204); a new address or number answers 202 with
+/// the challenge whose code went there: it is used once that code comes
+/// back at `/challenge/verify`.
 pub async fn change_contact(
     State(api): State<ApiState>,
     RequestMeta(origin): RequestMeta,
     SignedIn(session): SignedIn,
     ApiJson(body): ApiJson<ContactBody>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Response, ApiError> {
     let change = ContactChange {
         email: body.email,
         phone: body.phone,
     };
-    api.app.change_contact(&session, change, &origin).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(match api.app.change_contact(&session, change, &origin).await? {
+        Some(challenge) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "status": "verification_sent", "challenge": challenge_json(&challenge) })),
+        )
+            .into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    })
 }
 
 /// `DELETE /v1/tenants/{tenant}/me/totp`: remove the authenticator (after a step-up).
