@@ -1,0 +1,140 @@
+//! The pipeline under faults: poison messages, failed sends, a hung SMS
+//! provider, a lost relay lock, and a rebuild that must change nothing. Each
+//! test injects the fault into real parts (PostgreSQL, NATS, an SMTP server,
+//! a local SMS provider) and checks what a user or an operator would see.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+use twofold_projections::consumer::{Consumer, Source as ProjectorSource};
+use twofold_projections::store::Builder;
+
+use crate::delivery::{code_in, stack, Smtp};
+
+/// Polls `done` every 100 ms, at most `tries` times; panics with `what`.
+async fn eventually(what: &str, tries: usize, mut done: impl AsyncFnMut() -> bool) {
+    for _ in 0..tries {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn dead_letters(pool: &sqlx::PgPool, consumer: &str) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT subject, reason FROM dead_letters WHERE consumer = $1 ORDER BY id")
+        .bind(consumer)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_poison_burst_over_the_pending_limit_is_parked_and_codes_still_arrive() {
+    let smtp = Smtp::start().await;
+    let s = stack(smtp.port, "http://127.0.0.1:9").await;
+    s.with_user(
+        json!({"enabled": true, "enforcement": "every_login"}),
+        "pia",
+        false,
+    )
+    .await;
+    // More garbage than a consumer may hold unacknowledged (1,000), on the
+    // subjects both the dispatcher and the projector read, and an event of
+    // an unknown newer version.
+    let js = async_nats::jetstream::new(async_nats::connect(&s.config.nats_url).await.unwrap());
+    let prefix = &s.config.nats_subject_prefix;
+    let mut acks = Vec::new();
+    for n in 0..1_050 {
+        let body = match n % 3 {
+            0 => format!("not an event {n}"),
+            1 => format!("{{\"global_position\": {n}}}"),
+            _ => "\u{0}\u{1}binary".to_string(),
+        };
+        let subject = format!("{prefix}.events.none.user.Garbage");
+        acks.push(js.publish(subject, body.into()).await.unwrap());
+    }
+    let newer = json!({
+        "global_position": 1, "aggregate_type": "user",
+        "aggregate_id": "6f1c0d3e-0000-4000-8000-000000000001", "sequence": 1,
+        "event_type": "ChallengeIssued", "event_version": "2.0", "tenant_id": null,
+        "recorded_at": "2026-03-01T12:00:00Z", "payload": {"ChallengeIssued": {"shape": "to come"}}
+    });
+    acks.push(
+        js.publish(
+            format!("{prefix}.events.none.user.ChallengeIssued"),
+            newer.to_string().into(),
+        )
+        .await
+        .unwrap(),
+    );
+    for ack in acks {
+        ack.await.unwrap();
+    }
+
+    let dispatcher = s.dispatcher().await;
+    tokio::spawn(dispatcher.run_until_stopped(std::future::pending()));
+    let projector_source = ProjectorSource {
+        nats_url: s.config.nats_url.clone(),
+        stream: s.config.nats_stream.clone(),
+        filter_subject: format!("{prefix}.events.>"),
+        durable_prefix: format!("{}p", s.source.durable),
+        ack_wait: Duration::from_secs(1),
+    };
+    let directory = Consumer::connect(s.app.pool.clone(), &projector_source, Builder::Directory)
+        .await
+        .unwrap();
+    tokio::spawn(directory.run_until_stopped(std::future::pending()));
+
+    // A real sign-in after the burst: its code arrives.
+    let token = s.challenge("pia").await;
+    eventually("the code's email", 600, async || {
+        !smtp.mails_to("pia@acme.test").is_empty()
+    })
+    .await;
+    let code = code_in(&smtp.mails_to("pia@acme.test")[0]).unwrap();
+    assert_eq!(s.verify(&token, &code).await, StatusCode::OK);
+
+    // Every poison message is parked, once, with its reason, by each consumer.
+    let parked = dead_letters(&s.app.pool, &s.source.durable).await;
+    assert_eq!(parked.len(), 1_051, "the dispatcher parked each one once");
+    assert!(
+        parked
+            .iter()
+            .any(|(_, reason)| reason.contains("not an event")),
+        "{:?}",
+        &parked[..3]
+    );
+    let newer_reason = &parked
+        .iter()
+        .find(|(subject, _)| subject.ends_with("ChallengeIssued"))
+        .unwrap()
+        .1;
+    assert!(
+        newer_reason.contains("version 2.0, newer"),
+        "{newer_reason}"
+    );
+    let projector = format!("{}-directory", projector_source.durable_prefix);
+    eventually("the projector's dead letters", 300, async || {
+        dead_letters(&s.app.pool, &projector).await.len() == 1_051
+    })
+    .await;
+    // The projector went on too: the user's row has the sign-in.
+    eventually("the directory row", 300, async || {
+        let last: Option<Option<chrono::DateTime<chrono::Utc>>> =
+            sqlx::query_scalar("SELECT last_sign_in_at FROM rm_users WHERE username = 'pia'")
+                .fetch_optional(&s.app.pool)
+                .await
+                .unwrap();
+        matches!(last, Some(Some(_)))
+    })
+    .await;
+    let metrics = s.app.metrics().await;
+    let line = format!(
+        "twofold_dead_letters_total{{consumer=\"{}\"}} 1051",
+        s.source.durable
+    );
+    assert!(metrics.contains(&line), "{line} in the metrics");
+}
