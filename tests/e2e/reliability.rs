@@ -10,7 +10,9 @@ use serde_json::json;
 use twofold_projections::consumer::{Consumer, Source as ProjectorSource};
 use twofold_projections::store::Builder;
 
-use crate::delivery::{code_in, stack, Smtp};
+use twofold_dispatcher::Outcome;
+
+use crate::delivery::{code_in, delivered, run_until, stack, Smtp};
 
 /// Polls `done` every 100 ms, at most `tries` times; panics with `what`.
 async fn eventually(what: &str, tries: usize, mut done: impl AsyncFnMut() -> bool) {
@@ -137,4 +139,42 @@ async fn a_poison_burst_over_the_pending_limit_is_parked_and_codes_still_arrive(
         s.source.durable
     );
     assert!(metrics.contains(&line), "{line} in the metrics");
+}
+
+#[tokio::test]
+async fn failed_sends_do_not_use_up_the_recipients_hourly_limit() {
+    // SMTP is down: the port is kept free for the server that comes later.
+    let port = crate::delivery::free_port();
+    let mut s = stack(port, "http://127.0.0.1:9").await;
+    s.config.recipient_limit_per_hour = 3;
+    s.with_user(
+        json!({"enabled": true, "enforcement": "every_login"}),
+        "quinn",
+        false,
+    )
+    .await;
+    let d = s.dispatcher().await;
+    // Four sign-ins, each tried twice and failed: eight failed sends, more
+    // than the hourly limit of three.
+    for n in 1..=4 {
+        s.challenge("quinn").await;
+        run_until(&d, |o| {
+            o.iter().filter(|x| matches!(x, Outcome::Failed(_))).count() == 1
+        })
+        .await;
+        s.app.clock.advance(chrono::Duration::seconds(1));
+        assert_eq!(s.delivery_events("DeliveryFailed").await.len(), n);
+    }
+    for failed in s.delivery_events("DeliveryFailed").await {
+        let reason = failed["reason"].as_str().unwrap();
+        assert!(reason.starts_with("SMTP"), "{reason}");
+    }
+    // SMTP is back: the next sign-in's code arrives.
+    let smtp = Smtp::start_on(port).await;
+    let token = s.challenge("quinn").await;
+    run_until(&d, |o| delivered(o) == 1).await;
+    let mails = smtp.mails_to("quinn@acme.test");
+    assert_eq!(mails.len(), 1);
+    let code = code_in(&mails[0]).unwrap();
+    assert_eq!(s.verify(&token, &code).await, StatusCode::OK);
 }

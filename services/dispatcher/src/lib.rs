@@ -302,7 +302,7 @@ impl Dispatcher {
             let mut every = tokio::time::interval(Duration::from_secs(60));
             loop {
                 every.tick().await;
-                self.recipients.forget_idle();
+                self.recipients.forget_idle(self.clock.now());
             }
         };
         tokio::select! {
@@ -494,10 +494,16 @@ impl Dispatcher {
             .providers
             .get(provider)
             .ok_or_else(|| SendError::UnknownProvider(provider.to_string()))?;
-        self.recipients.take(phone)?;
-        self.sms
+        let now = self.clock.now();
+        self.recipients.take(phone, now)?;
+        let sent = self
+            .sms
             .send(provider, config, phone, &send::sms_text(tenant_name, code))
-            .await
+            .await;
+        if sent.is_err() {
+            self.recipients.give_back(phone, now);
+        }
+        sent
     }
 
     async fn send_email(
@@ -506,10 +512,16 @@ impl Dispatcher {
         send: &plan::Send,
         code: &str,
     ) -> Result<(), SendError> {
-        self.recipients.take(address)?;
-        self.mailer
+        let now = self.clock.now();
+        self.recipients.take(address, now)?;
+        let sent = self
+            .mailer
             .send(address, &send.tenant_name, code, send.expires_at)
-            .await
+            .await;
+        if sent.is_err() {
+            self.recipients.give_back(address, now);
+        }
+        sent
     }
 
     /// The record step: the fallback, then the delivery, a failure, or a
