@@ -115,6 +115,10 @@ pub(crate) fn code_in(text: &str) -> Option<String> {
 pub(crate) struct FakeSms {
     pub(crate) sent: Arc<Mutex<Vec<HashMap<String, String>>>>,
     pub(crate) failing: Arc<AtomicBool>,
+    /// Answers nothing (the request hangs until the client gives up).
+    pub(crate) hanging: Arc<AtomicBool>,
+    /// Requests received, answered or not.
+    pub(crate) attempts: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeSms {
@@ -127,6 +131,10 @@ impl FakeSms {
                     |State(me): State<FakeSms>,
                      Path(_sid): Path<String>,
                      Form(form): Form<HashMap<String, String>>| async move {
+                        me.attempts.fetch_add(1, Ordering::SeqCst);
+                        if me.hanging.load(Ordering::SeqCst) {
+                            std::future::pending::<()>().await;
+                        }
                         if me.failing.load(Ordering::SeqCst) {
                             return (
                                 axum::http::StatusCode::INTERNAL_SERVER_ERROR,

@@ -3,6 +3,7 @@
 //! test injects the fault into real parts (PostgreSQL, NATS, an SMTP server,
 //! a local SMS provider) and checks what a user or an operator would see.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -12,7 +13,7 @@ use twofold_projections::store::Builder;
 
 use twofold_dispatcher::Outcome;
 
-use crate::delivery::{code_in, delivered, run_until, stack, Smtp};
+use crate::delivery::{code_in, delivered, run_until, stack, FakeSms, Smtp};
 
 /// Polls `done` every 100 ms, at most `tries` times; panics with `what`.
 async fn eventually(what: &str, tries: usize, mut done: impl AsyncFnMut() -> bool) {
@@ -177,4 +178,71 @@ async fn failed_sends_do_not_use_up_the_recipients_hourly_limit() {
     assert_eq!(mails.len(), 1);
     let code = code_in(&mails[0]).unwrap();
     assert_eq!(s.verify(&token, &code).await, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn with_the_sms_provider_hung_the_circuit_opens_and_codes_go_by_email_untried() {
+    let smtp = Smtp::start().await;
+    let sms = FakeSms::default();
+    let url = sms.start().await;
+    let mut s = stack(smtp.port, &url).await;
+    s.config.sms_timeout_ms = 300;
+    s.config.sms_breaker_failures = 3;
+    s.config.sms_breaker_cooldown_secs = 30;
+    s.with_user(
+        json!({"enabled": true, "enforcement": "every_login", "allowed_methods": ["sms"],
+               "default_method": "sms", "sms_provider": "test-sms"}),
+        "rhea",
+        true,
+    )
+    .await;
+    let d = s.dispatcher().await;
+    sms.hanging.store(true, Ordering::SeqCst);
+    // Eight codes while the provider hangs: the first three wait for it and
+    // time out, the rest go by email without trying it.
+    for n in 1..=8 {
+        s.challenge("rhea").await;
+        run_until(&d, |o| delivered(o) == 1).await;
+        assert_eq!(smtp.mails_to("rhea@acme.test").len(), n);
+        s.app.clock.advance(chrono::Duration::seconds(1));
+    }
+    assert_eq!(
+        sms.attempts.load(Ordering::SeqCst),
+        3,
+        "tries of the provider"
+    );
+    let reasons: Vec<String> = s
+        .delivery_events("DeliveryFellBack")
+        .await
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(reasons.len(), 8);
+    assert!(
+        reasons[..3].iter().all(|r| r.contains("timed out")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[3..].iter().all(|r| r.contains("circuit open")),
+        "{reasons:?}"
+    );
+    let metrics = s.app.metrics().await;
+    assert!(
+        metrics.contains("twofold_sms_circuit_open{provider=\"test-sms\"} 1"),
+        "the open circuit in the metrics"
+    );
+
+    // The provider recovers; after the cooldown one code probes it, and it
+    // is used again.
+    sms.hanging.store(false, Ordering::SeqCst);
+    s.app.clock.advance(chrono::Duration::seconds(30));
+    for n in 1..=2 {
+        let token = s.challenge("rhea").await;
+        run_until(&d, |o| delivered(o) == 1).await;
+        assert_eq!(sms.sent.lock().unwrap().len(), n);
+        let code = sms.sent.lock().unwrap()[n - 1]["Body"][..6].to_string();
+        assert_eq!(s.verify(&token, &code).await, StatusCode::OK);
+        s.app.clock.advance(chrono::Duration::seconds(1));
+    }
+    assert_eq!(sms.attempts.load(Ordering::SeqCst), 5);
 }

@@ -10,6 +10,7 @@
 //! tenant and delivery, what to send where, or nothing), send (SMTP/SMS,
 //! [`send`]) and record (the delivery's events).
 
+pub mod breaker;
 pub mod plan;
 pub mod send;
 
@@ -37,6 +38,7 @@ use twofold_platform::store::{read_streams, Basis, ExecError, Store, StreamKey};
 use twofold_platform::telemetry::{Telemetry, WorkerStart};
 use twofold_platform::{Clock, Config, Envelope};
 
+use breaker::{Admit, Breakers};
 use plan::{after_failure, plan, AfterFailure, CodeRequest, Plan};
 pub use send::{Mailer, RecipientLimit, SendError, SmsClient};
 
@@ -94,6 +96,8 @@ pub struct Dispatcher {
     concurrency: usize,
     mailer: Mailer,
     sms: SmsClient,
+    /// A circuit breaker per SMS provider.
+    breakers: Breakers,
     providers: BTreeMap<String, SmsProvider>,
     max_attempts: u32,
     retry_delay: Duration,
@@ -190,7 +194,14 @@ impl Dispatcher {
             batches: Batches::new(consumer, source.concurrency),
             concurrency: source.concurrency.max(1),
             mailer: Mailer::from_config(config)?,
-            sms: SmsClient::new(config.sms_rate_per_second)?,
+            sms: SmsClient::new(
+                config.sms_rate_per_second,
+                Duration::from_millis(config.sms_timeout_ms.max(1)),
+            )?,
+            breakers: Breakers::new(
+                config.sms_breaker_failures,
+                chrono::TimeDelta::seconds(config.sms_breaker_cooldown_secs as i64),
+            ),
             providers: config.sms_providers.clone(),
             max_attempts: config.delivery_max_attempts.max(1),
             retry_delay: source.retry_delay,
@@ -496,12 +507,24 @@ impl Dispatcher {
             .ok_or_else(|| SendError::UnknownProvider(provider.to_string()))?;
         let now = self.clock.now();
         self.recipients.take(phone, now)?;
+        if self.breakers.admit(provider, now) == Admit::Open {
+            self.recipients.give_back(phone, now);
+            return Err(SendError::CircuitOpen {
+                provider: provider.to_string(),
+            });
+        }
         let sent = self
             .sms
             .send(provider, config, phone, &send::sms_text(tenant_name, code))
             .await;
         if sent.is_err() {
             self.recipients.give_back(phone, now);
+        }
+        // Any answer but a failure of the provider itself (a refused number,
+        // say) shows it is up.
+        match &sent {
+            Err(e) if e.is_provider_failure() => self.breakers.failed(provider, self.clock.now()),
+            _ => self.breakers.succeeded(provider),
         }
         sent
     }

@@ -48,6 +48,9 @@ pub enum SendError {
     ProviderUnreachable { provider: String, cause: String },
     #[error("{provider}: answered {status}")]
     ProviderStatus { provider: String, status: u16 },
+    /// The provider's circuit is open (it kept failing): not tried.
+    #[error("{provider}: not tried, it keeps failing (circuit open)")]
+    CircuitOpen { provider: String },
 }
 
 impl SendError {
@@ -66,7 +69,18 @@ impl SendError {
             SendError::Smtp(_)
             | SendError::ProviderTimeout { .. }
             | SendError::ProviderUnreachable { .. }
-            | SendError::ProviderStatus { .. } => false,
+            | SendError::ProviderStatus { .. }
+            | SendError::CircuitOpen { .. } => false,
+        }
+    }
+
+    /// Whether this says the provider is unwell (counts toward its circuit
+    /// breaker): a timeout, no connection, a 5xx or 429 answer.
+    pub fn is_provider_failure(&self) -> bool {
+        match self {
+            SendError::ProviderTimeout { .. } | SendError::ProviderUnreachable { .. } => true,
+            SendError::ProviderStatus { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
         }
     }
 }
@@ -214,12 +228,11 @@ pub struct SmsClient {
 }
 
 impl SmsClient {
-    pub fn new(per_second: u32) -> anyhow::Result<Self> {
+    /// At most `per_second` sends per provider, each answered within `timeout`.
+    pub fn new(per_second: u32, timeout: Duration) -> anyhow::Result<Self> {
         let per_second = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
         Ok(Self {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()?,
+            http: reqwest::Client::builder().timeout(timeout).build()?,
             pace: DefaultKeyedRateLimiter::keyed(Quota::per_second(per_second)),
         })
     }

@@ -66,6 +66,13 @@ pub struct Config {
     pub sms_rate_per_second: u32,
     /// Most codes sent to one recipient per hour.
     pub recipient_limit_per_hour: u32,
+    /// How long an SMS provider may take to answer, in milliseconds.
+    pub sms_timeout_ms: u64,
+    /// Failures or timeouts in a row after which a provider's circuit opens
+    /// (its codes go by email at once, untried); 0: never.
+    pub sms_breaker_failures: u32,
+    /// How long an open circuit stays open before one probe is let through.
+    pub sms_breaker_cooldown_secs: u64,
     /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` is believed;
     /// from anyone else the peer address is the client's.
     pub trusted_proxies: Vec<IpNet>,
@@ -119,6 +126,9 @@ impl Default for Config {
             dispatcher_concurrency: 16,
             sms_rate_per_second: 20,
             recipient_limit_per_hour: 20,
+            sms_timeout_ms: 10_000,
+            sms_breaker_failures: 5,
+            sms_breaker_cooldown_secs: 30,
         }
     }
 }
@@ -150,6 +160,9 @@ const KEYS: &[&str] = &[
     "dispatcher_concurrency",
     "sms_rate_per_second",
     "recipient_limit_per_hour",
+    "sms_timeout_ms",
+    "sms_breaker_failures",
+    "sms_breaker_cooldown_secs",
     "trusted_proxies",
 ];
 
@@ -164,6 +177,9 @@ const NUMBERS: &[&str] = &[
     "dispatcher_concurrency",
     "sms_rate_per_second",
     "recipient_limit_per_hour",
+    "sms_timeout_ms",
+    "sms_breaker_failures",
+    "sms_breaker_cooldown_secs",
 ];
 
 /// `TWOFOLD_*` variables that are not configuration keys.
