@@ -7,13 +7,18 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use reqwest::StatusCode;
+use secrecy::ExposeSecret;
 use serde_json::json;
+use twofold_platform::Config;
 use twofold_projections::consumer::{Consumer, Source as ProjectorSource};
 use twofold_projections::store::Builder;
+use twofold_relay::Relay;
 
 use twofold_dispatcher::Outcome;
 
 use crate::delivery::{code_in, delivered, run_until, stack, FakeSms, Smtp};
+use crate::guarantees::DbProxy;
+use crate::helpers::spawn_app;
 
 /// Polls `done` every 100 ms, at most `tries` times; panics with `what`.
 async fn eventually(what: &str, tries: usize, mut done: impl AsyncFnMut() -> bool) {
@@ -245,4 +250,114 @@ async fn with_the_sms_provider_hung_the_circuit_opens_and_codes_go_by_email_untr
         s.app.clock.advance(chrono::Duration::seconds(1));
     }
     assert_eq!(sms.attempts.load(Ordering::SeqCst), 5);
+}
+
+/// Relays holding the relay's advisory lock in the test's database.
+async fn lock_holders(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND classid = 1953984358 AND objid = 1869374578 \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn outbox_drained(pool: &sqlx::PgPool) {
+    eventually("the outbox to drain", 300, async || {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        n == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn after_a_database_cut_one_of_two_relays_publishes_and_every_event_once() {
+    let app = spawn_app().await;
+    let proxy = DbProxy::start(0).await;
+    let through_proxy = app
+        .config
+        .database_url
+        .expose_secret()
+        .replace(":5432/", &format!(":{}/", proxy.port));
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let config = Config {
+        nats_url: std::env::var("TWOFOLD_TEST_NATS_URL")
+            .unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
+        nats_stream: format!("R{id}"),
+        nats_subject_prefix: format!("r{id}"),
+        ..Config::default()
+    };
+    let mut published = Vec::new();
+    for _ in 0..2 {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&through_proxy)
+            .await
+            .unwrap();
+        let relay = Relay::connect(pool, &config).await.unwrap();
+        published.push(relay.published());
+        tokio::spawn(async move {
+            let _ = relay.run_until_stopped(std::future::pending()).await;
+        });
+    }
+    let admin = app.admin_token().await;
+    let user = async |name: String| {
+        app.create_user(
+            &admin,
+            json!({"username": name, "password": "correct horse battery"}),
+        )
+        .await;
+    };
+    for n in 0..3 {
+        user(format!("before{n}")).await;
+    }
+    outbox_drained(&app.pool).await;
+    assert_eq!(lock_holders(&app.pool).await, 1);
+
+    // PostgreSQL goes away for the relays (the verifier still reaches it,
+    // so events keep coming) and comes back.
+    let port = proxy.cut().await;
+    for n in 0..3 {
+        user(format!("during{n}")).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _proxy = DbProxy::start(port).await;
+    outbox_drained(&app.pool).await;
+    // Longer than a relay's longest back-off (5 s): a relay that would
+    // publish has come back to it by now.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    // Afterwards exactly one relay holds the lock, and only it publishes.
+    assert_eq!(lock_holders(&app.pool).await, 1);
+    let counts = || -> Vec<u64> {
+        published
+            .iter()
+            .map(|p| p.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    };
+    let before = counts();
+    let events_before = twofold_platform::db::count_events(&app.pool).await.unwrap();
+    for n in 0..5 {
+        user(format!("after{n}")).await;
+    }
+    outbox_drained(&app.pool).await;
+    let new_events = twofold_platform::db::count_events(&app.pool).await.unwrap() - events_before;
+    let moved: Vec<u64> = counts().iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert!(
+        moved.contains(&0) && moved.contains(&(new_events as u64)),
+        "one relay published all {new_events} new events: {moved:?}"
+    );
+    assert_eq!(lock_holders(&app.pool).await, 1);
+
+    // Every event is on the stream, once.
+    let js = async_nats::jetstream::new(async_nats::connect(&config.nats_url).await.unwrap());
+    let mut stream = js.get_stream(&config.nats_stream).await.unwrap();
+    let messages = stream.info().await.unwrap().state.messages;
+    let events = twofold_platform::db::count_events(&app.pool).await.unwrap();
+    assert_eq!(messages, events as u64);
 }
