@@ -456,3 +456,44 @@ async fn a_rebuild_reproduces_the_live_audit_history_and_its_export_head() {
     );
     assert_eq!(live, rebuilt);
 }
+
+#[tokio::test]
+async fn the_stream_is_bounded_by_the_configured_age_size_and_replicas() {
+    let app = spawn_app().await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let mut config = Config {
+        nats_url: std::env::var("TWOFOLD_TEST_NATS_URL")
+            .unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
+        nats_stream: format!("L{id}"),
+        nats_subject_prefix: format!("l{id}"),
+        ..Config::default()
+    };
+    assert_eq!(
+        config.nats_stream_max_age_secs,
+        30 * 24 * 3600,
+        "the default"
+    );
+    config.nats_stream_max_age_secs = 3600;
+    config.nats_stream_max_bytes = 1 << 20;
+    // A stream an older relay made, without limits.
+    let js = async_nats::jetstream::new(async_nats::connect(&config.nats_url).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: config.nats_stream.clone(),
+        subjects: vec![format!("{}.events.>", config.nats_subject_prefix)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let relay = Relay::connect(app.pool.clone(), &config).await.unwrap();
+    tokio::spawn(async move {
+        let _ = relay.run_until_stopped(std::future::pending()).await;
+    });
+    outbox_drained(&app.pool).await;
+    let mut stream = js.get_stream(&config.nats_stream).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.max_age, Duration::from_secs(3600));
+    assert_eq!(info.config.max_bytes, 1 << 20);
+    assert_eq!(info.config.num_replicas, 1);
+    let events = twofold_platform::db::count_events(&app.pool).await.unwrap();
+    assert_eq!(info.state.messages, events as u64, "every event went out");
+}

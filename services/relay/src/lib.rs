@@ -68,6 +68,7 @@ pub struct Relay {
     js: jetstream::Context,
     prefix: String,
     poll_interval: Duration,
+    limits: StreamLimits,
     /// The lock this relay publishes under, when it runs as a worker.
     fence: Mutex<Fence>,
     /// Events this relay published (and saw acknowledged).
@@ -91,21 +92,88 @@ pub struct LockLost;
 /// How long the lock check may take before the lock counts as lost.
 const LOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The stream the relay publishes to, created (or updated) by code.
+/// How much the stream keeps: it carries events to the workers, the event
+/// store keeps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    pub max_age: Duration,
+    /// -1: no limit.
+    pub max_bytes: i64,
+    pub replicas: usize,
+}
+
+impl StreamLimits {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            max_age: Duration::from_secs(config.nats_stream_max_age_secs.max(1)),
+            max_bytes: match config.nats_stream_max_bytes {
+                0 => -1,
+                n => i64::try_from(n).unwrap_or(i64::MAX),
+            },
+            replicas: config.nats_stream_replicas.max(1),
+        }
+    }
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self::from_config(&Config::default())
+    }
+}
+
+/// The stream the relay publishes to, created by code with the default
+/// limits (see [`ensure_stream_with`]).
 pub async fn ensure_stream(
     js: &jetstream::Context,
     name: &str,
     prefix: &str,
 ) -> anyhow::Result<()> {
-    js.get_or_create_stream(stream::Config {
-        name: name.to_string(),
-        subjects: vec![format!("{prefix}.events.>")],
-        duplicate_window: DUPLICATE_WINDOW,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| anyhow!("creating the JetStream stream {name}: {e}"))?;
+    ensure_stream_with(js, name, prefix, &StreamLimits::default()).await
+}
+
+/// The stream the relay publishes to, created with `limits`, or brought to
+/// them when it exists with others (the rest of its configuration kept).
+pub async fn ensure_stream_with(
+    js: &jetstream::Context,
+    name: &str,
+    prefix: &str,
+    limits: &StreamLimits,
+) -> anyhow::Result<()> {
+    let mut stream = js
+        .get_or_create_stream(stream::Config {
+            name: name.to_string(),
+            subjects: vec![format!("{prefix}.events.>")],
+            duplicate_window: DUPLICATE_WINDOW.min(limits.max_age),
+            storage: stream::StorageType::File,
+            max_age: limits.max_age,
+            max_bytes: limits.max_bytes,
+            num_replicas: limits.replicas,
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow!("creating the JetStream stream {name}: {e}"))?;
+    let current = stream
+        .info()
+        .await
+        .map_err(|e| anyhow!("reading the JetStream stream {name}: {e}"))?
+        .config
+        .clone();
+    if current.max_age != limits.max_age
+        || current.max_bytes != limits.max_bytes
+        || current.num_replicas != limits.replicas
+    {
+        js.update_stream(stream::Config {
+            max_age: limits.max_age,
+            max_bytes: limits.max_bytes,
+            num_replicas: limits.replicas,
+            duplicate_window: current.duplicate_window.min(limits.max_age),
+            ..current
+        })
+        .await
+        .map_err(|e| anyhow!("setting the JetStream stream {name}'s limits: {e}"))?;
+        tracing::info!(stream = name, ?limits, "stream limits set");
+    }
     Ok(())
 }
 
@@ -180,6 +248,7 @@ impl Relay {
             js,
             prefix: config.nats_subject_prefix.clone(),
             poll_interval: Duration::from_millis(config.relay_poll_ms),
+            limits: StreamLimits::from_config(config),
             fence: Mutex::new(Fence::None),
             published: Arc::new(AtomicU64::new(0)),
         }
@@ -555,7 +624,7 @@ impl Relay {
         let mut backoff = Duration::from_millis(100);
         loop {
             if !stream_ready {
-                match ensure_stream(&self.js, &self.stream, &self.prefix).await {
+                match ensure_stream_with(&self.js, &self.stream, &self.prefix, &self.limits).await {
                     Ok(()) => stream_ready = true,
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "JetStream not ready"),
                 }
