@@ -497,3 +497,105 @@ async fn the_stream_is_bounded_by_the_configured_age_size_and_replicas() {
     let events = twofold_platform::db::count_events(&app.pool).await.unwrap();
     assert_eq!(info.state.messages, events as u64, "every event went out");
 }
+
+#[tokio::test]
+async fn an_event_the_projector_cannot_apply_is_parked_and_the_others_go_on() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    let ava = app
+        .create_user(
+            &admin,
+            json!({"username": "ava", "password": "correct horse battery"}),
+        )
+        .await;
+    // An event of a newer version in ava's stream, as a newer verifier
+    // would write it.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         SELECT 'user', $1, max(sequence) + 1, 'FutureThing', '2.0', '{\"FutureThing\": {}}', '{}' \
+         FROM events WHERE aggregate_type = 'user' AND aggregate_id = $1",
+    )
+    .bind(&ava)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let config = Config {
+        nats_url: std::env::var("TWOFOLD_TEST_NATS_URL")
+            .unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
+        nats_stream: format!("F{id}"),
+        nats_subject_prefix: format!("f{id}"),
+        ..Config::default()
+    };
+    let relay = Relay::connect(app.pool.clone(), &config).await.unwrap();
+    twofold_relay::ensure_stream(
+        relay.jetstream(),
+        &config.nats_stream,
+        &config.nats_subject_prefix,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(async move {
+        let _ = relay.run_until_stopped(std::future::pending()).await;
+    });
+    let source = ProjectorSource {
+        nats_url: config.nats_url.clone(),
+        stream: config.nats_stream.clone(),
+        filter_subject: format!("{}.events.>", config.nats_subject_prefix),
+        durable_prefix: format!("f{id}"),
+        ack_wait: Duration::from_millis(200),
+    };
+    let durable = format!("f{id}-directory");
+    // The builder's consumer as an older version made it: unlimited deliveries.
+    let js = async_nats::jetstream::new(async_nats::connect(&config.nats_url).await.unwrap());
+    let stream = js.get_stream(&config.nats_stream).await.unwrap();
+    stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(durable.clone()),
+            filter_subject: source.filter_subject.clone(),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let directory = Consumer::connect(app.pool.clone(), &source, Builder::Directory)
+        .await
+        .unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(&durable).await.unwrap();
+    assert_eq!(
+        consumer.info().await.unwrap().config.max_deliver,
+        twofold_platform::dead_letters::MAX_DELIVER,
+        "the older consumer is brought to a finite max_deliver"
+    );
+    tokio::spawn(directory.run_until_stopped(std::future::pending()));
+
+    // Events after it, of other streams, are applied.
+    app.create_user(
+        &admin,
+        json!({"username": "bea", "password": "correct horse battery"}),
+    )
+    .await;
+    eventually("bea's directory row", 300, async || {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_users WHERE username = 'bea'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        n == 1
+    })
+    .await;
+    // The event it cannot apply is parked after its deliveries, with why.
+    eventually("the parked event", 300, async || {
+        !dead_letters(&app.pool, &durable).await.is_empty()
+    })
+    .await;
+    let parked = dead_letters(&app.pool, &durable).await;
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert!(parked[0].0.ends_with(".user.FutureThing"), "{parked:?}");
+    assert!(
+        parked[0].1.starts_with("failed on all 5 deliveries")
+            && parked[0].1.contains("FutureThing"),
+        "{parked:?}"
+    );
+}
