@@ -86,17 +86,56 @@ impl Projector {
         self.telemetry.local_addr()
     }
 
-    /// Runs every builder's consumer until `shutdown` resolves.
+    /// Runs every builder's consumer until `shutdown` resolves, and keeps
+    /// `twofold_projection_unapplied_events{builder}` current.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
         let shutdown = shutdown.shared();
-        futures::future::join_all(
+        let pool = self.consumers.first().map(|c| c.pool.clone());
+        let gauge = async {
+            let Some(pool) = pool else { return };
+            let mut every = tokio::time::interval(UNAPPLIED_EVERY);
+            loop {
+                every.tick().await;
+                for builder in Builder::ALL {
+                    match unapplied_events(&pool, builder).await {
+                        Ok(n) => metrics::gauge!("twofold_projection_unapplied_events", "builder" => builder.name())
+                            .set(n as f64),
+                        Err(e) => tracing::debug!(error = %format!("{e:#}"), "counting unapplied events"),
+                    }
+                }
+            }
+        };
+        let consumers = futures::future::join_all(
             self.consumers
                 .into_iter()
                 .map(|c| c.run_until_stopped(shutdown.clone())),
-        )
-        .await;
+        );
+        tokio::select! {
+            _ = consumers => {}
+            _ = gauge => {}
+            _ = shutdown.clone() => {}
+        }
         drop(self.telemetry);
     }
+}
+
+/// How often the projector counts the events its builders have not applied.
+const UNAPPLIED_EVERY: Duration = Duration::from_secs(10);
+
+/// Events in the store that `builder` has not applied yet: the event count
+/// against the sum of its stream positions (each stream's events are
+/// numbered from 1, so a stream applied up to `n` accounts for `n`). Unlike
+/// the progress position, this sees an event that is missing behind later
+/// ones (held by a projector that died, until its ack wait runs out).
+pub async fn unapplied_events(pool: &PgPool, builder: Builder) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM events) \
+              - (SELECT coalesce(sum(sequence), 0)::bigint FROM projection_positions WHERE projection = $1)",
+    )
+    .bind(builder.name())
+    .fetch_one(pool)
+    .await
+    .context("counting unapplied events")?)
 }
 
 /// One builder's durable consumer, applying what arrives.

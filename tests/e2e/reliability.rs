@@ -599,3 +599,99 @@ async fn an_event_the_projector_cannot_apply_is_parked_and_the_others_go_on() {
         "{parked:?}"
     );
 }
+
+#[tokio::test]
+async fn an_event_missing_behind_later_ones_shows_in_the_unapplied_count() {
+    let app = spawn_app().await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let config = Config {
+        nats_url: std::env::var("TWOFOLD_TEST_NATS_URL")
+            .unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
+        nats_stream: format!("U{id}"),
+        nats_subject_prefix: format!("u{id}"),
+        ..app.config.clone()
+    };
+    let relay = Relay::connect(app.pool.clone(), &config).await.unwrap();
+    twofold_relay::ensure_stream(
+        relay.jetstream(),
+        &config.nats_stream,
+        &config.nats_subject_prefix,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(async move {
+        let _ = relay.run_until_stopped(std::future::pending()).await;
+    });
+    let projector = twofold_projections::consumer::Projector::build(&config)
+        .await
+        .unwrap();
+    tokio::spawn(projector.run_until_stopped(std::future::pending()));
+    let unapplied = async |builder| {
+        twofold_projections::consumer::unapplied_events(&app.pool, builder)
+            .await
+            .unwrap()
+    };
+    let all_applied =
+        async || unapplied(Builder::Directory).await == 0 && unapplied(Builder::Audit).await == 0;
+    eventually("the projector to catch up", 300, all_applied).await;
+
+    // An event the projector has not got (as if a projector that died held
+    // it until its ack wait), then later ones it gets.
+    let mut tx = app.pool.begin().await.unwrap();
+    let position: i64 = sqlx::query_scalar(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('probe', 'p1', 1, 'Probed', '1.0', '{\"Probed\": {}}', '{}') RETURNING global_position",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM outbox WHERE $1 = ANY(positions)")
+        .bind(position)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let admin = app.admin_token().await;
+    app.create_user(
+        &admin,
+        json!({"username": "uma", "password": "correct horse battery"}),
+    )
+    .await;
+    eventually("uma's row", 300, async || {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_users WHERE username = 'uma'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        n == 1
+    })
+    .await;
+    eventually("the later events applied", 300, async || {
+        unapplied(Builder::Directory).await == 1 && unapplied(Builder::Audit).await == 1
+    })
+    .await;
+    // The progress position says "at the head"; the unapplied count and its
+    // gauge say one is missing.
+    let freshness = twofold_projections::queries::freshness(&app.pool)
+        .await
+        .unwrap();
+    assert!(
+        freshness
+            .iter()
+            .all(|f| f.applied_position == f.head_position),
+        "{freshness:?}"
+    );
+    eventually("the gauge", 300, async || {
+        let metrics = app.metrics().await;
+        metrics.contains("twofold_projection_unapplied_events{builder=\"directory\"} 1")
+            && metrics.contains("twofold_projection_unapplied_events{builder=\"audit\"} 1")
+    })
+    .await;
+
+    // It arrives: nothing is missing any more.
+    sqlx::query("INSERT INTO outbox (positions) VALUES (ARRAY[$1::bigint])")
+        .bind(position)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    eventually("the missing event applied", 300, all_applied).await;
+}
