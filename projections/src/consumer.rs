@@ -128,14 +128,14 @@ const UNAPPLIED_EVERY: Duration = Duration::from_secs(10);
 /// the progress position, this sees an event that is missing behind later
 /// ones (held by a projector that died, until its ack wait runs out).
 pub async fn unapplied_events(pool: &PgPool, builder: Builder) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar(
+    sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM events) \
               - (SELECT coalesce(sum(sequence), 0)::bigint FROM projection_positions WHERE projection = $1)",
     )
     .bind(builder.name())
     .fetch_one(pool)
     .await
-    .context("counting unapplied events")?)
+    .context("counting unapplied events")
 }
 
 /// One builder's durable consumer, applying what arrives.
