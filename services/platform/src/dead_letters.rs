@@ -74,10 +74,23 @@ impl DeadLetters {
             .info()
             .map(|i| (i.stream_sequence as i64, i.delivered))
             .unwrap_or((0, 1));
+        // PostgreSQL text holds no NUL.
+        let reason = reason.replace('\0', "");
+        let mut refused = 0;
         loop {
-            match self.write(message, sequence, reason).await {
+            match self.write(message, sequence, &reason).await {
                 Ok(()) => break,
                 Err(e) => {
+                    // The database answers and still refuses the row: after
+                    // three tries the message is terminated unrecorded
+                    // rather than block the consumer.
+                    if self.database_answers().await {
+                        refused += 1;
+                        if refused >= 3 {
+                            tracing::error!(consumer = %self.consumer, subject = %message.subject, sequence, error = %format!("{e:#}"), "a message is dropped without a dead-letter record");
+                            break;
+                        }
+                    }
                     self.log.warn("dead-letter-write", |skipped| {
                         tracing::warn!(consumer = %self.consumer, error = %format!("{e:#}"), skipped, "cannot park a message yet; holding it");
                     });
@@ -93,7 +106,7 @@ impl DeadLetters {
         metrics::counter!("twofold_dead_letters_total", "consumer" => self.consumer.clone())
             .increment(1);
         self.log.warn("parked", |skipped| {
-            tracing::warn!(consumer = %self.consumer, subject = %message.subject, %reason, delivered, skipped, "message parked in dead_letters");
+            tracing::warn!(consumer = %self.consumer, subject = %message.subject, reason = %reason, delivered, skipped, "message parked in dead_letters");
         });
         Ok(())
     }
