@@ -12,9 +12,10 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use async_nats::jetstream;
+use async_nats::jetstream::{self, AckKind};
 use futures::FutureExt;
 use sqlx::{Connection, PgConnection, PgPool};
+use twofold_platform::dead_letters::{deliveries, last_delivery, DeadLetters, MAX_DELIVER};
 use twofold_platform::envelope::parse_msg_id;
 use twofold_platform::jetstream::{durable_consumer, Batches};
 use twofold_platform::telemetry::{Telemetry, WorkerStart};
@@ -85,17 +86,56 @@ impl Projector {
         self.telemetry.local_addr()
     }
 
-    /// Runs every builder's consumer until `shutdown` resolves.
+    /// Runs every builder's consumer until `shutdown` resolves, and keeps
+    /// `twofold_projection_unapplied_events{builder}` current.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
         let shutdown = shutdown.shared();
-        futures::future::join_all(
+        let pool = self.consumers.first().map(|c| c.pool.clone());
+        let gauge = async {
+            let Some(pool) = pool else { return };
+            let mut every = tokio::time::interval(UNAPPLIED_EVERY);
+            loop {
+                every.tick().await;
+                for builder in Builder::ALL {
+                    match unapplied_events(&pool, builder).await {
+                        Ok(n) => metrics::gauge!("twofold_projection_unapplied_events", "builder" => builder.name())
+                            .set(n as f64),
+                        Err(e) => tracing::debug!(error = %format!("{e:#}"), "counting unapplied events"),
+                    }
+                }
+            }
+        };
+        let consumers = futures::future::join_all(
             self.consumers
                 .into_iter()
                 .map(|c| c.run_until_stopped(shutdown.clone())),
-        )
-        .await;
+        );
+        tokio::select! {
+            _ = consumers => {}
+            _ = gauge => {}
+            _ = shutdown.clone() => {}
+        }
         drop(self.telemetry);
     }
+}
+
+/// How often the projector counts the events its builders have not applied.
+const UNAPPLIED_EVERY: Duration = Duration::from_secs(10);
+
+/// Events in the store that `builder` has not applied yet: the event count
+/// against the sum of its stream positions (each stream's events are
+/// numbered from 1, so a stream applied up to `n` accounts for `n`). Unlike
+/// the progress position, this sees an event that is missing behind later
+/// ones (held by a projector that died, until its ack wait runs out).
+pub async fn unapplied_events(pool: &PgPool, builder: Builder) -> anyhow::Result<i64> {
+    sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM events) \
+              - (SELECT coalesce(sum(sequence), 0)::bigint FROM projection_positions WHERE projection = $1)",
+    )
+    .bind(builder.name())
+    .fetch_one(pool)
+    .await
+    .context("counting unapplied events")
 }
 
 /// One builder's durable consumer, applying what arrives.
@@ -107,6 +147,9 @@ pub struct Consumer {
     builder: Builder,
     /// The builder's durable consumer, up to `BATCH` messages pulled ahead.
     batches: Batches,
+    /// Where messages that cannot be applied go.
+    dead_letters: DeadLetters,
+    ack_wait: Duration,
 }
 
 /// Most messages applied in one transaction (and pulled ahead).
@@ -133,7 +176,7 @@ impl Consumer {
             js,
             &source.stream,
             jetstream::consumer::pull::Config {
-                durable_name: Some(name),
+                durable_name: Some(name.clone()),
                 filter_subject: source.filter_subject.clone(),
                 ack_wait: source.ack_wait,
                 max_ack_pending: 10_000,
@@ -142,6 +185,8 @@ impl Consumer {
         )
         .await?;
         Ok(Self {
+            dead_letters: DeadLetters::new(pool.clone(), &name, source.ack_wait),
+            ack_wait: source.ack_wait,
             pool,
             connections: std::sync::Mutex::new(Vec::new()),
             builder,
@@ -152,33 +197,117 @@ impl Consumer {
     /// Waits at most `wait` for a message, then takes whatever else has
     /// arrived (up to `max` in all), applies them in one transaction, and
     /// acks them after it committed; returns the events applied.
+    ///
+    /// A message that names no event is parked at once. When the batch
+    /// fails while PostgreSQL answers, its messages are applied one by one:
+    /// the one that fails is tried again after a delay, and parked on its
+    /// last delivery. While PostgreSQL is away the batch is held and tried
+    /// again when it is back.
     pub async fn process_next(
         &self,
         max: usize,
         wait: Duration,
     ) -> anyhow::Result<Vec<EventRecord>> {
         let batch = self.batches.next(max, wait).await?;
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
+        let mut messages = Vec::with_capacity(batch.len());
         let mut targets = Vec::with_capacity(batch.len());
-        for message in &batch {
-            let id = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("Nats-Msg-Id"))
-                .map(|v| v.to_string());
-            match id.as_deref().and_then(parse_msg_id) {
-                Some((aggregate_type, aggregate_id, sequence)) => targets.push(StreamTarget {
-                    aggregate_type,
-                    aggregate_id,
-                    sequence,
-                }),
+        for message in batch {
+            match target_of(&message) {
+                Some(target) => {
+                    messages.push(message);
+                    targets.push(target);
+                }
                 None => {
-                    tracing::warn!(subject = %message.subject, "a message without an event id; skipped")
+                    self.dead_letters
+                        .park(&message, "a message without an event id")
+                        .await?
                 }
             }
         }
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let applied = loop {
+            match self.apply(&targets).await {
+                Ok(applied) => break applied,
+                Err(_) if !self.dead_letters.database_answers().await => {
+                    let held: Vec<&jetstream::Message> = messages.iter().collect();
+                    self.dead_letters.hold_until_database_answers(&held).await;
+                }
+                Err(e) => {
+                    self.dead_letters.log().warn("batch", |skipped| {
+                        tracing::warn!(builder = self.builder.name(), error = %format!("{e:#}"), skipped, "a batch failed; applying its messages one by one");
+                    });
+                    return self.one_by_one(messages, targets).await;
+                }
+            }
+        };
+        self.record_lag(&applied);
+        for message in &messages {
+            message
+                .ack()
+                .await
+                .map_err(|e| anyhow!("acking a message: {e}"))?;
+        }
+        if let Some(last) = messages.last() {
+            if let Ok(info) = last.info() {
+                metrics::gauge!("twofold_projection_pending_events", "builder" => self.builder.name())
+                    .set(info.pending as f64);
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Applies each message on its own: acks what applies, leaves what
+    /// fails for a later delivery, parks what failed on its last.
+    async fn one_by_one(
+        &self,
+        messages: Vec<jetstream::Message>,
+        targets: Vec<StreamTarget>,
+    ) -> anyhow::Result<Vec<EventRecord>> {
+        let mut all = Vec::new();
+        for (message, target) in messages.iter().zip(targets) {
+            let result = loop {
+                match self.apply(std::slice::from_ref(&target)).await {
+                    Err(_) if !self.dead_letters.database_answers().await => {
+                        self.dead_letters
+                            .hold_until_database_answers(&[message])
+                            .await
+                    }
+                    result => break result,
+                }
+            };
+            match result {
+                Ok(applied) => {
+                    self.record_lag(&applied);
+                    all.extend(applied);
+                    message
+                        .ack()
+                        .await
+                        .map_err(|e| anyhow!("acking a message: {e}"))?;
+                }
+                Err(e) if last_delivery(message, MAX_DELIVER) => {
+                    let reason = format!("failed on all {MAX_DELIVER} deliveries; last: {e:#}");
+                    self.dead_letters.park(message, &reason).await?;
+                }
+                Err(e) => {
+                    self.dead_letters.log().warn("retry", |skipped| {
+                        tracing::warn!(builder = self.builder.name(), error = %format!("{e:#}"), skipped, "an event cannot be applied; will be tried again");
+                    });
+                    let n = deliveries(message).clamp(1, 16) as u32 - 1;
+                    let after = self.ack_wait.saturating_mul(1 << n);
+                    message
+                        .ack_with(AckKind::Nak(Some(after)))
+                        .await
+                        .map_err(|e| anyhow!("nak: {e}"))?;
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    /// Brings the targets' streams up to them, in one transaction.
+    async fn apply(&self, targets: &[StreamTarget]) -> anyhow::Result<Vec<EventRecord>> {
         // On a connection of the builder's own: a pooled one is pinged each
         // time it is handed back, a round trip per batch.
         let idle = self
@@ -192,7 +321,7 @@ impl Consumer {
                 .await
                 .context("connecting to PostgreSQL")?,
         };
-        let applied = self.builder.catch_up(&mut conn, &targets).await;
+        let applied = self.builder.catch_up(&mut conn, targets).await;
         // A connection that failed is dropped; the next batch opens another.
         if applied.is_ok() {
             self.connections
@@ -200,27 +329,17 @@ impl Consumer {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(conn);
         }
-        let applied = applied?;
+        applied
+    }
+
+    fn record_lag(&self, applied: &[EventRecord]) {
         let now = wall_clock();
         let lag =
             metrics::histogram!("twofold_projection_lag_seconds", "builder" => self.builder.name());
-        for record in &applied {
+        for record in applied {
             let seconds = (now - record.recorded_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
             lag.record(seconds.max(0.0));
         }
-        for message in &batch {
-            message
-                .ack()
-                .await
-                .map_err(|e| anyhow!("acking a message: {e}"))?;
-        }
-        if let Some(last) = batch.last() {
-            if let Ok(info) = last.info() {
-                metrics::gauge!("twofold_projection_pending_events", "builder" => self.builder.name())
-                    .set(info.pending as f64);
-            }
-        }
-        Ok(applied)
     }
 
     /// Runs until `shutdown` resolves; errors are logged and retried. Two
@@ -241,6 +360,17 @@ impl Consumer {
             _ = futures::future::join(step(), step()) => {}
         }
     }
+}
+
+/// The stream and sequence a message names (its `Nats-Msg-Id`).
+fn target_of(message: &jetstream::Message) -> Option<StreamTarget> {
+    let id = message.headers.as_ref()?.get("Nats-Msg-Id")?.to_string();
+    let (aggregate_type, aggregate_id, sequence) = parse_msg_id(&id)?;
+    Some(StreamTarget {
+        aggregate_type,
+        aggregate_id,
+        sequence,
+    })
 }
 
 /// Lag is measured against the wall clock, as the commit time was.

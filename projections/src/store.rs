@@ -310,7 +310,10 @@ pub async fn copy_audit(tx: &mut PgConnection, entries: &[AuditEntry]) -> anyhow
             q(&e.aggregate_id),
             e.sequence,
             q(&e.event_type),
-            e.at.to_rfc3339(),
+            // Whole microseconds, cut off as the live path's bind cuts them
+            // (PostgreSQL would round the nanoseconds of a full RFC 3339
+            // time): a rebuild writes every row as the live path did.
+            e.at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             q(&e.actor_kind),
             opt(&e.actor_id),
             opt(&e.ip),

@@ -28,15 +28,19 @@ pub(crate) fn free_port() -> u16 {
 }
 
 /// Debian's aiosmtpd, keeping what it receives in a Maildir.
-struct Smtp {
+pub(crate) struct Smtp {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
     maildir: std::path::PathBuf,
 }
 
 impl Smtp {
-    async fn start() -> Self {
-        let port = free_port();
+    pub(crate) async fn start() -> Self {
+        Self::start_on(free_port()).await
+    }
+
+    /// The server on `port` (one a test kept free).
+    pub(crate) async fn start_on(port: u16) -> Self {
         let maildir = std::env::temp_dir().join(format!("twofold-mail-{}", uuid::Uuid::new_v4()));
         for sub in ["tmp", "new", "cur"] {
             std::fs::create_dir_all(maildir.join(sub)).unwrap();
@@ -72,7 +76,7 @@ impl Smtp {
         }
     }
 
-    fn mails(&self) -> Vec<String> {
+    pub(crate) fn mails(&self) -> Vec<String> {
         let mut out = Vec::new();
         for sub in ["new", "cur"] {
             if let Ok(entries) = std::fs::read_dir(self.maildir.join(sub)) {
@@ -84,7 +88,7 @@ impl Smtp {
         out
     }
 
-    fn mails_to(&self, address: &str) -> Vec<String> {
+    pub(crate) fn mails_to(&self, address: &str) -> Vec<String> {
         self.mails()
             .into_iter()
             .filter(|m| m.contains(address))
@@ -100,7 +104,7 @@ impl Drop for Smtp {
 }
 
 /// The six digits after "code is " in a message.
-fn code_in(text: &str) -> Option<String> {
+pub(crate) fn code_in(text: &str) -> Option<String> {
     let at = text.find("sign-in code is ")? + "sign-in code is ".len();
     let code: String = text[at..].chars().take(6).collect();
     (code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit())).then_some(code)
@@ -108,13 +112,17 @@ fn code_in(text: &str) -> Option<String> {
 
 /// A stand-in SMS provider speaking Twilio's Messages API.
 #[derive(Clone, Default)]
-struct FakeSms {
-    sent: Arc<Mutex<Vec<HashMap<String, String>>>>,
-    failing: Arc<AtomicBool>,
+pub(crate) struct FakeSms {
+    pub(crate) sent: Arc<Mutex<Vec<HashMap<String, String>>>>,
+    pub(crate) failing: Arc<AtomicBool>,
+    /// Answers nothing (the request hangs until the client gives up).
+    pub(crate) hanging: Arc<AtomicBool>,
+    /// Requests received, answered or not.
+    pub(crate) attempts: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeSms {
-    async fn start(&self) -> String {
+    pub(crate) async fn start(&self) -> String {
         use axum::extract::{Form, Path, State};
         let app = axum::Router::new()
             .route(
@@ -123,6 +131,10 @@ impl FakeSms {
                     |State(me): State<FakeSms>,
                      Path(_sid): Path<String>,
                      Form(form): Form<HashMap<String, String>>| async move {
+                        me.attempts.fetch_add(1, Ordering::SeqCst);
+                        if me.hanging.load(Ordering::SeqCst) {
+                            std::future::pending::<()>().await;
+                        }
                         if me.failing.load(Ordering::SeqCst) {
                             return (
                                 axum::http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -147,10 +159,10 @@ impl FakeSms {
     }
 }
 
-struct Stack {
-    app: TestApp,
-    config: Config,
-    source: Source,
+pub(crate) struct Stack {
+    pub(crate) app: TestApp,
+    pub(crate) config: Config,
+    pub(crate) source: Source,
     relay: tokio::task::JoinHandle<()>,
 }
 
@@ -162,7 +174,7 @@ impl Drop for Stack {
 
 /// The verifier, a relay, and the configuration a dispatcher needs (the same
 /// server keys, so it derives the codes the verifier checks).
-async fn stack(smtp_port: u16, sms_url: &str) -> Stack {
+pub(crate) async fn stack(smtp_port: u16, sms_url: &str) -> Stack {
     let mut keys = None;
     // The verifier knows the provider's name too: settings may name only it.
     let app = spawn_app_with(|c| {
@@ -218,6 +230,7 @@ async fn stack(smtp_port: u16, sms_url: &str) -> Stack {
         ack_wait: Duration::from_secs(1),
         retry_delay: Duration::from_millis(200),
         concurrency: 4,
+        max_deliver: twofold_dispatcher::max_deliver_for(config.delivery_max_attempts),
     };
     Stack {
         app,
@@ -228,7 +241,7 @@ async fn stack(smtp_port: u16, sms_url: &str) -> Stack {
 }
 
 impl Stack {
-    async fn dispatcher(&self) -> Dispatcher {
+    pub(crate) async fn dispatcher(&self) -> Dispatcher {
         Dispatcher::connect(
             self.app.pool.clone(),
             &self.config,
@@ -239,7 +252,7 @@ impl Stack {
         .unwrap()
     }
 
-    async fn with_user(&self, settings: serde_json::Value, name: &str, phone: bool) {
+    pub(crate) async fn with_user(&self, settings: serde_json::Value, name: &str, phone: bool) {
         let admin = self.app.admin_token().await;
         // The admin keeps a method the settings allow (SMS only would
         // otherwise lock every admin out, which is refused).
@@ -269,13 +282,13 @@ impl Stack {
         assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     }
 
-    async fn challenge(&self, name: &str) -> String {
+    pub(crate) async fn challenge(&self, name: &str) -> String {
         let r = self.app.sign_in(name, "correct horse battery").await;
         assert_eq!(r.body["status"], "challenge", "{:?}", r.body);
         r.body["challenge"]["token"].as_str().unwrap().to_string()
     }
 
-    async fn verify(&self, token: &str, code: &str) -> StatusCode {
+    pub(crate) async fn verify(&self, token: &str, code: &str) -> StatusCode {
         self.app
             .post(
                 "/challenge/verify",
@@ -285,7 +298,7 @@ impl Stack {
             .status
     }
 
-    async fn delivery_events(&self, event_type: &str) -> Vec<serde_json::Value> {
+    pub(crate) async fn delivery_events(&self, event_type: &str) -> Vec<serde_json::Value> {
         sqlx::query_scalar(
             "SELECT payload::jsonb -> $1 FROM events WHERE aggregate_type = 'delivery' AND event_type = $1 ORDER BY global_position",
         )
@@ -297,7 +310,7 @@ impl Stack {
 }
 
 /// Runs `dispatcher` until `done` or a bounded time passes; returns the outcomes.
-async fn run_until(
+pub(crate) async fn run_until(
     dispatcher: &Dispatcher,
     mut done: impl FnMut(&[Outcome]) -> bool,
 ) -> Vec<Outcome> {
@@ -316,7 +329,7 @@ async fn run_until(
     panic!("gave up waiting; outcomes so far: {all:?}");
 }
 
-fn delivered(outcomes: &[Outcome]) -> usize {
+pub(crate) fn delivered(outcomes: &[Outcome]) -> usize {
     outcomes
         .iter()
         .filter(|o| matches!(o, Outcome::Delivered { .. }))

@@ -414,14 +414,14 @@ async fn no_password_secret_code_or_token_reaches_the_event_store() {
 }
 
 /// A TCP proxy to PostgreSQL that a test can cut, as if the database went away.
-struct DbProxy {
-    port: u16,
+pub(crate) struct DbProxy {
+    pub(crate) port: u16,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl DbProxy {
-    async fn start(port: u16) -> Self {
+    pub(crate) async fn start(port: u16) -> Self {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .unwrap();
@@ -449,7 +449,7 @@ impl DbProxy {
         Self { port, stop, task }
     }
 
-    async fn cut(self) -> u16 {
+    pub(crate) async fn cut(self) -> u16 {
         let _ = self.stop.send(true);
         let _ = self.task.await;
         self.port

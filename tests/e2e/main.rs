@@ -17,6 +17,7 @@ mod keep_alive;
 mod nats;
 mod pages;
 mod policy_http;
+mod reliability;
 mod reports;
 mod sign_in;
 mod store;

@@ -283,6 +283,16 @@ impl App {
             .and_then(|(_, u)| u.state().password_hash.as_ref());
         let password_ok = self.passwords.verify(stored, &request.password).await?;
         let Some((user_id, basis)) = found else {
+            // A commit, as an account's wrong password has (its event).
+            let _ = self
+                .take_budget(
+                    tenant_id,
+                    Budget::UnknownNamesPerAddress,
+                    origin.ip.as_deref().unwrap_or("unknown"),
+                    u32::MAX,
+                    now,
+                )
+                .await?;
             if let Some(retry_after_secs) = address_retry_after {
                 observe::sign_in("throttled");
                 return Err(UserError::TooManyAttempts { retry_after_secs }.into());

@@ -24,6 +24,11 @@ pub enum Budget {
     CodesPerAccount,
     /// Codes sent for sign-ins from one client address.
     CodesPerAddress,
+    /// Sign-ins from one client address for names that are no account: a
+    /// count that refuses nothing. Writing it gives an unknown name's try
+    /// the same commit an existing account's wrong password has (its
+    /// event), so the two take the same time.
+    UnknownNamesPerAddress,
 }
 
 impl Budget {
@@ -33,6 +38,7 @@ impl Budget {
             Self::CodesPerRecipient => "codes_per_recipient",
             Self::CodesPerAccount => "codes_per_account",
             Self::CodesPerAddress => "codes_per_address",
+            Self::UnknownNamesPerAddress => "unknown_names_per_address",
         }
     }
 }

@@ -10,6 +10,7 @@
 //! tenant and delivery, what to send where, or nothing), send (SMTP/SMS,
 //! [`send`]) and record (the delivery's events).
 
+pub mod breaker;
 pub mod plan;
 pub mod send;
 
@@ -31,11 +32,13 @@ use twofold_domain::values::Method;
 use twofold_domain::{Actor, Ctx, TenantId, UserId};
 use twofold_platform::config::SmsProvider;
 use twofold_platform::crypto::Keyring;
+use twofold_platform::dead_letters::{last_delivery, DeadLetters, MAX_DELIVER};
 use twofold_platform::jetstream::{durable_consumer, Batches};
 use twofold_platform::store::{read_streams, Basis, ExecError, Store, StreamKey};
 use twofold_platform::telemetry::{Telemetry, WorkerStart};
 use twofold_platform::{Clock, Config, Envelope};
 
+use breaker::{Admit, Breakers};
 use plan::{after_failure, plan, AfterFailure, CodeRequest, Plan};
 pub use send::{Mailer, RecipientLimit, SendError, SmsClient};
 
@@ -51,6 +54,10 @@ pub struct Source {
     pub retry_delay: Duration,
     /// Jobs one instance works on at once (and pulls ahead of time).
     pub concurrency: usize,
+    /// Deliveries of a message before it is parked in `dead_letters`: more
+    /// than the send attempts, so a job that keeps failing to send is
+    /// recorded as `DeliveryFailed`, not parked.
+    pub max_deliver: i64,
 }
 
 impl Source {
@@ -62,8 +69,15 @@ impl Source {
             ack_wait: Duration::from_secs(30),
             retry_delay: Duration::from_secs(5),
             concurrency: config.dispatcher_concurrency.max(1),
+            max_deliver: max_deliver_for(config.delivery_max_attempts),
         }
     }
+}
+
+/// JetStream deliveries of a job for `max_attempts` sends: room for two more
+/// (a crashed instance's, a failed record), at least [`MAX_DELIVER`].
+pub fn max_deliver_for(max_attempts: u32) -> i64 {
+    (i64::from(max_attempts) + 2).max(MAX_DELIVER)
 }
 
 pub struct Dispatcher {
@@ -82,10 +96,15 @@ pub struct Dispatcher {
     concurrency: usize,
     mailer: Mailer,
     sms: SmsClient,
+    /// A circuit breaker per SMS provider.
+    breakers: Breakers,
     providers: BTreeMap<String, SmsProvider>,
     max_attempts: u32,
     retry_delay: Duration,
     recipients: RecipientLimit,
+    /// Where jobs that cannot be read, or failed on every delivery, go.
+    dead_letters: DeadLetters,
+    max_deliver: i64,
 }
 
 /// What one job came to.
@@ -104,6 +123,9 @@ pub enum Outcome {
     /// Will be tried again after the delay, which doubles with each attempt.
     Retry(String, Duration),
     Failed(SendError),
+    /// Not an event this dispatcher can read (garbage, an unknown newer
+    /// version), or failed on its last delivery: parked in `dead_letters`.
+    Parked(String),
 }
 
 /// What the send step came to.
@@ -166,17 +188,26 @@ impl Dispatcher {
             // A job claims its delivery, then records it: the claim's state is
             // remembered for the record (another instance writing the
             // stream meanwhile fails the append, which then reads it).
-            deliveries: Store::remembering(pool, config.remembered_streams),
+            deliveries: Store::remembering(pool.clone(), config.remembered_streams),
             keys: config.keyring()?,
             clock,
             batches: Batches::new(consumer, source.concurrency),
             concurrency: source.concurrency.max(1),
             mailer: Mailer::from_config(config)?,
-            sms: SmsClient::new(config.sms_rate_per_second)?,
+            sms: SmsClient::new(
+                config.sms_rate_per_second,
+                Duration::from_millis(config.sms_timeout_ms.max(1)),
+            )?,
+            breakers: Breakers::new(
+                config.sms_breaker_failures,
+                chrono::TimeDelta::seconds(config.sms_breaker_cooldown_secs as i64),
+            ),
             providers: config.sms_providers.clone(),
             max_attempts: config.delivery_max_attempts.max(1),
             retry_delay: source.retry_delay,
             recipients: RecipientLimit::per_hour(config.recipient_limit_per_hour),
+            dead_letters: DeadLetters::new(pool, &source.durable, source.ack_wait),
+            max_deliver: source.max_deliver,
         })
     }
 
@@ -190,27 +221,62 @@ impl Dispatcher {
             .collect()
     }
 
-    /// One job: handled, then acked, or nak'ed with a delay to be tried again.
+    /// One job: handled, then acked, or nak'ed with a delay to be tried
+    /// again; parked when it cannot be read or fails on its last delivery.
+    /// While PostgreSQL is away the job is held and tried again when it is
+    /// back, using up no delivery.
     async fn job(&self, message: jetstream::Message) -> anyhow::Result<Outcome> {
-        metrics::gauge!("twofold_dispatcher_in_flight").increment(1.0);
-        let outcome = self.handle(&message.payload).await;
-        metrics::gauge!("twofold_dispatcher_in_flight").decrement(1.0);
-        let outcome = match outcome {
-            Ok(o) => o,
-            // The store or the network failed: leave the job for a retry.
-            Err(e) => Outcome::Retry(format!("{e:#}"), self.retry_delay),
+        let request = match readable(&message.payload) {
+            Ok(request) => request,
+            Err(reason) => {
+                self.dead_letters.park(&message, &reason).await?;
+                return Ok(Outcome::Parked(reason));
+            }
         };
-        match &outcome {
+        let Some(request) = request else {
+            message.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
+            return Ok(Outcome::Skipped);
+        };
+        metrics::gauge!("twofold_dispatcher_in_flight").increment(1.0);
+        let outcome = loop {
+            match self.handle(&request).await {
+                Ok(o) => break o,
+                Err(e) if self.dead_letters.database_answers().await => {
+                    // The store answers, so the failure is this job's.
+                    break Outcome::Retry(format!("{e:#}"), self.retry_delay);
+                }
+                Err(_) => {
+                    self.dead_letters
+                        .hold_until_database_answers(&[&message])
+                        .await
+                }
+            }
+        };
+        metrics::gauge!("twofold_dispatcher_in_flight").decrement(1.0);
+        match outcome {
+            Outcome::Retry(reason, _) if last_delivery(&message, self.max_deliver) => {
+                let reason = format!(
+                    "failed on all {} deliveries; last: {reason}",
+                    self.max_deliver
+                );
+                self.dead_letters.park(&message, &reason).await?;
+                Ok(Outcome::Parked(reason))
+            }
             Outcome::Retry(reason, after) => {
-                tracing::warn!(%reason, "delivery will be retried");
+                self.dead_letters.log().warn("retry", |skipped| {
+                    tracing::warn!(%reason, skipped, "delivery will be retried");
+                });
                 message
-                    .ack_with(AckKind::Nak(Some(*after)))
+                    .ack_with(AckKind::Nak(Some(after)))
                     .await
                     .map_err(|e| anyhow!("nak: {e}"))?;
+                Ok(Outcome::Retry(reason, after))
             }
-            _ => message.ack().await.map_err(|e| anyhow!("ack: {e}"))?,
+            outcome => {
+                message.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
+                Ok(outcome)
+            }
         }
-        Ok(outcome)
     }
 
     /// Works on up to `concurrency` jobs at a time until `shutdown` resolves.
@@ -247,7 +313,7 @@ impl Dispatcher {
             let mut every = tokio::time::interval(Duration::from_secs(60));
             loop {
                 every.tick().await;
-                self.recipients.forget_idle();
+                self.recipients.forget_idle(self.clock.now());
             }
         };
         tokio::select! {
@@ -339,12 +405,7 @@ impl Dispatcher {
     }
 
     /// One job: plan, claim, send, record.
-    async fn handle(&self, payload: &[u8]) -> anyhow::Result<Outcome> {
-        let event: Envelope =
-            serde_json::from_slice(payload).context("a message that is not an event")?;
-        let Some(request) = CodeRequest::from_event(&event)? else {
-            return Ok(Outcome::Skipped);
-        };
+    async fn handle(&self, request: &CodeRequest) -> anyhow::Result<Outcome> {
         let id = request.delivery_id();
         let (user, tenant, basis) = self.read(request.user_id, request.tenant_hint, &id).await?;
         // The tenant read with the user is the one the event named; the
@@ -356,7 +417,7 @@ impl Dispatcher {
         };
         let now = self.clock.now();
         let send = match plan(
-            &request,
+            request,
             &user,
             tenant.as_ref(),
             basis.state(),
@@ -444,10 +505,28 @@ impl Dispatcher {
             .providers
             .get(provider)
             .ok_or_else(|| SendError::UnknownProvider(provider.to_string()))?;
-        self.recipients.take(phone)?;
-        self.sms
+        let now = self.clock.now();
+        self.recipients.take(phone, now)?;
+        if self.breakers.admit(provider, now) == Admit::Open {
+            self.recipients.give_back(phone, now);
+            return Err(SendError::CircuitOpen {
+                provider: provider.to_string(),
+            });
+        }
+        let sent = self
+            .sms
             .send(provider, config, phone, &send::sms_text(tenant_name, code))
-            .await
+            .await;
+        if sent.is_err() {
+            self.recipients.give_back(phone, now);
+        }
+        // Any answer but a failure of the provider itself (a refused number,
+        // say) shows it is up.
+        match &sent {
+            Err(e) if e.is_provider_failure() => self.breakers.failed(provider, self.clock.now()),
+            _ => self.breakers.succeeded(provider),
+        }
+        sent
     }
 
     async fn send_email(
@@ -456,10 +535,16 @@ impl Dispatcher {
         send: &plan::Send,
         code: &str,
     ) -> Result<(), SendError> {
-        self.recipients.take(address)?;
-        self.mailer
+        let now = self.clock.now();
+        self.recipients.take(address, now)?;
+        let sent = self
+            .mailer
             .send(address, &send.tenant_name, code, send.expires_at)
-            .await
+            .await;
+        if sent.is_err() {
+            self.recipients.give_back(address, now);
+        }
+        sent
     }
 
     /// The record step: the fallback, then the delivery, a failure, or a
@@ -529,6 +614,14 @@ impl Dispatcher {
     }
 }
 
+/// The code a message asks for, `None` when it asks for none, or why it
+/// cannot be read (not an event, an event of an unknown newer version).
+fn readable(payload: &[u8]) -> Result<Option<CodeRequest>, String> {
+    let event: Envelope = serde_json::from_slice(payload)
+        .map_err(|e| format!("a message that is not an event: {e}"))?;
+    CodeRequest::from_event(&event).map_err(|e| format!("{e:#}"))
+}
+
 /// Binds to (creating if needed) the shared durable consumer of user events.
 async fn bind(js: &jetstream::Context, source: &Source) -> anyhow::Result<PullConsumer> {
     durable_consumer(
@@ -538,6 +631,7 @@ async fn bind(js: &jetstream::Context, source: &Source) -> anyhow::Result<PullCo
             durable_name: Some(source.durable.clone()),
             filter_subject: format!("{}.events.*.user.>", source.subject_prefix),
             ack_wait: source.ack_wait,
+            max_deliver: source.max_deliver,
             ..Default::default()
         },
     )

@@ -36,6 +36,13 @@ impl CodeRequest {
         if !CODE_EVENTS.contains(&event.event_type.as_str()) {
             return Ok(None);
         }
+        if !event.version_is_known() {
+            anyhow::bail!(
+                "{} of version {}, newer than this dispatcher reads",
+                event.event_type,
+                event.event_version
+            );
+        }
         let (challenge_id, generation, method) = match event.event()? {
             UserEvent::ChallengeIssued {
                 challenge_id,

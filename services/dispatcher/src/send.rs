@@ -1,8 +1,11 @@
 //! Sending: email over SMTP (lettre, pooled connections) and SMS through a
-//! provider's HTTP API, with the limits that protect cost (governor): SMS
-//! sends per second per provider, codes per recipient per hour.
+//! provider's HTTP API, with the limits that protect cost: SMS sends per
+//! second per provider (governor), codes per recipient per hour (counted
+//! here, only the sends that went out).
 
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -45,6 +48,9 @@ pub enum SendError {
     ProviderUnreachable { provider: String, cause: String },
     #[error("{provider}: answered {status}")]
     ProviderStatus { provider: String, status: u16 },
+    /// The provider's circuit is open (it kept failing): not tried.
+    #[error("{provider}: not tried, it keeps failing (circuit open)")]
+    CircuitOpen { provider: String },
 }
 
 impl SendError {
@@ -63,45 +69,82 @@ impl SendError {
             SendError::Smtp(_)
             | SendError::ProviderTimeout { .. }
             | SendError::ProviderUnreachable { .. }
-            | SendError::ProviderStatus { .. } => false,
+            | SendError::ProviderStatus { .. }
+            | SendError::CircuitOpen { .. } => false,
+        }
+    }
+
+    /// Whether this says the provider is unwell (counts toward its circuit
+    /// breaker): a timeout, no connection, a 5xx or 429 answer.
+    pub fn is_provider_failure(&self) -> bool {
+        match self {
+            SendError::ProviderTimeout { .. } | SendError::ProviderUnreachable { .. } => true,
+            SendError::ProviderStatus { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
         }
     }
 }
 
 /// Codes per recipient per hour (per instance), keyed by the address or
-/// number; recipients not seen for a while are forgotten ([`RecipientLimit::forget_idle`]).
+/// number: at most `limit` sent in any hour. Only sends that went out count:
+/// a send reserves its place ([`RecipientLimit::take`]) and a failed one
+/// gives it back ([`RecipientLimit::give_back`]), so an SMTP or provider
+/// outage does not use up the budget. Time is the dispatcher's clock.
 pub struct RecipientLimit {
-    /// `None` when the limit is 0: nothing may be sent.
-    limiter: Option<DefaultKeyedRateLimiter<String>>,
+    limit: usize,
+    /// Per recipient, when its codes of the last hour went out (oldest first).
+    sent: Mutex<HashMap<String, VecDeque<DateTime<Utc>>>>,
 }
+
+const HOUR: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 
 impl RecipientLimit {
     pub fn per_hour(limit: u32) -> Self {
         Self {
-            limiter: NonZeroU32::new(limit)
-                .map(|n| DefaultKeyedRateLimiter::keyed(Quota::per_hour(n))),
+            limit: limit as usize,
+            sent: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Takes one code of `recipient`'s budget, or says it is spent.
-    pub fn take(&self, recipient: &str) -> Result<(), SendError> {
-        match &self.limiter {
-            Some(l) if l.check_key(&recipient.to_string()).is_ok() => Ok(()),
-            _ => Err(SendError::RecipientLimit),
+    fn sent(&self) -> std::sync::MutexGuard<'_, HashMap<String, VecDeque<DateTime<Utc>>>> {
+        self.sent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes one code of `recipient`'s budget at `now`, or says it is spent.
+    pub fn take(&self, recipient: &str, now: DateTime<Utc>) -> Result<(), SendError> {
+        let mut sent = self.sent();
+        let times = sent.entry(recipient.to_string()).or_default();
+        while times.front().is_some_and(|t| *t <= now - HOUR) {
+            times.pop_front();
+        }
+        if times.len() >= self.limit {
+            return Err(SendError::RecipientLimit);
+        }
+        times.push_back(now);
+        Ok(())
+    }
+
+    /// Gives back the code taken at `at` for a send that did not go out.
+    pub fn give_back(&self, recipient: &str, at: DateTime<Utc>) {
+        let mut sent = self.sent();
+        if let Some(times) = sent.get_mut(recipient) {
+            if let Some(i) = times.iter().rposition(|t| *t == at) {
+                times.remove(i);
+            }
         }
     }
 
-    /// Drops the recipients whose budget is full again (nothing to remember).
-    pub fn forget_idle(&self) {
-        if let Some(l) = &self.limiter {
-            l.retain_recent();
-            l.shrink_to_fit();
-        }
+    /// Drops the recipients with nothing sent in the last hour (their
+    /// budget is whole: nothing to remember).
+    pub fn forget_idle(&self, now: DateTime<Utc>) {
+        let mut sent = self.sent();
+        sent.retain(|_, times| times.back().is_some_and(|t| *t > now - HOUR));
+        sent.shrink_to_fit();
     }
 
     /// How many recipients are remembered.
     pub fn remembered(&self) -> usize {
-        self.limiter.as_ref().map_or(0, |l| l.len())
+        self.sent().len()
     }
 }
 
@@ -185,12 +228,11 @@ pub struct SmsClient {
 }
 
 impl SmsClient {
-    pub fn new(per_second: u32) -> anyhow::Result<Self> {
+    /// At most `per_second` sends per provider, each answered within `timeout`.
+    pub fn new(per_second: u32, timeout: Duration) -> anyhow::Result<Self> {
         let per_second = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
         Ok(Self {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()?,
+            http: reqwest::Client::builder().timeout(timeout).build()?,
             pace: DefaultKeyedRateLimiter::keyed(Quota::per_second(per_second)),
         })
     }
@@ -299,19 +341,40 @@ mod tests {
 
     #[test]
     fn a_recipient_gets_its_hourly_budget_and_no_more() {
+        use chrono::TimeZone;
+        let t0 = Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap();
         let limit = RecipientLimit::per_hour(2);
-        assert_eq!(limit.take("a@x.test"), Ok(()));
-        assert_eq!(limit.take("a@x.test"), Ok(()));
-        assert_eq!(limit.take("a@x.test"), Err(SendError::RecipientLimit));
+        assert_eq!(limit.take("a@x.test", t0), Ok(()));
+        assert_eq!(limit.take("a@x.test", t0), Ok(()));
+        assert_eq!(limit.take("a@x.test", t0), Err(SendError::RecipientLimit));
         // Each recipient has a budget of its own.
-        assert_eq!(limit.take("b@x.test"), Ok(()));
+        assert_eq!(limit.take("b@x.test", t0), Ok(()));
         assert_eq!(limit.remembered(), 2);
-        // Both still owe part of their budget: neither is forgotten.
-        limit.forget_idle();
+        // Both sent in the last hour: neither is forgotten.
+        limit.forget_idle(t0 + chrono::TimeDelta::minutes(59));
         assert_eq!(limit.remembered(), 2);
+        // An hour after a send, its place is free again.
+        let later = t0 + HOUR;
+        assert_eq!(limit.take("a@x.test", later), Ok(()));
+        limit.forget_idle(later);
+        assert_eq!(limit.remembered(), 1);
         assert_eq!(
-            RecipientLimit::per_hour(0).take("a@x.test"),
+            RecipientLimit::per_hour(0).take("a@x.test", t0),
             Err(SendError::RecipientLimit)
         );
+    }
+
+    #[test]
+    fn a_send_that_did_not_go_out_gives_its_place_back() {
+        use chrono::TimeZone;
+        let t0 = Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap();
+        let limit = RecipientLimit::per_hour(1);
+        for n in 0..10 {
+            let at = t0 + chrono::TimeDelta::seconds(n);
+            assert_eq!(limit.take("a@x.test", at), Ok(()), "{n}");
+            limit.give_back("a@x.test", at);
+        }
+        assert_eq!(limit.take("a@x.test", t0), Ok(()));
+        assert_eq!(limit.take("a@x.test", t0), Err(SendError::RecipientLimit));
     }
 }

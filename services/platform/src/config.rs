@@ -47,6 +47,14 @@ pub struct Config {
     pub nats_subject_prefix: String,
     /// How often the relay looks at an empty outbox, in milliseconds.
     pub relay_poll_ms: u64,
+    /// How long the stream keeps a message, in seconds (at least 1; the
+    /// event store is the record, the stream only carries it).
+    pub nats_stream_max_age_secs: u64,
+    /// Most bytes the stream keeps, the oldest dropped first (0: no limit;
+    /// JetStream reserves a limit's worth of its storage for the stream).
+    pub nats_stream_max_bytes: u64,
+    /// Copies of the stream in a NATS cluster (1 on a single server).
+    pub nats_stream_replicas: usize,
     /// SMTP server for email codes.
     pub smtp_host: String,
     pub smtp_port: u16,
@@ -66,6 +74,13 @@ pub struct Config {
     pub sms_rate_per_second: u32,
     /// Most codes sent to one recipient per hour.
     pub recipient_limit_per_hour: u32,
+    /// How long an SMS provider may take to answer, in milliseconds.
+    pub sms_timeout_ms: u64,
+    /// Failures or timeouts in a row after which a provider's circuit opens
+    /// (its codes go by email at once, untried); 0: never.
+    pub sms_breaker_failures: u32,
+    /// How long an open circuit stays open before one probe is let through.
+    pub sms_breaker_cooldown_secs: u64,
     /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` is believed;
     /// from anyone else the peer address is the client's.
     pub trusted_proxies: Vec<IpNet>,
@@ -108,6 +123,9 @@ impl Default for Config {
             nats_stream: "TWOFOLD_EVENTS".to_string(),
             nats_subject_prefix: "twofold".to_string(),
             relay_poll_ms: 5,
+            nats_stream_max_age_secs: 30 * 24 * 3600,
+            nats_stream_max_bytes: 0,
+            nats_stream_replicas: 1,
             smtp_host: "127.0.0.1".to_string(),
             smtp_port: 25,
             smtp_tls: "none".to_string(),
@@ -119,6 +137,9 @@ impl Default for Config {
             dispatcher_concurrency: 16,
             sms_rate_per_second: 20,
             recipient_limit_per_hour: 20,
+            sms_timeout_ms: 10_000,
+            sms_breaker_failures: 5,
+            sms_breaker_cooldown_secs: 30,
         }
     }
 }
@@ -139,6 +160,9 @@ const KEYS: &[&str] = &[
     "nats_stream",
     "nats_subject_prefix",
     "relay_poll_ms",
+    "nats_stream_max_age_secs",
+    "nats_stream_max_bytes",
+    "nats_stream_replicas",
     "smtp_host",
     "smtp_port",
     "smtp_tls",
@@ -150,6 +174,9 @@ const KEYS: &[&str] = &[
     "dispatcher_concurrency",
     "sms_rate_per_second",
     "recipient_limit_per_hour",
+    "sms_timeout_ms",
+    "sms_breaker_failures",
+    "sms_breaker_cooldown_secs",
     "trusted_proxies",
 ];
 
@@ -159,11 +186,17 @@ const NUMBERS: &[&str] = &[
     "remembered_streams",
     "max_body_bytes",
     "relay_poll_ms",
+    "nats_stream_max_age_secs",
+    "nats_stream_max_bytes",
+    "nats_stream_replicas",
     "smtp_port",
     "delivery_max_attempts",
     "dispatcher_concurrency",
     "sms_rate_per_second",
     "recipient_limit_per_hour",
+    "sms_timeout_ms",
+    "sms_breaker_failures",
+    "sms_breaker_cooldown_secs",
 ];
 
 /// `TWOFOLD_*` variables that are not configuration keys.
@@ -308,6 +341,12 @@ impl Config {
         }
         if self.relay_poll_ms == 0 {
             bail!("relay_poll_ms must be at least 1");
+        }
+        if self.nats_stream_max_age_secs == 0 {
+            bail!("nats_stream_max_age_secs must be at least 1 (the stream must not grow forever)");
+        }
+        if !(1..=5).contains(&self.nats_stream_replicas) {
+            bail!("nats_stream_replicas must be 1 to 5");
         }
         if self.database_max_connections == 0 {
             bail!("database_max_connections must be at least 1");

@@ -16,6 +16,9 @@ use twofold_domain::Ctx;
 pub const COLUMNS: &str = "global_position, aggregate_type, aggregate_id, sequence, event_type, \
      event_version, payload, metadata, recorded_at";
 
+/// The newest major event version this build writes and reads.
+pub const EVENT_VERSION_MAJOR: u32 = 1;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope {
     /// The event's place in the whole store (commit order).
@@ -84,6 +87,14 @@ impl Envelope {
     /// relay does this for every event.)
     pub fn to_json(&self) -> serde_json::Result<Vec<u8>> {
         serde_json::to_vec(self)
+    }
+
+    /// Whether this build reads the event's version: the major version
+    /// ([`EVENT_VERSION_MAJOR`]) is one it knows (a newer minor only adds
+    /// what older readers may leave out).
+    pub fn version_is_known(&self) -> bool {
+        let major = self.event_version.split('.').next().unwrap_or("");
+        major.parse::<u32>().is_ok_and(|m| m <= EVENT_VERSION_MAJOR)
     }
 
     /// The payload as the aggregate's event type.
@@ -172,6 +183,18 @@ mod tests {
         assert_eq!(ctx.at, Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap());
         assert_eq!(ctx.actor, Actor::System);
         assert_eq!(envelope(r#"{"Other":{"n":1}}"#).ctx(), None);
+    }
+
+    #[test]
+    fn a_newer_major_version_is_not_known() {
+        let mut e = envelope("{}");
+        assert!(e.version_is_known());
+        e.event_version = "1.3".into();
+        assert!(e.version_is_known());
+        for v in ["2.0", "x", ""] {
+            e.event_version = v.into();
+            assert!(!e.version_is_known(), "{v}");
+        }
     }
 
     #[test]

@@ -8,6 +8,8 @@ use anyhow::{anyhow, Context as _};
 use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer, Message};
 use futures::{FutureExt, StreamExt};
 
+use crate::dead_letters::{backoff, MAX_DELIVER};
+
 /// A client that connects in the background and reconnects by itself: a
 /// worker started before NATS waits for it.
 pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
@@ -19,7 +21,10 @@ pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
 }
 
 /// Binds to (creating if needed) the durable pull consumer `config` names on
-/// `stream`, with explicit acks.
+/// `stream`, with explicit acks and a finite number of deliveries (unless
+/// `config` names one, [`MAX_DELIVER`]) spaced by a doubling backoff from
+/// its ack wait. A consumer made by an older version, with unlimited
+/// deliveries, is brought to this configuration.
 pub async fn durable_consumer(
     js: &jetstream::Context,
     stream: &str,
@@ -30,16 +35,31 @@ pub async fn durable_consumer(
         .await
         .map_err(|e| anyhow!("the stream {stream} is not there yet (start the relay): {e}"))?;
     let name = config.durable_name.clone().unwrap_or_default();
-    stream
-        .get_or_create_consumer(
-            &name,
-            pull::Config {
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ..config
-            },
-        )
+    let max_deliver = if config.max_deliver > 0 {
+        config.max_deliver
+    } else {
+        MAX_DELIVER
+    };
+    let config = pull::Config {
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        max_deliver,
+        backoff: backoff(config.ack_wait, max_deliver),
+        ..config
+    };
+    let mut consumer: PullConsumer = stream
+        .get_or_create_consumer(&name, config.clone())
         .await
-        .map_err(|e| anyhow!("creating the consumer {name}: {e}"))
+        .map_err(|e| anyhow!("creating the consumer {name}: {e}"))?;
+    let current = consumer.cached_info().config.max_deliver;
+    if current != max_deliver {
+        match stream.create_consumer(config).await {
+            Ok(updated) => consumer = updated,
+            Err(e) => {
+                tracing::warn!(consumer = %name, error = %e, current, "cannot bring the consumer to a finite max_deliver; delete it to have it made again")
+            }
+        }
+    }
+    Ok(consumer)
 }
 
 /// A consumer's messages as JetStream pushes them: the subscription keeps

@@ -6,6 +6,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod dead_letters;
 pub mod envelope;
 pub mod jetstream;
 pub mod password;

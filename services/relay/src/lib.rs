@@ -5,9 +5,13 @@
 //! was acknowledged. While NATS is down nothing is lost: the outbox grows and
 //! drains when NATS is back.
 //!
-//! One relay publishes at a time (a PostgreSQL advisory lock), in outbox
-//! order, which keeps each aggregate's events in order; others stand by and
-//! take over if it stops. Batches overlap: while one batch's acks come in
+//! One relay publishes at a time (a PostgreSQL advisory lock, held on a
+//! connection of its own), in outbox order, which keeps each aggregate's
+//! events in order; others stand by and take over if it stops. Before each
+//! batch the publishing relay checks on that connection that it still holds
+//! the lock: a relay whose connection died (a database outage) stops
+//! publishing and goes back to taking the lock, so after an outage one relay
+//! publishes, not two. Batches overlap: while one batch's acks come in
 //! and its rows are deleted, the next is read and published. Each read
 //! leaves out the rows still in flight, and takes the rest in outbox order,
 //! so an event that committed late is published before any later event of
@@ -28,12 +32,13 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use async_nats::jetstream::{self, context::PublishAckFuture, stream};
-use sqlx::pool::PoolConnection;
-use sqlx::{Connection, FromRow, PgConnection, PgPool, Postgres, Row};
+use sqlx::{Connection, FromRow, PgConnection, PgPool, Row};
 use tokio::sync::Mutex;
 use twofold_platform::envelope::{Envelope, COLUMNS};
 use twofold_platform::telemetry::{Telemetry, WorkerStart};
@@ -63,23 +68,112 @@ pub struct Relay {
     js: jetstream::Context,
     prefix: String,
     poll_interval: Duration,
+    limits: StreamLimits,
+    /// The lock this relay publishes under, when it runs as a worker.
+    fence: Mutex<Fence>,
+    /// Events this relay published (and saw acknowledged).
+    published: Arc<AtomicU64>,
 }
 
-/// The stream the relay publishes to, created (or updated) by code.
+/// The advisory lock a publishing relay holds, on a connection of its own.
+enum Fence {
+    /// Not taken (a relay driven step by step, by tests and benchmarks).
+    None,
+    Held(PgConnection),
+    /// Lost: the connection failed or no longer holds the lock.
+    Lost,
+}
+
+/// Why a batch was not published: this relay no longer holds its lock.
+#[derive(Debug, thiserror::Error)]
+#[error("the relay lost its lock")]
+pub struct LockLost;
+
+/// How long the lock check may take before the lock counts as lost.
+const LOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How much the stream keeps: it carries events to the workers, the event
+/// store keeps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    pub max_age: Duration,
+    /// -1: no limit.
+    pub max_bytes: i64,
+    pub replicas: usize,
+}
+
+impl StreamLimits {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            max_age: Duration::from_secs(config.nats_stream_max_age_secs.max(1)),
+            max_bytes: match config.nats_stream_max_bytes {
+                0 => -1,
+                n => i64::try_from(n).unwrap_or(i64::MAX),
+            },
+            replicas: config.nats_stream_replicas.max(1),
+        }
+    }
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self::from_config(&Config::default())
+    }
+}
+
+/// The stream the relay publishes to, created by code with the default
+/// limits (see [`ensure_stream_with`]).
 pub async fn ensure_stream(
     js: &jetstream::Context,
     name: &str,
     prefix: &str,
 ) -> anyhow::Result<()> {
-    js.get_or_create_stream(stream::Config {
-        name: name.to_string(),
-        subjects: vec![format!("{prefix}.events.>")],
-        duplicate_window: DUPLICATE_WINDOW,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| anyhow!("creating the JetStream stream {name}: {e}"))?;
+    ensure_stream_with(js, name, prefix, &StreamLimits::default()).await
+}
+
+/// The stream the relay publishes to, created with `limits`, or brought to
+/// them when it exists with others (the rest of its configuration kept).
+pub async fn ensure_stream_with(
+    js: &jetstream::Context,
+    name: &str,
+    prefix: &str,
+    limits: &StreamLimits,
+) -> anyhow::Result<()> {
+    let mut stream = js
+        .get_or_create_stream(stream::Config {
+            name: name.to_string(),
+            subjects: vec![format!("{prefix}.events.>")],
+            duplicate_window: DUPLICATE_WINDOW.min(limits.max_age),
+            storage: stream::StorageType::File,
+            max_age: limits.max_age,
+            max_bytes: limits.max_bytes,
+            num_replicas: limits.replicas,
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow!("creating the JetStream stream {name}: {e}"))?;
+    let current = stream
+        .info()
+        .await
+        .map_err(|e| anyhow!("reading the JetStream stream {name}: {e}"))?
+        .config
+        .clone();
+    if current.max_age != limits.max_age
+        || current.max_bytes != limits.max_bytes
+        || current.num_replicas != limits.replicas
+    {
+        js.update_stream(stream::Config {
+            max_age: limits.max_age,
+            max_bytes: limits.max_bytes,
+            num_replicas: limits.replicas,
+            duplicate_window: current.duplicate_window.min(limits.max_age),
+            ..current
+        })
+        .await
+        .map_err(|e| anyhow!("setting the JetStream stream {name}'s limits: {e}"))?;
+        tracing::info!(stream = name, ?limits, "stream limits set");
+    }
     Ok(())
 }
 
@@ -154,6 +248,43 @@ impl Relay {
             js,
             prefix: config.nats_subject_prefix.clone(),
             poll_interval: Duration::from_millis(config.relay_poll_ms),
+            limits: StreamLimits::from_config(config),
+            fence: Mutex::new(Fence::None),
+            published: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// A running count of the events this relay published.
+    pub fn published(&self) -> Arc<AtomicU64> {
+        self.published.clone()
+    }
+
+    /// Checks, on the lock's own connection, that this relay still holds
+    /// its lock (when it took one): a relay whose connection died has lost
+    /// it, and another relay may hold it now. A lost lock's connection is
+    /// closed, so a lock it might still hold is released.
+    async fn check_fence(&self) -> anyhow::Result<()> {
+        let mut fence = self.fence.lock().await;
+        let conn = match &mut *fence {
+            Fence::None => return Ok(()),
+            Fence::Lost => return Err(LockLost.into()),
+            Fence::Held(conn) => conn,
+        };
+        let held = tokio::time::timeout(
+            LOCK_CHECK_TIMEOUT,
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+                 AND pid = pg_backend_pid() AND granted)",
+            )
+            .fetch_one(conn),
+        )
+        .await;
+        match held {
+            Ok(Ok(true)) => Ok(()),
+            _ => {
+                *fence = Fence::Lost;
+                Err(LockLost.into())
+            }
         }
     }
 
@@ -284,6 +415,8 @@ impl Relay {
             };
         }
         metrics::counter!("twofold_relay_published_total").increment(published as u64);
+        self.published
+            .fetch_add(published as u64, Ordering::Relaxed);
         metrics::histogram!("twofold_relay_publish_batch_seconds")
             .record(flight.started.elapsed().as_secs_f64());
         Settled { published, failure }
@@ -316,6 +449,7 @@ impl Relay {
         &self,
         in_flight: &[i64],
     ) -> Result<Option<Flight>, (Option<Flight>, anyhow::Error)> {
+        self.check_fence().await.map_err(|e| (None, e))?;
         let batch = self.read(in_flight).await.map_err(|e| (None, e))?;
         if batch.rows.is_empty() {
             return Ok(None);
@@ -421,17 +555,20 @@ impl Relay {
             .await?)
     }
 
-    /// Takes the advisory lock on a connection of its own, or says it is
-    /// held by another relay.
-    async fn try_lock(&self) -> anyhow::Result<Option<PoolConnection<Postgres>>> {
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .context("a connection for the relay lock")?;
+    /// Takes the advisory lock on a connection of its own (not the pool's:
+    /// the lock lives and dies with it), or says another relay holds it.
+    async fn try_lock(&self) -> anyhow::Result<Option<PgConnection>> {
+        let mut conn = tokio::time::timeout(
+            LOCK_CHECK_TIMEOUT,
+            PgConnection::connect_with(&self.pool.connect_options()),
+        )
+        .await
+        .map_err(|_| anyhow!("timed out"))
+        .and_then(|c| c.map_err(anyhow::Error::from))
+        .context("a connection for the relay lock")?;
         let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(LOCK_KEY)
-            .fetch_one(&mut *conn)
+            .fetch_one(&mut conn)
             .await
             .context("taking the relay lock")?;
         Ok(held.then_some(conn))
@@ -439,29 +576,55 @@ impl Relay {
 
     /// Publishes until `shutdown` resolves: holds the advisory lock (standing
     /// by while another relay holds it), polls the outbox while it is empty,
-    /// and backs off while NATS or PostgreSQL is unreachable.
+    /// and backs off while NATS or PostgreSQL is unreachable. Before each
+    /// batch it checks it still holds the lock; when it does not (its
+    /// connection died in a database outage), it stops publishing and goes
+    /// back to taking the lock. It never gives up: only `shutdown` ends it.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
-        let mut lock = loop {
-            let wait = match self.try_lock().await {
-                Ok(Some(conn)) => break conn,
-                Ok(None) => Duration::from_secs(1),
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "relay cannot take its lock; retrying");
-                    Duration::from_secs(2)
+        loop {
+            let lock = loop {
+                let wait = match self.try_lock().await {
+                    Ok(Some(conn)) => break conn,
+                    Ok(None) => Duration::from_secs(1),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "relay cannot take its lock; retrying");
+                        Duration::from_secs(2)
+                    }
+                };
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
                 }
             };
-            tokio::select! {
-                _ = &mut shutdown => return Ok(()),
-                _ = tokio::time::sleep(wait) => {}
+            *self.fence.lock().await = Fence::Held(lock);
+            tracing::info!("relay publishing");
+            if self.publish_while_locked(&mut shutdown).await {
+                break;
             }
-        };
-        tracing::info!("relay publishing");
+            tracing::warn!("relay lost its lock (its database connection failed); standing by");
+        }
+        if let Fence::Held(mut lock) = std::mem::replace(&mut *self.fence.lock().await, Fence::None)
+        {
+            let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(LOCK_KEY)
+                .execute(&mut lock)
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Publishes while the lock holds: `true` when `shutdown` came, `false`
+    /// when the lock was lost.
+    async fn publish_while_locked(
+        &self,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> bool {
         let mut stream_ready = false;
         let mut backoff = Duration::from_millis(100);
         loop {
             if !stream_ready {
-                match ensure_stream(&self.js, &self.stream, &self.prefix).await {
+                match ensure_stream_with(&self.js, &self.stream, &self.prefix, &self.limits).await {
                     Ok(()) => stream_ready = true,
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "JetStream not ready"),
                 }
@@ -469,7 +632,10 @@ impl Relay {
             let result = if stream_ready {
                 self.drain().await
             } else {
-                Err(anyhow!("JetStream not ready"))
+                // Even while NATS is away, a lost lock is noticed.
+                self.check_fence()
+                    .await
+                    .and(Err(anyhow!("JetStream not ready")))
             };
             let wait = match result {
                 // Events are coming: look again soon, for the ones committed
@@ -482,6 +648,7 @@ impl Relay {
                     backoff = Duration::from_millis(100);
                     self.poll_interval
                 }
+                Err(e) if e.downcast_ref::<LockLost>().is_some() => return false,
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "relay round failed; retrying");
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -489,14 +656,9 @@ impl Relay {
                 }
             };
             tokio::select! {
-                _ = &mut shutdown => break,
+                _ = shutdown.as_mut() => return true,
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(LOCK_KEY)
-            .execute(&mut *lock)
-            .await;
-        Ok(())
     }
 }
