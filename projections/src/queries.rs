@@ -116,7 +116,7 @@ pub fn audit<'a>(
            AND ($3::text IS NULL OR user_id = $3 \
                 OR (aggregate_type = 'delivery' AND aggregate_id IN ( \
                     SELECT c.aggregate_id FROM rm_audit c WHERE c.tenant_id = $1 \
-                    AND c.event_type = 'DeliveryClaimed' AND c.user_id = $3))) \
+                    AND c.event_type IN ('DeliveryClaimed', 'NoticeClaimed') AND c.user_id = $3))) \
            AND ($4::text IS NULL OR actor_id = $4) \
            AND ($5::timestamptz IS NULL OR at >= $5) \
            AND ($6::timestamptz IS NULL OR at <= $6) \

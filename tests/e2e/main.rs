@@ -15,6 +15,7 @@ mod delivery;
 mod guarantees;
 mod keep_alive;
 mod nats;
+mod notices;
 mod pages;
 mod policy_http;
 mod reliability;

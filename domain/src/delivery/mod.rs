@@ -23,6 +23,12 @@ pub fn stream_id(challenge: ChallengeId, generation: u32) -> String {
     format!("{challenge}:{generation}")
 }
 
+/// The stream id of a security notice: the event of the user's stream it
+/// tells of.
+pub fn notice_stream_id(user: UserId, sequence: i64) -> String {
+    format!("notice:{user}:{sequence}")
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeliveryCommand {
     Claim {
@@ -44,6 +50,23 @@ pub enum DeliveryCommand {
         ctx: Ctx,
     },
     RecordFailed {
+        reason: String,
+        ctx: Ctx,
+    },
+    /// A security notice by email about an event of the user's (`notice`
+    /// names which kind), to be sent.
+    ClaimNotice {
+        notice: String,
+        user_id: UserId,
+        tenant_id: TenantId,
+        ctx: Ctx,
+    },
+    RecordNoticeSent {
+        /// How many addresses it went to (the old one too, after a change).
+        recipients: u32,
+        ctx: Ctx,
+    },
+    RecordNoticeFailed {
         reason: String,
         ctx: Ctx,
     },
@@ -79,6 +102,23 @@ pub enum DeliveryEvent {
         attempts: u32,
         ctx: Ctx,
     },
+    NoticeClaimed {
+        notice: String,
+        user_id: UserId,
+        tenant_id: TenantId,
+        attempt: u32,
+        ctx: Ctx,
+    },
+    NoticeSent {
+        recipients: u32,
+        attempt: u32,
+        ctx: Ctx,
+    },
+    NoticeFailed {
+        reason: String,
+        attempts: u32,
+        ctx: Ctx,
+    },
 }
 
 impl DomainEvent for DeliveryEvent {
@@ -88,6 +128,9 @@ impl DomainEvent for DeliveryEvent {
             DeliveryEvent::CodeDelivered { .. } => "CodeDelivered",
             DeliveryEvent::DeliveryFellBack { .. } => "DeliveryFellBack",
             DeliveryEvent::DeliveryFailed { .. } => "DeliveryFailed",
+            DeliveryEvent::NoticeClaimed { .. } => "NoticeClaimed",
+            DeliveryEvent::NoticeSent { .. } => "NoticeSent",
+            DeliveryEvent::NoticeFailed { .. } => "NoticeFailed",
         }
         .to_string()
     }
@@ -154,7 +197,36 @@ impl Delivery {
                 attempt: self.attempts + 1,
                 ctx,
             }]),
+            (
+                _,
+                DeliveryCommand::ClaimNotice {
+                    notice,
+                    user_id,
+                    tenant_id,
+                    ctx,
+                },
+            ) => Ok(vec![DeliveryEvent::NoticeClaimed {
+                notice,
+                user_id,
+                tenant_id,
+                attempt: self.attempts + 1,
+                ctx,
+            }]),
             (DeliveryStatus::New, _) => Err(DeliveryError::NotClaimed),
+            (DeliveryStatus::Claimed, DeliveryCommand::RecordNoticeSent { recipients, ctx }) => {
+                Ok(vec![DeliveryEvent::NoticeSent {
+                    recipients,
+                    attempt: self.attempts,
+                    ctx,
+                }])
+            }
+            (DeliveryStatus::Claimed, DeliveryCommand::RecordNoticeFailed { reason, ctx }) => {
+                Ok(vec![DeliveryEvent::NoticeFailed {
+                    reason,
+                    attempts: self.attempts,
+                    ctx,
+                }])
+            }
             (
                 DeliveryStatus::Claimed,
                 DeliveryCommand::RecordDelivered {
@@ -224,6 +296,16 @@ impl Aggregate for Delivery {
             DeliveryEvent::CodeDelivered { .. } => self.status = DeliveryStatus::Delivered,
             DeliveryEvent::DeliveryFellBack { to, .. } => self.method = Some(to),
             DeliveryEvent::DeliveryFailed { .. } => self.status = DeliveryStatus::Failed,
+            DeliveryEvent::NoticeClaimed {
+                tenant_id, attempt, ..
+            } => {
+                self.tenant_id = Some(tenant_id);
+                self.method = Some(Method::Email);
+                self.status = DeliveryStatus::Claimed;
+                self.attempts = attempt;
+            }
+            DeliveryEvent::NoticeSent { .. } => self.status = DeliveryStatus::Delivered,
+            DeliveryEvent::NoticeFailed { .. } => self.status = DeliveryStatus::Failed,
         }
     }
 }

@@ -649,13 +649,22 @@ impl User {
                             .filter(|(id, _)| *id == open.id)
                             .map(|(_, c)| c.clone())
                             .ok_or(UserError::ChallengeNotFound)?;
-                        let (email, phone) = match &contact {
-                            NewContact::Email(e) => (Some(Some(e.clone())), None),
-                            NewContact::Phone(p) => (None, Some(Some(p.clone()))),
+                        let (email, phone, previous) = match &contact {
+                            NewContact::Email(e) => (
+                                Some(Some(e.clone())),
+                                None,
+                                self.email.as_ref().map(|e| e.as_str().to_string()),
+                            ),
+                            NewContact::Phone(p) => (
+                                None,
+                                Some(Some(p.clone())),
+                                self.phone.as_ref().map(|p| p.as_str().to_string()),
+                            ),
                         };
                         events.push(UserEvent::ContactVerified {
                             challenge_id: open.id,
                             contact,
+                            previous,
                             ctx: ctx.clone(),
                         });
                         events.push(UserEvent::UserUpdated {

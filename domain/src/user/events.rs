@@ -194,6 +194,9 @@ pub enum UserEvent {
     ContactVerified {
         challenge_id: ChallengeId,
         contact: NewContact,
+        /// The address or number it replaced (told of the change too).
+        #[serde(default)]
+        previous: Option<String>,
         ctx: Ctx,
     },
     /// A session in use (recorded at most every tenth of the idle timeout,

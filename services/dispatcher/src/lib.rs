@@ -8,9 +8,11 @@
 //!
 //! A job is three steps: [`plan`] (pure: from the typed event and the user,
 //! tenant and delivery, what to send where, or nothing), send (SMTP/SMS,
-//! [`send`]) and record (the delivery's events).
+//! [`send`]) and record (the delivery's events). Events that call for a
+//! security notice ([`notice`]) are emailed to the user the same way.
 
 pub mod breaker;
+pub mod notice;
 pub mod plan;
 pub mod send;
 
@@ -25,7 +27,10 @@ use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use futures::future::join_all;
 use futures::StreamExt;
 use sqlx::PgPool;
-use twofold_domain::delivery::{Delivery, DeliveryCommand, DeliveryError, DeliveryEvent};
+use twofold_domain::delivery::{
+    Delivery, DeliveryCommand, DeliveryError, DeliveryEvent, DeliveryStatus,
+};
+use twofold_domain::tenant::settings::Enforcement;
 use twofold_domain::tenant::Tenant;
 use twofold_domain::user::User;
 use twofold_domain::values::Method;
@@ -39,6 +44,7 @@ use twofold_platform::telemetry::{Telemetry, WorkerStart};
 use twofold_platform::{Clock, Config, Envelope};
 
 use breaker::{Admit, Breakers};
+use notice::{Catalog, NoticeKind, NoticeRequest};
 use plan::{after_failure, plan, AfterFailure, CodeRequest, Plan};
 pub use send::{Mailer, RecipientLimit, SendError, SmsClient};
 
@@ -105,6 +111,14 @@ pub struct Dispatcher {
     /// Where jobs that cannot be read, or failed on every delivery, go.
     dead_letters: DeadLetters,
     max_deliver: i64,
+    /// The security notices' text.
+    notices: Catalog,
+}
+
+/// What a message asks the dispatcher for.
+enum Job {
+    Code(CodeRequest),
+    Notice(NoticeRequest),
 }
 
 /// What one job came to.
@@ -119,6 +133,16 @@ pub enum Outcome {
     Delivered {
         method: Method,
         provider: String,
+    },
+    /// A security notice went to this many addresses.
+    NoticeSent {
+        kind: NoticeKind,
+        recipients: u32,
+    },
+    /// A security notice could not be sent, for good.
+    NoticeFailed {
+        kind: NoticeKind,
+        error: SendError,
     },
     /// Will be tried again after the delay, which doubles with each attempt.
     Retry(String, Duration),
@@ -208,6 +232,10 @@ impl Dispatcher {
             recipients: RecipientLimit::per_hour(config.recipient_limit_per_hour),
             dead_letters: DeadLetters::new(pool, &source.durable, source.ack_wait),
             max_deliver: source.max_deliver,
+            notices: Catalog::load(
+                &config.notice_locale,
+                config.notice_templates_dir.as_deref(),
+            )?,
         })
     }
 
@@ -239,7 +267,11 @@ impl Dispatcher {
         };
         metrics::gauge!("twofold_dispatcher_in_flight").increment(1.0);
         let outcome = loop {
-            match self.handle(&request).await {
+            let handled = match &request {
+                Job::Code(code) => self.handle(code).await,
+                Job::Notice(notice) => self.handle_notice(notice).await,
+            };
+            match handled {
                 Ok(o) => break o,
                 Err(e) if self.dead_letters.database_answers().await => {
                     // The store answers, so the failure is this job's.
@@ -463,6 +495,127 @@ impl Dispatcher {
         self.record_sent(&id, &send, attempt, sent, started).await
     }
 
+    /// A security notice: to the user's email address (and, after a change,
+    /// the one before), once per event, recorded on its own delivery stream.
+    async fn handle_notice(&self, request: &NoticeRequest) -> anyhow::Result<Outcome> {
+        let id = request.delivery_id();
+        let (user, tenant, basis) = self.read(request.user_id, request.tenant_hint, &id).await?;
+        let tenant = match (user.tenant_id, tenant) {
+            (Some(t), Some(tenant)) if request.tenant_hint == Some(t) => Some(tenant),
+            (Some(t), _) => Some(self.tenants.load(&t.to_string()).await?),
+            (None, _) => None,
+        };
+        let (Some(tenant_id), Some(tenant)) = (user.tenant_id, tenant) else {
+            return Ok(Outcome::Superseded);
+        };
+        if matches!(
+            basis.state().status,
+            DeliveryStatus::Delivered | DeliveryStatus::Failed
+        ) {
+            return Ok(Outcome::AlreadyDone);
+        }
+        // A device remembered at a sign-in is a new one only where devices
+        // are recognized: at every login each sign-in remembers one.
+        if request.kind == NoticeKind::NewDeviceSignIn
+            && tenant.settings.enforcement != Enforcement::UnrecognizedDevices
+        {
+            return Ok(Outcome::Skipped);
+        }
+        if let Some(before) = request.unless_after {
+            let previous: Option<String> = sqlx::query_scalar(
+                "SELECT event_type FROM events WHERE aggregate_type = 'user' AND aggregate_id = $1 AND sequence = $2",
+            )
+            .bind(request.user_id.to_string())
+            .bind(request.sequence - 1)
+            .fetch_optional(&self.pool)
+            .await?;
+            if previous.as_deref() == Some(before) {
+                return Ok(Outcome::Skipped);
+            }
+        }
+        let mut to: Vec<String> = user.email.iter().map(|e| e.as_str().to_string()).collect();
+        if let Some(old) = &request.previous_email {
+            if !to.contains(old) {
+                to.push(old.clone());
+            }
+        }
+        if to.is_empty() {
+            return Ok(Outcome::Skipped);
+        }
+        let claimed = self
+            .append(
+                &id,
+                Some(basis),
+                DeliveryCommand::ClaimNotice {
+                    notice: request.kind.as_str().to_string(),
+                    user_id: request.user_id,
+                    tenant_id,
+                    ctx: self.ctx(),
+                },
+            )
+            .await?;
+        let attempt = match claimed {
+            Err(DeliveryError::AlreadyDelivered | DeliveryError::AlreadyFailed) => {
+                return Ok(Outcome::AlreadyDone)
+            }
+            Err(e) => return Err(anyhow!(e)),
+            Ok(events) => events
+                .iter()
+                .find_map(|e| match e {
+                    DeliveryEvent::NoticeClaimed { attempt, .. } => Some(*attempt),
+                    _ => None,
+                })
+                .unwrap_or(1),
+        };
+        let (subject, body) = self.notices.render(request, &tenant.name);
+        let mut sent = Ok(());
+        for address in &to {
+            sent = self.mailer.send_notice(address, &subject, &body).await;
+            if sent.is_err() {
+                break;
+            }
+        }
+        let kind = request.kind.as_str();
+        match sent {
+            Ok(()) => {
+                metrics::counter!("twofold_notices_sent_total", "notice" => kind).increment(1);
+                let recipients = to.len() as u32;
+                self.record(
+                    &id,
+                    DeliveryCommand::RecordNoticeSent {
+                        recipients,
+                        ctx: self.ctx(),
+                    },
+                )
+                .await?;
+                Ok(Outcome::NoticeSent {
+                    kind: request.kind,
+                    recipients,
+                })
+            }
+            Err(error) => {
+                metrics::counter!("twofold_notices_failed_total", "notice" => kind).increment(1);
+                match after_failure(&error, attempt, self.max_attempts, self.retry_delay) {
+                    AfterFailure::Fail => {
+                        self.record(
+                            &id,
+                            DeliveryCommand::RecordNoticeFailed {
+                                reason: error.to_string(),
+                                ctx: self.ctx(),
+                            },
+                        )
+                        .await?;
+                        Ok(Outcome::NoticeFailed {
+                            kind: request.kind,
+                            error,
+                        })
+                    }
+                    AfterFailure::Retry(after) => Ok(Outcome::Retry(error.to_string(), after)),
+                }
+            }
+        }
+    }
+
     /// The send step: by SMS when asked (falling back to email), else by email.
     async fn send(&self, send: &plan::Send, code: &str) -> Sent {
         let mut fell_back = None;
@@ -616,10 +769,15 @@ impl Dispatcher {
 
 /// The code a message asks for, `None` when it asks for none, or why it
 /// cannot be read (not an event, an event of an unknown newer version).
-fn readable(payload: &[u8]) -> Result<Option<CodeRequest>, String> {
+fn readable(payload: &[u8]) -> Result<Option<Job>, String> {
     let event: Envelope = serde_json::from_slice(payload)
         .map_err(|e| format!("a message that is not an event: {e}"))?;
-    CodeRequest::from_event(&event).map_err(|e| format!("{e:#}"))
+    if let Some(code) = CodeRequest::from_event(&event).map_err(|e| format!("{e:#}"))? {
+        return Ok(Some(Job::Code(code)));
+    }
+    Ok(NoticeRequest::from_event(&event)
+        .map_err(|e| format!("{e:#}"))?
+        .map(Job::Notice))
 }
 
 /// Binds to (creating if needed) the shared durable consumer of user events.

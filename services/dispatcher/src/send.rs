@@ -182,6 +182,26 @@ impl Mailer {
         })
     }
 
+    /// A plain-text email (a security notice).
+    pub async fn send_notice(&self, to: &str, subject: &str, body: &str) -> Result<(), SendError> {
+        let to: Mailbox = to.parse().map_err(|_| SendError::InvalidAddress)?;
+        let message = Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(subject)
+            .header(lettre::message::header::ContentType::TEXT_PLAIN)
+            .body(body.to_string())
+            .map_err(|e| SendError::Message(e.to_string()))?;
+        self.transport
+            .send(message)
+            .await
+            .map(|_| ())
+            .map_err(|e| match e.is_permanent() {
+                true => SendError::SmtpRefused(e.to_string()),
+                false => SendError::Smtp(e.to_string()),
+            })
+    }
+
     pub async fn send(
         &self,
         to: &str,

@@ -81,6 +81,11 @@ pub struct Config {
     pub sms_breaker_failures: u32,
     /// How long an open circuit stays open before one probe is let through.
     pub sms_breaker_cooldown_secs: u64,
+    /// The language of security notices (`notices.<locale>.toml`).
+    pub notice_locale: String,
+    /// A directory of translated `notices.<locale>.toml` files; English is
+    /// built in.
+    pub notice_templates_dir: Option<String>,
     /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` is believed;
     /// from anyone else the peer address is the client's.
     pub trusted_proxies: Vec<IpNet>,
@@ -140,6 +145,8 @@ impl Default for Config {
             sms_timeout_ms: 10_000,
             sms_breaker_failures: 5,
             sms_breaker_cooldown_secs: 30,
+            notice_locale: "en".to_string(),
+            notice_templates_dir: None,
         }
     }
 }
@@ -177,6 +184,8 @@ const KEYS: &[&str] = &[
     "sms_timeout_ms",
     "sms_breaker_failures",
     "sms_breaker_cooldown_secs",
+    "notice_locale",
+    "notice_templates_dir",
     "trusted_proxies",
 ];
 
