@@ -392,6 +392,9 @@ pub struct Verified {
     pub key_id: Option<String>,
     /// Whether the signature was checked against the keys given (and matched).
     pub signature_checked: bool,
+    /// For [`verify_extends`]: how many entries up to the watched position,
+    /// and the chain's hash there.
+    watched: Option<(u64, String)>,
 }
 
 /// Checks an export's chain: every entry's hash follows from the one before,
@@ -409,11 +412,60 @@ pub fn verify_signed(text: &str, keys: &VerifyingKeys) -> anyhow::Result<Verifie
     verify_with(text, Some(keys))
 }
 
+/// [`verify`] (or [`verify_signed`] with `keys`) of a later export, and
+/// that it extends `earlier`, an export of the same tenant and filter (its
+/// `to` aside) taken before: the later one's first entries are exactly the
+/// earlier one's, so nothing the earlier export showed was removed or
+/// altered since.
+pub fn verify_extends(
+    text: &str,
+    keys: Option<&VerifyingKeys>,
+    earlier: &Verified,
+) -> anyhow::Result<Verified> {
+    let later = verify_with_watch(text, keys, earlier.last_position)?;
+    if earlier.tenant_id.is_none() || earlier.tenant_id != later.tenant_id {
+        bail!("the two exports are not of the same tenant (or one is from before signing)");
+    }
+    let without_to = |f: &Option<ExportFilter>| f.clone().map(|f| ExportFilter { to: None, ..f });
+    if without_to(&earlier.filter) != without_to(&later.filter) {
+        bail!("the two exports were taken with different filters, so one cannot extend the other");
+    }
+    let Some(position) = earlier.last_position else {
+        return Ok(later);
+    };
+    let Some((count, hash)) = &later.watched else {
+        bail!(
+            "the later export has no entry at position {position}, the earlier one's last: it was removed from the history, or the later export ends before it"
+        );
+    };
+    if *count != earlier.entries {
+        bail!(
+            "the later export has {count} entries up to position {position} where the earlier one had {}: entries were removed or added since",
+            earlier.entries
+        );
+    }
+    if *hash != earlier.head {
+        bail!(
+            "the later export's chain at position {position} is not the earlier one's head: an entry was altered since"
+        );
+    }
+    Ok(later)
+}
+
 fn verify_with(text: &str, keys: Option<&VerifyingKeys>) -> anyhow::Result<Verified> {
+    verify_with_watch(text, keys, None)
+}
+
+fn verify_with_watch(
+    text: &str,
+    keys: Option<&VerifyingKeys>,
+    watch: Option<i64>,
+) -> anyhow::Result<Verified> {
+    let walk = Walk::new(watch);
     if text.starts_with("position,") {
-        verify_csv(text, keys)
+        verify_csv(text, keys, walk)
     } else {
-        verify_ndjson(text, keys)
+        verify_ndjson(text, keys, walk)
     }
 }
 
@@ -428,11 +480,16 @@ struct Walk {
     /// entries out of position order are named as reordered, which says
     /// more than the break they cause.
     broken: Option<anyhow::Error>,
+    /// A position whose entry count and hash are kept (see [`verify_extends`]).
+    watch: Option<i64>,
+    watched: Option<(u64, String)>,
 }
 
 impl Walk {
-    fn new() -> Self {
+    fn new(watch: Option<i64>) -> Self {
         Self {
+            watch,
+            watched: None,
             prev: GENESIS.to_string(),
             seen: 0,
             first_position: None,
@@ -467,6 +524,9 @@ impl Walk {
         self.first_position.get_or_insert(entry.position);
         self.last_position = Some(entry.position);
         self.tenants.insert(entry.tenant_id.clone());
+        if self.watch == Some(entry.position) {
+            self.watched = Some((n, hash.to_string()));
+        }
         Ok(())
     }
 
@@ -501,6 +561,7 @@ impl Walk {
             filter: None,
             key_id: None,
             signature_checked: false,
+            watched: self.watched,
         };
         let Some(version) = t.version else {
             if keys.is_some() {
@@ -554,8 +615,11 @@ impl Walk {
     }
 }
 
-fn verify_ndjson(text: &str, keys: Option<&VerifyingKeys>) -> anyhow::Result<Verified> {
-    let mut walk = Walk::new();
+fn verify_ndjson(
+    text: &str,
+    keys: Option<&VerifyingKeys>,
+    mut walk: Walk,
+) -> anyhow::Result<Verified> {
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -614,7 +678,11 @@ fn csv_trailer(f: &[&str]) -> anyhow::Result<TrailerBody> {
     }
 }
 
-fn verify_csv(text: &str, keys: Option<&VerifyingKeys>) -> anyhow::Result<Verified> {
+fn verify_csv(
+    text: &str,
+    keys: Option<&VerifyingKeys>,
+    mut walk: Walk,
+) -> anyhow::Result<Verified> {
     if !text.starts_with(CSV_HEADER) {
         bail!("the CSV header is not an audit export's");
     }
@@ -623,7 +691,6 @@ fn verify_csv(text: &str, keys: Option<&VerifyingKeys>) -> anyhow::Result<Verifi
         .flexible(true)
         .from_reader(text.as_bytes());
     let mut records = reader.records();
-    let mut walk = Walk::new();
     while let Some(record) = records.next() {
         let f = record.with_context(|| format!("entry {}: not a CSV record", walk.seen + 1))?;
         let f: Vec<&str> = f.iter().map(unguard).collect();
@@ -918,5 +985,59 @@ mod tests {
             let err = verify(&(lines.join("\n") + "\n")).unwrap_err();
             assert!(err.to_string().contains("reordered"), "{format:?}: {err}");
         }
+    }
+
+    /// An export of `positions` (entries numbered by position).
+    fn export_of(positions: &[i64], alter: Option<i64>) -> String {
+        let mut e = Exporter::new(Format::Ndjson, "t", ExportFilter::default());
+        let mut out = e.header();
+        for &p in positions {
+            let mut entry = entry(p);
+            if alter == Some(p) {
+                entry.reason = Some("rewritten".into());
+            }
+            out.push_str(&e.line(entry).unwrap());
+        }
+        out.push_str(&e.trailer(&signer()).unwrap());
+        out
+    }
+
+    #[test]
+    fn a_later_export_extends_an_earlier_one_unless_history_changed_between() {
+        let earlier = verify_signed(&export_of(&[1, 2, 3], None), &keys()).unwrap();
+        let later = export_of(&[1, 2, 3, 4, 5], None);
+        assert_eq!(
+            verify_extends(&later, Some(&keys()), &earlier)
+                .unwrap()
+                .entries,
+            5
+        );
+        let removed = export_of(&[1, 3, 4, 5], None);
+        let err = verify_extends(&removed, Some(&keys()), &earlier).unwrap_err();
+        assert!(
+            err.to_string().contains("entries were removed or added"),
+            "{err}"
+        );
+        let last_removed = export_of(&[1, 2, 4, 5], None);
+        let err = verify_extends(&last_removed, Some(&keys()), &earlier).unwrap_err();
+        assert!(err.to_string().contains("no entry at position 3"), "{err}");
+        let altered = export_of(&[1, 2, 3, 4], Some(2));
+        let err = verify_extends(&altered, Some(&keys()), &earlier).unwrap_err();
+        assert!(err.to_string().contains("altered since"), "{err}");
+        let mut e = Exporter::new(
+            Format::Ndjson,
+            "t",
+            ExportFilter {
+                event_type: Some("CodeRejected".into()),
+                ..ExportFilter::default()
+            },
+        );
+        let mut other = String::new();
+        for p in 1..=4 {
+            other.push_str(&e.line(entry(p)).unwrap());
+        }
+        other.push_str(&e.trailer(&signer()).unwrap());
+        let err = verify_extends(&other, Some(&keys()), &earlier).unwrap_err();
+        assert!(err.to_string().contains("different filters"), "{err}");
     }
 }

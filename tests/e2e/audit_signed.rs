@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use twofold_platform::audit_signing::{AuditSigner, VerifyingKeys};
 use twofold_platform::Config;
-use twofold_projections::audit::{verify, verify_signed};
+use twofold_projections::audit::{verify, verify_extends, verify_signed};
 
 use crate::helpers::{spawn_app_with, TestApp};
 
@@ -343,4 +343,21 @@ async fn without_a_configured_key_exports_are_signed_with_one_derived_from_the_s
     let twin = app.twin().await;
     let twin_admin = twin.admin_token().await;
     assert_eq!(published_keys(&twin, &twin_admin).await, published);
+
+    // Later, with more history: the new export extends the earlier one.
+    let earlier = verify_signed(&text, &keys_of(&published)).unwrap();
+    twin.create_user(
+        &twin_admin,
+        json!({"username": "dot", "password": "correct horse battery"}),
+    )
+    .await;
+    twofold_projections::rebuild::rebuild(&app.pool, |_| {})
+        .await
+        .unwrap();
+    let later = export(&twin, &twin_admin, "format=csv").await;
+    let extended = verify_extends(&later, Some(&keys_of(&published)), &earlier).unwrap();
+    assert!(extended.entries > earlier.entries);
+    // An export of another filter does not.
+    let other = export(&twin, &twin_admin, "event_type=UserRegistered").await;
+    assert!(verify_extends(&other, Some(&keys_of(&published)), &earlier).is_err());
 }

@@ -90,6 +90,11 @@ pub enum AuditCommand {
         /// (base64 or hex). Without it only the chain is checked.
         #[arg(long)]
         public_key: Option<String>,
+        /// An export of the same tenant and filter taken earlier: check too
+        /// that this one extends it (nothing it showed was removed or
+        /// altered since).
+        #[arg(long)]
+        extends: Option<PathBuf>,
     },
     /// Print the public keys audit exports are signed with, as JSON (never a
     /// secret).

@@ -28,8 +28,13 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Audit {
-            command: AuditCommand::Verify { file, public_key },
-        } => return operator::verify_export(file, public_key.as_deref()),
+            command:
+                AuditCommand::Verify {
+                    file,
+                    public_key,
+                    extends,
+                },
+        } => return operator::verify_export(file, public_key.as_deref(), extends.as_deref()),
         _ => {}
     }
     let config = Config::load(cli.config.as_deref())?;

@@ -216,17 +216,41 @@ fn verifying_keys(given: &str) -> anyhow::Result<VerifyingKeys> {
     VerifyingKeys::parse(&text).context("reading --public-key")
 }
 
-/// `twofold audit verify FILE [--public-key KEY]`
-pub fn verify_export(file: &std::path::Path, public_key: Option<&str>) -> anyhow::Result<()> {
-    let keys = public_key.map(verifying_keys).transpose()?;
-    let text = if file.as_os_str() == "-" {
-        read_stdin()?
+/// An export's text; `-` is standard input.
+fn read_export(file: &std::path::Path) -> anyhow::Result<String> {
+    if file.as_os_str() == "-" {
+        read_stdin()
     } else {
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))
+    }
+}
+
+/// `twofold audit verify FILE [--public-key KEY] [--extends EARLIER]`
+pub fn verify_export(
+    file: &std::path::Path,
+    public_key: Option<&str>,
+    extends: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let keys = public_key.map(verifying_keys).transpose()?;
+    let text = read_export(file)?;
+    let check = |text: &str| match &keys {
+        Some(keys) => audit::verify_signed(text, keys),
+        None => audit::verify(text),
     };
-    let result = match &keys {
-        Some(keys) => audit::verify_signed(&text, keys),
-        None => audit::verify(&text),
+    let mut extended = None;
+    let result = match extends {
+        None => check(&text),
+        Some(earlier_file) => check(&read_export(earlier_file)?)
+            .map_err(|e| e.context(format!("the earlier export {}", earlier_file.display())))
+            .and_then(|earlier| {
+                let later = audit::verify_extends(&text, keys.as_ref(), &earlier)?;
+                extended = Some(format!(
+                    "and it extends {}: its first {} entries are that export's, unchanged",
+                    earlier_file.display(),
+                    earlier.entries
+                ));
+                Ok(later)
+            }),
     };
     match result {
         Ok(v) => {
@@ -252,10 +276,13 @@ pub fn verify_export(file: &std::path::Path, public_key: Option<&str>) -> anyhow
                     v.entries, v.head
                 );
             }
+            if let Some(extended) = extended {
+                println!("{extended}");
+            }
             Ok(())
         }
         Err(e) => {
-            println!("FAILED: {e}");
+            println!("FAILED: {e:#}");
             std::process::exit(1);
         }
     }

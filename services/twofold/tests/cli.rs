@@ -82,6 +82,16 @@ fn audit_verify_accepts_an_intact_export_and_refuses_an_altered_one() {
         assert!(String::from_utf8_lossy(&out.stdout)
             .starts_with("FAILED: the signature does not match"));
 
+        // An export extends itself.
+        let out = twofold()
+            .args(["audit", "verify", "--public-key", &public, "--extends"])
+            .arg(&intact)
+            .arg(&intact)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("and it extends"));
+
         let altered = dir.join(format!("altered-{name}"));
         std::fs::write(&altered, text.replacen("192.0.2.2", "192.0.2.9", 1)).unwrap();
         let out = twofold()
