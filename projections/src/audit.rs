@@ -1,16 +1,21 @@
 //! The audit history: every event of a tenant as a timeline entry (time,
 //! actor, IP, reason, what happened), searchable, and exported as NDJSON or
-//! CSV with a hash chain so an auditor can tell whether an export is complete
-//! and unaltered (`twofold audit verify`).
+//! CSV with a hash chain and a trailer signed by the server's audit key, so an
+//! auditor can tell whether an export is complete, unaltered and from this
+//! server (`twofold audit verify --public-key`).
 
-use anyhow::{bail, Context};
+use std::collections::BTreeSet;
+
+use anyhow::{anyhow, bail, Context};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use twofold_domain::Ctx;
+use twofold_platform::audit_signing::{AuditSigner, VerifyingKeys, ALGORITHM};
 
+use crate::queries::AuditQuery;
 use crate::record::{EventRecord, RecordExt};
 
 /// Payload fields that hold hashes or sealed secrets: not secrets in plaintext,
@@ -126,11 +131,44 @@ pub enum Format {
     Csv,
 }
 
+/// The version of the trailer's signed fields (part of what is signed).
+pub const TRAILER_VERSION: u32 = 1;
+
+/// What an export was asked for, as given (times as RFC 3339): its trailer
+/// signs it, so an export cannot pass for one of a wider query.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportFilter {
+    pub event_type: Option<String>,
+    pub user_id: Option<String>,
+    pub actor: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+impl From<&AuditQuery> for ExportFilter {
+    fn from(q: &AuditQuery) -> Self {
+        let time = |t: &Option<DateTime<Utc>>| {
+            t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        };
+        Self {
+            event_type: q.event_type.clone(),
+            user_id: q.user_id.clone(),
+            actor: q.actor.clone(),
+            from: time(&q.from),
+            to: time(&q.to),
+        }
+    }
+}
+
 /// Writes entries one by one, carrying the chain along.
 pub struct Exporter {
     format: Format,
     prev: String,
     count: u64,
+    tenant_id: String,
+    filter: ExportFilter,
+    first_position: Option<i64>,
+    last_position: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -146,10 +184,49 @@ struct Trailer {
     trailer: TrailerBody,
 }
 
-#[derive(Serialize, Deserialize)]
+/// The closing line. Exports from before signing carry only `count` and
+/// `head`; they verify without `--public-key` and never with one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct TrailerBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tenant_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    filter: Option<ExportFilter>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    first_position: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_position: Option<i64>,
     count: u64,
     head: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    algorithm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signature: Option<String>,
+}
+
+/// The fields a trailer's signature covers, in this order.
+#[derive(Serialize)]
+struct SignedFields<'a> {
+    version: u32,
+    tenant_id: &'a str,
+    filter: &'a ExportFilter,
+    first_position: Option<i64>,
+    last_position: Option<i64>,
+    count: u64,
+    head: &'a str,
+}
+
+/// The canonical bytes a trailer's signature is over: a fixed label line,
+/// then the signed fields as compact JSON (fixed field order, JSON string
+/// escaping, so no two different trailers give the same bytes).
+fn signed_message(fields: &SignedFields<'_>) -> anyhow::Result<Vec<u8>> {
+    let mut message = b"twofold audit export\n".to_vec();
+    serde_json::to_writer(&mut message, fields)?;
+    Ok(message)
 }
 
 pub const CSV_HEADER: &str = "position,tenant_id,aggregate_type,aggregate_id,sequence,event_type,at,actor_kind,actor_id,ip,user_agent,reason,user_id,details,prev,hash\n";
@@ -184,11 +261,16 @@ fn csv_line(fields: &[&str]) -> anyhow::Result<String> {
 }
 
 impl Exporter {
-    pub fn new(format: Format) -> Self {
+    /// An export of `tenant_id`'s entries matching `filter`.
+    pub fn new(format: Format, tenant_id: &str, filter: ExportFilter) -> Self {
         Self {
             format,
             prev: GENESIS.to_string(),
             count: 0,
+            tenant_id: tenant_id.to_string(),
+            filter,
+            first_position: None,
+            last_position: None,
         }
     }
 
@@ -203,6 +285,8 @@ impl Exporter {
         let hash = chain(&self.prev, &entry)?;
         let prev = std::mem::replace(&mut self.prev, hash.clone());
         self.count += 1;
+        self.first_position.get_or_insert(entry.position);
+        self.last_position = Some(entry.position);
         Ok(match self.format {
             Format::Ndjson => {
                 let mut s = serde_json::to_string(&NdjsonLine { entry, prev, hash })?;
@@ -235,78 +319,307 @@ impl Exporter {
         })
     }
 
-    /// The closing line: how many entries and the chain's head, so a cut-off
-    /// export is told from a complete one.
-    pub fn trailer(&self) -> anyhow::Result<String> {
+    /// The closing line: the tenant, the filter, the first and last
+    /// position, how many entries and the chain's head, signed with the
+    /// current audit key, so a cut-off, re-trailed or forged export is told
+    /// from a complete one.
+    pub fn trailer(&self, signer: &AuditSigner) -> anyhow::Result<String> {
+        let fields = SignedFields {
+            version: TRAILER_VERSION,
+            tenant_id: &self.tenant_id,
+            filter: &self.filter,
+            first_position: self.first_position,
+            last_position: self.last_position,
+            count: self.count,
+            head: &self.prev,
+        };
+        let signed = signer.sign(&signed_message(&fields)?);
         Ok(match self.format {
             Format::Ndjson => {
                 let mut s = serde_json::to_string(&Trailer {
                     trailer: TrailerBody {
+                        version: Some(TRAILER_VERSION),
+                        tenant_id: Some(self.tenant_id.clone()),
+                        filter: Some(self.filter.clone()),
+                        first_position: self.first_position,
+                        last_position: self.last_position,
                         count: self.count,
                         head: self.prev.clone(),
+                        key_id: Some(signed.key_id),
+                        algorithm: Some(ALGORITHM.to_string()),
+                        signature: Some(signed.signature),
                     },
                 })?;
                 s.push('\n');
                 s
             }
-            Format::Csv => format!("#trailer,{},{}\n", self.count, self.prev),
+            Format::Csv => {
+                let position = |p: Option<i64>| p.map(|p| p.to_string()).unwrap_or_default();
+                csv_line(&[
+                    "#trailer",
+                    &self.count.to_string(),
+                    &self.prev,
+                    &TRAILER_VERSION.to_string(),
+                    &self.tenant_id,
+                    &serde_json::to_string(&self.filter)?,
+                    &position(self.first_position),
+                    &position(self.last_position),
+                    &signed.key_id,
+                    ALGORITHM,
+                    &signed.signature,
+                ])?
+            }
         })
     }
 }
+
+/// The columns of a CSV trailer row: `#trailer`, count, head, then the
+/// signed fields (version, tenant_id, filter as JSON, first and last
+/// position), key_id, algorithm, signature.
+const CSV_TRAILER_COLUMNS: usize = 11;
 
 /// What `twofold audit verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
     pub entries: u64,
     pub head: String,
+    pub first_position: Option<i64>,
+    pub last_position: Option<i64>,
+    /// What the trailer names (none in an export from before signing).
+    pub tenant_id: Option<String>,
+    pub filter: Option<ExportFilter>,
+    /// The key the trailer names as its signer.
+    pub key_id: Option<String>,
+    /// Whether the signature was checked against the keys given (and matched).
+    pub signature_checked: bool,
+    /// For [`verify_extends`]: how many entries up to the watched position,
+    /// and the chain's hash there.
+    watched: Option<(u64, String)>,
 }
 
-/// Checks an export: every entry's hash follows from the one before, and the
-/// trailer names the count and the head. Any altered, removed, added or
-/// reordered line fails it.
+/// Checks an export's chain: every entry's hash follows from the one before,
+/// and the trailer names the count and the head. Any altered, removed, added
+/// or reordered line fails it. Says nothing of where the export came from:
+/// see [`verify_signed`].
 pub fn verify(text: &str) -> anyhow::Result<Verified> {
-    if text.starts_with("position,") {
-        verify_csv(text)
-    } else {
-        verify_ndjson(text)
-    }
+    verify_with(text, None)
 }
 
-fn check_link(
-    n: u64,
-    prev: &str,
-    expected_prev: &str,
-    entry: &AuditEntry,
-    hash: &str,
-) -> anyhow::Result<String> {
-    if prev != expected_prev {
+/// [`verify`], and the trailer's signature with the key it names among
+/// `keys`: the export is then complete for its filter and came from the
+/// server holding that key.
+pub fn verify_signed(text: &str, keys: &VerifyingKeys) -> anyhow::Result<Verified> {
+    verify_with(text, Some(keys))
+}
+
+/// [`verify`] (or [`verify_signed`] with `keys`) of a later export, and
+/// that it extends `earlier`, an export of the same tenant and filter (its
+/// `to` aside) taken before: the later one's first entries are exactly the
+/// earlier one's, so nothing the earlier export showed was removed or
+/// altered since.
+pub fn verify_extends(
+    text: &str,
+    keys: Option<&VerifyingKeys>,
+    earlier: &Verified,
+) -> anyhow::Result<Verified> {
+    let later = verify_with_watch(text, keys, earlier.last_position)?;
+    if earlier.tenant_id.is_none() || earlier.tenant_id != later.tenant_id {
+        bail!("the two exports are not of the same tenant (or one is from before signing)");
+    }
+    let without_to = |f: &Option<ExportFilter>| f.clone().map(|f| ExportFilter { to: None, ..f });
+    if without_to(&earlier.filter) != without_to(&later.filter) {
+        bail!("the two exports were taken with different filters, so one cannot extend the other");
+    }
+    let Some(position) = earlier.last_position else {
+        return Ok(later);
+    };
+    let Some((count, hash)) = &later.watched else {
         bail!(
-            "entry {n}: it does not follow the entry before it (a line is missing or out of order)"
+            "the later export has no entry at position {position}, the earlier one's last: it was removed from the history, or the later export ends before it"
+        );
+    };
+    if *count != earlier.entries {
+        bail!(
+            "the later export has {count} entries up to position {position} where the earlier one had {}: entries were removed or added since",
+            earlier.entries
         );
     }
-    let recomputed = chain(prev, entry)?;
-    if recomputed != hash {
-        bail!("entry {n}: its content does not match its hash (the line was altered)");
+    if *hash != earlier.head {
+        bail!(
+            "the later export's chain at position {position} is not the earlier one's head: an entry was altered since"
+        );
     }
-    Ok(recomputed)
+    Ok(later)
 }
 
-fn check_trailer(count: u64, head: &str, seen: u64, last: &str) -> anyhow::Result<Verified> {
-    if count != seen {
-        bail!("the trailer counts {count} entries but the export has {seen}");
-    }
-    if head != last {
-        bail!("the trailer's head does not match the last entry's hash");
-    }
-    Ok(Verified {
-        entries: seen,
-        head: last.to_string(),
-    })
+fn verify_with(text: &str, keys: Option<&VerifyingKeys>) -> anyhow::Result<Verified> {
+    verify_with_watch(text, keys, None)
 }
 
-fn verify_ndjson(text: &str) -> anyhow::Result<Verified> {
-    let mut prev = GENESIS.to_string();
-    let mut seen = 0u64;
+fn verify_with_watch(
+    text: &str,
+    keys: Option<&VerifyingKeys>,
+    watch: Option<i64>,
+) -> anyhow::Result<Verified> {
+    let walk = Walk::new(watch);
+    if text.starts_with("position,") {
+        verify_csv(text, keys, walk)
+    } else {
+        verify_ndjson(text, keys, walk)
+    }
+}
+
+/// The chain walked so far.
+struct Walk {
+    prev: String,
+    seen: u64,
+    first_position: Option<i64>,
+    last_position: Option<i64>,
+    tenants: BTreeSet<String>,
+    /// The first break in the chain. The walk goes on past it so that
+    /// entries out of position order are named as reordered, which says
+    /// more than the break they cause.
+    broken: Option<anyhow::Error>,
+    /// A position whose entry count and hash are kept (see [`verify_extends`]).
+    watch: Option<i64>,
+    watched: Option<(u64, String)>,
+}
+
+impl Walk {
+    fn new(watch: Option<i64>) -> Self {
+        Self {
+            watch,
+            watched: None,
+            prev: GENESIS.to_string(),
+            seen: 0,
+            first_position: None,
+            last_position: None,
+            tenants: BTreeSet::new(),
+            broken: None,
+        }
+    }
+
+    fn entry(&mut self, prev: &str, entry: &AuditEntry, hash: &str) -> anyhow::Result<()> {
+        let n = self.seen;
+        if let Some(last) = self.last_position {
+            if entry.position <= last {
+                bail!(
+                    "entry {n}: its position {} is not after the one before ({last}): the entries were reordered",
+                    entry.position
+                );
+            }
+        }
+        if self.broken.is_none() {
+            if prev != self.prev {
+                self.broken = Some(anyhow!(
+                    "entry {n}: it does not follow the entry before it (a line is missing or out of order)"
+                ));
+            } else if chain(prev, entry)? != hash {
+                self.broken = Some(anyhow!(
+                    "entry {n}: its content does not match its hash (the line was altered)"
+                ));
+            }
+        }
+        self.prev = hash.to_string();
+        self.first_position.get_or_insert(entry.position);
+        self.last_position = Some(entry.position);
+        self.tenants.insert(entry.tenant_id.clone());
+        if self.watch == Some(entry.position) {
+            self.watched = Some((n, hash.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The end of an export without a trailer.
+    fn incomplete(self) -> anyhow::Result<Verified> {
+        Err(self
+            .broken
+            .unwrap_or_else(|| anyhow!("the export has no trailer: it is incomplete")))
+    }
+
+    /// The trailer against what was walked, and its signature against `keys`.
+    fn finish(self, t: TrailerBody, keys: Option<&VerifyingKeys>) -> anyhow::Result<Verified> {
+        if let Some(broken) = self.broken {
+            return Err(broken);
+        }
+        if t.count != self.seen {
+            bail!(
+                "the trailer counts {} entries but the export has {}",
+                t.count,
+                self.seen
+            );
+        }
+        if t.head != self.prev {
+            bail!("the trailer's head does not match the last entry's hash");
+        }
+        let mut verified = Verified {
+            entries: self.seen,
+            head: self.prev,
+            first_position: self.first_position,
+            last_position: self.last_position,
+            tenant_id: None,
+            filter: None,
+            key_id: None,
+            signature_checked: false,
+            watched: self.watched,
+        };
+        let Some(version) = t.version else {
+            if keys.is_some() {
+                bail!("the trailer is not signed, so where the export came from cannot be checked");
+            }
+            return Ok(verified);
+        };
+        if version != TRAILER_VERSION {
+            bail!("the trailer's version {version} is not one this tool knows");
+        }
+        let (Some(tenant_id), Some(filter)) = (t.tenant_id, t.filter) else {
+            bail!("a malformed trailer: it names no tenant or no filter");
+        };
+        if (t.first_position, t.last_position) != (self.first_position, self.last_position) {
+            let show = |p: Option<i64>| p.map_or("none".to_string(), |p| p.to_string());
+            bail!(
+                "the trailer covers positions {} to {} but the entries run from {} to {}",
+                show(t.first_position),
+                show(t.last_position),
+                show(self.first_position),
+                show(self.last_position)
+            );
+        }
+        if self.tenants.iter().any(|t| *t != tenant_id) {
+            bail!("an entry belongs to another tenant than the trailer's {tenant_id}");
+        }
+        if let Some(keys) = keys {
+            let (Some(key_id), Some(signature)) = (&t.key_id, &t.signature) else {
+                bail!("the trailer is not signed, so where the export came from cannot be checked");
+            };
+            if t.algorithm.as_deref() != Some(ALGORITHM) {
+                bail!("the trailer is not signed with ed25519");
+            }
+            let message = signed_message(&SignedFields {
+                version,
+                tenant_id: &tenant_id,
+                filter: &filter,
+                first_position: t.first_position,
+                last_position: t.last_position,
+                count: t.count,
+                head: &t.head,
+            })?;
+            keys.check(key_id, &message, signature)
+                .map_err(|problem| anyhow!("{problem}"))?;
+            verified.signature_checked = true;
+        }
+        verified.tenant_id = Some(tenant_id);
+        verified.filter = Some(filter);
+        verified.key_id = t.key_id;
+        Ok(verified)
+    }
+}
+
+fn verify_ndjson(
+    text: &str,
+    keys: Option<&VerifyingKeys>,
+    mut walk: Walk,
+) -> anyhow::Result<Verified> {
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -315,45 +628,83 @@ fn verify_ndjson(text: &str) -> anyhow::Result<Verified> {
             if text.lines().skip(i + 1).any(|l| !l.trim().is_empty()) {
                 bail!("lines follow the trailer");
             }
-            return check_trailer(trailer.trailer.count, &trailer.trailer.head, seen, &prev);
+            return walk.finish(trailer.trailer, keys);
         }
-        seen += 1;
+        walk.seen += 1;
         let parsed: NdjsonLine = serde_json::from_str(line)
-            .with_context(|| format!("entry {seen}: not an audit entry"))?;
-        prev = check_link(seen, &parsed.prev, &prev, &parsed.entry, &parsed.hash)?;
+            .with_context(|| format!("entry {}: not an audit entry", walk.seen))?;
+        walk.entry(&parsed.prev, &parsed.entry, &parsed.hash)?;
     }
-    bail!("the export has no trailer: it is incomplete")
+    walk.incomplete()
 }
 
-fn verify_csv(text: &str) -> anyhow::Result<Verified> {
+/// A CSV trailer row as the trailer it stands for.
+fn csv_trailer(f: &[&str]) -> anyhow::Result<TrailerBody> {
+    let malformed = || anyhow!("a malformed trailer");
+    let mut t = TrailerBody {
+        version: None,
+        tenant_id: None,
+        filter: None,
+        first_position: None,
+        last_position: None,
+        count: f
+            .get(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(malformed)?,
+        head: f.get(2).ok_or_else(malformed)?.to_string(),
+        key_id: None,
+        algorithm: None,
+        signature: None,
+    };
+    match f.len() {
+        3 => Ok(t),
+        CSV_TRAILER_COLUMNS => {
+            let position = |s: &str| -> anyhow::Result<Option<i64>> {
+                (!s.is_empty())
+                    .then(|| s.parse().map_err(|_| malformed()))
+                    .transpose()
+            };
+            t.version = Some(f[3].parse().map_err(|_| malformed())?);
+            t.tenant_id = Some(f[4].to_string());
+            t.filter = Some(serde_json::from_str(f[5]).map_err(|_| malformed())?);
+            t.first_position = position(f[6])?;
+            t.last_position = position(f[7])?;
+            t.key_id = Some(f[8].to_string());
+            t.algorithm = Some(f[9].to_string());
+            t.signature = Some(f[10].to_string());
+            Ok(t)
+        }
+        _ => Err(malformed()),
+    }
+}
+
+fn verify_csv(
+    text: &str,
+    keys: Option<&VerifyingKeys>,
+    mut walk: Walk,
+) -> anyhow::Result<Verified> {
     if !text.starts_with(CSV_HEADER) {
         bail!("the CSV header is not an audit export's");
     }
-    // The trailer has fewer columns than an entry, hence `flexible`.
+    // The trailer has other columns than an entry, hence `flexible`.
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .from_reader(text.as_bytes());
     let mut records = reader.records();
-    let mut prev = GENESIS.to_string();
-    let mut seen = 0u64;
     while let Some(record) = records.next() {
-        let f = record.with_context(|| format!("entry {}: not a CSV record", seen + 1))?;
-        if f.get(0) == Some("#trailer") {
+        let f = record.with_context(|| format!("entry {}: not a CSV record", walk.seen + 1))?;
+        let f: Vec<&str> = f.iter().map(unguard).collect();
+        if f.first() == Some(&"#trailer") {
             if records.next().is_some() {
                 bail!("lines follow the trailer");
             }
-            let count = f
-                .get(1)
-                .and_then(|c| c.parse().ok())
-                .context("a malformed trailer")?;
-            let head = f.get(2).context("a malformed trailer")?;
-            return check_trailer(count, head, seen, &prev);
+            return walk.finish(csv_trailer(&f)?, keys);
         }
-        seen += 1;
+        walk.seen += 1;
+        let seen = walk.seen;
         if f.len() != 16 {
             bail!("entry {seen}: expected 16 columns, found {}", f.len());
         }
-        let f: Vec<&str> = f.iter().map(unguard).collect();
         let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
         let entry = AuditEntry {
             position: f[0]
@@ -378,9 +729,9 @@ fn verify_csv(text: &str) -> anyhow::Result<Verified> {
             details: serde_json::from_str(f[13])
                 .with_context(|| format!("entry {seen}: bad details"))?,
         };
-        prev = check_link(seen, f[14], &prev, &entry, f[15])?;
+        walk.entry(f[14], &entry, f[15])?;
     }
-    bail!("the export has no trailer: it is incomplete")
+    walk.incomplete()
 }
 
 #[cfg(test)]
@@ -391,7 +742,7 @@ mod tests {
 
     #[test]
     fn csv_cells_a_spreadsheet_would_run_are_neutralised_and_still_verify() {
-        let mut e = Exporter::new(Format::Csv);
+        let mut e = Exporter::new(Format::Csv, "t", ExportFilter::default());
         let mut out = e.header();
         let mut evil = entry(1);
         evil.user_agent = Some("=HYPERLINK(\"http://evil.example\",\"click\")".into());
@@ -401,7 +752,7 @@ mod tests {
         plus.ip = Some("\tfoo".into());
         out.push_str(&e.line(evil).unwrap());
         out.push_str(&e.line(plus).unwrap());
-        out.push_str(&e.trailer().unwrap());
+        out.push_str(&e.trailer(&signer()).unwrap());
         for line in out.lines().skip(1) {
             for cell in line.split(',') {
                 let cell = cell.trim_start_matches('"');
@@ -413,6 +764,16 @@ mod tests {
         }
         assert!(out.contains("'=HYPERLINK"));
         assert_eq!(verify(&out).unwrap().entries, 2);
+    }
+
+    /// One signing key for every test here, so exports verify against it.
+    fn signer() -> AuditSigner {
+        static SIGNER: std::sync::OnceLock<AuditSigner> = std::sync::OnceLock::new();
+        SIGNER.get_or_init(|| AuditSigner::generate("a1")).clone()
+    }
+
+    fn keys() -> VerifyingKeys {
+        VerifyingKeys::parse(&serde_json::to_string(&signer().published()).unwrap()).unwrap()
     }
 
     fn entry(n: i64) -> AuditEntry {
@@ -435,12 +796,12 @@ mod tests {
     }
 
     fn export(format: Format, n: i64) -> String {
-        let mut e = Exporter::new(format);
+        let mut e = Exporter::new(format, "t", ExportFilter::default());
         let mut out = e.header();
         for i in 1..=n {
             out.push_str(&e.line(entry(i)).unwrap());
         }
-        out.push_str(&e.trailer().unwrap());
+        out.push_str(&e.trailer(&signer()).unwrap());
         out
     }
 
@@ -518,5 +879,165 @@ mod tests {
                 format!("{}{}", &text[..from], &text[to..])
             }
         }
+    }
+
+    /// The export's lines without its trailer, and a trailer claiming them
+    /// (count and head recomputed), signed with `sign`'s key or not at all.
+    fn retrailed(text: &str, keep: usize, sign: Option<&AuditSigner>) -> String {
+        let lines: Vec<&str> = text.lines().take(keep).collect();
+        let last: NdjsonLine = serde_json::from_str(lines[keep - 1]).unwrap();
+        let first: NdjsonLine = serde_json::from_str(lines[0]).unwrap();
+        let mut e = Exporter::new(Format::Ndjson, "t", ExportFilter::default());
+        e.count = keep as u64;
+        e.prev = last.hash;
+        e.first_position = Some(first.entry.position);
+        e.last_position = Some(last.entry.position);
+        let trailer = match sign {
+            Some(signer) => e.trailer(signer).unwrap(),
+            None => serde_json::to_string(&json!({"trailer": {
+                "count": keep, "head": e.prev}}))
+            .unwrap(),
+        };
+        format!("{}\n{}\n", lines.join("\n"), trailer.trim_end())
+    }
+
+    #[test]
+    fn a_signed_export_verifies_with_its_key_and_names_what_it_covers() {
+        for format in [Format::Ndjson, Format::Csv] {
+            let v = verify_signed(&export(format, 5), &keys()).unwrap();
+            assert!(v.signature_checked, "{format:?}");
+            assert_eq!(v.key_id.as_deref(), Some("a1"));
+            assert_eq!(v.tenant_id.as_deref(), Some("t"));
+            assert_eq!((v.first_position, v.last_position), (Some(1), Some(5)));
+            // Without keys only the chain is checked.
+            assert!(!verify(&export(format, 5)).unwrap().signature_checked);
+        }
+        assert_eq!(
+            verify_signed(&export(Format::Ndjson, 0), &keys())
+                .unwrap()
+                .entries,
+            0
+        );
+    }
+
+    #[test]
+    fn a_cut_export_with_a_rewritten_trailer_fails_on_the_signature() {
+        let text = export(Format::Ndjson, 5);
+        let forger = AuditSigner::generate("a1");
+        let err = verify_signed(&retrailed(&text, 3, Some(&forger)), &keys()).unwrap_err();
+        assert!(
+            err.to_string().starts_with("the signature does not match"),
+            "{err}"
+        );
+        // The chain alone cannot tell.
+        assert!(verify(&retrailed(&text, 3, Some(&forger))).is_ok());
+        let err = verify_signed(&retrailed(&text, 3, None), &keys()).unwrap_err();
+        assert!(err.to_string().contains("not signed"), "{err}");
+        let stranger = AuditSigner::generate("x9");
+        let err = verify_signed(&retrailed(&text, 3, Some(&stranger)), &keys()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "signed by key x9, not among the keys given"
+        );
+        // The original trailer's signature does not cover fewer entries.
+        let original = text.lines().last().unwrap();
+        let mut cut: Vec<&str> = text.lines().take(3).collect();
+        cut.push(original);
+        let err = verify_signed(&(cut.join("\n") + "\n"), &keys()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the trailer counts 5 entries but the export has 3"
+        );
+    }
+
+    #[test]
+    fn a_trailer_naming_another_filter_or_tenant_fails_on_the_signature() {
+        let text = export(Format::Ndjson, 2);
+        let wider = text.replacen(
+            "\"filter\":{\"event_type\":null",
+            "\"filter\":{\"event_type\":\"X\"",
+            1,
+        );
+        assert_ne!(wider, text);
+        let err = verify_signed(&wider, &keys()).unwrap_err();
+        assert!(
+            err.to_string().starts_with("the signature does not match"),
+            "{err}"
+        );
+        let other_tenant = text.replace("\"tenant_id\":\"t\"", "\"tenant_id\":\"u\"");
+        assert!(verify_signed(&other_tenant, &keys()).is_err());
+    }
+
+    #[test]
+    fn swapped_entries_are_called_reordered() {
+        for format in [Format::Ndjson, Format::Csv] {
+            let mut e = Exporter::new(format, "t", ExportFilter::default());
+            let mut text = e.header();
+            for n in 1..=4 {
+                let mut plain = entry(n);
+                plain.details = json!({ "failures": n });
+                text.push_str(&e.line(plain).unwrap());
+            }
+            text.push_str(&e.trailer(&signer()).unwrap());
+            let mut lines: Vec<&str> = text.lines().collect();
+            let at = usize::from(format == Format::Csv) + 1;
+            lines.swap(at, at + 1);
+            let err = verify(&(lines.join("\n") + "\n")).unwrap_err();
+            assert!(err.to_string().contains("reordered"), "{format:?}: {err}");
+        }
+    }
+
+    /// An export of `positions` (entries numbered by position).
+    fn export_of(positions: &[i64], alter: Option<i64>) -> String {
+        let mut e = Exporter::new(Format::Ndjson, "t", ExportFilter::default());
+        let mut out = e.header();
+        for &p in positions {
+            let mut entry = entry(p);
+            if alter == Some(p) {
+                entry.reason = Some("rewritten".into());
+            }
+            out.push_str(&e.line(entry).unwrap());
+        }
+        out.push_str(&e.trailer(&signer()).unwrap());
+        out
+    }
+
+    #[test]
+    fn a_later_export_extends_an_earlier_one_unless_history_changed_between() {
+        let earlier = verify_signed(&export_of(&[1, 2, 3], None), &keys()).unwrap();
+        let later = export_of(&[1, 2, 3, 4, 5], None);
+        assert_eq!(
+            verify_extends(&later, Some(&keys()), &earlier)
+                .unwrap()
+                .entries,
+            5
+        );
+        let removed = export_of(&[1, 3, 4, 5], None);
+        let err = verify_extends(&removed, Some(&keys()), &earlier).unwrap_err();
+        assert!(
+            err.to_string().contains("entries were removed or added"),
+            "{err}"
+        );
+        let last_removed = export_of(&[1, 2, 4, 5], None);
+        let err = verify_extends(&last_removed, Some(&keys()), &earlier).unwrap_err();
+        assert!(err.to_string().contains("no entry at position 3"), "{err}");
+        let altered = export_of(&[1, 2, 3, 4], Some(2));
+        let err = verify_extends(&altered, Some(&keys()), &earlier).unwrap_err();
+        assert!(err.to_string().contains("altered since"), "{err}");
+        let mut e = Exporter::new(
+            Format::Ndjson,
+            "t",
+            ExportFilter {
+                event_type: Some("CodeRejected".into()),
+                ..ExportFilter::default()
+            },
+        );
+        let mut other = String::new();
+        for p in 1..=4 {
+            other.push_str(&e.line(entry(p)).unwrap());
+        }
+        other.push_str(&e.trailer(&signer()).unwrap());
+        let err = verify_extends(&other, Some(&keys()), &earlier).unwrap_err();
+        assert!(err.to_string().contains("different filters"), "{err}");
     }
 }

@@ -188,7 +188,15 @@ impl TestApp {
     /// instance behind a load balancer would be: it remembers what it reads
     /// and writes itself, not what this one did.
     pub async fn twin(&self) -> TestApp {
-        let (addr, metrics_addr, state) = start_verifier(&self.config, &self.clock).await;
+        self.twin_with(|_| {}).await
+    }
+
+    /// [`TestApp::twin`] with its configuration adjusted by `adjust`, as a
+    /// restart with new settings would be (e.g. a rotated key).
+    pub async fn twin_with(&self, adjust: impl FnOnce(&mut Config)) -> TestApp {
+        let mut config = self.config.clone();
+        adjust(&mut config);
+        let (addr, metrics_addr, state) = start_verifier(&config, &self.clock).await;
         TestApp {
             base: format!("http://{addr}/v1/tenants/{}", self.tenant_id),
             tenant_id: self.tenant_id,
@@ -199,7 +207,7 @@ impl TestApp {
             pool: self.pool.clone(),
             client: reqwest::Client::new(),
             metrics_addr,
-            config: self.config.clone(),
+            config,
         }
     }
 

@@ -9,6 +9,7 @@ mod browser;
 mod helpers;
 
 mod admin_http;
+mod audit_signed;
 mod budgets;
 mod console;
 mod delivery;

@@ -5,7 +5,8 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
-use twofold_projections::audit::{AuditEntry, Exporter, Format};
+use twofold_platform::audit_signing::PublishedKeys;
+use twofold_projections::audit::{AuditEntry, ExportFilter, Exporter, Format};
 use twofold_projections::directory::{DirectoryQuery, UserRow};
 use twofold_projections::overview::{DailyPoint, Overview};
 use twofold_projections::queries::{self, AuditQuery, DeliveryStats};
@@ -133,9 +134,16 @@ impl App {
         Ok(entries)
     }
 
+    /// The public keys audit exports are signed with (the current one and
+    /// those still published so older exports verify).
+    pub fn audit_keys(&self, _reader: &ReaderSession) -> PublishedKeys {
+        self.keys.audit_signer().published()
+    }
+
     /// The tenant's audit history as an export: a header, one hash-chained
-    /// line per entry and a closing trailer, streamed. A failure cuts the
-    /// export short without its trailer, so it fails verification.
+    /// line per entry and a closing trailer signed with the audit key,
+    /// streamed. A failure cuts the export short without its trailer, so it
+    /// fails verification.
     pub fn audit_export(
         &self,
         reader: &ReaderSession,
@@ -172,11 +180,12 @@ impl App {
         };
         let pool = self.pool.clone();
         let tenant = tenant_id.to_string();
+        let signer = self.keys.audit_signer().clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
         // The export owns what it reads from, so it can outlive the request.
         tokio::spawn(async move {
             let failed = || std::io::Error::other("audit export failed");
-            let mut exporter = Exporter::new(format);
+            let mut exporter = Exporter::new(format, &tenant, ExportFilter::from(&q));
             let header = exporter.header();
             if !header.is_empty() && tx.send(Ok(header)).await.is_err() {
                 return;
@@ -195,7 +204,9 @@ impl App {
                     return;
                 }
             }
-            let _ = tx.send(exporter.trailer().map_err(|_| failed())).await;
+            let _ = tx
+                .send(exporter.trailer(&signer).map_err(|_| failed()))
+                .await;
         });
         let lines = futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))

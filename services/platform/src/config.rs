@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use secrecy::SecretString;
 use serde::Deserialize;
 
+use crate::audit_signing::AuditSigner;
 use crate::crypto::Keyring;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -37,6 +38,12 @@ pub struct Config {
     pub keys: BTreeMap<String, SecretString>,
     /// The id in `keys` used for new secrets.
     pub current_key_id: String,
+    /// Ed25519 seeds by id (hex, 32 bytes each) that sign audit exports; the
+    /// others stay published so exports they signed still verify. None:
+    /// derived from the server keys (see `Keyring`).
+    pub audit_signing_keys: BTreeMap<String, SecretString>,
+    /// The id in `audit_signing_keys` that signs new exports.
+    pub audit_signing_key_id: String,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// NATS server the relay publishes to and the workers consume from.
@@ -122,6 +129,8 @@ impl Default for Config {
             public_url: "http://127.0.0.1:8080".to_string(),
             keys: BTreeMap::new(),
             current_key_id: String::new(),
+            audit_signing_keys: BTreeMap::new(),
+            audit_signing_key_id: String::new(),
             max_body_bytes: 16 * 1024,
             trusted_proxies: Vec::new(),
             nats_url: "nats://127.0.0.1:4222".to_string(),
@@ -162,6 +171,8 @@ const KEYS: &[&str] = &[
     "public_url",
     "keys",
     "current_key_id",
+    "audit_signing_keys",
+    "audit_signing_key_id",
     "max_body_bytes",
     "nats_url",
     "nats_stream",
@@ -246,7 +257,7 @@ pub fn unknown_variables<'a>(
 fn env_value(key: &str, raw: &str) -> anyhow::Result<Value> {
     let name = format!("TWOFOLD_{}", key.to_uppercase());
     Ok(match key {
-        "keys" => {
+        "keys" | "audit_signing_keys" => {
             let mut dict = Dict::new();
             for pair in raw.split(',').filter(|p| !p.trim().is_empty()) {
                 let Some((id, hex)) = pair.split_once('=') else {
@@ -364,9 +375,20 @@ impl Config {
         Ok(())
     }
 
-    /// The server keys, parsed; fails with a clear message when none is set.
+    /// The server keys, parsed, with the audit signing keys; fails with a
+    /// clear message when no server key is set.
     pub fn keyring(&self) -> anyhow::Result<Keyring> {
-        Keyring::from_config(&self.keys, &self.current_key_id)
+        let keyring = Keyring::from_config(&self.keys, &self.current_key_id)?;
+        if self.audit_signing_keys.is_empty() {
+            if !self.audit_signing_key_id.is_empty() {
+                bail!("audit_signing_key_id is set but audit_signing_keys is empty");
+            }
+            return Ok(keyring);
+        }
+        Ok(keyring.with_audit_signer(AuditSigner::from_config(
+            &self.audit_signing_keys,
+            &self.audit_signing_key_id,
+        )?))
     }
 }
 
@@ -475,5 +497,59 @@ mod tests {
     fn missing_keys_are_refused_with_a_hint() {
         let err = Config::default().validate().unwrap_err();
         assert!(format!("{err:#}").contains("TWOFOLD_KEYS"));
+    }
+
+    #[test]
+    fn audit_signing_keys_are_configured_or_derived_from_the_server_keys() {
+        let key = "11".repeat(32);
+        let base = vec![
+            ("TWOFOLD_KEYS".to_string(), format!("k1={key}")),
+            ("TWOFOLD_CURRENT_KEY_ID".to_string(), "k1".to_string()),
+        ];
+        let derived = Config::load_from(None, base.clone())
+            .unwrap()
+            .keyring()
+            .unwrap();
+        assert_eq!(derived.audit_signer().current_id(), "server-k1");
+        // The same server key derives the same signing key.
+        let again = Config::load_from(None, base.clone())
+            .unwrap()
+            .keyring()
+            .unwrap();
+        assert_eq!(
+            derived.audit_signer().published(),
+            again.audit_signer().published()
+        );
+
+        let mut configured = base.clone();
+        configured.push((
+            "TWOFOLD_AUDIT_SIGNING_KEYS".to_string(),
+            format!("a1={},a0={}", "22".repeat(32), "33".repeat(32)),
+        ));
+        configured.push(("TWOFOLD_AUDIT_SIGNING_KEY_ID".to_string(), "a1".to_string()));
+        let ring = Config::load_from(None, configured)
+            .unwrap()
+            .keyring()
+            .unwrap();
+        let published = ring.audit_signer().published();
+        let ids: Vec<(&str, bool)> = published
+            .keys
+            .iter()
+            .map(|k| (k.key_id.as_str(), k.current))
+            .collect();
+        assert_eq!(ids, [("a0", false), ("a1", true)]);
+        assert!(!serde_json::to_string(&published)
+            .unwrap()
+            .contains(&"22".repeat(32)));
+
+        let mut unknown = base;
+        unknown.push((
+            "TWOFOLD_AUDIT_SIGNING_KEYS".to_string(),
+            format!("a1={}", "22".repeat(32)),
+        ));
+        unknown.push(("TWOFOLD_AUDIT_SIGNING_KEY_ID".to_string(), "a2".to_string()));
+        let err = format!("{:#}", Config::load_from(None, unknown).unwrap_err());
+        assert!(err.contains("TWOFOLD_AUDIT_SIGNING_KEY_ID"), "{err}");
+        assert!(!err.contains(&"22".repeat(32)), "{err}");
     }
 }

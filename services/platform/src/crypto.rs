@@ -16,6 +16,8 @@ use sha2::{Digest, Sha256};
 use twofold_domain::secrets::{SealedSecret, SecretHash};
 use twofold_domain::ChallengeId;
 
+use crate::audit_signing::AuditSigner;
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// One 256-bit server key. Never printed.
@@ -54,6 +56,9 @@ fn unreachable_hmac() -> HmacSha256 {
 pub struct Keyring {
     current_id: String,
     keys: BTreeMap<String, ServerKey>,
+    /// Signs audit exports: the configured audit signing keys, else keys
+    /// derived from the server keys (see [`Keyring::derived_audit_signer`]).
+    audit: AuditSigner,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -66,6 +71,9 @@ impl std::fmt::Debug for Keyring {
         )
     }
 }
+
+/// The id prefix of audit signing keys derived from server keys.
+const DERIVED_AUDIT_PREFIX: &str = "server-";
 
 const HINT: &str = "set TWOFOLD_KEYS=<id>=<64 hex digits> and TWOFOLD_CURRENT_KEY_ID=<id> (generate a key with: openssl rand -hex 32)";
 
@@ -91,9 +99,11 @@ impl Keyring {
         if !parsed.contains_key(current_id) {
             bail!("the current key id {current_id:?} is not among the configured keys: {HINT}");
         }
+        let audit = Self::derived_audit_signer(&parsed, current_id)?;
         Ok(Self {
             current_id: current_id.to_string(),
             keys: parsed,
+            audit,
         })
     }
 
@@ -101,10 +111,47 @@ impl Keyring {
     pub fn generate(id: &str) -> Self {
         let mut key = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut key);
+        let keys = BTreeMap::from([(id.to_string(), ServerKey(key))]);
+        let audit = match Self::derived_audit_signer(&keys, id) {
+            Ok(audit) => audit,
+            // The current id is among `keys` by construction.
+            Err(_) => AuditSigner::generate(&format!("{DERIVED_AUDIT_PREFIX}{id}")),
+        };
         Self {
             current_id: id.to_string(),
-            keys: BTreeMap::from([(id.to_string(), ServerKey(key))]),
+            keys,
+            audit,
         }
+    }
+
+    /// When no audit signing key is configured: one Ed25519 seed per server
+    /// key, HMAC-SHA256 of the server key over the label
+    /// `twofold/audit-signing-key`, with the id `server-<server key id>`.
+    /// The current server key's signs; the others stay published.
+    fn derived_audit_signer(
+        keys: &BTreeMap<String, ServerKey>,
+        current_id: &str,
+    ) -> anyhow::Result<AuditSigner> {
+        AuditSigner::from_seeds(
+            keys.iter().map(|(id, key)| {
+                (
+                    format!("{DERIVED_AUDIT_PREFIX}{id}"),
+                    key.derive("audit-signing-key"),
+                )
+            }),
+            &format!("{DERIVED_AUDIT_PREFIX}{current_id}"),
+        )
+    }
+
+    /// This keyring with configured audit signing keys instead of derived ones.
+    pub fn with_audit_signer(mut self, audit: AuditSigner) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    /// What signs audit exports.
+    pub fn audit_signer(&self) -> &AuditSigner {
+        &self.audit
     }
 
     fn current(&self) -> &ServerKey {

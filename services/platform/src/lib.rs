@@ -2,6 +2,7 @@
 //! event store, secret handling (passwords, TOTP seeds, codes, tokens), the
 //! clock, and Prometheus metrics. The domain stays pure; this is where I/O lives.
 
+pub mod audit_signing;
 pub mod clock;
 pub mod config;
 pub mod crypto;

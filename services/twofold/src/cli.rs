@@ -36,8 +36,14 @@ pub enum Command {
     /// metrics_addr's port for the verifier, the next three for the relay,
     /// the dispatcher and the projector.
     All,
-    /// Print a new random server key (64 hex digits) for TWOFOLD_KEYS.
-    Keygen,
+    /// Print a new random server key (64 hex digits) for TWOFOLD_KEYS, or
+    /// with --audit an audit signing seed for TWOFOLD_AUDIT_SIGNING_KEYS.
+    Keygen {
+        /// An Ed25519 audit signing seed (64 hex digits) on standard output,
+        /// its public key on standard error.
+        #[arg(long)]
+        audit: bool,
+    },
     /// Tenants: create one with its first admin, or change its settings.
     Tenant {
         #[command(subcommand)]
@@ -53,7 +59,7 @@ pub enum Command {
         #[command(subcommand)]
         command: ProjectionsCommand,
     },
-    /// Audit exports: write one, or check one is complete and unaltered.
+    /// Audit exports: write one, check one, show the keys that sign them.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
@@ -74,10 +80,28 @@ pub enum ProjectionsCommand {
 #[derive(Subcommand)]
 pub enum AuditCommand {
     /// Verify an NDJSON or CSV export from GET /audit: exit 0 when it is
-    /// complete and unaltered, 1 otherwise.
+    /// complete and unaltered (and, with --public-key, signed by this
+    /// server), 1 otherwise.
     Verify {
         /// The export file; `-` reads standard input.
         file: PathBuf,
+        /// The server's public keys: the JSON of GET /audit/keys or `twofold
+        /// audit public-key` (or a file holding it), `id=key,...`, or one key
+        /// (base64 or hex). Without it only the chain is checked.
+        #[arg(long)]
+        public_key: Option<String>,
+        /// An export of the same tenant and filter taken earlier: check too
+        /// that this one extends it (nothing it showed was removed or
+        /// altered since).
+        #[arg(long)]
+        extends: Option<PathBuf>,
+    },
+    /// Print the public keys audit exports are signed with, as JSON (never a
+    /// secret).
+    PublicKey {
+        /// Only this key.
+        #[arg(long)]
+        key_id: Option<String>,
     },
     /// Write a tenant's audit export (as GET /audit) to standard output.
     Export {

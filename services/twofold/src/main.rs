@@ -17,13 +17,24 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Commands that need no configuration.
     match &cli.command {
-        Command::Keygen => {
+        Command::Keygen { audit: false } => {
             println!("{}", twofold_platform::crypto::new_key_hex());
             return Ok(());
         }
+        Command::Keygen { audit: true } => {
+            let (seed, public) = twofold_platform::audit_signing::new_seed();
+            println!("{seed}");
+            eprintln!("twofold: its public key (ed25519, base64): {public}");
+            return Ok(());
+        }
         Command::Audit {
-            command: AuditCommand::Verify { file },
-        } => return operator::verify_export(file),
+            command:
+                AuditCommand::Verify {
+                    file,
+                    public_key,
+                    extends,
+                },
+        } => return operator::verify_export(file, public_key.as_deref(), extends.as_deref()),
         _ => {}
     }
     let config = Config::load(cli.config.as_deref())?;
@@ -37,7 +48,13 @@ async fn main() -> anyhow::Result<()> {
                     user_id,
                 },
         } => operator::audit_export(&config, clock, tenant, format, user_id).await,
-        Command::Keygen | Command::Audit { .. } => Ok(()),
+        Command::Audit {
+            command: AuditCommand::PublicKey { key_id },
+        } => operator::audit_public_keys(&config, key_id.as_deref()),
+        Command::Keygen { .. }
+        | Command::Audit {
+            command: AuditCommand::Verify { .. },
+        } => Ok(()),
         Command::Overview { tenant } => operator::overview(&config, clock, tenant).await,
         Command::Migrate => {
             let pool = twofold_platform::db::connect(&config).await?;

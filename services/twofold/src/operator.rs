@@ -10,7 +10,9 @@ use twofold_app::admin::UserAction;
 use twofold_app::{App, AppError};
 use twofold_domain::tenant::TwoFactorSettings;
 use twofold_domain::{Actor, Ctx, TenantId};
+use twofold_platform::audit_signing::VerifyingKeys;
 use twofold_platform::{Clock, Config};
+use twofold_projections::audit;
 
 use crate::cli::{TenantCommand, UserCommand};
 
@@ -188,22 +190,99 @@ async fn sqlx_count(pool: &twofold_platform::db::PgPool) -> anyhow::Result<i64> 
     twofold_platform::db::count_events(pool).await
 }
 
-pub fn verify_export(file: &std::path::Path) -> anyhow::Result<()> {
-    let text = if file.as_os_str() == "-" {
-        read_stdin()?
+/// `twofold audit public-key`: the published keys as GET /audit/keys
+/// answers them (public halves only).
+pub fn audit_public_keys(config: &Config, key_id: Option<&str>) -> anyhow::Result<()> {
+    let mut published = config.keyring()?.audit_signer().published();
+    if let Some(id) = key_id {
+        published.keys.retain(|k| k.key_id == id);
+        if published.keys.is_empty() {
+            anyhow::bail!("no audit signing key has the id {id:?}");
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&published)?);
+    Ok(())
+}
+
+/// `--public-key`: a file holding the keys when one is there by that
+/// name, else the keys themselves.
+fn verifying_keys(given: &str) -> anyhow::Result<VerifyingKeys> {
+    let path = std::path::Path::new(given);
+    let text = if path.is_file() {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
     } else {
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+        given.to_string()
     };
-    match twofold_projections::audit::verify(&text) {
+    VerifyingKeys::parse(&text).context("reading --public-key")
+}
+
+/// An export's text; `-` is standard input.
+fn read_export(file: &std::path::Path) -> anyhow::Result<String> {
+    if file.as_os_str() == "-" {
+        read_stdin()
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))
+    }
+}
+
+/// `twofold audit verify FILE [--public-key KEY] [--extends EARLIER]`
+pub fn verify_export(
+    file: &std::path::Path,
+    public_key: Option<&str>,
+    extends: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let keys = public_key.map(verifying_keys).transpose()?;
+    let text = read_export(file)?;
+    let check = |text: &str| match &keys {
+        Some(keys) => audit::verify_signed(text, keys),
+        None => audit::verify(text),
+    };
+    let mut extended = None;
+    let result = match extends {
+        None => check(&text),
+        Some(earlier_file) => check(&read_export(earlier_file)?)
+            .map_err(|e| e.context(format!("the earlier export {}", earlier_file.display())))
+            .and_then(|earlier| {
+                let later = audit::verify_extends(&text, keys.as_ref(), &earlier)?;
+                extended = Some(format!(
+                    "and it extends {}: its first {} entries are that export's, unchanged",
+                    earlier_file.display(),
+                    earlier.entries
+                ));
+                Ok(later)
+            }),
+    };
+    match result {
         Ok(v) => {
-            println!(
-                "ok: {} entries, complete and unaltered (head {})",
-                v.entries, v.head
-            );
+            let range = match (v.first_position, v.last_position) {
+                (Some(first), Some(last)) => format!("positions {first} to {last}"),
+                _ => "no positions".to_string(),
+            };
+            let tenant = v
+                .tenant_id
+                .as_deref()
+                .map(|t| format!(" of tenant {t}"))
+                .unwrap_or_default();
+            if v.signature_checked {
+                println!(
+                    "ok: {} entries{tenant} ({range}), complete for its filter and unaltered, signed by this server's key {} (head {})",
+                    v.entries,
+                    v.key_id.as_deref().unwrap_or_default(),
+                    v.head
+                );
+            } else {
+                println!(
+                    "ok: {} entries{tenant} ({range}), the chain is intact (head {}); its origin was not checked: give --public-key to check the signature",
+                    v.entries, v.head
+                );
+            }
+            if let Some(extended) = extended {
+                println!("{extended}");
+            }
             Ok(())
         }
         Err(e) => {
-            println!("FAILED: {e}");
+            println!("FAILED: {e:#}");
             std::process::exit(1);
         }
     }

@@ -6,14 +6,15 @@ use std::process::Command;
 
 use chrono::{TimeZone, Utc};
 use serde_json::json;
-use twofold_projections::audit::{AuditEntry, Exporter, Format};
+use twofold_platform::audit_signing::AuditSigner;
+use twofold_projections::audit::{AuditEntry, ExportFilter, Exporter, Format};
 
 fn twofold() -> Command {
     Command::new(env!("CARGO_BIN_EXE_twofold"))
 }
 
-fn export(format: Format) -> String {
-    let mut e = Exporter::new(format);
+fn export(format: Format, signer: &AuditSigner) -> String {
+    let mut e = Exporter::new(format, "t", ExportFilter::default());
     let mut out = e.header();
     for n in 1..=3 {
         out.push_str(
@@ -36,7 +37,7 @@ fn export(format: Format) -> String {
             .unwrap(),
         );
     }
-    out.push_str(&e.trailer().unwrap());
+    out.push_str(&e.trailer(signer).unwrap());
     out
 }
 
@@ -44,8 +45,13 @@ fn export(format: Format) -> String {
 fn audit_verify_accepts_an_intact_export_and_refuses_an_altered_one() {
     let dir = std::env::temp_dir().join(format!("twofold-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let signer = AuditSigner::generate("a1");
+    let public = signer.published().keys[0].public_key.clone();
+    let stranger = AuditSigner::generate("a1").published().keys[0]
+        .public_key
+        .clone();
     for (name, format) in [("a.ndjson", Format::Ndjson), ("a.csv", Format::Csv)] {
-        let text = export(format);
+        let text = export(format, &signer);
         let intact = dir.join(name);
         std::fs::write(&intact, &text).unwrap();
         let out = twofold()
@@ -54,7 +60,37 @@ fn audit_verify_accepts_an_intact_export_and_refuses_an_altered_one() {
             .output()
             .unwrap();
         assert!(out.status.success(), "{name}: {out:?}");
-        assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: 3 entries"));
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.starts_with("ok: 3 entries"), "{said}");
+        assert!(said.contains("origin was not checked"), "{said}");
+
+        let out = twofold()
+            .args(["audit", "verify", "--public-key", &public])
+            .arg(&intact)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {out:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("signed by this server's key a1"), "{said}");
+
+        let out = twofold()
+            .args(["audit", "verify", "--public-key", &stranger])
+            .arg(&intact)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{name}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout)
+            .starts_with("FAILED: the signature does not match"));
+
+        // An export extends itself.
+        let out = twofold()
+            .args(["audit", "verify", "--public-key", &public, "--extends"])
+            .arg(&intact)
+            .arg(&intact)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("and it extends"));
 
         let altered = dir.join(format!("altered-{name}"));
         std::fs::write(&altered, text.replacen("192.0.2.2", "192.0.2.9", 1)).unwrap();
@@ -67,6 +103,38 @@ fn audit_verify_accepts_an_intact_export_and_refuses_an_altered_one() {
         assert!(String::from_utf8_lossy(&out.stdout).starts_with("FAILED"));
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn keygen_audit_prints_a_seed_and_public_key_prints_only_public_halves() {
+    let out = twofold().args(["keygen", "--audit"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let seed = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(seed.len(), 64);
+    let key = String::from_utf8(twofold().arg("keygen").output().unwrap().stdout).unwrap();
+    let out = twofold()
+        .args(["audit", "public-key", "--key-id", "a1"])
+        .env("TWOFOLD_KEYS", format!("k={}", key.trim()))
+        .env("TWOFOLD_CURRENT_KEY_ID", "k")
+        .env(
+            "TWOFOLD_AUDIT_SIGNING_KEYS",
+            format!("a1={seed},a0={}", "11".repeat(32)),
+        )
+        .env("TWOFOLD_AUDIT_SIGNING_KEY_ID", "a1")
+        .env_remove("TWOFOLD_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !text.contains(&seed) && !text.contains(key.trim()),
+        "{text}"
+    );
+    let keys: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(keys["keys"].as_array().unwrap().len(), 1, "{keys}");
+    assert_eq!(keys["keys"][0]["key_id"], "a1");
+    assert_eq!(keys["keys"][0]["algorithm"], "ed25519");
+    assert_eq!(keys["keys"][0]["current"], true);
 }
 
 #[test]
@@ -183,12 +251,20 @@ fn the_break_glass_commands_work_without_any_session() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("export.ndjson");
     std::fs::write(&file, &export.stdout).unwrap();
+    let keys = run(&["audit", "public-key"]);
+    assert!(keys.status.success(), "{keys:?}");
+    let keys_file = dir.join("keys.json");
+    std::fs::write(&keys_file, &keys.stdout).unwrap();
     let verified = twofold()
-        .args(["audit", "verify"])
+        .args(["audit", "verify", "--public-key"])
+        .arg(&keys_file)
         .arg(&file)
         .output()
         .unwrap();
     assert!(verified.status.success(), "{verified:?}");
+    assert!(
+        String::from_utf8_lossy(&verified.stdout).contains("signed by this server's key server-k")
+    );
     let _ = std::fs::remove_dir_all(&dir);
     psql(&format!("DROP DATABASE IF EXISTS {db}"));
 }

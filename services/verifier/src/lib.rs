@@ -87,6 +87,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/overview/daily", get(reports::daily))
         .route("/overview/delivery", get(reports::delivery))
         .route("/audit", get(reports::audit_export))
+        .route("/audit/keys", get(reports::audit_keys))
         .route(
             "/users/{user}",
             get(admin::get_user).patch(admin::update_user),

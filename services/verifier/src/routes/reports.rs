@@ -91,8 +91,17 @@ pub async fn user_history(
     Ok(Json(json!({ "entries": entries })))
 }
 
+/// `GET /v1/tenants/{tenant}/audit/keys`: the public keys export trailers
+/// are signed with, for `twofold audit verify --public-key`.
+pub async fn audit_keys(
+    State(api): State<ApiState>,
+    SignedInReader(reader): SignedInReader,
+) -> Json<Value> {
+    Json(json!(api.app.audit_keys(&reader)))
+}
+
 /// `GET /v1/tenants/{tenant}/audit?event_type=&user_id=&actor=&from=&to=&format=ndjson|csv`:
-/// streamed, with a hash chain and a closing trailer (`twofold audit verify`).
+/// streamed, with a hash chain and a closing signed trailer (`twofold audit verify`).
 pub async fn audit_export(
     State(api): State<ApiState>,
     SignedInReader(reader): SignedInReader,
