@@ -695,3 +695,51 @@ async fn an_event_missing_behind_later_ones_shows_in_the_unapplied_count() {
         .unwrap();
     eventually("the missing event applied", 300, all_applied).await;
 }
+
+#[tokio::test]
+async fn under_load_a_hung_provider_costs_a_few_timeouts_not_one_per_code() {
+    let smtp = Smtp::start().await;
+    let sms = FakeSms::default();
+    let url = sms.start().await;
+    let mut s = stack(smtp.port, &url).await;
+    s.config.sms_timeout_ms = 300;
+    s.config.sms_breaker_failures = 3;
+    s.with_user(
+        json!({"enabled": true, "enforcement": "every_login", "allowed_methods": ["sms"],
+               "default_method": "sms", "sms_provider": "test-sms"}),
+        "load0",
+        true,
+    )
+    .await;
+    let admin = s.app.admin_token().await;
+    const USERS: usize = 12;
+    for n in 1..USERS {
+        s.app
+            .create_user(
+                &admin,
+                json!({"username": format!("load{n}"), "password": "correct horse battery",
+                       "email": format!("load{n}@acme.test"), "phone": format!("+49151000000{n:02}")}),
+            )
+            .await;
+    }
+    sms.hanging.store(true, Ordering::SeqCst);
+    let dispatcher = s.dispatcher().await;
+    tokio::spawn(dispatcher.run_until_stopped(std::future::pending()));
+    for n in 0..USERS {
+        s.challenge(&format!("load{n}")).await;
+    }
+    eventually("every code by email", 600, async || {
+        (0..USERS).all(|n| smtp.mails_to(&format!("load{n}@acme.test")).len() == 1)
+    })
+    .await;
+    // At most the jobs already under way when the circuit opened waited
+    // for the provider: the failures that open it, plus the others then in
+    // flight.
+    let tried = sms.attempts.load(Ordering::SeqCst);
+    let bound = 3 + s.source.concurrency - 1;
+    assert!(
+        (3..=bound).contains(&tried),
+        "{tried} tries of the provider for {USERS} codes"
+    );
+    assert_eq!(s.delivery_events("DeliveryFellBack").await.len(), USERS);
+}
