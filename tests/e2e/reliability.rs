@@ -743,3 +743,74 @@ async fn under_load_a_hung_provider_costs_a_few_timeouts_not_one_per_code() {
     );
     assert_eq!(s.delivery_events("DeliveryFellBack").await.len(), USERS);
 }
+
+#[tokio::test]
+async fn a_code_waits_out_a_database_outage_held_not_redelivered_or_parked() {
+    let smtp = Smtp::start().await;
+    let s = stack(smtp.port, "http://127.0.0.1:9").await;
+    s.with_user(
+        json!({"enabled": true, "enforcement": "every_login"}),
+        "hal",
+        false,
+    )
+    .await;
+    // The dispatcher reaches PostgreSQL through a proxy that is cut.
+    let proxy = DbProxy::start(0).await;
+    let through_proxy = s
+        .app
+        .config
+        .database_url
+        .expose_secret()
+        .replace(":5432/", &format!(":{}/", proxy.port));
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&through_proxy)
+        .await
+        .unwrap();
+    let dispatcher = twofold_dispatcher::Dispatcher::connect(
+        pool,
+        &s.config,
+        &s.source,
+        std::sync::Arc::new(s.app.clock.clone()),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(dispatcher.run_until_stopped(std::future::pending()));
+    let port = proxy.cut().await;
+    let token = s.challenge("hal").await;
+    // Longer than the ack wait (1 s) and the backoff of several deliveries.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(smtp.mails_to("hal@acme.test").is_empty());
+    let _proxy = DbProxy::start(port).await;
+    eventually("the code's email", 600, async || {
+        !smtp.mails_to("hal@acme.test").is_empty()
+    })
+    .await;
+    let code = code_in(&smtp.mails_to("hal@acme.test")[0]).unwrap();
+    assert_eq!(s.verify(&token, &code).await, StatusCode::OK);
+    // Held through the outage: not handed out again, sent once, not parked.
+    let js = async_nats::jetstream::new(async_nats::connect(&s.config.nats_url).await.unwrap());
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(&s.config.nats_stream)
+        .await
+        .unwrap()
+        .get_consumer(&s.source.durable)
+        .await
+        .unwrap();
+    let user_events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'user'")
+            .fetch_one(&s.app.pool)
+            .await
+            .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(
+        info.delivered.consumer_sequence, user_events as u64,
+        "each event delivered once (consumer {:?})",
+        info.delivered
+    );
+    assert_eq!(smtp.mails_to("hal@acme.test").len(), 1);
+    assert!(dead_letters(&s.app.pool, &s.source.durable)
+        .await
+        .is_empty());
+}

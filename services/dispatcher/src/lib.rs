@@ -239,7 +239,11 @@ impl Dispatcher {
         };
         metrics::gauge!("twofold_dispatcher_in_flight").increment(1.0);
         let outcome = loop {
-            match self.handle(&request).await {
+            let handled = self
+                .dead_letters
+                .keeping_alive(&[&message], self.handle(&request))
+                .await;
+            match handled {
                 Ok(o) => break o,
                 Err(e) if self.dead_letters.database_answers().await => {
                     // The store answers, so the failure is this job's.
