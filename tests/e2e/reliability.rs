@@ -829,12 +829,22 @@ async fn a_code_waits_out_a_database_outage_held_not_redelivered_or_parked() {
         .get_consumer(&s.source.durable)
         .await
         .unwrap();
+    // Once every event is out and handled, the consumer made one delivery
+    // per user event: none was handed out twice.
+    outbox_drained(&s.app.pool).await;
     let user_events: i64 =
         sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'user'")
             .fetch_one(&s.app.pool)
             .await
             .unwrap();
-    let info = consumer.info().await.unwrap();
+    let mut info = consumer.info().await.unwrap().clone();
+    for _ in 0..300 {
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        info = consumer.info().await.unwrap().clone();
+    }
     assert_eq!(
         info.delivered.consumer_sequence, user_events as u64,
         "each event delivered once (consumer {:?})",
