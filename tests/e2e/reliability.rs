@@ -496,6 +496,8 @@ async fn the_stream_is_bounded_by_the_configured_age_size_and_replicas() {
     assert_eq!(info.config.num_replicas, 1);
     let events = twofold_platform::db::count_events(&app.pool).await.unwrap();
     assert_eq!(info.state.messages, events as u64, "every event went out");
+    // The limit reserves server storage: give it back.
+    js.delete_stream(&config.nats_stream).await.unwrap();
 }
 
 #[tokio::test]
