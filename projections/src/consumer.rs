@@ -228,10 +228,14 @@ impl Consumer {
             return Ok(Vec::new());
         }
         let applied = loop {
-            match self.apply(&targets).await {
+            let held: Vec<&jetstream::Message> = messages.iter().collect();
+            let applied = self
+                .dead_letters
+                .keeping_alive(&held, self.apply(&targets))
+                .await;
+            match applied {
                 Ok(applied) => break applied,
                 Err(_) if !self.dead_letters.database_answers().await => {
-                    let held: Vec<&jetstream::Message> = messages.iter().collect();
                     self.dead_letters.hold_until_database_answers(&held).await;
                 }
                 Err(e) => {
@@ -268,7 +272,11 @@ impl Consumer {
         let mut all = Vec::new();
         for (message, target) in messages.iter().zip(targets) {
             let result = loop {
-                match self.apply(std::slice::from_ref(&target)).await {
+                let applied = self
+                    .dead_letters
+                    .keeping_alive(&[message], self.apply(std::slice::from_ref(&target)))
+                    .await;
+                match applied {
                     Err(_) if !self.dead_letters.database_answers().await => {
                         self.dead_letters
                             .hold_until_database_answers(&[message])

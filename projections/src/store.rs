@@ -169,6 +169,15 @@ async fn fold_directory(
 ) -> anyhow::Result<BTreeMap<String, UserRow>> {
     let mut events: Vec<(&str, UserEvent)> = Vec::new();
     for record in records {
+        // An event of a newer shape than this build knows is not folded by
+        // guesswork (it may parse and mean something else).
+        if !record.version_is_known() {
+            anyhow::bail!(
+                "{} of version {}, newer than this projector reads",
+                record.event_type,
+                record.event_version
+            );
+        }
         if let Typed::User(event) = record.typed()? {
             events.push((&record.aggregate_id, *event));
         }

@@ -268,8 +268,16 @@ impl Dispatcher {
         metrics::gauge!("twofold_dispatcher_in_flight").increment(1.0);
         let outcome = loop {
             let handled = match &request {
-                Job::Code(code) => self.handle(code).await,
-                Job::Notice(notice) => self.handle_notice(notice).await,
+                Job::Code(code) => {
+                    self.dead_letters
+                        .keeping_alive(&[&message], self.handle(code))
+                        .await
+                }
+                Job::Notice(notice) => {
+                    self.dead_letters
+                        .keeping_alive(&[&message], self.handle_notice(notice))
+                        .await
+                }
             };
             match handled {
                 Ok(o) => break o,

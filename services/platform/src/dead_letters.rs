@@ -127,11 +127,11 @@ impl DeadLetters {
         Ok(())
     }
 
-    /// Whether PostgreSQL answers now.
+    /// Whether PostgreSQL answers now (within a keep-alive interval).
     pub async fn database_answers(&self) -> bool {
         matches!(
             tokio::time::timeout(
-                Duration::from_secs(5),
+                self.keep_alive.min(Duration::from_secs(5)),
                 sqlx::query("SELECT 1").execute(&self.pool)
             )
             .await,
@@ -143,15 +143,40 @@ impl DeadLetters {
     /// redelivers them nor counts a delivery) until PostgreSQL answers.
     pub async fn hold_until_database_answers(&self, messages: &[&Message]) {
         let mut wait = Duration::from_millis(100);
-        while !self.database_answers().await {
-            self.log.warn("database-away", |skipped| {
-                tracing::warn!(consumer = %self.consumer, skipped, "PostgreSQL does not answer; holding messages until it does");
-            });
+        loop {
             for m in messages {
                 let _ = m.ack_with(AckKind::Progress).await;
             }
+            if self.database_answers().await {
+                return;
+            }
+            self.log.warn("database-away", |skipped| {
+                tracing::warn!(consumer = %self.consumer, skipped, "PostgreSQL does not answer; holding messages until it does");
+            });
             tokio::time::sleep(wait.min(self.keep_alive)).await;
             wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Runs `work` on `messages`, marking them in progress while it runs,
+    /// so a slow step (a store that waits for a connection, a slow
+    /// provider) does not have them handed to another worker.
+    pub async fn keeping_alive<T>(
+        &self,
+        messages: &[&Message],
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let keep_alive = async {
+            loop {
+                tokio::time::sleep(self.keep_alive).await;
+                for m in messages {
+                    let _ = m.ack_with(AckKind::Progress).await;
+                }
+            }
+        };
+        tokio::select! {
+            out = work => out,
+            never = keep_alive => never,
         }
     }
 }

@@ -52,7 +52,7 @@ pub async fn durable_consumer(
         .map_err(|e| anyhow!("creating the consumer {name}: {e}"))?;
     let current = consumer.cached_info().config.max_deliver;
     if current != max_deliver {
-        match stream.create_consumer(config).await {
+        match stream.update_consumer(config).await {
             Ok(updated) => consumer = updated,
             Err(e) => {
                 tracing::warn!(consumer = %name, error = %e, current, "cannot bring the consumer to a finite max_deliver; delete it to have it made again")
