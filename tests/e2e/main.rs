@@ -14,6 +14,7 @@ mod console;
 mod delivery;
 mod guarantees;
 mod keep_alive;
+mod metrics;
 mod nats;
 mod pages;
 mod policy_http;

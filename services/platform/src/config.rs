@@ -170,7 +170,7 @@ const NUMBERS: &[&str] = &[
 fn other_variable(name: &str) -> bool {
     matches!(
         name,
-        "TWOFOLD_CONFIG" | "TWOFOLD_LOG" | "TWOFOLD_LOG_FORMAT"
+        "TWOFOLD_CONFIG" | "TWOFOLD_LOG" | "TWOFOLD_LOG_FORMAT" | "TWOFOLD_COMMIT"
     ) || name.starts_with("TWOFOLD_TEST_")
         || name.starts_with("TWOFOLD_BENCH_")
 }

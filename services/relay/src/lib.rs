@@ -121,7 +121,7 @@ impl Relay {
     /// `metrics_addr`, then connects, waiting for PostgreSQL (and migrating
     /// it) and NATS as long as they are not there.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
-        let start = WorkerStart::begin(config).await?;
+        let start = WorkerStart::begin(config, "relay").await?;
         let mut relay = Self::on(start.pool, start.nats, config);
         relay.telemetry = Some(start.telemetry);
         Ok(relay)
