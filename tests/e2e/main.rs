@@ -16,6 +16,7 @@ mod guarantees;
 mod keep_alive;
 mod metrics;
 mod nats;
+mod nats_cluster;
 mod pages;
 mod policy_http;
 mod reports;

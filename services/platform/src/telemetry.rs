@@ -158,6 +158,7 @@ pub struct Readiness {
 struct Parts {
     pool: Option<PgPool>,
     nats: Option<async_nats::Client>,
+    refusal: Option<crate::jetstream::Refusal>,
     consumers: Vec<PullConsumer>,
 }
 
@@ -198,6 +199,11 @@ impl Readiness {
         self.parts().nats = Some(client.clone());
     }
 
+    /// Where the NATS client notes that the server refused its credentials.
+    pub fn set_nats_refusal(&self, refusal: &crate::jetstream::Refusal) {
+        self.parts().refusal = Some(refusal.clone());
+    }
+
     pub fn add_consumer(&self, consumer: &PullConsumer) {
         self.parts().consumers.push(consumer.clone());
     }
@@ -205,11 +211,12 @@ impl Readiness {
     /// `Ok` when every dependency answers; else a short reason (no secrets:
     /// no connection strings).
     pub async fn check(&self) -> Result<(), String> {
-        let (pool, nats, consumers) = {
+        let (pool, nats, refusal, consumers) = {
             let parts = self.parts();
             (
                 parts.pool.clone(),
                 parts.nats.clone(),
+                parts.refusal.clone(),
                 parts.consumers.clone(),
             )
         };
@@ -221,6 +228,9 @@ impl Readiness {
         if self.uses_nats {
             let nats = nats.ok_or("not connected to NATS yet")?;
             if nats.connection_state() != async_nats::connection::State::Connected {
+                if refusal.is_some_and(|r| r.refused()) {
+                    return Err("NATS refused the credentials (check nats_token, nats_user and nats_password, or nats_credentials_file)".into());
+                }
                 return Err("NATS is disconnected".into());
             }
             for consumer in &consumers {
@@ -289,7 +299,9 @@ impl WorkerStart {
         let telemetry = Telemetry::start(config.metrics_addr, readiness).await?;
         let pool = crate::db::connect_and_migrate(config).await;
         telemetry.readiness().set_pool(&pool);
-        let nats = crate::jetstream::connect(&config.nats_url).await?;
+        let refusal = crate::jetstream::Refusal::default();
+        telemetry.readiness().set_nats_refusal(&refusal);
+        let nats = crate::jetstream::connect_watched(config, &refusal).await?;
         telemetry.readiness().set_nats(&nats);
         Ok(Self {
             telemetry,

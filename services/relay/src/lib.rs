@@ -135,7 +135,7 @@ impl Relay {
     /// A relay on `pool` (no metrics server: the in-process form tests and
     /// benchmarks use). The NATS connection is made in the background.
     pub async fn connect(pool: PgPool, config: &Config) -> anyhow::Result<Self> {
-        let client = twofold_platform::jetstream::connect(&config.nats_url).await?;
+        let client = twofold_platform::jetstream::connect(config).await?;
         Ok(Self::on(pool, client, config))
     }
 
