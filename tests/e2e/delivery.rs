@@ -28,14 +28,14 @@ pub(crate) fn free_port() -> u16 {
 }
 
 /// Debian's aiosmtpd, keeping what it receives in a Maildir.
-struct Smtp {
+pub(crate) struct Smtp {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
     maildir: std::path::PathBuf,
 }
 
 impl Smtp {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let port = free_port();
         let maildir = std::env::temp_dir().join(format!("twofold-mail-{}", uuid::Uuid::new_v4()));
         for sub in ["tmp", "new", "cur"] {
@@ -84,7 +84,7 @@ impl Smtp {
         out
     }
 
-    fn mails_to(&self, address: &str) -> Vec<String> {
+    pub(crate) fn mails_to(&self, address: &str) -> Vec<String> {
         self.mails()
             .into_iter()
             .filter(|m| m.contains(address))
@@ -100,7 +100,7 @@ impl Drop for Smtp {
 }
 
 /// The six digits after "code is " in a message.
-fn code_in(text: &str) -> Option<String> {
+pub(crate) fn code_in(text: &str) -> Option<String> {
     let at = text.find("sign-in code is ")? + "sign-in code is ".len();
     let code: String = text[at..].chars().take(6).collect();
     (code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit())).then_some(code)

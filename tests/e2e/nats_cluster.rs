@@ -1,15 +1,19 @@
-//! NATS beyond one local server: a server that wants a token.
+//! NATS beyond one local server: a server that wants a token, and a
+//! three-node JetStream cluster with a stream of three replicas that loses a
+//! node under load.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use secrecy::SecretString;
+use serde_json::json;
 use twofold_platform::Config;
 
-use crate::delivery::free_port;
-use crate::helpers::{spawn_app, TestApp};
+use crate::delivery::{code_in, free_port, Smtp};
+use crate::helpers::{settings_on, spawn_app, spawn_app_with, TestApp};
 
 fn nats_server() -> &'static str {
     ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
@@ -21,6 +25,7 @@ fn nats_server() -> &'static str {
 /// A nats-server process of this test's own (killed when dropped).
 struct Node {
     child: Child,
+    args: Vec<String>,
 }
 
 impl Node {
@@ -31,12 +36,18 @@ impl Node {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        Self { child }
+        Self { child, args }
     }
 
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same ports and store.
+    fn restart(&mut self) {
+        self.kill();
+        *self = Self::start(self.args.clone());
     }
 }
 
@@ -144,4 +155,286 @@ async fn a_worker_with_the_right_token_connects_and_one_with_a_wrong_token_says_
     relay.abort();
     projector.abort();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Three nodes routed to each other on loopback, JetStream on each.
+struct Cluster {
+    nodes: Vec<Node>,
+    client_ports: Vec<u16>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let name = format!("c{}", uuid::Uuid::new_v4().simple());
+        let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let dirs: Vec<PathBuf> = (0..3).map(|_| temp_dir("nats-node")).collect();
+        let nodes = (0..3)
+            .map(|i| {
+                let routes: Vec<String> = (0..3)
+                    .filter(|j| *j != i)
+                    .map(|j| format!("nats://127.0.0.1:{}", route_ports[j]))
+                    .collect();
+                Node::start(vec![
+                    "-a".into(),
+                    "127.0.0.1".into(),
+                    "-p".into(),
+                    client_ports[i].to_string(),
+                    "-n".into(),
+                    format!("{name}-n{i}"),
+                    "-js".into(),
+                    "-sd".into(),
+                    dirs[i].display().to_string(),
+                    "--cluster_name".into(),
+                    name.clone(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{}", route_ports[i]),
+                    "--routes".into(),
+                    routes.join(","),
+                ])
+            })
+            .collect();
+        Self {
+            nodes,
+            client_ports,
+            dirs,
+        }
+    }
+
+    fn url(&self, node: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.client_ports[node])
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Every builder has applied every event (per stream, a builder's position
+/// is the last sequence it applied, so the positions add up to the events).
+async fn caught_up(app: &TestApp) -> bool {
+    let events = count(app, "SELECT count(*) FROM events").await;
+    if count(app, "SELECT count(*) FROM outbox").await != 0 {
+        return false;
+    }
+    for builder in twofold_projections::store::Builder::ALL {
+        let applied: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(sum(sequence), 0)::bigint FROM projection_positions WHERE projection = $1",
+        )
+        .bind(builder.name())
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if applied != events {
+            return false;
+        }
+    }
+    true
+}
+
+const SIGN_INS: usize = 30;
+
+#[tokio::test]
+async fn sign_ins_through_a_three_node_cluster_survive_a_node_killed_and_restarted() {
+    let mut cluster = Cluster::start();
+    let smtp = Smtp::start().await;
+    let app = spawn_app_with(|c| {
+        c.smtp_port = smtp.port;
+        c.smtp_from = "Acme <no-reply@acme.test>".into();
+    })
+    .await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    // The workers know node 0 only; the client learns the others from it.
+    let config = Config {
+        nats_url: cluster.url(0),
+        nats_stream: format!("C{id}"),
+        nats_subject_prefix: format!("c{id}"),
+        ..app.config.clone()
+    };
+
+    // The stream, with three replicas, before the relay finds it (once the
+    // cluster has elected its JetStream leader).
+    let client = async_nats::connect(cluster.url(1)).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream_config = async_nats::jetstream::stream::Config {
+        name: config.nats_stream.clone(),
+        subjects: vec![format!("{}.events.>", config.nats_subject_prefix)],
+        duplicate_window: Duration::from_secs(120),
+        storage: async_nats::jetstream::stream::StorageType::File,
+        num_replicas: 3,
+        ..Default::default()
+    };
+    eventually(
+        "the cluster to take a stream of three replicas",
+        Duration::from_secs(30),
+        async || js.create_stream(stream_config.clone()).await.is_ok(),
+    )
+    .await;
+
+    // Relay, dispatcher and projector, with short ack waits so that what a
+    // lost node leaves unacknowledged comes again within the test.
+    let relay = twofold_relay::Relay::connect(app.pool.clone(), &config)
+        .await
+        .unwrap();
+    let dispatcher = twofold_dispatcher::Dispatcher::connect(
+        app.pool.clone(),
+        &config,
+        &twofold_dispatcher::Source {
+            stream: config.nats_stream.clone(),
+            subject_prefix: config.nats_subject_prefix.clone(),
+            durable: "dispatcher".into(),
+            ack_wait: Duration::from_secs(2),
+            retry_delay: Duration::from_millis(500),
+            concurrency: 4,
+        },
+        Arc::new(app.clock.clone()),
+    )
+    .await
+    .unwrap();
+    let source = twofold_projections::consumer::Source {
+        nats_url: config.nats_url.clone(),
+        stream: config.nats_stream.clone(),
+        filter_subject: format!("{}.events.>", config.nats_subject_prefix),
+        durable_prefix: "projector".into(),
+        ack_wait: Duration::from_secs(2),
+    };
+    let mut workers = vec![
+        tokio::spawn(async move {
+            let _ = relay.run_until_stopped(std::future::pending()).await;
+        }),
+        tokio::spawn(dispatcher.run_until_stopped(std::future::pending())),
+    ];
+    for builder in twofold_projections::store::Builder::ALL {
+        let consumer =
+            twofold_projections::consumer::Consumer::connect(app.pool.clone(), &source, builder)
+                .await
+                .unwrap();
+        workers.push(tokio::spawn(
+            consumer.run_until_stopped(std::future::pending()),
+        ));
+    }
+
+    let admin = app.admin_token().await;
+    let names: Vec<String> = (0..SIGN_INS).map(|i| format!("cl{i:02}")).collect();
+    for name in &names {
+        app.create_user(
+            &admin,
+            json!({"username": name, "password": "correct horse battery", "email": format!("{name}@acme.test")}),
+        )
+        .await;
+    }
+    let r = app
+        .set_settings(&admin, settings_on(&["email"], "email"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+
+    // Sign-ins, with node 0 (the one the workers were told of) killed a
+    // third of the way through and back two thirds of the way.
+    let mut challenges = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        if i == SIGN_INS / 3 {
+            cluster.nodes[0].kill();
+        }
+        if i == 2 * SIGN_INS / 3 {
+            cluster.nodes[0].restart();
+        }
+        let r = app.sign_in(name, "correct horse battery").await;
+        assert_eq!(r.body["status"], "challenge", "{:?}", r.body);
+        assert_eq!(r.body["challenge"]["method"], "email", "{:?}", r.body);
+        challenges.push(r.body["challenge"]["token"].as_str().unwrap().to_string());
+    }
+
+    // Every code arrives, and signs in (names of one length: no address is
+    // part of another).
+    eventually(
+        "every code to be mailed",
+        Duration::from_secs(40),
+        async || {
+            names
+                .iter()
+                .all(|n| !smtp.mails_to(&format!("{n}@acme.test")).is_empty())
+        },
+    )
+    .await;
+    for (name, token) in names.iter().zip(&challenges) {
+        let mails = smtp.mails_to(&format!("{name}@acme.test"));
+        let code = code_in(&mails[0]).expect("a code in the mail");
+        let r = app
+            .post(
+                "/challenge/verify",
+                json!({"challenge_token": token, "code": code}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{name}: {:?}", r.body);
+    }
+
+    // Every event reached the stream once and both read models.
+    eventually(
+        "the read models to catch up",
+        Duration::from_secs(40),
+        async || caught_up(&app).await,
+    )
+    .await;
+    let events = count(&app, "SELECT count(*) FROM events").await;
+    let info = js
+        .get_stream(&config.nats_stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(
+        info.state.messages as i64, events,
+        "each event in the stream once"
+    );
+    assert_eq!(info.config.num_replicas, 3);
+    // And the restarted node holds its replica again, current with the leader.
+    eventually(
+        "every replica to be current",
+        Duration::from_secs(30),
+        async || {
+            let Ok(mut stream) = js.get_stream(&config.nats_stream).await else {
+                return false;
+            };
+            let Ok(info) = stream.info().await else {
+                return false;
+            };
+            let replicas = info
+                .cluster
+                .as_ref()
+                .map(|c| c.replicas.clone())
+                .unwrap_or_default();
+            replicas.len() == 2 && replicas.iter().all(|r| r.current && !r.offline)
+        },
+    )
+    .await;
+    let users = count(
+        &app,
+        "SELECT count(*) FROM rm_users WHERE username LIKE 'cl%'",
+    )
+    .await;
+    assert_eq!(users, SIGN_INS as i64);
+    let delivered = count(
+        &app,
+        "SELECT count(*) FROM events WHERE event_type = 'CodeDelivered'",
+    )
+    .await;
+    assert_eq!(delivered, SIGN_INS as i64, "one delivery per challenge");
+    // Sent exactly once: still one mail each after the redeliveries settled.
+    for name in &names {
+        let mails = smtp.mails_to(&format!("{name}@acme.test"));
+        assert_eq!(mails.len(), 1, "{name} got {} mails", mails.len());
+    }
+    for w in workers {
+        w.abort();
+    }
 }
