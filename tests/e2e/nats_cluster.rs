@@ -157,6 +157,142 @@ async fn a_worker_with_the_right_token_connects_and_one_with_a_wrong_token_says_
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl must be installed");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_worker_trusting_the_servers_ca_connects_over_tls_and_one_without_it_does_not() {
+    // A CA of this test's own, and a certificate for 127.0.0.1 signed by it.
+    let dir = temp_dir("nats-tls");
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=twofold test CA",
+        ],
+    );
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(dir.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.cnf",
+        ],
+    );
+    let port = free_port();
+    let _nats = Node::start(vec![
+        "-a".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+        "-js".into(),
+        "-sd".into(),
+        dir.join("store").display().to_string(),
+        "--tls".into(),
+        "--tlscert".into(),
+        dir.join("server.pem").display().to_string(),
+        "--tlskey".into(),
+        dir.join("server.key").display().to_string(),
+    ]);
+    let app = spawn_app().await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let config = |ca: Option<String>| Config {
+        metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        nats_url: format!("nats://127.0.0.1:{port}"),
+        nats_stream: format!("S{id}"),
+        nats_subject_prefix: format!("s{id}"),
+        nats_tls_ca_file: ca,
+        nats_tls_required: true,
+        ..app.config.clone()
+    };
+    let trusting = config(Some(dir.join("ca.pem").display().to_string()));
+    let untrusting = config(None);
+    let (trusting_addr, untrusting_addr) = (trusting.metrics_addr, untrusting.metrics_addr);
+    let relay = tokio::spawn(async move {
+        let relay = twofold_relay::Relay::build(&trusting).await.unwrap();
+        let _ = relay.run_until_stopped(std::future::pending()).await;
+    });
+    let projector = tokio::spawn(async move {
+        let projector = twofold_projections::consumer::Projector::build(&untrusting)
+            .await
+            .unwrap();
+        projector.run_until_stopped(std::future::pending()).await;
+    });
+    eventually(
+        "the relay trusting the CA to be ready",
+        Duration::from_secs(30),
+        async || {
+            ready_body(trusting_addr)
+                .await
+                .is_some_and(|(s, _)| s == StatusCode::OK)
+        },
+    )
+    .await;
+    eventually(
+        "the outbox to drain over TLS",
+        Duration::from_secs(30),
+        async || count(&app, "SELECT count(*) FROM outbox").await == 0,
+    )
+    .await;
+    // The system's roots do not know the test's CA: never connected.
+    let (status, why) = ready_body(untrusting_addr).await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{why}");
+    assert!(why.contains("NATS"), "{why}");
+    relay.abort();
+    projector.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Three nodes routed to each other on loopback, JetStream on each.
 struct Cluster {
     nodes: Vec<Node>,
