@@ -62,7 +62,7 @@ impl Projector {
     /// for PostgreSQL (migrating it), NATS and the relay's stream, and binds
     /// every builder's consumer.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
-        let start = WorkerStart::begin(config).await?;
+        let start = WorkerStart::begin(config, "projector").await?;
         let (source, js) = (Source::from_config(config), jetstream::new(start.nats));
         let (telemetry, pool) = (start.telemetry, start.pool);
         let mut consumers = Vec::new();

@@ -165,7 +165,7 @@ impl Dispatcher {
     /// `metrics_addr`, then waits for PostgreSQL (migrating it), NATS and the
     /// relay's stream, and binds the shared consumer.
     pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let start = WorkerStart::begin(config).await?;
+        let start = WorkerStart::begin(config, "dispatcher").await?;
         let (source, js) = (Source::from_config(config), jetstream::new(start.nats));
         let (telemetry, pool) = (start.telemetry, start.pool);
         let consumer =

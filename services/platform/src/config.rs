@@ -52,6 +52,22 @@ pub struct Config {
     pub nats_stream: String,
     /// Subjects are `<prefix>.events.<tenant>.<aggregate_type>.<event_type>`.
     pub nats_subject_prefix: String,
+    /// A NATS credentials file (a user JWT and its NKey seed, `.creds`).
+    pub nats_credentials_file: Option<String>,
+    /// NATS user and password (both or neither).
+    pub nats_user: Option<String>,
+    pub nats_password: Option<SecretString>,
+    /// A NATS authentication token.
+    pub nats_token: Option<SecretString>,
+    /// PEM file of the CAs that sign the NATS servers' certificates (instead
+    /// of the system's roots).
+    pub nats_tls_ca_file: Option<String>,
+    /// PEM files of this client's certificate and key, for servers that
+    /// verify clients (both or neither).
+    pub nats_tls_cert_file: Option<String>,
+    pub nats_tls_key_file: Option<String>,
+    /// Refuse to talk to a NATS server without TLS.
+    pub nats_tls_required: bool,
     /// How often the relay looks at an empty outbox, in milliseconds.
     pub relay_poll_ms: u64,
     /// How long the stream keeps a message, in seconds (at least 1; the
@@ -136,6 +152,14 @@ impl Default for Config {
             nats_url: "nats://127.0.0.1:4222".to_string(),
             nats_stream: "TWOFOLD_EVENTS".to_string(),
             nats_subject_prefix: "twofold".to_string(),
+            nats_credentials_file: None,
+            nats_user: None,
+            nats_password: None,
+            nats_token: None,
+            nats_tls_ca_file: None,
+            nats_tls_cert_file: None,
+            nats_tls_key_file: None,
+            nats_tls_required: false,
             relay_poll_ms: 5,
             nats_stream_max_age_secs: 30 * 24 * 3600,
             nats_stream_max_bytes: 0,
@@ -177,6 +201,14 @@ const KEYS: &[&str] = &[
     "nats_url",
     "nats_stream",
     "nats_subject_prefix",
+    "nats_credentials_file",
+    "nats_user",
+    "nats_password",
+    "nats_token",
+    "nats_tls_ca_file",
+    "nats_tls_cert_file",
+    "nats_tls_key_file",
+    "nats_tls_required",
     "relay_poll_ms",
     "nats_stream_max_age_secs",
     "nats_stream_max_bytes",
@@ -223,7 +255,7 @@ const NUMBERS: &[&str] = &[
 fn other_variable(name: &str) -> bool {
     matches!(
         name,
-        "TWOFOLD_CONFIG" | "TWOFOLD_LOG" | "TWOFOLD_LOG_FORMAT"
+        "TWOFOLD_CONFIG" | "TWOFOLD_LOG" | "TWOFOLD_LOG_FORMAT" | "TWOFOLD_COMMIT"
     ) || name.starts_with("TWOFOLD_TEST_")
         || name.starts_with("TWOFOLD_BENCH_")
 }
@@ -283,6 +315,11 @@ fn env_value(key: &str, raw: &str) -> anyhow::Result<Value> {
                 .with_context(|| format!("{name} must be JSON (see README, Configuration)"))?;
             Value::serialize(json).with_context(|| format!("reading {name}"))?
         }
+        "nats_tls_required" => Value::from(match raw.trim() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" | "" => false,
+            _ => bail!("{name} must be true or false, not {raw:?}"),
+        }),
         k if NUMBERS.contains(&k) => Value::from(
             raw.trim()
                 .parse::<u64>()
@@ -355,6 +392,20 @@ impl Config {
         }
         if !self.nats_subject_prefix.split('.').all(token_ok) {
             bail!("nats_subject_prefix must be dot-separated tokens of letters, digits, _ and -");
+        }
+        if self.nats_user.is_some() != self.nats_password.is_some() {
+            bail!("nats_user and nats_password go together: set both or neither");
+        }
+        let ways = [
+            self.nats_credentials_file.is_some(),
+            self.nats_user.is_some(),
+            self.nats_token.is_some(),
+        ];
+        if ways.into_iter().filter(|w| *w).count() > 1 {
+            bail!("NATS authentication: set one of nats_credentials_file, nats_user and nats_password, or nats_token");
+        }
+        if self.nats_tls_cert_file.is_some() != self.nats_tls_key_file.is_some() {
+            bail!("nats_tls_cert_file and nats_tls_key_file go together: set both or neither");
         }
         if self.dispatcher_concurrency == 0 {
             bail!("dispatcher_concurrency must be at least 1");
@@ -491,6 +542,57 @@ mod tests {
             Config::load_from(None, vars(&[("TWOFOLD_KEYS", "k1=0123abcd")])).unwrap_err()
         );
         assert!(!err.contains("0123abcd"), "{err}");
+    }
+
+    #[test]
+    fn nats_credentials_and_tls_are_read_and_checked() {
+        let key = "11".repeat(32);
+        let base = [
+            ("TWOFOLD_KEYS", format!("k1={key}")),
+            ("TWOFOLD_CURRENT_KEY_ID", "k1".to_string()),
+        ];
+        let load = |extra: &[(&str, &str)]| {
+            let mut v: Vec<(String, String)> = base
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            v.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            Config::load_from(None, v)
+        };
+        let c = load(&[
+            ("TWOFOLD_NATS_TOKEN", "s3cret-token"),
+            ("TWOFOLD_NATS_TLS_CA_FILE", "/etc/twofold/nats-ca.pem"),
+            ("TWOFOLD_NATS_TLS_REQUIRED", "true"),
+        ])
+        .unwrap();
+        assert_eq!(c.nats_token.unwrap().expose_secret(), "s3cret-token");
+        assert_eq!(
+            c.nats_tls_ca_file.as_deref(),
+            Some("/etc/twofold/nats-ca.pem")
+        );
+        assert!(c.nats_tls_required);
+        for (extra, named) in [
+            (&[("TWOFOLD_NATS_USER", "w")][..], "nats_password"),
+            (
+                &[
+                    ("TWOFOLD_NATS_TOKEN", "t0ken-value"),
+                    ("TWOFOLD_NATS_CREDENTIALS_FILE", "/x.creds"),
+                ][..],
+                "one of",
+            ),
+            (
+                &[("TWOFOLD_NATS_TLS_CERT_FILE", "/c.pem")][..],
+                "nats_tls_key_file",
+            ),
+            (
+                &[("TWOFOLD_NATS_TLS_REQUIRED", "maybe")][..],
+                "TWOFOLD_NATS_TLS_REQUIRED",
+            ),
+        ] {
+            let err = format!("{:#}", load(extra).unwrap_err());
+            assert!(err.contains(named), "{extra:?}: {err}");
+            assert!(!err.contains("t0ken-value"), "{err}");
+        }
     }
 
     #[test]

@@ -2,22 +2,106 @@
 //! consumer, and batches from it for workers that take whatever has arrived
 //! and handle it together (the projector's builders, the dispatcher).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
 use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer, Message};
 use futures::{FutureExt, StreamExt};
+use secrecy::ExposeSecret;
+
+use crate::Config;
 
 use crate::dead_letters::{backoff, MAX_DELIVER};
 
 /// A client that connects in the background and reconnects by itself: a
-/// worker started before NATS waits for it.
-pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+/// worker started before NATS waits for it. Authenticates and uses TLS as
+/// `config` says (`nats_credentials_file`, `nats_user`/`nats_password`,
+/// `nats_token`, `nats_tls_*`).
+pub async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
+    connect_watched(config, &Refusal::default()).await
+}
+
+/// Whether the NATS server refused this client's credentials at its last
+/// attempt (cleared when it connects).
+#[derive(Clone, Default)]
+pub struct Refusal(Arc<AtomicBool>);
+
+impl Refusal {
+    pub fn refused(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// [`connect`], noting in `refusal` when the server refuses the credentials.
+/// Connection problems are logged as they happen (without secrets).
+pub async fn connect_watched(
+    config: &Config,
+    refusal: &Refusal,
+) -> anyhow::Result<async_nats::Client> {
+    let seen = refusal.clone();
+    let mut options = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
+        .event_callback(move |event| {
+            let seen = seen.clone();
+            async move { note(&seen, &event) }
+        });
+    if let Some(path) = &config.nats_credentials_file {
+        options = options.credentials_file(path).await.with_context(|| {
+            format!("reading the NATS credentials file {path} (nats_credentials_file)")
+        })?;
+    }
+    if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
+        options = options.user_and_password(user.clone(), password.expose_secret().to_string());
+    }
+    if let Some(token) = &config.nats_token {
+        options = options.token(token.expose_secret().to_string());
+    }
+    if let Some(ca) = &config.nats_tls_ca_file {
+        options = options.add_root_certificates(ca.into());
+    }
+    if let (Some(cert), Some(key)) = (&config.nats_tls_cert_file, &config.nats_tls_key_file) {
+        options = options.add_client_certificate(cert.into(), key.into());
+    }
+    if config.nats_tls_required {
+        options = options.require_tls(true);
+    }
+    let url = &config.nats_url;
+    options
         .connect(url)
         .await
         .with_context(|| format!("connecting to NATS at {url}"))
+}
+
+/// Logs a connection event worth an operator's attention, and keeps
+/// `refusal` up to date.
+fn note(refusal: &Refusal, event: &async_nats::Event) {
+    use async_nats::{ClientError, Event, ServerError};
+    match event {
+        Event::Connected => {
+            refusal.0.store(false, Ordering::Relaxed);
+            tracing::info!("connected to NATS");
+        }
+        Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+        Event::ServerError(ServerError::AuthorizationViolation) => refused(refusal),
+        Event::ClientError(ClientError::Other(why))
+            if why.contains("authorization violation") || why.contains("signing nonce") =>
+        {
+            refused(refusal)
+        }
+        Event::ClientError(e) => tracing::warn!(error = %e, "cannot connect to NATS; retrying"),
+        Event::ServerError(e) => tracing::warn!(error = %e, "NATS server error"),
+        _ => {}
+    }
+}
+
+fn refused(refusal: &Refusal) {
+    refusal.0.store(true, Ordering::Relaxed);
+    tracing::error!(
+        "NATS refused this client's credentials (authorization violation): check nats_token, \
+         nats_user and nats_password, or nats_credentials_file; retrying"
+    );
 }
 
 /// Binds to (creating if needed) the durable pull consumer `config` names on

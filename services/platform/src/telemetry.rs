@@ -2,7 +2,7 @@
 //! on the worker's own port with `/health/live` and `/health/ready`.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,26 +13,80 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
+pub mod catalog;
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static INSTALLING: Mutex<()> = Mutex::new(());
 
 /// The process-wide recorder, installed on first use (several in-process
-/// services, as in tests, share it).
+/// services, as in tests, share it), with every metric's HELP text, the
+/// build-info gauge and the process metrics.
 pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let _installing = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Suffix("_seconds".to_string()),
-            &[
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ],
+            catalog::SECONDS_BUCKETS,
+        )
+        .context("configuring histogram buckets")?
+        .set_buckets_for_metric(
+            Matcher::Full("twofold_store_batch_appends".to_string()),
+            catalog::BATCH_BUCKETS,
         )
         .context("configuring histogram buckets")?
         .install_recorder()
-        .or_else(|e| HANDLE.get().cloned().ok_or(e))
         .context("installing the Prometheus recorder")?;
+    catalog::describe();
+    process_collector().describe();
     Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// The workers whose database pool and NATS connection are shown as gauges
+/// (each as long as its readiness lives).
+static WATCHED: Mutex<Vec<Watched>> = Mutex::new(Vec::new());
+
+/// A worker's name and its readiness's parts, while they live.
+type Watched = (&'static str, Weak<RwLock<Parts>>);
+
+/// Brings the gauges read at scrape time up to date: the process metrics,
+/// and each watched worker's pool and NATS connection.
+fn refresh_gauges() {
+    process_collector().collect();
+    let mut watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
+    watched.retain(|(worker, parts)| {
+        let Some(parts) = parts.upgrade() else {
+            return false;
+        };
+        let parts = parts.read().unwrap_or_else(|p| p.into_inner());
+        let worker = *worker;
+        if let Some(pool) = &parts.pool {
+            metrics::gauge!("twofold_db_pool_connections", "worker" => worker).set(pool.size());
+            metrics::gauge!("twofold_db_pool_idle_connections", "worker" => worker)
+                .set(pool.num_idle() as f64);
+            metrics::gauge!("twofold_db_pool_max_connections", "worker" => worker)
+                .set(pool.options().get_max_connections());
+        }
+        if let Some(nats) = &parts.nats {
+            let up = nats.connection_state() == async_nats::connection::State::Connected;
+            metrics::gauge!("twofold_nats_connected", "worker" => worker).set(if up {
+                1.0
+            } else {
+                0.0
+            });
+        }
+        true
+    });
 }
 
 fn metrics_router(handle: PrometheusHandle) -> axum::Router {
@@ -40,7 +94,10 @@ fn metrics_router(handle: PrometheusHandle) -> axum::Router {
         "/metrics",
         get(move || {
             let handle = handle.clone();
-            async move { handle.render() }
+            async move {
+                refresh_gauges();
+                handle.render()
+            }
         }),
     )
 }
@@ -101,6 +158,7 @@ pub struct Readiness {
 struct Parts {
     pool: Option<PgPool>,
     nats: Option<async_nats::Client>,
+    refusal: Option<crate::jetstream::Refusal>,
     consumers: Vec<PullConsumer>,
 }
 
@@ -115,6 +173,20 @@ impl Readiness {
         }
     }
 
+    /// Shows this worker's pool and NATS connection in the metrics
+    /// (`twofold_db_pool_*`, `twofold_nats_connected`, labelled `worker`)
+    /// while this readiness lives, and starts its counters at zero.
+    pub fn observed(self, worker: &'static str) -> Self {
+        if metrics_handle().is_ok() {
+            catalog::register_zeros(worker);
+        }
+        WATCHED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((worker, Arc::downgrade(&self.parts)));
+        self
+    }
+
     fn parts(&self) -> std::sync::RwLockWriteGuard<'_, Parts> {
         self.parts.write().unwrap_or_else(|p| p.into_inner())
     }
@@ -127,6 +199,11 @@ impl Readiness {
         self.parts().nats = Some(client.clone());
     }
 
+    /// Where the NATS client notes that the server refused its credentials.
+    pub fn set_nats_refusal(&self, refusal: &crate::jetstream::Refusal) {
+        self.parts().refusal = Some(refusal.clone());
+    }
+
     pub fn add_consumer(&self, consumer: &PullConsumer) {
         self.parts().consumers.push(consumer.clone());
     }
@@ -134,11 +211,12 @@ impl Readiness {
     /// `Ok` when every dependency answers; else a short reason (no secrets:
     /// no connection strings).
     pub async fn check(&self) -> Result<(), String> {
-        let (pool, nats, consumers) = {
+        let (pool, nats, refusal, consumers) = {
             let parts = self.parts();
             (
                 parts.pool.clone(),
                 parts.nats.clone(),
+                parts.refusal.clone(),
                 parts.consumers.clone(),
             )
         };
@@ -150,6 +228,9 @@ impl Readiness {
         if self.uses_nats {
             let nats = nats.ok_or("not connected to NATS yet")?;
             if nats.connection_state() != async_nats::connection::State::Connected {
+                if refusal.is_some_and(|r| r.refused()) {
+                    return Err("NATS refused the credentials (check nats_token, nats_user and nats_password, or nats_credentials_file)".into());
+                }
                 return Err("NATS is disconnected".into());
             }
             for consumer in &consumers {
@@ -209,11 +290,18 @@ pub struct WorkerStart {
 }
 
 impl WorkerStart {
-    pub async fn begin(config: &crate::Config) -> anyhow::Result<Self> {
-        let telemetry = Telemetry::start(config.metrics_addr, Readiness::new(true)).await?;
+    /// Starts `worker` (`relay`, `dispatcher` or `projector`).
+    pub async fn begin(config: &crate::Config, worker: &'static str) -> anyhow::Result<Self> {
+        let readiness = Readiness::new(true).observed(worker);
+        if worker == "dispatcher" {
+            catalog::register_sms_providers(config.sms_providers.keys());
+        }
+        let telemetry = Telemetry::start(config.metrics_addr, readiness).await?;
         let pool = crate::db::connect_and_migrate(config).await;
         telemetry.readiness().set_pool(&pool);
-        let nats = crate::jetstream::connect(&config.nats_url).await?;
+        let refusal = crate::jetstream::Refusal::default();
+        telemetry.readiness().set_nats_refusal(&refusal);
+        let nats = crate::jetstream::connect_watched(config, &refusal).await?;
         telemetry.readiness().set_nats(&nats);
         Ok(Self {
             telemetry,

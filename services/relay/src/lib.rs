@@ -215,7 +215,7 @@ impl Relay {
     /// `metrics_addr`, then connects, waiting for PostgreSQL (and migrating
     /// it) and NATS as long as they are not there.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
-        let start = WorkerStart::begin(config).await?;
+        let start = WorkerStart::begin(config, "relay").await?;
         let mut relay = Self::on(start.pool, start.nats, config);
         relay.telemetry = Some(start.telemetry);
         Ok(relay)
@@ -229,7 +229,7 @@ impl Relay {
     /// A relay on `pool` (no metrics server: the in-process form tests and
     /// benchmarks use). The NATS connection is made in the background.
     pub async fn connect(pool: PgPool, config: &Config) -> anyhow::Result<Self> {
-        let client = twofold_platform::jetstream::connect(&config.nats_url).await?;
+        let client = twofold_platform::jetstream::connect(config).await?;
         Ok(Self::on(pool, client, config))
     }
 

@@ -210,7 +210,7 @@ impl Verifier {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let handle = telemetry::metrics_handle()?;
-        let readiness = telemetry::Readiness::new(false);
+        let readiness = telemetry::Readiness::new(false).observed("verifier");
         readiness.set_pool(&self.app.pool);
         let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
         let metrics = tokio::spawn(telemetry::serve(
