@@ -177,6 +177,7 @@ impl UserRow {
             | UserEvent::SessionUsed { .. }
             | UserEvent::ContactVerificationStarted { .. }
             | UserEvent::ContactVerified { .. }
+            | UserEvent::PasswordResetLinkIssued { .. }
             | UserEvent::EnrollmentCodeRejected { .. }
             | UserEvent::DeviceRemembered { .. }
             | UserEvent::StepUpCompleted { .. }

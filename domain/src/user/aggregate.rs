@@ -142,6 +142,9 @@ pub struct User {
     /// back, by the challenge that carries it.
     #[serde(default)]
     pub pending_contact: Option<(ChallengeId, NewContact)>,
+    /// The password reset link that works now, and until when.
+    #[serde(default)]
+    pub reset_link: Option<(uuid::Uuid, DateTime<Utc>)>,
 }
 
 impl User {
@@ -951,6 +954,40 @@ impl User {
                 }
                 Ok(events)
             }
+            UserCommand::IssueResetLink {
+                reset_id,
+                expires_at,
+                ctx,
+            } => {
+                self.require_exists()?;
+                self.require_admin_reason(&ctx)?;
+                if self.email.is_none() {
+                    return Err(UserError::NoEmailForLink);
+                }
+                Ok(vec![UserEvent::PasswordResetLinkIssued {
+                    reset_id,
+                    expires_at,
+                    ctx,
+                }])
+            }
+            UserCommand::ResetPasswordByLink {
+                reset_id,
+                new_hash,
+                ctx,
+            } => {
+                self.require_exists()?;
+                match self.reset_link {
+                    Some((id, until)) if id == reset_id && ctx.at < until => {}
+                    _ => return Err(UserError::ResetLinkInvalid),
+                }
+                Ok(vec![
+                    UserEvent::PasswordChanged {
+                        password_hash: new_hash,
+                        ctx: ctx.clone(),
+                    },
+                    self.revoke_all(&ctx),
+                ])
+            }
             UserCommand::ResetPassword { new_hash, ctx } => {
                 self.require_exists()?;
                 if matches!(ctx.actor, Actor::Admin(admin) if Some(admin) == self.id) {
@@ -1543,7 +1580,13 @@ impl Aggregate for User {
                 self.challenges.remove(&challenge_id);
             }
             UserEvent::SignInRefusedNoMethod { .. } => self.password_failures = 0,
+            UserEvent::PasswordResetLinkIssued {
+                reset_id,
+                expires_at,
+                ..
+            } => self.reset_link = Some((reset_id, expires_at)),
             UserEvent::PasswordChanged { password_hash, .. } => {
+                self.reset_link = None;
                 self.password_hash = Some(password_hash);
                 self.password_must_change = false;
                 self.password_failures = 0;

@@ -73,6 +73,20 @@ pub enum UserCommand {
         new_hash: PasswordHash,
         ctx: Ctx,
     },
+    /// An admin sends the user a link to choose a new password (by email,
+    /// through the dispatcher); it works once, until `expires_at`.
+    IssueResetLink {
+        reset_id: uuid::Uuid,
+        expires_at: DateTime<Utc>,
+        ctx: Ctx,
+    },
+    /// The user chose a new password through a reset link: every session
+    /// ends, and the next sign-in asks the second factor as always.
+    ResetPasswordByLink {
+        reset_id: uuid::Uuid,
+        new_hash: PasswordHash,
+        ctx: Ctx,
+    },
     /// The password must be changed before anything else (a one-time
     /// password handed out at tenant creation).
     RequirePasswordChange {

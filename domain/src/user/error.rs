@@ -22,6 +22,10 @@ pub enum UserError {
     ProofDoesNotFitChallenge,
     #[error("no such session")]
     SessionNotFound,
+    #[error("this password reset link is not valid: it was used, replaced or has expired. Ask your administrator for a new one")]
+    ResetLinkInvalid,
+    #[error("the user has no email address to send a reset link to")]
+    NoEmailForLink,
     #[error("change the email address or the phone number, one at a time: each new one is confirmed with a code sent to it")]
     OneContactAtATime,
     #[error("no such remembered device")]

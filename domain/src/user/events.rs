@@ -258,6 +258,13 @@ pub enum UserEvent {
         password_hash: PasswordHash,
         ctx: Ctx,
     },
+    /// A link to choose a new password went out (its token is derived from
+    /// `reset_id` by the server key, never stored).
+    PasswordResetLinkIssued {
+        reset_id: Uuid,
+        expires_at: DateTime<Utc>,
+        ctx: Ctx,
+    },
     /// The password must be changed before the user can do anything else.
     PasswordChangeRequired {
         ctx: Ctx,
@@ -341,6 +348,7 @@ impl UserEvent {
             | UserEvent::SessionUsed { ctx, .. }
             | UserEvent::ContactVerificationStarted { ctx, .. }
             | UserEvent::ContactVerified { ctx, .. }
+            | UserEvent::PasswordResetLinkIssued { ctx, .. }
             | UserEvent::TotpEnrollmentStarted { ctx, .. }
             | UserEvent::EnrollmentCodeRejected { ctx }
             | UserEvent::EnrollmentCompleted { ctx, .. }
@@ -395,6 +403,7 @@ impl UserEvent {
             UserEvent::SessionUsed { .. } => "SessionUsed",
             UserEvent::ContactVerificationStarted { .. } => "ContactVerificationStarted",
             UserEvent::ContactVerified { .. } => "ContactVerified",
+            UserEvent::PasswordResetLinkIssued { .. } => "PasswordResetLinkIssued",
             UserEvent::SignInRefusedNoMethod { .. } => "SignInRefusedNoMethod",
             UserEvent::SignInThrottled { .. } => "SignInThrottled",
             UserEvent::PasswordChanged { .. } => "PasswordChanged",

@@ -5,9 +5,9 @@ use rand::distributions::{Alphanumeric, DistString};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use twofold_domain::tenant::{TenantCommand, TwoFactorSettings};
-use twofold_domain::user::UserCommand;
+use twofold_domain::user::{UserCommand, UserError};
 use twofold_domain::values::{Email, Phone, Role, Username, ValueError};
-use twofold_domain::{Ctx, TenantId, UserId};
+use twofold_domain::{Actor, Ctx, TenantId, UserId};
 use twofold_platform::store::Claim;
 use uuid::Uuid;
 
@@ -200,3 +200,52 @@ impl App {
         }
     }
 }
+
+impl App {
+    /// A new password through a reset link's token: every session ends; the
+    /// next sign-in asks the second factor as always.
+    #[tracing::instrument(skip_all)]
+    pub async fn reset_password_with_link(
+        &self,
+        raw_tenant: &str,
+        token: &SecretString,
+        new_password: &SecretString,
+        origin: &crate::Origin,
+    ) -> Result<(), AppError> {
+        let (tenant_id, _) = self.tenant(raw_tenant).await?;
+        let invalid = || AppError::Refused(UserError::ResetLinkInvalid);
+        let mut parts = token.expose_secret().splitn(3, '.');
+        let (Some(user), Some(reset), Some(secret)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid());
+        };
+        let (Ok(user_id), Ok(reset_id)) = (user.parse::<UserId>(), reset.parse::<Uuid>()) else {
+            return Err(invalid());
+        };
+        if !self
+            .keys
+            .reset_link_matches(user_id.as_uuid().as_bytes(), reset_id.as_bytes(), secret)
+        {
+            return Err(invalid());
+        }
+        self.user_in(tenant_id, user_id)
+            .await?
+            .ok_or_else(invalid)?;
+        check_password(new_password)?;
+        let new_hash = self.passwords.hash(new_password).await?;
+        let ctx = origin.ctx(self.now(), Actor::User(user_id));
+        self.users
+            .execute(&user_id.to_string(), |_| {
+                Ok(UserCommand::ResetPasswordByLink {
+                    reset_id,
+                    new_hash: new_hash.clone(),
+                    ctx: ctx.clone(),
+                })
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+/// How long a password reset link works.
+pub const RESET_LINK_HOURS: i64 = 1;

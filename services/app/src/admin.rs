@@ -351,6 +351,32 @@ impl App {
         Ok(password)
     }
 
+    /// An admin sends the user a link (by email) to choose a new password;
+    /// it works once, for an hour. Answers when it expires.
+    #[tracing::instrument(skip_all)]
+    pub async fn send_reset_link(
+        &self,
+        admin: &AdminSession,
+        raw_user: &str,
+        reason: Option<String>,
+        origin: &Origin,
+    ) -> Result<chrono::DateTime<chrono::Utc>, AppError> {
+        let (user_id, _) = self.target(admin, raw_user).await?;
+        let ctx = admin_ctx(self, origin, admin, reason);
+        let expires_at = ctx.at + chrono::Duration::hours(crate::accounts::RESET_LINK_HOURS);
+        let reset_id = uuid::Uuid::new_v4();
+        self.users
+            .execute(&user_id.to_string(), |_| {
+                Ok(UserCommand::IssueResetLink {
+                    reset_id,
+                    expires_at,
+                    ctx: ctx.clone(),
+                })
+            })
+            .await?;
+        Ok(expires_at)
+    }
+
     /// "Login As": a short session as the user, to test what they see. Needs
     /// the tenant to allow it, a reason, and this admin session to have
     /// confirmed a factor just now (a step-up); every event of the session is

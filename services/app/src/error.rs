@@ -177,6 +177,8 @@ fn user_error_code(err: &UserError) -> &'static str {
         UserError::ProofDoesNotFitChallenge => "wrong_code_kind",
         UserError::SessionNotFound => "session_not_found",
         UserError::OneContactAtATime => "one_contact_at_a_time",
+        UserError::ResetLinkInvalid => "reset_link_invalid",
+        UserError::NoEmailForLink => "no_email",
         UserError::DeviceNotFound => "device_not_found",
         UserError::EnrollmentRequired => "enrollment_required",
         UserError::LoginAsNotAllowed => "login_as_not_allowed",

@@ -113,12 +113,14 @@ pub struct Dispatcher {
     max_deliver: i64,
     /// The security notices' text.
     notices: Catalog,
+    /// Where the pages are, for links in notices.
+    public_url: String,
 }
 
 /// What a message asks the dispatcher for.
 enum Job {
     Code(CodeRequest),
-    Notice(NoticeRequest),
+    Notice(Box<NoticeRequest>),
 }
 
 /// What one job came to.
@@ -236,6 +238,7 @@ impl Dispatcher {
                 &config.notice_locale,
                 config.notice_templates_dir.as_deref(),
             )?,
+            public_url: config.public_url.trim_end_matches('/').to_string(),
         })
     }
 
@@ -541,6 +544,19 @@ impl Dispatcher {
                 return Ok(Outcome::Skipped);
             }
         }
+        // A reset link only while it is the one that works.
+        let mut request = request.clone();
+        if let Some((reset_id, until)) = request.reset {
+            if user.reset_link != Some((reset_id, until)) || self.clock.now() >= until {
+                return Ok(Outcome::Superseded);
+            }
+            request.link = Some(format!(
+                "{}/t/{tenant_id}/reset?token={}",
+                self.public_url,
+                self.keys.reset_token(request.user_id.as_uuid(), reset_id)
+            ));
+        }
+        let request = &request;
         let mut to: Vec<String> = user.email.iter().map(|e| e.as_str().to_string()).collect();
         if let Some(old) = &request.previous_email {
             if !to.contains(old) {
@@ -785,7 +801,7 @@ fn readable(payload: &[u8]) -> Result<Option<Job>, String> {
     }
     Ok(NoticeRequest::from_event(&event)
         .map_err(|e| format!("{e:#}"))?
-        .map(Job::Notice))
+        .map(|n| Job::Notice(Box::new(n))))
 }
 
 /// Binds to (creating if needed) the shared durable consumer of user events.

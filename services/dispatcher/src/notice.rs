@@ -26,13 +26,14 @@ pub enum NoticeKind {
     ContactChanged,
     PasswordChanged,
     PasswordReset,
+    PasswordResetLink,
     Unlocked,
     LockedOut,
     NewDeviceSignIn,
 }
 
 impl NoticeKind {
-    pub const ALL: [NoticeKind; 11] = [
+    pub const ALL: [NoticeKind; 12] = [
         Self::RecoveryCodesRegenerated,
         Self::RecoveryCodeUsed,
         Self::AuthenticatorAdded,
@@ -41,6 +42,7 @@ impl NoticeKind {
         Self::ContactChanged,
         Self::PasswordChanged,
         Self::PasswordReset,
+        Self::PasswordResetLink,
         Self::Unlocked,
         Self::LockedOut,
         Self::NewDeviceSignIn,
@@ -56,6 +58,7 @@ impl NoticeKind {
             Self::ContactChanged => "contact_changed",
             Self::PasswordChanged => "password_changed",
             Self::PasswordReset => "password_reset",
+            Self::PasswordResetLink => "password_reset_link",
             Self::Unlocked => "unlocked",
             Self::LockedOut => "locked_out",
             Self::NewDeviceSignIn => "new_device_sign_in",
@@ -64,7 +67,7 @@ impl NoticeKind {
 }
 
 /// The events a notice may come from (checked before the payload is read).
-const NOTICE_EVENTS: [&str; 12] = [
+const NOTICE_EVENTS: [&str; 13] = [
     "BackupCodesIssued",
     "BackupCodeUsed",
     "EnrollmentCompleted",
@@ -74,6 +77,7 @@ const NOTICE_EVENTS: [&str; 12] = [
     "UserUpdated",
     "PasswordChanged",
     "PasswordChangeRequired",
+    "PasswordResetLinkIssued",
     "UserUnlocked",
     "UserLockedOut",
     "DeviceRemembered",
@@ -98,6 +102,10 @@ pub struct NoticeRequest {
     /// the same stream (codes issued with a new authenticator, a one-time
     /// password set at registration).
     pub unless_after: Option<&'static str>,
+    /// A password reset link's id and end (the link itself is derived).
+    pub reset: Option<(uuid::Uuid, chrono::DateTime<chrono::Utc>)>,
+    /// The reset link, once derived (filled in by the dispatcher).
+    pub link: Option<String>,
 }
 
 impl NoticeRequest {
@@ -117,6 +125,7 @@ impl NoticeRequest {
         let mut contact = None;
         let mut previous_email = None;
         let mut unless_after = None;
+        let mut reset = None;
         let (kind, ctx) = match event.event()? {
             UserEvent::BackupCodesIssued { ctx, .. } => {
                 unless_after = Some("EnrollmentCompleted");
@@ -166,6 +175,14 @@ impl NoticeRequest {
                 unless_after = Some("UserRegistered");
                 (NoticeKind::PasswordReset, ctx)
             }
+            UserEvent::PasswordResetLinkIssued {
+                reset_id,
+                expires_at,
+                ctx,
+            } => {
+                reset = Some((reset_id, expires_at));
+                (NoticeKind::PasswordResetLink, ctx)
+            }
             UserEvent::UserUnlocked { ctx } => (NoticeKind::Unlocked, ctx),
             UserEvent::UserLockedOut { ctx, .. } => (NoticeKind::LockedOut, ctx),
             UserEvent::DeviceRemembered { ctx, .. } => (NoticeKind::NewDeviceSignIn, ctx),
@@ -181,6 +198,8 @@ impl NoticeRequest {
             contact,
             previous_email,
             unless_after,
+            reset,
+            link: None,
         }))
     }
 
@@ -271,6 +290,14 @@ impl Catalog {
                     &request.remaining.map(|r| r.to_string()).unwrap_or_default(),
                 )
                 .replace("{contact}", request.contact.as_deref().unwrap_or(""))
+                .replace("{link}", request.link.as_deref().unwrap_or(""))
+                .replace(
+                    "{expires}",
+                    &request
+                        .reset
+                        .map(|(_, until)| until.format("%Y-%m-%d %H:%M UTC").to_string())
+                        .unwrap_or_default(),
+                )
         };
         (
             fill(&template.subject),
@@ -297,6 +324,8 @@ mod tests {
             contact: None,
             previous_email: None,
             unless_after: None,
+            reset: None,
+            link: None,
         };
         let (subject, body) = catalog.render(&request, "Acme");
         assert_eq!(subject, "Acme: a recovery code was used");

@@ -246,6 +246,33 @@ impl Keyring {
         hex::encode(&mac.finalize().into_bytes()[..16])
     }
 
+    /// The secret part of a password reset link: derived from the user and
+    /// the reset's id by the current server key, never stored or sent
+    /// anywhere but in the user's email.
+    pub fn reset_link_mac(&self, user: &[u8], reset_id: &[u8]) -> String {
+        let mut mac = mac_with(&self.current().derive("reset-link"));
+        mac.update(user);
+        mac.update(reset_id);
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// A password reset link's token: `<user>.<reset>.<secret>`.
+    pub fn reset_token(&self, user: uuid::Uuid, reset_id: uuid::Uuid) -> String {
+        format!(
+            "{user}.{reset_id}.{}",
+            self.reset_link_mac(user.as_bytes(), reset_id.as_bytes())
+        )
+    }
+
+    /// Whether `presented` is the reset link secret of (user, reset), in
+    /// constant time.
+    pub fn reset_link_matches(&self, user: &[u8], reset_id: &[u8], presented: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        let expected = self.reset_link_mac(user, reset_id);
+        expected.len() == presented.len()
+            && bool::from(expected.as_bytes().ct_eq(presented.as_bytes()))
+    }
+
     /// Whether `presented` is the form token of `nonce`, in constant time.
     pub fn form_token_matches(&self, nonce: &str, presented: &str) -> bool {
         use subtle::ConstantTimeEq;

@@ -140,6 +140,8 @@ fn user_error_status(err: &twofold_domain::user::UserError) -> StatusCode {
         E::LockedOut => S::LOCKED,
         E::ResendLimitReached | E::TooManyAttempts { .. } => S::TOO_MANY_REQUESTS,
         E::ProofDoesNotFitChallenge | E::OneContactAtATime => S::BAD_REQUEST,
+        E::ResetLinkInvalid => S::GONE,
+        E::NoEmailForLink => S::CONFLICT,
         E::ReasonRequired => S::UNPROCESSABLE_ENTITY,
         E::StepUpRequired | E::CannotChangeOwnFactor | E::LoginAsNotAllowed => S::FORBIDDEN,
         E::CurrentPasswordWrong => S::UNAUTHORIZED,

@@ -67,6 +67,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/challenge/switch", post(auth::switch))
         .route("/sessions/introspect", post(auth::introspect))
         .route("/sign-out", post(auth::sign_out))
+        .route("/password/reset", post(auth::reset_with_link))
         .route("/enrollment/complete", post(auth::complete_enrollment))
         .route("/enrollment/skip", post(auth::skip_enrollment))
         .route("/me", get(me::profile).patch(me::change_contact))

@@ -308,6 +308,7 @@ pub fn register_zeros(worker: &str) {
                 "contact_changed",
                 "password_changed",
                 "password_reset",
+                "password_reset_link",
                 "unlocked",
                 "locked_out",
                 "new_device_sign_in",

@@ -1015,6 +1015,7 @@ async fn user_view(
         Some("unlock") => Some("The user is unlocked."),
         Some("reset-enrollment") => Some("The user's enrollment is reset: they set up their second factor again at the next sign-in."),
         Some("revoke-sessions") => Some("The user's sessions and remembered devices are ended."),
+        Some("reset-link") => Some("A link to choose a new password is on its way to the user's email address. It works once, for an hour; their second factor is still asked at sign-in."),
         Some(d) if d.starts_with("forget-device:") => Some("The device is forgotten: its next sign-in asks for a second factor."),
         _ => None,
     };
@@ -1072,6 +1073,9 @@ async fn user_view(
                         option value="reset-enrollment" { "Reset enrollment (they set up 2FA again)" }
                         option value="backup-codes" { "Regenerate recovery codes (shown once, to hand over)" }
                         option value="revoke-sessions" { "Sign out everywhere (sessions and remembered devices)" }
+                        @if p.email.is_some() {
+                            option value="reset-link" { "Email a link to choose a new password (works once, for an hour)" }
+                        }
                         @for dev in &d.devices {
                             option value={ "forget-device:" (dev.device_id) } { "Forget the device remembered " (when(&dev.remembered_at)) }
                         }
@@ -1135,6 +1139,15 @@ async fn user_action(
         "unlock" => UserAction::Unlock,
         "reset-enrollment" => UserAction::ResetEnrollment,
         "revoke-sessions" => UserAction::RevokeSessions,
+        "reset-link" => {
+            api.app
+                .send_reset_link(&admin, &user, reason, &origin)
+                .await?;
+            return Ok(
+                Redirect::to(&format!("/t/{tenant}/admin/users/{user}?done=reset-link"))
+                    .into_response(),
+            );
+        }
         forget if forget.starts_with("forget-device:") => forget
             .strip_prefix("forget-device:")
             .and_then(|d| d.parse().ok())

@@ -57,6 +57,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/account/preferred-method", post(set_preferred))
         .route("/account/password", post(change_password))
         .route("/account/contact", post(change_contact))
+        .route("/reset", get(reset_page).post(reset_password))
         .route("/account/step-up", post(step_up))
         .route("/account/sessions/{session}/end", post(end_session))
         .route("/account/devices/{device}/forget", post(forget_device))
@@ -124,6 +125,9 @@ fn notice_text(done: Option<&str>) -> Option<&'static str> {
             "The device is forgotten: it will be asked for a second factor again."
         }
         "expired" => "That sign-in took too long. Start again.",
+        "password_reset" => {
+            "Your new password is set and every session was ended. Sign in with it (your second factor is still asked)."
+        }
         "settings_saved" => {
             "Settings saved. Sign out and in again with a second factor to keep using the console."
         }
@@ -145,6 +149,85 @@ fn sign_in_form(tenant: &str, token: &str, username: &str, error: Option<&str>) 
             input #password type="password" name="password" autocomplete="current-password" required;
             button type="submit" { "Sign in" }
         }
+    }
+}
+
+#[derive(Deserialize)]
+struct ResetQuery {
+    #[serde(default)]
+    token: String,
+}
+
+fn reset_form(tenant: &str, form_token: &str, token: &str, error: Option<&str>) -> Markup {
+    html! {
+        @if let Some(e) = error { (message("error", e)) }
+        p { "Choose a new password for your account. The link works once, for an hour." }
+        form method="post" action={ "/t/" (tenant) "/reset" } {
+            (token_input(form_token))
+            input type="hidden" name="token" value=(token);
+            label for="new_password" { "New password" p.hint { "At least 8 characters." } }
+            input #new_password type="password" name="new_password" autocomplete="new-password" minlength="8" required autofocus;
+            button type="submit" { "Set the new password" }
+        }
+    }
+}
+
+/// The page a password reset link opens.
+async fn reset_page(
+    State(api): State<ApiState>,
+    Path(tenant): Path<String>,
+    nonce: FormNonce,
+    Query(q): Query<ResetQuery>,
+) -> Page {
+    let name = tenant_name(&api, &tenant).await?;
+    let body = reset_form(&tenant, &nonce.token(&api), &q.token, None);
+    Ok(layout::page(
+        &anonymous(&tenant, &name),
+        "Choose a new password",
+        true,
+        body,
+    )
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct ResetForm {
+    token: SecretString,
+    new_password: SecretString,
+}
+
+async fn reset_password(
+    State(api): State<ApiState>,
+    Path(tenant): Path<String>,
+    RequestMeta(origin): RequestMeta,
+    nonce: FormNonce,
+    CheckedForm(form): CheckedForm<ResetForm>,
+) -> Page {
+    match api
+        .app
+        .reset_password_with_link(&tenant, &form.token, &form.new_password, &origin)
+        .await
+    {
+        Ok(()) => {
+            Ok(Redirect::to(&format!("/t/{tenant}/sign-in?done=password_reset")).into_response())
+        }
+        Err(e @ (AppError::Refused(_) | AppError::InvalidField(_))) => {
+            let name = tenant_name(&api, &tenant).await?;
+            let body = reset_form(
+                &tenant,
+                &nonce.token(&api),
+                form.token.expose_secret(),
+                Some(&e.message()),
+            );
+            let page = layout::page(
+                &anonymous(&tenant, &name),
+                "Choose a new password",
+                true,
+                body,
+            );
+            Ok((crate::error::status_of(&e), page).into_response())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

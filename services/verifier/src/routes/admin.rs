@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use twofold_app::accounts::NewUser;
 use twofold_app::admin::{UserAction, UserDetail, UserUpdate};
+use twofold_app::AppError;
 use twofold_domain::tenant::TwoFactorSettings;
 
 use crate::error::ApiError;
@@ -212,18 +213,47 @@ pub async fn login_as(
     })))
 }
 
-/// `POST /v1/tenants/{tenant}/users/{user}/reset-password` `{reason}`: a
-/// one-time password to hand over, to be changed at the next sign-in.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResetBody {
+    #[serde(default)]
+    reason: Option<String>,
+    /// `email`: a link by email instead of a one-time password.
+    #[serde(default)]
+    via: Option<String>,
+}
+
+/// `POST /v1/tenants/{tenant}/users/{user}/reset-password` `{reason, via?}`:
+/// a one-time password to hand over, to be changed at the next sign-in; with
+/// `"via": "email"`, a link to choose one, emailed to the user (202).
 pub async fn reset_password(
     State(api): State<ApiState>,
     RequestMeta(origin): RequestMeta,
     SignedInAdmin(admin): SignedInAdmin,
     Path((_, user)): Path<(String, String)>,
-    ApiJson(body): ApiJson<ReasonBody>,
-) -> Result<Json<Value>, ApiError> {
-    let password = api
-        .app
-        .reset_password(&admin, &user, body.reason, &origin)
-        .await?;
-    Ok(Json(json!({ "one_time_password": password })))
+    ApiJson(body): ApiJson<ResetBody>,
+) -> Result<Response, ApiError> {
+    match body.via.as_deref() {
+        None | Some("one_time_password") => {
+            let password = api
+                .app
+                .reset_password(&admin, &user, body.reason, &origin)
+                .await?;
+            Ok(Json(json!({ "one_time_password": password })).into_response())
+        }
+        Some("email") => {
+            let expires_at = api
+                .app
+                .send_reset_link(&admin, &user, body.reason, &origin)
+                .await?;
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({ "status": "link_sent", "expires_at": expires_at })),
+            )
+                .into_response())
+        }
+        Some(_) => {
+            Err(AppError::bad_input("invalid_via", "`via` is one_time_password or email.").into())
+        }
+    }
 }

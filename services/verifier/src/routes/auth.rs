@@ -291,3 +291,25 @@ pub async fn sign_out(
     api.app.sign_out(&session, &origin).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResetWithLinkBody {
+    token: SecretString,
+    new_password: SecretString,
+}
+
+/// `POST /v1/tenants/{tenant}/password/reset` `{token, new_password}`: a new
+/// password through the token of an emailed reset link (204); every session
+/// ends, and the next sign-in asks the second factor as always.
+pub async fn reset_with_link(
+    State(api): State<ApiState>,
+    Path(tenant): Path<String>,
+    RequestMeta(origin): RequestMeta,
+    ApiJson(body): ApiJson<ResetWithLinkBody>,
+) -> Result<StatusCode, ApiError> {
+    api.app
+        .reset_password_with_link(&tenant, &body.token, &body.new_password, &origin)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
