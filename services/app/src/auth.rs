@@ -362,7 +362,14 @@ impl App {
             )
         });
         if let (false, Some(Ok(taken))) = (refused, address_budget) {
-            self.give_back(taken).await?;
+            // Off the answer's path: a sign-in that got through is not kept
+            // waiting for its use to be handed back.
+            let app = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = app.give_back(taken).await {
+                    tracing::warn!(error = %e, "a password budget's use could not be given back");
+                }
+            });
         }
         for event in &events {
             match event {
