@@ -88,7 +88,7 @@ impl App {
         .bind(&key)
         .bind(window_start)
         .bind(i32::try_from(limit).unwrap_or(i32::MAX))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.budgets_pool)
         .await?;
         Ok(match taken {
             Some(_) => Ok(Taken {
@@ -115,7 +115,7 @@ impl App {
         .bind(taken.budget.as_str())
         .bind(&taken.key)
         .bind(taken.window_start)
-        .execute(&self.pool)
+        .execute(&self.budgets_pool)
         .await?;
         Ok(())
     }

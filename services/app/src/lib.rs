@@ -54,6 +54,10 @@ pub struct Inner {
     pub clock: Arc<dyn Clock>,
     /// The SMS providers configured, by name: tenant settings may name only these.
     pub sms_providers: Vec<String>,
+    /// A few connections for the budgets, committing without waiting for
+    /// the WAL flush: a budget's last uses lost in a crash cost nothing, and
+    /// a sign-in should not pay two more flushes for them.
+    pub budgets_pool: PgPool,
 }
 
 impl std::ops::Deref for App {
@@ -72,7 +76,14 @@ impl App {
         remembered_streams: usize,
         sms_providers: Vec<String>,
     ) -> Self {
+        let budget_connections = (*pool.connect_options())
+            .clone()
+            .options([("synchronous_commit", "off")]);
+        let budgets_pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect_lazy_with(budget_connections);
         Self(Arc::new(Inner {
+            budgets_pool,
             sms_providers,
             tenants: Store::remembering(pool.clone(), remembered_streams),
             users: Store::remembering(pool.clone(), remembered_streams),
