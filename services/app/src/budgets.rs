@@ -88,7 +88,7 @@ impl App {
         .bind(&key)
         .bind(window_start)
         .bind(i32::try_from(limit).unwrap_or(i32::MAX))
-        .fetch_optional(&self.budgets_pool)
+        .fetch_optional(self.pool_for(budget))
         .await?;
         Ok(match taken {
             Some(_) => Ok(Taken {
@@ -105,6 +105,17 @@ impl App {
         })
     }
 
+    /// Where a budget is written: most on connections that do not wait for
+    /// the WAL flush (a use lost in a crash costs nothing); the unknown
+    /// names' count stands in for an existing account's event, so it waits
+    /// for the same flush that event's commit does.
+    fn pool_for(&self, budget: Budget) -> &sqlx::PgPool {
+        match budget {
+            Budget::UnknownNamesPerAddress => &self.pool,
+            _ => &self.budgets_pool,
+        }
+    }
+
     /// Gives a use back: it did not count after all.
     pub(crate) async fn give_back(&self, taken: Taken) -> Result<(), AppError> {
         sqlx::query(
@@ -115,7 +126,7 @@ impl App {
         .bind(taken.budget.as_str())
         .bind(&taken.key)
         .bind(taken.window_start)
-        .execute(&self.budgets_pool)
+        .execute(self.pool_for(taken.budget))
         .await?;
         Ok(())
     }
