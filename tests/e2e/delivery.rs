@@ -41,21 +41,38 @@ impl Smtp {
 
     /// The server on `port` (one a test kept free).
     pub(crate) async fn start_on(port: u16) -> Self {
+        Self::spawn(port, |command, address, maildir| {
+            command
+                .args(["-m", "aiosmtpd", "-n", "-l", address])
+                .args(["-c", "aiosmtpd.handlers.Mailbox"])
+                .arg(maildir);
+        })
+        .await
+    }
+
+    /// A server that keeps each message at once but answers `250 OK` only
+    /// `delay` later: a dispatcher waiting for that answer has handed the
+    /// code over without knowing it.
+    pub(crate) async fn start_slow(delay: Duration) -> Self {
+        Self::spawn(free_port(), |command, address, maildir| {
+            command
+                .arg("-c")
+                .arg(SLOW_SMTP)
+                .arg(address)
+                .arg(maildir)
+                .arg(delay.as_secs_f64().to_string());
+        })
+        .await
+    }
+
+    async fn spawn(port: u16, args: impl FnOnce(&mut Command, &str, &std::path::Path)) -> Self {
         let maildir = std::env::temp_dir().join(format!("twofold-mail-{}", uuid::Uuid::new_v4()));
         for sub in ["tmp", "new", "cur"] {
             std::fs::create_dir_all(maildir.join(sub)).unwrap();
         }
-        let child = Command::new("/usr/bin/python3")
-            .args([
-                "-m",
-                "aiosmtpd",
-                "-n",
-                "-l",
-                &format!("127.0.0.1:{port}"),
-                "-c",
-                "aiosmtpd.handlers.Mailbox",
-            ])
-            .arg(&maildir)
+        let mut command = Command::new("/usr/bin/python3");
+        args(&mut command, &format!("127.0.0.1:{port}"), &maildir);
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -110,6 +127,31 @@ pub(crate) fn code_in(text: &str) -> Option<String> {
     (code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit())).then_some(code)
 }
 
+/// aiosmtpd with a handler that stores a message in the Maildir, then waits
+/// before it answers.
+const SLOW_SMTP: &str = r#"
+import asyncio, mailbox, signal, sys
+from aiosmtpd.controller import Controller
+host, port = sys.argv[1].rsplit(":", 1)
+box = mailbox.Maildir(sys.argv[2])
+delay = float(sys.argv[3])
+class Slow:
+    async def handle_DATA(self, server, session, envelope):
+        box.add(envelope.original_content)
+        await asyncio.sleep(delay)
+        return "250 OK"
+Controller(Slow(), hostname=host, port=int(port)).start()
+signal.pause()
+"#;
+
+/// The header lines of a message whose name is `name` (case aside).
+pub(crate) fn header<'m>(mail: &'m str, name: &str) -> Option<&'m str> {
+    mail.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
 /// A stand-in SMS provider speaking Twilio's Messages API.
 #[derive(Clone, Default)]
 pub(crate) struct FakeSms {
@@ -130,7 +172,14 @@ impl FakeSms {
                 axum::routing::post(
                     |State(me): State<FakeSms>,
                      Path(_sid): Path<String>,
-                     Form(form): Form<HashMap<String, String>>| async move {
+                     headers: axum::http::HeaderMap,
+                     Form(mut form): Form<HashMap<String, String>>| async move {
+                        if let Some(key) = headers.get("idempotency-key") {
+                            form.insert(
+                                "Idempotency-Key".into(),
+                                key.to_str().unwrap_or_default().into(),
+                            );
+                        }
                         me.attempts.fetch_add(1, Ordering::SeqCst);
                         if me.hanging.load(Ordering::SeqCst) {
                             std::future::pending::<()>().await;
@@ -511,6 +560,16 @@ async fn an_sms_code_goes_through_the_provider_and_falls_back_to_email_when_it_f
     let message = sms.sent.lock().unwrap()[0].clone();
     assert_eq!(message["To"], "+4915112345678");
     assert_eq!(message["From"], "+15550001111");
+    // Every copy of one delivery names it, for providers that drop copies.
+    let claimed = s.delivery_events("DeliveryClaimed").await;
+    assert_eq!(
+        message.get("Idempotency-Key"),
+        Some(&format!(
+            "{}:{}",
+            claimed[0]["challenge_id"].as_str().unwrap(),
+            claimed[0]["generation"]
+        ))
+    );
     let code = message["Body"][..6].to_string();
     assert_eq!(s.verify(&token, &code).await, StatusCode::OK);
 
@@ -642,6 +701,103 @@ async fn a_job_held_by_a_dispatcher_that_died_is_delivered_by_another_once() {
         .unwrap();
     assert_eq!(delivered(&extra), 0);
     let mails = smtp.mails_to("ida@acme.test");
+    assert_eq!(mails.len(), 1);
+    assert_eq!(
+        s.verify(&token, &code_in(&mails[0]).unwrap()).await,
+        StatusCode::OK
+    );
+}
+
+/// The sign-in codes among the mails to `address`.
+fn code_mails(smtp: &Smtp, address: &str) -> Vec<String> {
+    smtp.mails_to(address)
+        .into_iter()
+        .filter(|m| code_in(m).is_some())
+        .collect()
+}
+
+/// Until the mail server holds `n` sign-in codes for `address`.
+async fn mail_server_holds(smtp: &Smtp, address: &str, n: usize) {
+    for _ in 0..200 {
+        if code_mails(smtp, address).len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the mail server never got {n} codes for {address}");
+}
+
+#[tokio::test]
+async fn a_code_sent_again_after_a_crash_is_the_same_message() {
+    let smtp = Smtp::start_slow(Duration::from_secs(2)).await;
+    let s = stack(smtp.port, "http://127.0.0.1:9").await;
+    s.with_user(
+        json!({"enabled": true, "enforcement": "every_login"}),
+        "ida",
+        false,
+    )
+    .await;
+    let token = s.challenge("ida").await;
+
+    // The mail server has taken the code; the dispatcher dies waiting for
+    // its answer, so no outcome is recorded.
+    let dying = s.dispatcher().await;
+    let running = tokio::spawn(dying.run_until_stopped(std::future::pending()));
+    mail_server_holds(&smtp, "ida@acme.test", 1).await;
+    running.abort();
+    let _ = running.await;
+    assert!(s.delivery_events("CodeDelivered").await.is_empty());
+
+    // Another instance sends it again after the ack wait: the same code in
+    // a message with the same Message-ID, which mail stores drop as a copy.
+    let other = s.dispatcher().await;
+    run_until(&other, |o| delivered(o) == 1).await;
+    let mails = code_mails(&smtp, "ida@acme.test");
+    assert_eq!(mails.len(), 2, "one copy after the crash");
+    assert_eq!(code_in(&mails[0]), code_in(&mails[1]));
+    let ids: Vec<_> = mails.iter().map(|m| header(m, "Message-ID")).collect();
+    assert!(ids[0].is_some(), "{}", mails[0]);
+    assert_eq!(ids[0], ids[1]);
+    assert_eq!(
+        s.verify(&token, &code_in(&mails[0]).unwrap()).await,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn a_stopping_dispatcher_finishes_the_codes_under_way() {
+    let smtp = Smtp::start_slow(Duration::from_secs(2)).await;
+    let s = stack(smtp.port, "http://127.0.0.1:9").await;
+    s.with_user(
+        json!({"enabled": true, "enforcement": "every_login"}),
+        "ida",
+        false,
+    )
+    .await;
+    let token = s.challenge("ida").await;
+
+    // Stopped while the mail server holds the code but has not answered.
+    let stopping = s.dispatcher().await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(stopping.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    mail_server_holds(&smtp, "ida@acme.test", 1).await;
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the dispatcher stops once its job is done")
+        .unwrap();
+
+    // Its outcome is recorded and the job acked: nobody sends it again.
+    assert_eq!(s.delivery_events("CodeDelivered").await.len(), 1);
+    let other = s.dispatcher().await;
+    let later = other
+        .process_next(10, Duration::from_millis(2500))
+        .await
+        .unwrap();
+    assert_eq!(delivered(&later), 0, "{later:?}");
+    let mails = code_mails(&smtp, "ida@acme.test");
     assert_eq!(mails.len(), 1);
     assert_eq!(
         s.verify(&token, &code_in(&mails[0]).unwrap()).await,

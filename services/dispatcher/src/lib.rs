@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
-use futures::future::join_all;
 use futures::StreamExt;
 use sqlx::PgPool;
 use twofold_domain::delivery::{
@@ -72,13 +71,21 @@ impl Source {
             stream: config.nats_stream.clone(),
             subject_prefix: config.nats_subject_prefix.clone(),
             durable: "dispatcher".to_string(),
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(10),
             retry_delay: Duration::from_secs(5),
             concurrency: config.dispatcher_concurrency.max(1),
             max_deliver: max_deliver_for(config.delivery_max_attempts),
         }
     }
 }
+
+/// How long a stopping dispatcher lets the jobs under way finish: longer
+/// than an SMS timeout and an SMTP one after it (a fallback), so a job is
+/// cut off only when its outcome cannot be recorded.
+pub const DRAIN: Duration = Duration::from_secs(25);
+
+/// How long one pull request waits for messages when there are none.
+const PULL_WAIT: Duration = Duration::from_secs(5);
 
 /// JetStream deliveries of a job for `max_attempts` sends: room for two more
 /// (a crashed instance's, a failed record), at least [`MAX_DELIVER`].
@@ -242,14 +249,25 @@ impl Dispatcher {
         })
     }
 
-    /// Handles up to `max` jobs at once, waiting at most `wait` for the
-    /// first; returns the outcome of each.
+    /// Handles up to `max` jobs: those that arrive within `wait`, each
+    /// started as it arrives; returns the outcome of each.
     pub async fn process_next(&self, max: usize, wait: Duration) -> anyhow::Result<Vec<Outcome>> {
-        let batch = self.batches.next(max, wait).await?;
-        join_all(batch.into_iter().map(|m| self.job(m)))
-            .await
-            .into_iter()
-            .collect()
+        let mut batch = self.batches.pull(max, wait).await?;
+        let mut jobs = futures::stream::FuturesUnordered::new();
+        let mut outcomes = Vec::new();
+        let mut pulled = false;
+        loop {
+            tokio::select! {
+                message = batch.next(), if !pulled => match message {
+                    Some(Ok(m)) => jobs.push(self.job(m)),
+                    Some(Err(e)) => return Err(anyhow!("receiving from JetStream: {e}")),
+                    None => pulled = true,
+                },
+                Some(outcome) = jobs.next(), if !jobs.is_empty() => outcomes.push(outcome),
+                else => break,
+            }
+        }
+        outcomes.into_iter().collect()
     }
 
     /// One job: handled, then acked, or nak'ed with a delay to be tried
@@ -323,32 +341,48 @@ impl Dispatcher {
     }
 
     /// Works on up to `concurrency` jobs at a time until `shutdown` resolves.
-    /// A job cut off by the shutdown is not acked: JetStream hands it to
-    /// another instance after the ack wait.
+    /// It pulls only as many messages as it has free slots, and starts each
+    /// as it arrives, so every message it holds is being worked on and kept
+    /// alive. On shutdown it takes no new job and lets the ones under way
+    /// finish (record their outcome and ack) for at most [`DRAIN`]: a
+    /// restart sends no code twice. A job cut off after that, or by a crash,
+    /// is not acked: JetStream hands it to another instance after the ack
+    /// wait.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
+        let me = Arc::new(self);
+        let mut jobs = tokio::task::JoinSet::new();
         let work = async {
             loop {
-                let messages = match self.batches.open().await {
-                    Ok(m) => m,
+                while jobs.try_join_next().is_some() {}
+                if jobs.len() >= me.concurrency {
+                    jobs.join_next().await;
+                    continue;
+                }
+                let free = me.concurrency - jobs.len();
+                let mut batch = match me.batches.pull(free, PULL_WAIT).await {
+                    Ok(b) => b,
                     Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "dispatcher cannot subscribe; retrying");
+                        tracing::warn!(error = %format!("{e:#}"), "dispatcher cannot pull; retrying");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                         continue;
                     }
                 };
-                // Until the subscription ends; then another is opened.
-                messages
-                    .for_each_concurrent(self.concurrency, |message| async {
-                        match message {
-                            Ok(m) => {
-                                if let Err(e) = self.job(m).await {
+                while let Some(message) = batch.next().await {
+                    match message {
+                        Ok(m) => {
+                            let me = me.clone();
+                            jobs.spawn(async move {
+                                if let Err(e) = me.job(m).await {
                                     tracing::warn!(error = %format!("{e:#}"), "dispatcher step failed");
                                 }
-                            }
-                            Err(e) => tracing::warn!(error = %e, "receiving from JetStream"),
+                            });
                         }
-                    })
-                    .await;
+                        Err(e) => {
+                            tracing::warn!(error = %e, "receiving from JetStream");
+                            break;
+                        }
+                    }
+                }
             }
         };
         // Recipients whose hourly budget is whole again are forgotten.
@@ -356,13 +390,21 @@ impl Dispatcher {
             let mut every = tokio::time::interval(Duration::from_secs(60));
             loop {
                 every.tick().await;
-                self.recipients.forget_idle(self.clock.now());
+                me.recipients.forget_idle(me.clock.now());
             }
         };
         tokio::select! {
             _ = shutdown => {}
             _ = work => {}
             _ = forget => {}
+        }
+        let drained =
+            tokio::time::timeout(DRAIN, async { while jobs.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(
+                cut_off = jobs.len(),
+                "dispatcher stopped with jobs still under way"
+            );
         }
     }
 
@@ -502,7 +544,7 @@ impl Dispatcher {
             .keys
             .delivered_code(request.challenge_id, request.generation);
         let started = Instant::now();
-        let sent = self.send(&send, &code).await;
+        let sent = self.send(&id, &send, &code).await;
         self.record_sent(&id, &send, attempt, sent, started).await
     }
 
@@ -594,7 +636,7 @@ impl Dispatcher {
         let (subject, body) = self.notices.render(request, &tenant.name);
         let mut sent = Ok(());
         for address in &to {
-            sent = self.mailer.send_notice(address, &subject, &body).await;
+            sent = self.mailer.send_notice(&id, address, &subject, &body).await;
             if sent.is_err() {
                 break;
             }
@@ -641,12 +683,12 @@ impl Dispatcher {
     }
 
     /// The send step: by SMS when asked (falling back to email), else by email.
-    async fn send(&self, send: &plan::Send, code: &str) -> Sent {
+    async fn send(&self, id: &str, send: &plan::Send, code: &str) -> Sent {
         let mut fell_back = None;
         if let Some(sms) = &send.sms {
             let sent = match sms {
                 Ok((provider, phone)) => self
-                    .send_sms(provider, phone, &send.tenant_name, code)
+                    .send_sms(id, provider, phone, &send.tenant_name, code)
                     .await
                     .map(|()| (Method::Sms, provider.clone())),
                 Err(e) => Err(e.clone()),
@@ -662,7 +704,7 @@ impl Dispatcher {
             }
         }
         let result = match &send.email {
-            Ok(address) => self.send_email(address, send, code).await,
+            Ok(address) => self.send_email(id, address, send, code).await,
             Err(e) => Err(e.clone()),
         };
         Sent {
@@ -673,6 +715,7 @@ impl Dispatcher {
 
     async fn send_sms(
         &self,
+        id: &str,
         provider: &str,
         phone: &str,
         tenant_name: &str,
@@ -692,7 +735,13 @@ impl Dispatcher {
         }
         let sent = self
             .sms
-            .send(provider, config, phone, &send::sms_text(tenant_name, code))
+            .send(
+                id,
+                provider,
+                config,
+                phone,
+                &send::sms_text(tenant_name, code),
+            )
             .await;
         if sent.is_err() {
             self.recipients.give_back(phone, now);
@@ -708,6 +757,7 @@ impl Dispatcher {
 
     async fn send_email(
         &self,
+        id: &str,
         address: &str,
         send: &plan::Send,
         code: &str,
@@ -716,7 +766,7 @@ impl Dispatcher {
         self.recipients.take(address, now)?;
         let sent = self
             .mailer
-            .send(address, &send.tenant_name, code, send.expires_at)
+            .send(id, address, &send.tenant_name, code, send.expires_at)
             .await;
         if sent.is_err() {
             self.recipients.give_back(address, now);

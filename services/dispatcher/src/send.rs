@@ -182,10 +182,28 @@ impl Mailer {
         })
     }
 
+    /// The Message-ID of every copy of one delivery: a copy sent again after
+    /// a dispatcher died between the server's acceptance and the recorded
+    /// outcome carries the same id, which mail stores use to drop it.
+    fn message_id(&self, delivery: &str) -> String {
+        format!(
+            "<{}@{}>",
+            delivery.replace(':', "."),
+            self.from.email.domain()
+        )
+    }
+
     /// A plain-text email (a security notice).
-    pub async fn send_notice(&self, to: &str, subject: &str, body: &str) -> Result<(), SendError> {
+    pub async fn send_notice(
+        &self,
+        delivery: &str,
+        to: &str,
+        subject: &str,
+        body: &str,
+    ) -> Result<(), SendError> {
         let to: Mailbox = to.parse().map_err(|_| SendError::InvalidAddress)?;
         let message = Message::builder()
+            .message_id(Some(self.message_id(delivery)))
             .from(self.from.clone())
             .to(to)
             .subject(subject)
@@ -204,6 +222,7 @@ impl Mailer {
 
     pub async fn send(
         &self,
+        delivery: &str,
         to: &str,
         tenant: &str,
         code: &str,
@@ -219,6 +238,7 @@ impl Mailer {
         );
         let to: Mailbox = to.parse().map_err(|_| SendError::InvalidAddress)?;
         let message = Message::builder()
+            .message_id(Some(self.message_id(delivery)))
             .from(self.from.clone())
             .to(to)
             .subject(format!("{tenant} sign-in code"))
@@ -258,8 +278,11 @@ impl SmsClient {
     }
 
     /// Sends; the error says why the provider failed (status, timeout, refused).
+    /// Every copy of one delivery carries the same `Idempotency-Key`, so a
+    /// provider that honours it drops a copy sent again after a crash.
     pub async fn send(
         &self,
+        delivery: &str,
         name: &str,
         provider: &SmsProvider,
         to: &str,
@@ -292,17 +315,21 @@ impl SmsClient {
             }
         };
         let provider = name.to_string();
-        let response = request.send().await.map_err(|e| {
-            if e.is_timeout() {
-                SendError::ProviderTimeout { provider }
-            } else {
-                let cause = anyhow!(e).root_cause().to_string();
-                SendError::ProviderUnreachable {
-                    provider: name.to_string(),
-                    cause,
+        let response = request
+            .header("Idempotency-Key", delivery)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    SendError::ProviderTimeout { provider }
+                } else {
+                    let cause = anyhow!(e).root_cause().to_string();
+                    SendError::ProviderUnreachable {
+                        provider: name.to_string(),
+                        cause,
+                    }
                 }
-            }
-        })?;
+            })?;
         if response.status().is_success() {
             Ok(())
         } else {

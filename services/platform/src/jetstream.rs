@@ -108,7 +108,7 @@ fn refused(refusal: &Refusal) {
 /// `stream`, with explicit acks and a finite number of deliveries (unless
 /// `config` names one, [`MAX_DELIVER`]) spaced by a doubling backoff from
 /// its ack wait. A consumer made by an older version, with unlimited
-/// deliveries, is brought to this configuration.
+/// deliveries or another ack wait, is brought to this configuration.
 pub async fn durable_consumer(
     js: &jetstream::Context,
     stream: &str,
@@ -135,11 +135,11 @@ pub async fn durable_consumer(
         .await
         .map_err(|e| anyhow!("creating the consumer {name}: {e}"))?;
     let current = consumer.cached_info().config.max_deliver;
-    if current != max_deliver {
+    if current != max_deliver || consumer.cached_info().config.ack_wait != config.ack_wait {
         match stream.update_consumer(config).await {
             Ok(updated) => consumer = updated,
             Err(e) => {
-                tracing::warn!(consumer = %name, error = %e, current, "cannot bring the consumer to a finite max_deliver; delete it to have it made again")
+                tracing::warn!(consumer = %name, error = %e, current, "cannot bring the consumer to its configuration (max_deliver, ack wait); delete it to have it made again")
             }
         }
     }
@@ -177,6 +177,21 @@ impl Batches {
             .messages()
             .await
             .map_err(|e| anyhow!("subscribing to JetStream: {e}"))
+    }
+
+    /// One pull request for at most `max` messages, answered within `wait`:
+    /// the messages as they arrive, none held back for later. A worker that
+    /// pulls only what it has room for starts (and keeps alive) every
+    /// message it holds, so none waits out its ack wait in a buffer and is
+    /// handed to a second worker meanwhile.
+    pub async fn pull(&self, max: usize, wait: Duration) -> anyhow::Result<pull::Batch> {
+        self.consumer
+            .fetch()
+            .max_messages(max.max(1))
+            .expires(wait)
+            .messages()
+            .await
+            .map_err(|e| anyhow!("pulling from JetStream: {e}"))
     }
 
     /// Waits at most `wait` for a message, then takes whatever else has
