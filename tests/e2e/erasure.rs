@@ -11,6 +11,7 @@ use twofold_projections::audit::{verify_extends, verify_signed};
 use twofold_projections::consumer::Consumer;
 use twofold_projections::store::Builder;
 
+use crate::console::PageClient;
 use crate::helpers::{settings_on, spawn_app, Reply, TestApp};
 use crate::nats::{caught_up, eventually, nats_config, nats_url, source, start_relay};
 
@@ -137,6 +138,22 @@ async fn an_erased_users_personal_data_reads_nowhere_and_the_audit_chain_still_v
             json!({"username": "zoe", "password": PASSWORD, "email": EMAIL, "phone": PHONE}),
         )
         .await;
+    // The console, in the admin's browser: Zoe's page offers the erasure,
+    // and posting it without a fresh step-up asks for one and erases nothing.
+    let pages = app.pages();
+    let console = PageClient::sign_in(&app, &app.admin_username, &app.admin_password).await;
+    let (status, page) = console.get(format!("{pages}/admin/users/{zoe}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("Erase zoe"), "{page}");
+    let before_console = app.event_types(&zoe).await;
+    let (status, _) = console
+        .post(
+            format!("{pages}/admin/users/{zoe}/erase"),
+            &[("reason", "GDPR request #42")],
+        )
+        .await;
+    assert_ne!(status, StatusCode::SEE_OTHER);
+    assert_eq!(app.event_types(&zoe).await, before_console);
     app.set_settings(&admin, settings_on(&["email"], "email"))
         .await;
     // Admin actions now need a session that passed the second factor.
@@ -267,4 +284,14 @@ async fn an_erased_users_personal_data_reads_nowhere_and_the_audit_chain_still_v
         .await
         .unwrap();
     assert_eq!(read_models(&app).await, live);
+
+    // The console says so too (with 2FA off again, so the browser session
+    // from before it was switched on opens the console).
+    let off = app.set_settings(&admin, json!({"enabled": false})).await;
+    assert_eq!(off.status, StatusCode::OK, "{:?}", off.body);
+    let (status, page) = console.get(format!("{pages}/admin/users/{zoe}")).await;
+    assert_eq!(status, StatusCode::GONE, "{page}");
+    assert!(page.contains("was erased"), "{page}");
+    let (_, list) = console.get(format!("{pages}/admin/users")).await;
+    assert!(list.contains("[erased]") && !list.contains(EMAIL), "{list}");
 }
