@@ -221,18 +221,46 @@ impl Personal {
     }
 
     /// `text` (JSON) with every sealed string opened with `keys`, or
-    /// [`ERASED`] where its key is not among them.
+    /// [`ERASED`] where its key is not among them. Works on the text, not a
+    /// parsed tree (a rebuild opens every event): a sealed value is a whole
+    /// JSON string of base64, id and prefix characters, and a quote
+    /// starting one is never escaped (an escaped quote is inside another
+    /// string, and an unescaped closing quote is never followed by a letter).
     pub fn open_text<'t>(text: &'t str, keys: &Keys) -> Cow<'t, str> {
-        if !text.contains(SEALED_PREFIX) {
+        const OPENING: &str = "\"sealed:1:";
+        if !text.contains(OPENING) {
             return Cow::Borrowed(text);
         }
-        match serde_json::from_str::<Value>(text) {
-            Ok(mut value) => {
-                Self::open_value(&mut value, keys);
-                Cow::Owned(value.to_string())
+        let mut out = String::with_capacity(text.len());
+        let mut done = 0;
+        let mut from = 0;
+        while let Some(found) = text[from..].find(OPENING) {
+            let at = from + found;
+            from = at + 1;
+            if text[..at].ends_with('\\') {
+                continue;
             }
-            Err(_) => Cow::Borrowed(text),
+            let Some(len) = text[at + 1..].find('"') else {
+                break;
+            };
+            let sealed = &text[at + 1..at + 1 + len];
+            if !sealed
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+/=:-".contains(&b))
+            {
+                continue;
+            }
+            out.push_str(&text[done..at]);
+            let opened = keys.open(sealed);
+            match serde_json::to_string(&opened) {
+                Ok(quoted) => out.push_str(&quoted),
+                Err(_) => out.push_str("\"\""),
+            }
+            done = at + 1 + len + 1;
+            from = done;
         }
+        out.push_str(&text[done..]);
+        Cow::Owned(out)
     }
 
     /// Opens every sealed string in `value`, in place.
@@ -261,8 +289,10 @@ impl Personal {
         executor: impl PgExecutor<'e>,
         envelopes: &mut [Envelope],
     ) -> Result<(), sqlx::Error> {
+        // Only user streams are sealed.
         let mut ids: Vec<String> = envelopes
             .iter()
+            .filter(|e| e.aggregate_type == "user")
             .flat_map(|e| Self::key_ids(e.payload.get()))
             .collect();
         if ids.is_empty() {
@@ -271,7 +301,7 @@ impl Personal {
         ids.sort();
         ids.dedup();
         let keys = self.read_keys(executor, &ids).await?;
-        for envelope in envelopes {
+        for envelope in envelopes.iter_mut().filter(|e| e.aggregate_type == "user") {
             if let Cow::Owned(opened) = Self::open_text(envelope.payload.get(), &keys) {
                 envelope.opened = RawValue::from_string(opened).ok();
             }
@@ -415,5 +445,24 @@ mod tests {
             serde_json::from_str::<Value>(&opened).unwrap(),
             serde_json::from_str::<Value>(fake).unwrap()
         );
+    }
+
+    #[test]
+    fn opening_leaves_escaped_look_alikes_and_odd_characters_alone() {
+        let personal = Personal::new(Keyring::generate("k1"));
+        let made = personal.new_key("u1").unwrap();
+        let payload = r#"{"E":{"reason":"quote \"sealed:1:u1:AAAA\" here","ctx":{"ip":"x\"y\\","user_agent":"Zoë \u0001"}}}"#;
+        let sealed = personal
+            .seal_payload("u1", &made.key, "E", payload.to_string())
+            .unwrap();
+        let opened = Personal::open_text(&sealed, &Keys::one("u1", Some(made.key)));
+        assert_eq!(
+            serde_json::from_str::<Value>(&opened).unwrap(),
+            serde_json::from_str::<Value>(payload).unwrap()
+        );
+        let erased: Value =
+            serde_json::from_str(&Personal::open_text(&sealed, &Keys::default())).unwrap();
+        assert_eq!(erased["E"]["reason"], "quote \"sealed:1:u1:AAAA\" here");
+        assert_eq!(erased["E"]["ctx"]["ip"], ERASED);
     }
 }
