@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use twofold_domain::Ctx;
 use twofold_platform::audit_signing::{AuditSigner, VerifyingKeys, ALGORITHM};
+use twofold_platform::personal::{Keys, Personal, SEALED_PREFIX};
 
 use crate::queries::AuditQuery;
 use crate::record::{EventRecord, RecordExt};
@@ -107,6 +108,49 @@ impl AuditEntry {
         })
     }
 
+    /// Whether the entry holds sealed personal data.
+    pub fn is_sealed(&self) -> bool {
+        [&self.ip, &self.user_agent]
+            .into_iter()
+            .flatten()
+            .any(|v| v.starts_with(SEALED_PREFIX))
+            || self.details.to_string().contains(SEALED_PREFIX)
+    }
+
+    /// The data keys the entry's sealed values name.
+    pub fn key_ids(&self) -> Vec<String> {
+        let mut text = self.details.to_string();
+        for v in [&self.ip, &self.user_agent].into_iter().flatten() {
+            text.push(' ');
+            text.push_str(v);
+        }
+        Personal::key_ids(&text)
+    }
+
+    /// The entry as shown: its personal data opened with `keys`, or
+    /// `[erased]` where the key is gone.
+    pub fn open(&mut self, keys: &Keys) {
+        for v in [&mut self.ip, &mut self.user_agent].into_iter().flatten() {
+            *v = Personal::open_str(v, keys);
+        }
+        Personal::open_value(&mut self.details, keys);
+    }
+
+    /// What an export shows beside a sealed entry: its IP, user agent and
+    /// details opened.
+    pub fn opened(&self, keys: &Keys) -> Option<Value> {
+        if !self.is_sealed() {
+            return None;
+        }
+        let mut open = self.clone();
+        open.open(keys);
+        Some(serde_json::json!({
+            "ip": open.ip,
+            "user_agent": open.user_agent,
+            "details": open.details,
+        }))
+    }
+
     fn canonical(&self) -> anyhow::Result<String> {
         Ok(serde_json::to_string(self)?)
     }
@@ -177,6 +221,10 @@ struct NdjsonLine {
     entry: AuditEntry,
     prev: String,
     hash: String,
+    /// The entry's personal data opened (or `[erased]`), beside the sealed
+    /// form the hash is over; not part of the chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    opened: Option<Value>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -282,6 +330,16 @@ impl Exporter {
     }
 
     pub fn line(&mut self, entry: AuditEntry) -> anyhow::Result<String> {
+        self.line_opened(entry, None)
+    }
+
+    /// [`Exporter::line`], with the entry's personal data opened beside it
+    /// (NDJSON only; CSV shows the sealed form the hash is over).
+    pub fn line_opened(
+        &mut self,
+        entry: AuditEntry,
+        opened: Option<Value>,
+    ) -> anyhow::Result<String> {
         let hash = chain(&self.prev, &entry)?;
         let prev = std::mem::replace(&mut self.prev, hash.clone());
         self.count += 1;
@@ -289,7 +347,12 @@ impl Exporter {
         self.last_position = Some(entry.position);
         Ok(match self.format {
             Format::Ndjson => {
-                let mut s = serde_json::to_string(&NdjsonLine { entry, prev, hash })?;
+                let mut s = serde_json::to_string(&NdjsonLine {
+                    entry,
+                    prev,
+                    hash,
+                    opened,
+                })?;
                 s.push('\n');
                 s
             }

@@ -18,6 +18,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use twofold_platform::dead_letters::{deliveries, last_delivery, DeadLetters, MAX_DELIVER};
 use twofold_platform::envelope::parse_msg_id;
 use twofold_platform::jetstream::{durable_consumer, Batches};
+use twofold_platform::personal::Personal;
 use twofold_platform::telemetry::{Telemetry, WorkerStart};
 use twofold_platform::Config;
 
@@ -65,10 +66,11 @@ impl Projector {
         let start = WorkerStart::begin(config, "projector").await?;
         let (source, js) = (Source::from_config(config), jetstream::new(start.nats));
         let (telemetry, pool) = (start.telemetry, start.pool);
+        let personal = Personal::new(config.keyring()?);
         let mut consumers = Vec::new();
         for builder in Builder::ALL {
             let consumer = twofold_platform::retrying("binding a projector consumer", || {
-                Consumer::bind(&js, pool.clone(), &source, builder)
+                Consumer::bind(&js, pool.clone(), personal.clone(), &source, builder)
             })
             .await;
             telemetry
@@ -147,6 +149,8 @@ pub struct Consumer {
     builder: Builder,
     /// The builder's durable consumer, up to `BATCH` messages pulled ahead.
     batches: Batches,
+    /// Opens the personal data the directory shows.
+    personal: Personal,
     /// Where messages that cannot be applied go.
     dead_letters: DeadLetters,
     ack_wait: Duration,
@@ -157,17 +161,23 @@ const BATCH: usize = 500;
 
 impl Consumer {
     /// Binds to (creating if needed) the builder's durable consumer.
-    pub async fn connect(pool: PgPool, source: &Source, builder: Builder) -> anyhow::Result<Self> {
+    pub async fn connect(
+        pool: PgPool,
+        personal: Personal,
+        source: &Source,
+        builder: Builder,
+    ) -> anyhow::Result<Self> {
         let client = async_nats::connect(&source.nats_url)
             .await
             .with_context(|| format!("connecting to NATS at {}", source.nats_url))?;
-        Self::bind(&jetstream::new(client), pool, source, builder).await
+        Self::bind(&jetstream::new(client), pool, personal, source, builder).await
     }
 
     /// [`Consumer::connect`] on a JetStream connection already made.
     pub async fn bind(
         js: &jetstream::Context,
         pool: PgPool,
+        personal: Personal,
         source: &Source,
         builder: Builder,
     ) -> anyhow::Result<Self> {
@@ -188,6 +198,7 @@ impl Consumer {
             dead_letters: DeadLetters::new(pool.clone(), &name, source.ack_wait),
             ack_wait: source.ack_wait,
             pool,
+            personal,
             connections: std::sync::Mutex::new(Vec::new()),
             builder,
             batches: Batches::new(consumer, BATCH),
@@ -329,7 +340,10 @@ impl Consumer {
                 .await
                 .context("connecting to PostgreSQL")?,
         };
-        let applied = self.builder.catch_up(&mut conn, targets).await;
+        let applied = self
+            .builder
+            .catch_up(&mut conn, &self.personal, targets)
+            .await;
         // A connection that failed is dropped; the next batch opens another.
         if applied.is_ok() {
             self.connections

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use twofold_domain::user::{SecondFactorUse, TwoFactorState, UserEvent};
+use twofold_domain::user::{SecondFactorUse, TwoFactorState, UserEvent, ERASED};
 
 /// What the directory knows of one user. Never a secret: no hashes, no seeds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -30,6 +30,9 @@ pub struct UserRow {
     pub created_at: Option<DateTime<Utc>>,
     pub enrolled_at: Option<DateTime<Utc>>,
     pub last_sign_in: Option<LastSignIn>,
+    /// Erased by an admin: nothing personal is left in the row.
+    #[serde(default)]
+    pub erased: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -190,6 +193,18 @@ impl UserRow {
             | UserEvent::PasswordChangeRequired { .. }
             | UserEvent::EnrollmentSkipped { .. }
             | UserEvent::SessionsRevoked { .. } => {}
+            UserEvent::UserErased { .. } => {
+                // What replaying the sealed events gives once the key is
+                // gone, so a rebuild and the live row agree.
+                self.username = ERASED.to_string();
+                self.email = None;
+                self.phone = None;
+                self.locked = false;
+                if let Some(last) = &mut self.last_sign_in {
+                    last.ip = None;
+                }
+                self.erased = true;
+            }
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use sqlx::PgPool;
+use twofold_platform::personal::Personal;
 
 use crate::audit::AuditEntry;
 use crate::directory::UserRow;
@@ -15,8 +16,16 @@ use crate::store::{copy_audit, write_users, Builder};
 
 const BATCH: i64 = 10_000;
 
-async fn load_owned(pool: PgPool, after: i64) -> anyhow::Result<Vec<EventRecord>> {
-    load_batch(&pool, after, BATCH).await
+/// The next batch, opened (the directory reads personal data opened; the
+/// audit history keeps the sealed form).
+async fn load_owned(
+    pool: PgPool,
+    personal: Personal,
+    after: i64,
+) -> anyhow::Result<Vec<EventRecord>> {
+    let mut batch = load_batch(&pool, after, BATCH).await?;
+    personal.open_envelopes(&pool, &mut batch).await?;
+    Ok(batch)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -27,7 +36,11 @@ pub struct Rebuilt {
 }
 
 /// Replays every event; `progress` is told the running count after each batch.
-pub async fn rebuild(pool: &PgPool, mut progress: impl FnMut(u64)) -> anyhow::Result<Rebuilt> {
+pub async fn rebuild(
+    pool: &PgPool,
+    personal: &Personal,
+    mut progress: impl FnMut(u64),
+) -> anyhow::Result<Rebuilt> {
     let started = Instant::now();
     let mut tx = pool.begin().await.context("starting the rebuild")?;
     sqlx::query("TRUNCATE rm_users, rm_audit, projection_positions, projection_progress")
@@ -61,11 +74,15 @@ pub async fn rebuild(pool: &PgPool, mut progress: impl FnMut(u64)) -> anyhow::Re
         }
         anyhow::Ok(tx)
     });
-    let mut next = tokio::spawn(load_owned(pool.clone(), 0));
+    let mut next = tokio::spawn(load_owned(pool.clone(), personal.clone(), 0));
     loop {
         let batch = next.await.context("loading events")??;
         let Some(tail) = batch.last() else { break };
-        next = tokio::spawn(load_owned(pool.clone(), tail.global_position));
+        next = tokio::spawn(load_owned(
+            pool.clone(),
+            personal.clone(),
+            tail.global_position,
+        ));
         let mut entries = Vec::with_capacity(batch.len());
         for record in &batch {
             if let Typed::User(event) = record.typed()? {

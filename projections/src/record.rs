@@ -7,6 +7,7 @@ use sqlx::PgPool;
 use twofold_domain::tenant::TenantEvent;
 use twofold_domain::user::UserEvent;
 use twofold_platform::envelope::COLUMNS;
+use twofold_platform::personal::Personal;
 
 pub use twofold_platform::envelope::Envelope as EventRecord;
 
@@ -70,9 +71,14 @@ pub async fn load_batch(pool: &PgPool, after: i64, limit: i64) -> anyhow::Result
     .await?)
 }
 
-/// Every event of one tenant's users and the tenant itself, in commit order.
-pub async fn load_tenant(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Vec<EventRecord>> {
-    Ok(sqlx::query_as(&format!(
+/// Every event of one tenant's users and the tenant itself, in commit order,
+/// opened.
+pub async fn load_tenant(
+    pool: &PgPool,
+    personal: &Personal,
+    tenant_id: &str,
+) -> anyhow::Result<Vec<EventRecord>> {
+    let mut records = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM events WHERE (aggregate_type = 'tenant' AND aggregate_id = $1) \
          OR (aggregate_type = 'user' AND aggregate_id IN \
              (SELECT user_id::text FROM usernames WHERE tenant_id::text = $1)) \
@@ -81,5 +87,7 @@ pub async fn load_tenant(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Vec<E
     ))
     .bind(tenant_id)
     .fetch_all(pool)
-    .await?)
+    .await?;
+    personal.open_envelopes(pool, &mut records).await?;
+    Ok(records)
 }

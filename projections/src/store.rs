@@ -10,6 +10,7 @@ use twofold_domain::user::UserEvent;
 use crate::audit::AuditEntry;
 use crate::directory::UserRow;
 use twofold_platform::envelope::COLUMNS;
+use twofold_platform::personal::Personal;
 
 use crate::record::{EventRecord, RecordExt, Typed};
 
@@ -33,14 +34,22 @@ impl Builder {
     /// Applies `record` unless this builder has already applied it (or a later
     /// event of the same stream), after any earlier events of its stream not
     /// applied yet. Returns whether anything was applied.
-    pub async fn apply(&self, pool: &PgPool, record: &EventRecord) -> anyhow::Result<bool> {
+    pub async fn apply(
+        &self,
+        pool: &PgPool,
+        personal: &Personal,
+        record: &EventRecord,
+    ) -> anyhow::Result<bool> {
         let target = StreamTarget {
             aggregate_type: record.aggregate_type.clone(),
             aggregate_id: record.aggregate_id.clone(),
             sequence: record.sequence,
         };
         let mut conn = pool.acquire().await?;
-        Ok(!self.catch_up(&mut conn, &[target]).await?.is_empty())
+        Ok(!self
+            .catch_up(&mut conn, personal, &[target])
+            .await?
+            .is_empty())
     }
 
     /// Brings each named stream up to the sequence named, in one transaction:
@@ -53,6 +62,7 @@ impl Builder {
     pub async fn catch_up(
         &self,
         conn: &mut PgConnection,
+        personal: &Personal,
         targets: &[StreamTarget],
     ) -> anyhow::Result<Vec<EventRecord>> {
         // The furthest sequence asked of each stream, in stream order.
@@ -81,7 +91,7 @@ impl Builder {
         // key: `OFFSET 0` keeps PostgreSQL from turning the lookup into a
         // join, which its general plan (used for a statement run often)
         // answers by reading every event.
-        let records: Vec<EventRecord> = sqlx::query_as(&format!(
+        let mut records: Vec<EventRecord> = sqlx::query_as(&format!(
             "WITH claimed AS ( \
                INSERT INTO projection_positions AS p (projection, aggregate_type, aggregate_id, sequence) \
                SELECT $1, t.aggregate_type, t.aggregate_id, 0 \
@@ -112,6 +122,12 @@ impl Builder {
                 .await
                 .context("ending a projection transaction")?;
             return Ok(records);
+        }
+        if *self == Builder::Directory {
+            // The directory holds what admins search and read, opened; an
+            // erasure's own event clears it again. (The audit history keeps
+            // the sealed form, which its hash chain is over.)
+            personal.open_envelopes(&mut *tx, &mut records).await?;
         }
         // The update, the streams' new positions (the last of their events
         // applied) and the builder's progress, in one statement.

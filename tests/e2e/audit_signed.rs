@@ -39,7 +39,7 @@ async fn some_history(app: &TestApp) -> String {
         )
         .await;
     }
-    twofold_projections::rebuild::rebuild(&app.pool, |_| {})
+    twofold_projections::rebuild::rebuild(&app.pool, &app.state.personal, |_| {})
         .await
         .unwrap();
     admin
@@ -351,7 +351,7 @@ async fn without_a_configured_key_exports_are_signed_with_one_derived_from_the_s
         json!({"username": "dot", "password": "correct horse battery"}),
     )
     .await;
-    twofold_projections::rebuild::rebuild(&app.pool, |_| {})
+    twofold_projections::rebuild::rebuild(&app.pool, &app.state.personal, |_| {})
         .await
         .unwrap();
     let later = export(&twin, &twin_admin, "format=csv").await;

@@ -305,13 +305,13 @@ async fn an_admin_rolls_out_2fa_in_the_console_and_follows_it_up() {
 }
 
 /// A browser signed in through the sign-in form (no second factor asked).
-struct PageClient {
+pub(crate) struct PageClient {
     client: reqwest::Client,
     token: String,
 }
 
 impl PageClient {
-    async fn sign_in(app: &TestApp, username: &str, password: &str) -> PageClient {
+    pub(crate) async fn sign_in(app: &TestApp, username: &str, password: &str) -> PageClient {
         let client = reqwest::Client::builder()
             .cookie_store(true)
             .redirect(reqwest::redirect::Policy::none())
@@ -345,12 +345,12 @@ impl PageClient {
         PageClient { client, token }
     }
 
-    async fn get(&self, url: String) -> (StatusCode, String) {
+    pub(crate) async fn get(&self, url: String) -> (StatusCode, String) {
         let r = self.client.get(url).send().await.unwrap();
         (r.status(), r.text().await.unwrap())
     }
 
-    async fn post(&self, url: String, fields: &[(&str, &str)]) -> (StatusCode, String) {
+    pub(crate) async fn post(&self, url: String, fields: &[(&str, &str)]) -> (StatusCode, String) {
         let mut form = vec![("form_token", self.token.as_str())];
         form.extend_from_slice(fields);
         let r = self.client.post(url).form(&form).send().await.unwrap();

@@ -410,7 +410,7 @@ async fn an_email_code_arrives_by_smtp_and_signs_in() {
     assert_eq!(s.verify(&token, &code).await, StatusCode::OK);
     let recorded = s.delivery_events("CodeDelivered").await;
     // The Overview's delivery figures, once the read models have the events.
-    twofold_projections::rebuild::rebuild(&s.app.pool, |_| {})
+    twofold_projections::rebuild::rebuild(&s.app.pool, &s.app.state.personal, |_| {})
         .await
         .unwrap();
     let admin = s.app.admin_token().await;
@@ -598,7 +598,7 @@ async fn an_sms_code_goes_through_the_provider_and_falls_back_to_email_when_it_f
     assert_eq!(s.verify(&token, &code).await, StatusCode::OK);
 
     // The Overview's delivery figures, from the read models.
-    twofold_projections::rebuild::rebuild(&s.app.pool, |_| {})
+    twofold_projections::rebuild::rebuild(&s.app.pool, &s.app.state.personal, |_| {})
         .await
         .unwrap();
     let rows: Vec<serde_json::Value> =

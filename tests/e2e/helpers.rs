@@ -330,18 +330,37 @@ impl TestApp {
         .unwrap()
     }
 
-    /// Payloads of a user's events of one type, in order.
+    /// Payloads of a user's events of one type, in order, their personal
+    /// data opened.
     pub async fn events_of(&self, user_id: &str, event_type: &str) -> Vec<Value> {
+        self.stream_events(user_id)
+            .await
+            .into_iter()
+            .filter_map(|e| e.get(event_type).cloned())
+            .collect()
+    }
+
+    /// Every event of a user's stream as stored (`{"<type>": {…}}`), in
+    /// order, their personal data opened.
+    pub async fn stream_events(&self, user_id: &str) -> Vec<Value> {
+        let keys = self
+            .state
+            .personal
+            .read_keys(&self.pool, &[user_id.to_string()])
+            .await
+            .unwrap();
         sqlx::query_scalar(
-            "SELECT payload::jsonb FROM events WHERE aggregate_type = 'user' AND aggregate_id = $1 AND event_type = $2 ORDER BY sequence",
+            "SELECT payload::text FROM events WHERE aggregate_type = 'user' AND aggregate_id = $1 ORDER BY sequence",
         )
         .bind(user_id)
-        .bind(event_type)
         .fetch_all(&self.pool)
         .await
         .unwrap()
         .into_iter()
-        .map(|v: Value| v[event_type].clone())
+        .map(|text: String| {
+            let opened = twofold_platform::personal::Personal::open_text(&text, &keys);
+            serde_json::from_str::<Value>(&opened).unwrap()
+        })
         .collect()
     }
 

@@ -13,6 +13,7 @@ mod audit_signed;
 mod budgets;
 mod console;
 mod delivery;
+mod erasure;
 mod guarantees;
 mod keep_alive;
 mod metrics;

@@ -16,12 +16,12 @@ use twofold_relay::Relay;
 use crate::delivery::free_port;
 use crate::helpers::{settings_on, spawn_app, TestApp};
 
-fn nats_url() -> String {
+pub(crate) fn nats_url() -> String {
     std::env::var("TWOFOLD_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string())
 }
 
 /// A stream and subject prefix of this test's own.
-fn nats_config(url: &str) -> Config {
+pub(crate) fn nats_config(url: &str) -> Config {
     let id = uuid::Uuid::new_v4().simple().to_string();
     Config {
         nats_url: url.to_string(),
@@ -31,7 +31,7 @@ fn nats_config(url: &str) -> Config {
     }
 }
 
-fn source(config: &Config, durable: &str) -> Source {
+pub(crate) fn source(config: &Config, durable: &str) -> Source {
     Source {
         nats_url: config.nats_url.clone(),
         stream: config.nats_stream.clone(),
@@ -41,7 +41,7 @@ fn source(config: &Config, durable: &str) -> Source {
     }
 }
 
-async fn start_relay(app: &TestApp, config: &Config) -> tokio::task::JoinHandle<()> {
+pub(crate) async fn start_relay(app: &TestApp, config: &Config) -> tokio::task::JoinHandle<()> {
     let relay = Relay::connect(app.pool.clone(), config).await.unwrap();
     tokio::spawn(async move {
         let _ = relay.run_until_stopped(std::future::pending()).await;
@@ -53,7 +53,7 @@ async fn count(app: &TestApp, sql: &str) -> i64 {
 }
 
 /// Waits (bounded) until `done` holds.
-async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
+pub(crate) async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
     for _ in 0..200 {
         if done().await {
             return;
@@ -88,7 +88,7 @@ async fn some_history(app: &TestApp) {
     }
 }
 
-async fn read_models(app: &TestApp) -> (Vec<Value>, Vec<(i64, String)>) {
+pub(crate) async fn read_models(app: &TestApp) -> (Vec<Value>, Vec<(i64, String)>) {
     let users: Vec<Value> = sqlx::query_scalar("SELECT row FROM rm_users ORDER BY user_id")
         .fetch_all(&app.pool)
         .await
@@ -103,7 +103,7 @@ async fn read_models(app: &TestApp) -> (Vec<Value>, Vec<(i64, String)>) {
 
 /// Every builder has applied every event: per stream, a builder's position is
 /// the last sequence it applied, so the positions add up to the event count.
-async fn caught_up(app: &TestApp) -> bool {
+pub(crate) async fn caught_up(app: &TestApp) -> bool {
     let events = count(app, "SELECT count(*) FROM events").await;
     if count(app, "SELECT count(*) FROM outbox").await != 0 {
         return false;
@@ -144,7 +144,7 @@ async fn committed_events_reach_the_read_models_through_jetstream() {
     let src = source(&config, "live");
     let mut builders = Vec::new();
     for builder in Builder::ALL {
-        let p = Consumer::connect(app.pool.clone(), &src, builder)
+        let p = Consumer::connect(app.pool.clone(), app.state.personal.clone(), &src, builder)
             .await
             .unwrap();
         builders.push(tokio::spawn(p.run_until_stopped(std::future::pending())));
@@ -158,7 +158,7 @@ async fn committed_events_reach_the_read_models_through_jetstream() {
     assert_eq!(users, 4, "root-admin, nia, oto, pax");
 
     // A rebuild from the event store gives exactly the live read models.
-    twofold_projections::rebuild::rebuild(&app.pool, |_| {})
+    twofold_projections::rebuild::rebuild(&app.pool, &app.state.personal, |_| {})
         .await
         .unwrap();
     assert_eq!(read_models(&app).await, live);
@@ -198,12 +198,20 @@ async fn a_builder_killed_mid_batch_and_redelivery_leave_the_read_models_exact()
         .await
         .unwrap();
     for r in &records {
-        assert!(Builder::Directory.apply(&app.pool, r).await.unwrap());
+        assert!(Builder::Directory
+            .apply(&app.pool, &app.state.personal, r)
+            .await
+            .unwrap());
     }
     // Another dies mid-run.
-    let first = Consumer::connect(app.pool.clone(), &src, Builder::Audit)
-        .await
-        .unwrap();
+    let first = Consumer::connect(
+        app.pool.clone(),
+        app.state.personal.clone(),
+        &src,
+        Builder::Audit,
+    )
+    .await
+    .unwrap();
     let killed = tokio::spawn(first.run_until_stopped(std::future::pending()));
     tokio::time::sleep(Duration::from_millis(30)).await;
     killed.abort();
@@ -211,7 +219,7 @@ async fn a_builder_killed_mid_batch_and_redelivery_leave_the_read_models_exact()
     // Fresh builders on the same durable consumers finish the job.
     let mut builders = Vec::new();
     for builder in Builder::ALL {
-        let p = Consumer::connect(app.pool.clone(), &src, builder)
+        let p = Consumer::connect(app.pool.clone(), app.state.personal.clone(), &src, builder)
             .await
             .unwrap();
         builders.push(tokio::spawn(p.run_until_stopped(std::future::pending())));
@@ -221,7 +229,7 @@ async fn a_builder_killed_mid_batch_and_redelivery_leave_the_read_models_exact()
     })
     .await;
     let live = read_models(&app).await;
-    twofold_projections::rebuild::rebuild(&app.pool, |_| {})
+    twofold_projections::rebuild::rebuild(&app.pool, &app.state.personal, |_| {})
         .await
         .unwrap();
     assert_eq!(read_models(&app).await, live);
@@ -425,7 +433,10 @@ async fn an_event_that_arrives_after_a_later_one_of_its_stream_changes_nothing()
     // Messages arrive newest first, each builder sees every one of them...
     for builder in Builder::ALL {
         for r in records.iter().rev() {
-            builder.apply(&app.pool, r).await.unwrap();
+            builder
+                .apply(&app.pool, &app.state.personal, r)
+                .await
+                .unwrap();
         }
     }
     // ...and the read models are those a replay in order builds.
@@ -441,7 +452,7 @@ async fn an_event_that_arrives_after_a_later_one_of_its_stream_changes_nothing()
         events * Builder::ALL.len() as i64,
         "every stream applied to its end"
     );
-    twofold_projections::rebuild::rebuild(&app.pool, |_| {})
+    twofold_projections::rebuild::rebuild(&app.pool, &app.state.personal, |_| {})
         .await
         .unwrap();
     assert_eq!(read_models(&app).await, live);

@@ -451,10 +451,14 @@ async fn sign_ins_through_a_three_node_cluster_survive_a_node_killed_and_restart
         tokio::spawn(dispatcher.run_until_stopped(std::future::pending())),
     ];
     for builder in twofold_projections::store::Builder::ALL {
-        let consumer =
-            twofold_projections::consumer::Consumer::connect(app.pool.clone(), &source, builder)
-                .await
-                .unwrap();
+        let consumer = twofold_projections::consumer::Consumer::connect(
+            app.pool.clone(),
+            app.state.personal.clone(),
+            &source,
+            builder,
+        )
+        .await
+        .unwrap();
         workers.push(tokio::spawn(
             consumer.run_until_stopped(std::future::pending()),
         ));

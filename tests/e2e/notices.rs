@@ -97,7 +97,7 @@ async fn a_user_is_told_by_email_of_each_change_to_their_account() {
         .unwrap();
     assert!(notices(&after).is_empty(), "{after:?}");
     // The user's own history shows them.
-    twofold_projections::rebuild::rebuild(&s.app.pool, |_| {})
+    twofold_projections::rebuild::rebuild(&s.app.pool, &s.app.state.personal, |_| {})
         .await
         .unwrap();
     let history = s

@@ -91,9 +91,14 @@ async fn a_poison_burst_over_the_pending_limit_is_parked_and_codes_still_arrive(
         durable_prefix: format!("{}p", s.source.durable),
         ack_wait: Duration::from_secs(1),
     };
-    let directory = Consumer::connect(s.app.pool.clone(), &projector_source, Builder::Directory)
-        .await
-        .unwrap();
+    let directory = Consumer::connect(
+        s.app.pool.clone(),
+        s.app.state.personal.clone(),
+        &projector_source,
+        Builder::Directory,
+    )
+    .await
+    .unwrap();
     tokio::spawn(directory.run_until_stopped(std::future::pending()));
 
     // A real sign-in after the burst: its code arrives.
@@ -420,9 +425,14 @@ async fn a_rebuild_reproduces_the_live_audit_history_and_its_export_head() {
         durable_prefix: format!("p{id}"),
         ack_wait: Duration::from_secs(1),
     };
-    let audit = Consumer::connect(app.pool.clone(), &source, Builder::Audit)
-        .await
-        .unwrap();
+    let audit = Consumer::connect(
+        app.pool.clone(),
+        app.state.personal.clone(),
+        &source,
+        Builder::Audit,
+    )
+    .await
+    .unwrap();
     tokio::spawn(audit.run_until_stopped(std::future::pending()));
     let events = twofold_platform::db::count_events(&app.pool).await.unwrap();
     eventually("the audit builder to apply every event", 300, async || {
@@ -444,7 +454,7 @@ async fn a_rebuild_reproduces_the_live_audit_history_and_its_export_head() {
     assert!(sub_micro > 0, "events with times below the microsecond");
 
     let live = audit_export(&app, &admin).await;
-    twofold_projections::rebuild::rebuild(&app.pool, |_| {})
+    twofold_projections::rebuild::rebuild(&app.pool, &app.state.personal, |_| {})
         .await
         .unwrap();
     let rebuilt = audit_export(&app, &admin).await;
@@ -580,9 +590,14 @@ async fn an_event_the_projector_cannot_apply_is_parked_and_the_others_go_on() {
         })
         .await
         .unwrap();
-    let directory = Consumer::connect(app.pool.clone(), &source, Builder::Directory)
-        .await
-        .unwrap();
+    let directory = Consumer::connect(
+        app.pool.clone(),
+        app.state.personal.clone(),
+        &source,
+        Builder::Directory,
+    )
+    .await
+    .unwrap();
     let mut consumer: async_nats::jetstream::consumer::PullConsumer =
         stream.get_consumer(&durable).await.unwrap();
     assert_eq!(

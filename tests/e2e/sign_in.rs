@@ -338,13 +338,7 @@ async fn a_long_history_is_read_from_snapshots() {
     );
     // The state loaded from snapshot + later events equals a full replay.
     let loaded = app.state.users.load(&quinn).await.unwrap();
-    let events: Vec<serde_json::Value> = sqlx::query_scalar(
-        "SELECT payload::jsonb FROM events WHERE aggregate_type = 'user' AND aggregate_id = $1 ORDER BY sequence",
-    )
-    .bind(&quinn)
-    .fetch_all(&app.pool)
-    .await
-    .unwrap();
+    let events = app.stream_events(&quinn).await;
     let mut replayed = twofold_domain::user::User::default();
     for e in events {
         cqrs_es::Aggregate::apply(&mut replayed, serde_json::from_value(e).unwrap());

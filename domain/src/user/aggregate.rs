@@ -145,11 +145,15 @@ pub struct User {
     /// The password reset link that works now, and until when.
     #[serde(default)]
     pub reset_link: Option<(uuid::Uuid, DateTime<Utc>)>,
+    /// Erased by an admin: nothing of the account is left but its id.
+    #[serde(default)]
+    pub erased: bool,
 }
 
 impl User {
+    /// Registered and not erased.
     pub fn exists(&self) -> bool {
-        self.id.is_some()
+        self.id.is_some() && !self.erased
     }
 
     pub fn is_admin(&self) -> bool {
@@ -844,6 +848,9 @@ impl User {
     }
 
     fn handle_command(&self, command: UserCommand) -> Result<Vec<UserEvent>, UserError> {
+        if self.erased {
+            return Err(UserError::NotFound);
+        }
         match command {
             UserCommand::Register {
                 user_id,
@@ -1324,6 +1331,16 @@ impl User {
                     self.revoke_all(&ctx),
                 ])
             }
+            UserCommand::Erase { ctx } => {
+                self.require_exists()?;
+                if !matches!(ctx.actor, Actor::Admin(_) | Actor::Operator) {
+                    return Err(UserError::NotFound);
+                }
+                if ctx.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+                    return Err(UserError::ReasonRequired);
+                }
+                Ok(vec![UserEvent::UserErased { ctx }])
+            }
             UserCommand::RevokeSessions {
                 forget_devices,
                 ctx,
@@ -1669,6 +1686,16 @@ impl Aggregate for User {
                 if devices_forgotten {
                     self.forget_devices();
                 }
+            }
+            UserEvent::UserErased { .. } => {
+                // Nothing is kept but the ids: no contacts, password,
+                // factors, sessions or devices.
+                *self = User {
+                    id: self.id,
+                    tenant_id: self.tenant_id,
+                    erased: true,
+                    ..User::default()
+                };
             }
         }
     }

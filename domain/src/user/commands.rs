@@ -191,6 +191,11 @@ pub enum UserCommand {
         forget_devices: bool,
         ctx: Ctx,
     },
+    /// Erases the user: an admin's, with a reason (the store makes their
+    /// personal data unreadable as it appends the event).
+    Erase {
+        ctx: Ctx,
+    },
 }
 
 /// A remembered-device token the client presented at sign-in.

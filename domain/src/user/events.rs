@@ -326,6 +326,11 @@ pub enum UserEvent {
         devices_forgotten: bool,
         ctx: Ctx,
     },
+    /// An admin erased the user (with a reason): their personal data can no
+    /// longer be read, and the account is gone. Carries nothing of the user's.
+    UserErased {
+        ctx: Ctx,
+    },
 }
 
 impl UserEvent {
@@ -370,7 +375,8 @@ impl UserEvent {
             | UserEvent::VoluntaryTwoFactorChanged { ctx, .. }
             | UserEvent::EnrollmentReset { ctx }
             | UserEvent::AuthenticatorRemoved { ctx }
-            | UserEvent::SessionsRevoked { ctx, .. } => ctx,
+            | UserEvent::SessionsRevoked { ctx, .. }
+            | UserEvent::UserErased { ctx } => ctx,
         }
     }
 
@@ -416,6 +422,7 @@ impl UserEvent {
             UserEvent::EnrollmentReset { .. } => "EnrollmentReset",
             UserEvent::AuthenticatorRemoved { .. } => "AuthenticatorRemoved",
             UserEvent::SessionsRevoked { .. } => "SessionsRevoked",
+            UserEvent::UserErased { .. } => "UserErased",
         }
     }
 }

@@ -32,6 +32,9 @@ pub use events::{
 };
 pub use lockout::Lockout;
 
+/// What a personal value reads as once its user was erased.
+pub const ERASED: &str = "[erased]";
+
 /// Backup codes issued at enrollment and on regeneration.
 pub const BACKUP_CODE_COUNT: usize = 8;
 /// Active sessions kept per user; starting one more ends the oldest.

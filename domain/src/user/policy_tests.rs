@@ -1080,3 +1080,48 @@ fn login_as_needs_the_tenant_setting_a_reason_and_a_non_admin_and_marks_the_sess
         t0() + Duration::seconds(5) + Duration::hours(1)
     );
 }
+
+#[test]
+fn an_admin_erases_a_user_with_a_reason_and_nothing_is_decided_for_them_after() {
+    Given::with(())
+        .given(vec![registered(&[]), session_started(600, 1)])
+        .when(UserCommand::Erase { ctx: admin(10) })
+        .then_expect_events(vec![UserEvent::UserErased { ctx: admin(10) }]);
+    // Without a reason, or by the user themselves: refused.
+    Given::with(())
+        .given(vec![registered(&[])])
+        .when(UserCommand::Erase {
+            ctx: Ctx::new(t0(), Actor::Admin(admin_id())),
+        })
+        .then_expect_error(UserError::ReasonRequired);
+    Given::with(())
+        .given(vec![registered(&[])])
+        .when(UserCommand::Erase { ctx: at(10) })
+        .then_expect_error(UserError::NotFound);
+    // Once erased: no command is decided, not even a second erasure.
+    let erased = vec![
+        registered(&[]),
+        session_started(600, 1),
+        UserEvent::UserErased { ctx: admin(10) },
+    ];
+    Given::with(())
+        .given(erased.clone())
+        .when(UserCommand::Erase { ctx: admin(20) })
+        .then_expect_error(UserError::NotFound);
+    Given::with(())
+        .given(erased.clone())
+        .when(UserCommand::RevokeSessions {
+            forget_devices: true,
+            ctx: admin(20),
+        })
+        .then_expect_error(UserError::NotFound);
+    // Nothing of the account is kept but its ids.
+    let mut user = User::default();
+    for event in erased {
+        cqrs_es::Aggregate::apply(&mut user, event);
+    }
+    assert!(user.erased && !user.exists());
+    assert_eq!(user.id, Some(uid()));
+    assert!(user.username.is_none() && user.email.is_none() && user.password_hash.is_none());
+    assert!(user.sessions.is_empty());
+}

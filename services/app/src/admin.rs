@@ -122,10 +122,16 @@ impl App {
         raw_user: &str,
     ) -> Result<(UserId, User), AppError> {
         let user_id: UserId = raw_user.parse().map_err(|_| AppError::UserNotFound)?;
-        let user = self
-            .user_in(tenant_id, user_id)
-            .await?
-            .ok_or(AppError::UserNotFound)?;
+        let user = self.users.load(&user_id.to_string()).await?;
+        if user.tenant_id != Some(tenant_id) {
+            return Err(AppError::UserNotFound);
+        }
+        if user.erased {
+            return Err(AppError::UserErased);
+        }
+        if !user.exists() {
+            return Err(AppError::UserNotFound);
+        }
         Ok((user_id, user))
     }
 
@@ -411,6 +417,40 @@ impl App {
             .await?;
         crate::auth::signed_in_by(token, &events)
             .ok_or_else(|| AppError::unexpected(anyhow::anyhow!("login as opened no session")))
+    }
+
+    /// Erases a user (GDPR art. 17): needs a reason and a step-up, like
+    /// Login As. `UserErased` (the admin and the reason, nothing of the
+    /// user's) is appended and, in the same transaction, the user's data key,
+    /// snapshots and username claim are deleted: every personal value sealed
+    /// in their events (here, in NATS, in exports) reads `[erased]` from
+    /// then on, and the account can no longer sign in. An admin cannot erase
+    /// themselves.
+    #[tracing::instrument(skip_all)]
+    pub async fn erase_user(
+        &self,
+        admin: &AdminSession,
+        raw_user: &str,
+        reason: Option<String>,
+        origin: &Origin,
+    ) -> Result<(), AppError> {
+        if !admin.0.stepped_up {
+            return Err(UserError::StepUpRequired.into());
+        }
+        let (user_id, _) = self.target(admin, raw_user).await?;
+        if admin.actor() == twofold_domain::Actor::Admin(user_id) {
+            return Err(UserError::CannotChangeOwnFactor.into());
+        }
+        let ctx = admin_ctx(self, origin, admin, reason);
+        if ctx.reason.is_none() {
+            return Err(UserError::ReasonRequired.into());
+        }
+        self.users
+            .erase(&user_id.to_string(), |_| {
+                Ok(UserCommand::Erase { ctx: ctx.clone() })
+            })
+            .await?;
+        Ok(())
     }
 
     /// New codes for a user who lost theirs, shown to the admin once to hand over.

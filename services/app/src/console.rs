@@ -291,6 +291,7 @@ impl App {
         }
         entries.reverse();
         entries.truncate(limit);
+        self.open_entries(&mut entries).await?;
         Ok(entries)
     }
 

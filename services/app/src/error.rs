@@ -15,6 +15,8 @@ pub enum AppError {
     TenantNotFound,
     #[error("No such user.")]
     UserNotFound,
+    #[error("This user was erased: nothing of theirs can be shown or changed.")]
+    UserErased,
     #[error("No such challenge, or it is already finished.")]
     ChallengeNotFound,
     #[error("The username or password is wrong.")]
@@ -95,6 +97,7 @@ impl AppError {
         match self {
             Self::TenantNotFound => "tenant_not_found",
             Self::UserNotFound => "user_not_found",
+            Self::UserErased => "user_erased",
             Self::ChallengeNotFound => "challenge_not_found",
             Self::InvalidCredentials => "invalid_credentials",
             Self::Unauthenticated => "unauthenticated",

@@ -28,6 +28,7 @@ use twofold_domain::user::User;
 use twofold_domain::{Actor, Ctx, TenantId, UserId};
 use twofold_platform::crypto::Keyring;
 use twofold_platform::password::Passwords;
+use twofold_platform::personal::Personal;
 use twofold_platform::store::{Cache, Store};
 use twofold_platform::{db, Clock, Config};
 
@@ -51,6 +52,8 @@ pub struct Inner {
     pub usernames: Cache<(TenantId, String), UserId>,
     pub passwords: Passwords,
     pub keys: Keyring,
+    /// Seals and opens personal data (per-user data keys).
+    pub personal: Personal,
     pub clock: Arc<dyn Clock>,
     /// The SMS providers configured, by name: tenant settings may name only these.
     pub sms_providers: Vec<String>,
@@ -82,11 +85,13 @@ impl App {
         let budgets_pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(4)
             .connect_lazy_with(budget_connections);
+        let personal = Personal::new(keys.clone());
         Self(Arc::new(Inner {
             budgets_pool,
             sms_providers,
             tenants: Store::remembering(pool.clone(), remembered_streams),
-            users: Store::remembering(pool.clone(), remembered_streams),
+            users: Store::remembering(pool.clone(), remembered_streams).sealing(personal.clone()),
+            personal,
             usernames: Cache::new(REMEMBERED_USERNAMES),
             pool,
             passwords,

@@ -6,6 +6,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use twofold_platform::audit_signing::PublishedKeys;
+use twofold_platform::personal::Keys;
 use twofold_projections::audit::{AuditEntry, ExportFilter, Exporter, Format};
 use twofold_projections::directory::{DirectoryQuery, UserRow};
 use twofold_projections::overview::{DailyPoint, Overview};
@@ -54,7 +55,10 @@ impl App {
     ) -> Result<Overview, AppError> {
         let tenant = tenant_id.to_string();
         Ok(match as_of {
-            Some(at) => overview::as_of(&record::load_tenant(&self.pool, &tenant).await?, at),
+            Some(at) => overview::as_of(
+                &record::load_tenant(&self.pool, &self.personal, &tenant).await?,
+                at,
+            ),
             None => queries::overview(&self.pool, &tenant).await?,
         })
     }
@@ -72,7 +76,9 @@ impl App {
                 "`from` must not be after `to`, and at most 366 days apart.".to_string(),
             ));
         }
-        let records = record::load_tenant(&self.pool, &reader.tenant_id().to_string()).await?;
+        let records =
+            record::load_tenant(&self.pool, &self.personal, &reader.tenant_id().to_string())
+                .await?;
         Ok(overview::daily(&records, from, to))
     }
 
@@ -126,12 +132,29 @@ impl App {
             user_id: Some(raw_user.to_string()),
             ..AuditQuery::default()
         };
-        let entries: Vec<_> = queries::audit(&self.pool, &tenant, &q)
+        let mut entries: Vec<_> = queries::audit(&self.pool, &tenant, &q)
             .collect::<Vec<_>>()
             .await
             .into_iter()
             .collect::<Result<_, _>>()?;
+        self.open_entries(&mut entries).await?;
         Ok(entries)
+    }
+
+    /// Opens the personal data of audit entries for display (`[erased]`
+    /// where the user was erased), reading their keys in one query.
+    pub(crate) async fn open_entries(&self, entries: &mut [AuditEntry]) -> Result<(), AppError> {
+        let mut ids: Vec<String> = entries.iter().flat_map(AuditEntry::key_ids).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        ids.sort();
+        ids.dedup();
+        let keys = self.personal.read_keys(&self.pool, &ids).await?;
+        for entry in entries {
+            entry.open(&keys);
+        }
+        Ok(())
     }
 
     /// The public keys audit exports are signed with (the current one and
@@ -181,6 +204,7 @@ impl App {
         let pool = self.pool.clone();
         let tenant = tenant_id.to_string();
         let signer = self.keys.audit_signer().clone();
+        let personal = self.personal.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
         // The export owns what it reads from, so it can outlive the request.
         tokio::spawn(async move {
@@ -191,14 +215,27 @@ impl App {
                 return;
             }
             let mut entries = queries::audit(&pool, &tenant, &q);
+            // Data keys read so far (an erased user's stays absent).
+            let (mut keys, mut read) = (Keys::default(), std::collections::HashSet::new());
             while let Some(entry) = entries.next().await {
-                let line = entry
-                    .map_err(anyhow::Error::from)
-                    .and_then(|e| exporter.line(e))
-                    .map_err(|e| {
-                        tracing::error!(error = %e, "audit export failed");
-                        failed()
-                    });
+                let line = async {
+                    let entry = entry?;
+                    let wanted: Vec<String> = entry
+                        .key_ids()
+                        .into_iter()
+                        .filter(|id| read.insert(id.clone()))
+                        .collect();
+                    if !wanted.is_empty() {
+                        keys.extend(personal.read_keys(&pool, &wanted).await?);
+                    }
+                    let opened = entry.opened(&keys);
+                    exporter.line_opened(entry, opened)
+                }
+                .await
+                .map_err(|e: anyhow::Error| {
+                    tracing::error!(error = %e, "audit export failed");
+                    failed()
+                });
                 let broken = line.is_err();
                 if tx.send(line).await.is_err() || broken {
                     return;

@@ -38,6 +38,7 @@ use twofold_platform::config::SmsProvider;
 use twofold_platform::crypto::Keyring;
 use twofold_platform::dead_letters::{last_delivery, DeadLetters, MAX_DELIVER};
 use twofold_platform::jetstream::{durable_consumer, Batches};
+use twofold_platform::personal::Personal;
 use twofold_platform::store::{read_streams, Basis, ExecError, Store, StreamKey};
 use twofold_platform::telemetry::{Telemetry, WorkerStart};
 use twofold_platform::{Clock, Config, Envelope};
@@ -101,6 +102,8 @@ pub struct Dispatcher {
     tenants: Store<Tenant>,
     deliveries: Store<Delivery>,
     keys: Keyring,
+    /// Opens the personal data (addresses, browser) a notice is made of.
+    personal: Personal,
     clock: Arc<dyn Clock>,
     /// The shared durable consumer, at most `concurrency` messages pulled
     /// ahead of what has been taken, so the jobs spread over the instances
@@ -127,7 +130,8 @@ pub struct Dispatcher {
 /// What a message asks the dispatcher for.
 enum Job {
     Code(CodeRequest),
-    Notice(Box<NoticeRequest>),
+    /// A security notice (made from the event once it is opened).
+    Notice,
 }
 
 /// What one job came to.
@@ -213,16 +217,19 @@ impl Dispatcher {
         consumer: PullConsumer,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
+        let keys = config.keyring()?;
+        let personal = Personal::new(keys.clone());
         Ok(Self {
             pool: pool.clone(),
             telemetry: None,
-            users: Store::new(pool.clone()),
+            users: Store::new(pool.clone()).sealing(personal.clone()),
+            personal,
             tenants: Store::new(pool.clone()),
             // A job claims its delivery, then records it: the claim's state is
             // remembered for the record (another instance writing the
             // stream meanwhile fails the append, which then reads it).
             deliveries: Store::remembering(pool.clone(), config.remembered_streams),
-            keys: config.keyring()?,
+            keys,
             clock,
             batches: Batches::new(consumer, source.concurrency),
             concurrency: source.concurrency.max(1),
@@ -275,8 +282,11 @@ impl Dispatcher {
     /// While PostgreSQL is away the job is held and tried again when it is
     /// back, using up no delivery.
     async fn job(&self, message: jetstream::Message) -> anyhow::Result<Outcome> {
-        let request = match readable(&message.payload) {
-            Ok(request) => request,
+        let parsed = serde_json::from_slice::<Envelope>(&message.payload)
+            .map_err(|e| format!("a message that is not an event: {e}"))
+            .and_then(|event| Ok((readable(&event)?, event)));
+        let (request, event) = match parsed {
+            Ok(parsed) => parsed,
             Err(reason) => {
                 self.dead_letters.park(&message, &reason).await?;
                 return Ok(Outcome::Parked(reason));
@@ -294,9 +304,9 @@ impl Dispatcher {
                         .keeping_alive(&[&message], self.handle(code))
                         .await
                 }
-                Job::Notice(notice) => {
+                Job::Notice => {
                     self.dead_letters
-                        .keeping_alive(&[&message], self.handle_notice(notice))
+                        .keeping_alive(&[&message], self.open_and_notify(&event))
                         .await
                 }
             };
@@ -550,6 +560,20 @@ impl Dispatcher {
 
     /// A security notice: to the user's email address (and, after a change,
     /// the one before), once per event, recorded on its own delivery stream.
+    /// A notice is made of the user's personal data (addresses, browser):
+    /// the event is opened for it here (a code needs none of it), so a
+    /// database outage holds the job like any other step of it.
+    async fn open_and_notify(&self, event: &Envelope) -> anyhow::Result<Outcome> {
+        let mut event = event.clone();
+        self.personal
+            .open_envelopes(&self.pool, std::slice::from_mut(&mut event))
+            .await?;
+        match NoticeRequest::from_event(&event)? {
+            Some(request) => self.handle_notice(&request).await,
+            None => Ok(Outcome::Skipped),
+        }
+    }
+
     async fn handle_notice(&self, request: &NoticeRequest) -> anyhow::Result<Outcome> {
         let id = request.delivery_id();
         let (user, tenant, basis) = self.read(request.user_id, request.tenant_hint, &id).await?;
@@ -843,15 +867,13 @@ impl Dispatcher {
 
 /// The code a message asks for, `None` when it asks for none, or why it
 /// cannot be read (not an event, an event of an unknown newer version).
-fn readable(payload: &[u8]) -> Result<Option<Job>, String> {
-    let event: Envelope = serde_json::from_slice(payload)
-        .map_err(|e| format!("a message that is not an event: {e}"))?;
-    if let Some(code) = CodeRequest::from_event(&event).map_err(|e| format!("{e:#}"))? {
+fn readable(event: &Envelope) -> Result<Option<Job>, String> {
+    if let Some(code) = CodeRequest::from_event(event).map_err(|e| format!("{e:#}"))? {
         return Ok(Some(Job::Code(code)));
     }
-    Ok(NoticeRequest::from_event(&event)
+    Ok(NoticeRequest::from_event(event)
         .map_err(|e| format!("{e:#}"))?
-        .map(|n| Job::Notice(Box::new(n))))
+        .map(|_| Job::Notice))
 }
 
 /// Binds to (creating if needed) the shared durable consumer of user events.

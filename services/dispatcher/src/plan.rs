@@ -433,6 +433,7 @@ mod tests {
             tenant_id: Some(tenant_id().to_string()),
             recorded_at: at(0),
             payload: RawValue::from_string(serde_json::to_string(event).unwrap()).unwrap(),
+            opened: None,
         }
     }
 

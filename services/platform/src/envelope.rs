@@ -33,8 +33,13 @@ pub struct Envelope {
     /// belongs to one.
     pub tenant_id: Option<String>,
     pub recorded_at: DateTime<Utc>,
-    /// The event as stored: `{"<event_type>": {…}}`.
+    /// The event as stored: `{"<event_type>": {…}}`, its personal data
+    /// sealed (see [`crate::personal`]).
     pub payload: Box<RawValue>,
+    /// The payload with its personal data opened, once a reader that holds
+    /// the keys has opened it (`Personal::open_envelopes`); never sent.
+    #[serde(skip)]
+    pub opened: Option<Box<RawValue>>,
 }
 
 /// The part of the stored metadata the envelope carries.
@@ -57,6 +62,7 @@ impl<'r> sqlx::FromRow<'r, PgRow> for Envelope {
             tenant_id: metadata.and_then(|m| m.tenant_id),
             recorded_at: row.try_get("recorded_at")?,
             payload,
+            opened: None,
         })
     }
 }
@@ -97,16 +103,21 @@ impl Envelope {
         major.parse::<u32>().is_ok_and(|m| m <= EVENT_VERSION_MAJOR)
     }
 
-    /// The payload as the aggregate's event type.
+    /// The payload as read: opened when it has been, else as stored.
+    pub fn readable(&self) -> &str {
+        self.opened.as_ref().unwrap_or(&self.payload).get()
+    }
+
+    /// The payload as the aggregate's event type (opened, when it has been).
     pub fn event<E: DeserializeOwned>(&self) -> serde_json::Result<E> {
-        serde_json::from_str(self.payload.get())
+        serde_json::from_str(self.readable())
     }
 
     /// The event's `ctx` (time, actor, IP, reason), without decoding the rest
     /// of the event.
     pub fn ctx(&self) -> Option<Ctx> {
         let variant: std::collections::BTreeMap<&str, CtxOf> =
-            serde_json::from_str(self.payload.get()).ok()?;
+            serde_json::from_str(self.readable()).ok()?;
         variant.into_values().next()?.ctx
     }
 
@@ -159,6 +170,7 @@ mod tests {
             tenant_id: Some("6f1c0d3e-0000-4000-8000-0000000000aa".into()),
             recorded_at: Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap(),
             payload: RawValue::from_string(payload.to_string()).unwrap(),
+            opened: None,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod dead_letters;
 pub mod envelope;
 pub mod jetstream;
 pub mod password;
+pub mod personal;
 pub mod qr;
 pub mod store;
 pub mod telemetry;

@@ -30,7 +30,12 @@ pub async fn rebuild(config: &Config) -> anyhow::Result<()> {
         )
         .context("the progress bar's template")?,
     );
-    let done = twofold_projections::rebuild::rebuild(&pool, |n| bar.set_position(n)).await?;
+    let done = twofold_projections::rebuild::rebuild(
+        &pool,
+        &twofold_platform::personal::Personal::new(config.keyring()?),
+        |n| bar.set_position(n),
+    )
+    .await?;
     bar.finish_and_clear();
     println!(
         "{}",

@@ -100,6 +100,7 @@ pub fn status_of(err: &AppError) -> StatusCode {
         AppError::TenantNotFound | AppError::UserNotFound | AppError::ChallengeNotFound => {
             S::NOT_FOUND
         }
+        AppError::UserErased => S::GONE,
         AppError::InvalidCredentials | AppError::Unauthenticated | AppError::InvalidCode { .. } => {
             S::UNAUTHORIZED
         }

@@ -94,6 +94,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
             get(admin::get_user).patch(admin::update_user),
         )
         .route("/users/{user}/login-as", post(admin::login_as))
+        .route("/users/{user}/erase", post(admin::erase_user))
         .route("/users/{user}/reset-password", post(admin::reset_password))
         .route("/users/{user}/{action}", post(admin::act_on_user))
         .route(

@@ -85,7 +85,15 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<Scenario> {
     };
     let mut projectors = Vec::new();
     for builder in Builder::ALL {
-        let projector = Arc::new(Consumer::connect(pool.clone(), &source, builder).await?);
+        let projector = Arc::new(
+            Consumer::connect(
+                pool.clone(),
+                twofold_platform::personal::Personal::new(config.keyring()?),
+                &source,
+                builder,
+            )
+            .await?,
+        );
         // Two batches at a time, as `Consumer::run_until_stopped` does.
         for _ in 0..2 {
             let (projector, applied) = (projector.clone(), applied.clone());

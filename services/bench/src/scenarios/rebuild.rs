@@ -17,7 +17,14 @@ pub async fn run(args: &Args) -> anyhow::Result<Scenario> {
         eprintln!("twofold-bench: writing {} events", args.rebuild_events);
         crate::synthetic::write_events(&pool, args.rebuild_events).await?;
         eprintln!("twofold-bench: rebuilding");
-        let done = twofold_projections::rebuild::rebuild(&pool, |_| {}).await?;
+        let done = twofold_projections::rebuild::rebuild(
+            &pool,
+            &twofold_platform::personal::Personal::new(
+                twofold_platform::crypto::Keyring::generate("bench"),
+            ),
+            |_| {},
+        )
+        .await?;
         pool.close().await;
         let rate = done.events as f64 / done.seconds;
         anyhow::Ok(Scenario {

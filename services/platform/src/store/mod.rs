@@ -36,6 +36,8 @@ use twofold_domain::TenantScoped;
 
 use committer::{Append, Committer, Outcome};
 
+use crate::personal::{DataKey, Keys, Personal};
+
 /// Attempts before giving up on a stream that keeps changing under us.
 const MAX_ATTEMPTS: usize = 200;
 
@@ -132,6 +134,8 @@ pub struct Store<A> {
     committer: Arc<OnceLock<Committer>>,
     /// Recent states, when this store remembers them.
     cache: Option<Arc<Cache<String, Versioned<A>>>>,
+    /// Seals and opens the personal data in user streams' events.
+    personal: Option<Personal>,
 }
 
 impl<A> Clone for Store<A> {
@@ -140,6 +144,7 @@ impl<A> Clone for Store<A> {
             pool: self.pool.clone(),
             committer: self.committer.clone(),
             cache: self.cache.clone(),
+            personal: self.personal.clone(),
         }
     }
 }
@@ -151,7 +156,67 @@ impl<A: Aggregate<Services = ()> + TenantScoped + Clone> Store<A> {
             pool,
             committer: Arc::new(OnceLock::new()),
             cache: None,
+            personal: None,
         }
+    }
+
+    /// This store, sealing the personal data of the user streams it writes
+    /// under each user's data key and opening what it reads (see
+    /// [`crate::personal`]). Without it user events are written as they are.
+    pub fn sealing(mut self, personal: Personal) -> Self {
+        self.personal = Some(personal);
+        self
+    }
+
+    /// What seals this store's streams, when they are users'.
+    fn personal(&self) -> Option<&Personal> {
+        self.personal.as_ref().filter(|_| A::TYPE == "user")
+    }
+
+    /// The data key to seal `id`'s new events with: remembered, else read,
+    /// else made (for a user registered before keys were kept). `None` for
+    /// an erased user, who has none and gets none.
+    async fn sealing_key(&self, id: &str) -> Result<Option<DataKey>, StoreError> {
+        let Some(personal) = self.personal() else {
+            return Ok(None);
+        };
+        if let Some(key) = personal.remembered(id) {
+            return Ok(Some(key));
+        }
+        let made = personal.new_key(id).map_err(StoreError::Unexpected)?;
+        let row: Option<(String, String)> = sqlx::query_as(
+            "WITH made AS ( \
+               INSERT INTO data_keys (user_id, server_key_id, wrapped) \
+               SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM events \
+                 WHERE aggregate_type = 'user' AND aggregate_id = $1 AND event_type = 'UserErased') \
+               ON CONFLICT (user_id) DO NOTHING RETURNING server_key_id, wrapped) \
+             SELECT server_key_id, wrapped FROM made \
+             UNION ALL SELECT server_key_id, wrapped FROM data_keys WHERE user_id = $1",
+        )
+        .bind(id)
+        .bind(&made.server_key_id)
+        .bind(&made.wrapped)
+        .fetch_optional(&self.pool)
+        .await?;
+        let key = row.and_then(|(kid, wrapped)| personal.unwrap(id, &kid, &wrapped));
+        if let Some(key) = &key {
+            personal.remember(id, key.clone());
+        }
+        Ok(key)
+    }
+
+    /// The keys to open a stream's events with, from a data key as read
+    /// (remembered for sealing, or forgotten when the read found none).
+    fn opening_keys(&self, id: &str, data_key: Option<&(String, String)>) -> Keys {
+        let Some(personal) = self.personal() else {
+            return Keys::default();
+        };
+        let key = data_key.and_then(|(kid, wrapped)| personal.unwrap(id, kid, wrapped));
+        match &key {
+            Some(key) => personal.remember(id, key.clone()),
+            None => personal.forget(id),
+        }
+        Keys::one(id, key)
     }
 
     /// A store that remembers the states it reads and writes, and decides a
@@ -241,6 +306,7 @@ impl<A: Aggregate<Services = ()> + TenantScoped + Clone> Store<A> {
         let Some(rows) = rows else {
             return Ok(Versioned::default());
         };
+        let keys = self.opening_keys(id, rows.data_key.as_ref());
         let mut folded: Versioned<A> = match &rows.snapshot {
             None => Versioned::default(),
             Some((sequence, payload)) => match serde_json::from_str(payload) {
@@ -256,7 +322,9 @@ impl<A: Aggregate<Services = ()> + TenantScoped + Clone> Store<A> {
             },
         };
         for (sequence, payload) in rows.events {
-            folded.state.apply(serde_json::from_str(&payload)?);
+            folded
+                .state
+                .apply(serde_json::from_str(&Personal::open_text(&payload, &keys))?);
             folded.sequence = sequence;
         }
         Ok(folded)
@@ -272,9 +340,15 @@ impl<A: Aggregate<Services = ()> + TenantScoped + Clone> Store<A> {
         .bind(id)
         .fetch_all(&self.pool)
         .await?;
+        let keys = match self.personal() {
+            Some(personal) => personal.read_keys(&self.pool, &[id.to_string()]).await?,
+            None => Keys::default(),
+        };
         let mut folded: Versioned<A> = Versioned::default();
         for (sequence, payload) in rows {
-            folded.state.apply(serde_json::from_str(&payload)?);
+            folded
+                .state
+                .apply(serde_json::from_str(&Personal::open_text(&payload, &keys))?);
             folded.sequence = sequence;
         }
         // The snapshot that did not decode is replaced at the next commit.
@@ -358,7 +432,15 @@ impl<A: Aggregate<Services = ()> + TenantScoped + Clone> Store<A> {
             };
             let new_sequence = sequence + events.len() as i64;
             let snapshot = new_sequence - snapshot_sequence >= SNAPSHOT_EVERY;
-            let append = Self::prepare(id, sequence, &events, &state, snapshot, reads)?;
+            let key = self.sealing_key(id).await?;
+            if self.personal().is_some() && key.is_none() {
+                // Erased since this state was read: decide on a fresh read.
+                self.forget(id);
+                next = Some(self.fresh(id).await?);
+                continue;
+            }
+            let mut append = Self::prepare(id, sequence, &events, &state, snapshot, reads)?;
+            self.seal(id, key.as_ref(), &mut append)?;
             match self.append(append).await? {
                 Outcome::Written => {
                     if let Some(cache) = &self.cache {
@@ -389,6 +471,20 @@ impl<A: Aggregate<Services = ()> + TenantScoped + Clone> Store<A> {
             "stream {id} kept conflicting after {MAX_ATTEMPTS} attempts"
         ))
         .into())
+    }
+
+    /// Seals the personal data of an append's payloads under `key`.
+    fn seal(&self, id: &str, key: Option<&DataKey>, append: &mut Append) -> Result<(), StoreError> {
+        let (Some(personal), Some(key)) = (self.personal(), key) else {
+            return Ok(());
+        };
+        for (payload, event_type) in append.payloads.iter_mut().zip(&append.event_types) {
+            let plain = std::mem::take(payload);
+            *payload = personal
+                .seal_payload(id, key, event_type, plain)
+                .map_err(StoreError::Unexpected)?;
+        }
+        Ok(())
     }
 
     /// Writes an append through the committer (shared with concurrent requests).
@@ -459,7 +555,13 @@ impl<A: Aggregate<Services = ()> + TenantScoped + Clone> Store<A> {
             .map_err(CreateError::Refused)?;
         let events = sink.collect().await;
         let snapshot = events.len() as i64 >= SNAPSHOT_EVERY;
-        let append = Self::prepare(id, 0, &events, &state, snapshot, &[])?;
+        let mut append = Self::prepare(id, 0, &events, &state, snapshot, &[])?;
+        // The user's data key is made with the user, in the same transaction.
+        let made = match self.personal() {
+            Some(personal) => Some(personal.new_key(id).map_err(StoreError::Unexpected)?),
+            None => None,
+        };
+        self.seal(id, made.as_ref().map(|m| &m.key), &mut append)?;
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let claimed = match claim {
             Claim::Username {
@@ -488,8 +590,86 @@ impl<A: Aggregate<Services = ()> + TenantScoped + Clone> Store<A> {
             // The stream already had events: nothing of this is kept.
             return Err(CreateError::Exists);
         }
+        if let Some(made) = &made {
+            sqlx::query(
+                "INSERT INTO data_keys (user_id, server_key_id, wrapped) VALUES ($1, $2, $3)",
+            )
+            .bind(id)
+            .bind(&made.server_key_id)
+            .bind(&made.wrapped)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        }
         tx.commit().await.map_err(StoreError::from)?;
+        if let (Some(personal), Some(made)) = (self.personal(), made) {
+            personal.remember(id, made.key);
+        }
         Ok(events)
+    }
+
+    /// Erases a user: appends the events of `build` (decided on a fresh
+    /// read; they are written unsealed, so they must carry nothing personal)
+    /// and, in the same transaction, deletes the user's data key (whatever
+    /// was sealed under it, here, in NATS or in exports, can no longer be
+    /// opened), their snapshots (which hold the state in the clear: the
+    /// stream is replayed from its events from now on) and their username
+    /// claim. Retries on a conflict.
+    pub async fn erase<F>(
+        &self,
+        id: &str,
+        mut build: F,
+    ) -> Result<Vec<A::Event>, ExecError<A::Error>>
+    where
+        F: FnMut(&A) -> Result<A::Command, ExecError<A::Error>>,
+    {
+        for _ in 0..MAX_ATTEMPTS {
+            self.forget(id);
+            let Versioned {
+                mut state,
+                sequence,
+                ..
+            } = self.load_versioned(id).await?;
+            let command = build(&state)?;
+            let sink = EventSink::default();
+            state
+                .handle(command, &(), &sink)
+                .await
+                .map_err(ExecError::Refused)?;
+            let events = sink.collect().await;
+            if events.is_empty() {
+                return Ok(events);
+            }
+            let append = Self::prepare(id, sequence, &events, &state, false, &[])?;
+            let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+            let (written, _) = committer::write(&mut tx, std::slice::from_ref(&append))
+                .await
+                .map_err(StoreError::from)?;
+            if written.is_empty() {
+                continue;
+            }
+            for sql in [
+                "DELETE FROM data_keys WHERE user_id = $1",
+                "DELETE FROM snapshots WHERE aggregate_type = 'user' AND aggregate_id = $1",
+                "DELETE FROM usernames WHERE user_id::text = $1",
+            ] {
+                sqlx::query(sql)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+            }
+            tx.commit().await.map_err(StoreError::from)?;
+            if let Some(personal) = &self.personal {
+                personal.forget(id);
+            }
+            self.forget(id);
+            return Ok(events);
+        }
+        Err(StoreError::Unexpected(anyhow::anyhow!(
+            "stream {id} kept conflicting after {MAX_ATTEMPTS} attempts"
+        ))
+        .into())
     }
 }
 

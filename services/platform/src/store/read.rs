@@ -25,6 +25,9 @@ pub struct StreamRows {
     pub snapshot: Option<(i64, String)>,
     /// The events after the snapshot (all of them without one), in order.
     pub events: Vec<(i64, String)>,
+    /// A user stream's data key as stored (server key id, wrapped key);
+    /// none for other streams and for an erased user.
+    pub data_key: Option<(String, String)>,
 }
 
 /// Reads `keys` in one statement; `None` for a stream with no events.
@@ -39,6 +42,10 @@ pub async fn read_streams(
         format!("${}", texts.len())
     };
     for (k, key) in keys.iter().enumerate() {
+        let is_user = match key {
+            StreamKey::Id { aggregate_type, .. } => *aggregate_type == "user",
+            StreamKey::UserByName { .. } => true,
+        };
         let (kind, id) = match key {
             StreamKey::Id {
                 aggregate_type,
@@ -71,6 +78,14 @@ pub async fn read_streams(
                WHERE aggregate_type = {kind} AND aggregate_id = {id} AND sequence > COALESCE( \
                  (SELECT last_sequence FROM snapshots WHERE aggregate_type = {kind} AND aggregate_id = {id}), 0))"
         ));
+        // A user's data key comes in the same round trip, to open the
+        // personal data in its events.
+        if is_user {
+            sql.push_str(&format!(
+                " UNION ALL (SELECT {k}, user_id, 2, 0, server_key_id || ':' || wrapped \
+                   FROM data_keys WHERE user_id = {id})"
+            ));
+        }
     }
     sql.push_str(" ORDER BY 1, 3, 4");
     let mut query = sqlx::query_as::<_, (i32, String, i32, i64, String)>(&sql);
@@ -89,6 +104,10 @@ pub async fn read_streams(
         });
         if part == 0 {
             stream.snapshot = Some((sequence, payload));
+        } else if part == 2 {
+            stream.data_key = payload
+                .split_once(':')
+                .map(|(kid, wrapped)| (kid.to_string(), wrapped.to_string()));
         } else {
             stream.events.push((sequence, payload));
         }

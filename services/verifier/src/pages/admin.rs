@@ -41,6 +41,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/admin/users", get(users))
         .route("/admin/users/{user}", get(user_page).post(user_action))
         .route("/admin/users/{user}/login-as", axum::routing::post(login_as))
+        .route("/admin/users/{user}/erase", axum::routing::post(erase))
         .route("/admin/audit", get(audit))
         .route("/admin/audit/export", get(audit_export))
 }
@@ -1061,6 +1062,18 @@ async fn user_view(
                 }
             }
         }
+        @if console.admin.is_some() && p.user_id != reader.0.user_id {
+            section.card aria-labelledby="erase-h" {
+                h2 #erase-h { "Erase " (name) }
+                p.hint { "Deletes the key their personal data is sealed under: their email address, phone number, username, addresses and browsers read as [erased] everywhere from then on, and the account is gone. This cannot be undone. Needs a reason and a code from you first (within the last 10 minutes)." }
+                form method="post" action={ "/t/" (t) "/admin/users/" (p.user_id) "/erase" } {
+                    (token_input(token))
+                    label for="erase-reason" { "Reason" }
+                    input #erase-reason type="text" name="reason" required;
+                    button.danger type="submit" { "Erase " (name) }
+                }
+            }
+        }
         @if console.admin.is_some() {
             section.card aria-labelledby="actions-h" {
                 h2 #actions-h { "Actions" }
@@ -1345,6 +1358,34 @@ async fn audit_export(
         Body::from_stream(lines),
     )
         .into_response())
+}
+
+/// Erases a user (a step-up first, like Login As), then back to the list.
+async fn erase(
+    State(api): State<ApiState>,
+    Path((tenant, user)): Path<(String, String)>,
+    RequestMeta(origin): RequestMeta,
+    jar: axum_extra::extract::cookie::CookieJar,
+    ConsoleAdmin(admin): ConsoleAdmin,
+    CheckedForm(form): CheckedForm<LoginAsForm>,
+) -> Page {
+    let reason = Some(form.reason).filter(|r| !r.trim().is_empty());
+    match api.app.erase_user(&admin, &user, reason, &origin).await {
+        Err(AppError::Refused(twofold_domain::user::UserError::StepUpRequired)) => {
+            let nonce = jar
+                .get("twofold_form")
+                .map(|c| c.value().to_string())
+                .unwrap_or_default();
+            Err(PageError::StepUp {
+                tenant,
+                token: api.app.keys.form_token(&nonce),
+            })
+        }
+        other => {
+            other?;
+            Ok(Redirect::to(&format!("/t/{tenant}/admin/users")).into_response())
+        }
+    }
 }
 
 #[derive(Deserialize)]

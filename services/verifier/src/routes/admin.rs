@@ -91,6 +91,21 @@ pub struct UpdateUserBody {
     reason: Option<String>,
 }
 
+/// `POST /v1/tenants/{tenant}/users/{user}/erase` `{reason}`: 204; 403
+/// `step_up_required` without a fresh step-up, 422 without a reason.
+pub async fn erase_user(
+    State(api): State<ApiState>,
+    RequestMeta(origin): RequestMeta,
+    SignedInAdmin(admin): SignedInAdmin,
+    Path((_, user)): Path<(String, String)>,
+    ApiJson(body): ApiJson<ReasonBody>,
+) -> Result<StatusCode, ApiError> {
+    api.app
+        .erase_user(&admin, &user, body.reason, &origin)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// `GET /v1/tenants/{tenant}/users/{user}`
 pub async fn get_user(
     State(api): State<ApiState>,
