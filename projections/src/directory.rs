@@ -189,7 +189,8 @@ impl UserRow {
             | UserEvent::PasswordChanged { .. }
             | UserEvent::PasswordChangeRequired { .. }
             | UserEvent::EnrollmentSkipped { .. }
-            | UserEvent::SessionsRevoked { .. } => {}
+            | UserEvent::SessionsRevoked { .. }
+            | UserEvent::AuditRead { .. } => {}
         }
     }
 }

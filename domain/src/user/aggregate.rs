@@ -882,6 +882,13 @@ impl User {
                 method,
                 ctx,
             } => self.switch(challenge, method, ctx),
+            UserCommand::RecordAuditRead { read, ctx } => {
+                self.require_exists()?;
+                if !self.is_admin() && !self.is_auditor() {
+                    return Err(UserError::NotAReader);
+                }
+                Ok(vec![UserEvent::AuditRead { read, ctx }])
+            }
             UserCommand::TouchSession {
                 session_id,
                 idle_timeout_secs,
@@ -1670,6 +1677,7 @@ impl Aggregate for User {
                     self.forget_devices();
                 }
             }
+            UserEvent::AuditRead { .. } => {}
         }
     }
 }
