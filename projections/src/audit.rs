@@ -4,7 +4,7 @@
 //! auditor can tell whether an export is complete, unaltered and from this
 //! server (`twofold audit verify --public-key`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{anyhow, bail, Context};
 use chrono::{DateTime, Utc};
@@ -455,9 +455,20 @@ pub struct Verified {
     pub key_id: Option<String>,
     /// Whether the signature was checked against the keys given (and matched).
     pub signature_checked: bool,
-    /// For [`verify_extends`]: how many entries up to the watched position,
-    /// and the chain's hash there.
-    watched: Option<(u64, String)>,
+    /// For [`verify_extends`] and checkpoints: per watched position, how
+    /// many entries up to it and the chain's hash there.
+    watched: BTreeMap<i64, (u64, String)>,
+}
+
+impl Verified {
+    /// How many entries up to `position` and the chain's hash there, when
+    /// the export has an entry at `position` and it was watched
+    /// ([`verify_watching`]).
+    pub fn at(&self, position: i64) -> Option<(u64, &str)> {
+        self.watched
+            .get(&position)
+            .map(|(count, hash)| (*count, hash.as_str()))
+    }
 }
 
 /// Checks an export's chain: every entry's hash follows from the one before,
@@ -485,7 +496,7 @@ pub fn verify_extends(
     keys: Option<&VerifyingKeys>,
     earlier: &Verified,
 ) -> anyhow::Result<Verified> {
-    let later = verify_with_watch(text, keys, earlier.last_position)?;
+    let later = verify_watching(text, keys, earlier.last_position.into_iter().collect())?;
     if earlier.tenant_id.is_none() || earlier.tenant_id != later.tenant_id {
         bail!("the two exports are not of the same tenant (or one is from before signing)");
     }
@@ -496,18 +507,18 @@ pub fn verify_extends(
     let Some(position) = earlier.last_position else {
         return Ok(later);
     };
-    let Some((count, hash)) = &later.watched else {
+    let Some((count, hash)) = later.at(position) else {
         bail!(
             "the later export has no entry at position {position}, the earlier one's last: it was removed from the history, or the later export ends before it"
         );
     };
-    if *count != earlier.entries {
+    if count != earlier.entries {
         bail!(
             "the later export has {count} entries up to position {position} where the earlier one had {}: entries were removed or added since",
             earlier.entries
         );
     }
-    if *hash != earlier.head {
+    if hash != earlier.head {
         bail!(
             "the later export's chain at position {position} is not the earlier one's head: an entry was altered since"
         );
@@ -516,13 +527,15 @@ pub fn verify_extends(
 }
 
 fn verify_with(text: &str, keys: Option<&VerifyingKeys>) -> anyhow::Result<Verified> {
-    verify_with_watch(text, keys, None)
+    verify_watching(text, keys, BTreeSet::new())
 }
 
-fn verify_with_watch(
+/// [`verify`] (or [`verify_signed`] with `keys`), keeping the entry count
+/// and the chain's hash at each position of `watch` (see [`Verified::at`]).
+pub fn verify_watching(
     text: &str,
     keys: Option<&VerifyingKeys>,
-    watch: Option<i64>,
+    watch: BTreeSet<i64>,
 ) -> anyhow::Result<Verified> {
     let walk = Walk::new(watch);
     if text.starts_with("position,") {
@@ -543,16 +556,16 @@ struct Walk {
     /// entries out of position order are named as reordered, which says
     /// more than the break they cause.
     broken: Option<anyhow::Error>,
-    /// A position whose entry count and hash are kept (see [`verify_extends`]).
-    watch: Option<i64>,
-    watched: Option<(u64, String)>,
+    /// Positions whose entry count and hash are kept (see [`Verified::at`]).
+    watch: BTreeSet<i64>,
+    watched: BTreeMap<i64, (u64, String)>,
 }
 
 impl Walk {
-    fn new(watch: Option<i64>) -> Self {
+    fn new(watch: BTreeSet<i64>) -> Self {
         Self {
             watch,
-            watched: None,
+            watched: BTreeMap::new(),
             prev: GENESIS.to_string(),
             seen: 0,
             first_position: None,
@@ -587,8 +600,8 @@ impl Walk {
         self.first_position.get_or_insert(entry.position);
         self.last_position = Some(entry.position);
         self.tenants.insert(entry.tenant_id.clone());
-        if self.watch == Some(entry.position) {
-            self.watched = Some((n, hash.to_string()));
+        if self.watch.contains(&entry.position) {
+            self.watched.insert(entry.position, (n, hash.to_string()));
         }
         Ok(())
     }

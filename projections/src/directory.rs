@@ -192,7 +192,8 @@ impl UserRow {
             | UserEvent::PasswordChanged { .. }
             | UserEvent::PasswordChangeRequired { .. }
             | UserEvent::EnrollmentSkipped { .. }
-            | UserEvent::SessionsRevoked { .. } => {}
+            | UserEvent::SessionsRevoked { .. }
+            | UserEvent::AuditRead { .. } => {}
             UserEvent::UserErased { .. } => {
                 // What replaying the sealed events gives once the key is
                 // gone, so a rebuild and the live row agree.

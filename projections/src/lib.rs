@@ -5,6 +5,7 @@
 //! read models.
 
 pub mod audit;
+pub mod checkpoints;
 pub mod consumer;
 pub mod directory;
 pub mod overview;

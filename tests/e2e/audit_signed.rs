@@ -20,7 +20,7 @@ fn hex_of(byte: u8) -> String {
 }
 
 /// Audit signing keys `ids` (seeded 0x10, 0x11, ... in order), `current` signing.
-fn audit_keys(config: &mut Config, ids: &[&str], current: &str) {
+pub(crate) fn audit_keys(config: &mut Config, ids: &[&str], current: &str) {
     config.audit_signing_keys = ids
         .iter()
         .zip(0x10u8..)
@@ -30,7 +30,7 @@ fn audit_keys(config: &mut Config, ids: &[&str], current: &str) {
 }
 
 /// A history to export: the admin's sign-in and three users created.
-async fn some_history(app: &TestApp) -> String {
+pub(crate) async fn some_history(app: &TestApp) -> String {
     let admin = app.admin_token().await;
     for name in ["ann", "ben", "cat"] {
         app.create_user(
@@ -45,7 +45,7 @@ async fn some_history(app: &TestApp) -> String {
     admin
 }
 
-async fn export(app: &TestApp, token: &str, query: &str) -> String {
+pub(crate) async fn export(app: &TestApp, token: &str, query: &str) -> String {
     let response = app
         .client
         .get(format!("{}/audit?{query}", app.base))
@@ -58,13 +58,13 @@ async fn export(app: &TestApp, token: &str, query: &str) -> String {
 }
 
 /// The published keys, as the endpoint answers them.
-async fn published_keys(app: &TestApp, token: &str) -> Value {
+pub(crate) async fn published_keys(app: &TestApp, token: &str) -> Value {
     let reply = app.get_auth("/audit/keys", token).await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     reply.body
 }
 
-fn keys_of(published: &Value) -> VerifyingKeys {
+pub(crate) fn keys_of(published: &Value) -> VerifyingKeys {
     VerifyingKeys::parse(&published.to_string()).unwrap()
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::Duration as Span;
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{json, Value};
 use twofold_platform::Config;
 
 use crate::browser::Browser;
@@ -368,11 +368,12 @@ async fn a_non_admin_gets_no_console_and_an_auditor_reads_but_cannot_act() {
             json!({"username": "kim", "password": PASSWORD, "roles": ["staff"]}),
         )
         .await;
-    app.create_user(
-        &admin,
-        json!({"username": "audrey", "password": PASSWORD, "roles": ["auditor"]}),
-    )
-    .await;
+    let audrey = app
+        .create_user(
+            &admin,
+            json!({"username": "audrey", "password": PASSWORD, "roles": ["auditor"]}),
+        )
+        .await;
     let pages = app.pages();
 
     let user = PageClient::sign_in(&app, "kim", PASSWORD).await;
@@ -400,6 +401,20 @@ async fn a_non_admin_gets_no_console_and_an_auditor_reads_but_cannot_act() {
             "{path}"
         );
     }
+    // The user page and the audit search were reads of the history, recorded.
+    let reads: Vec<Value> = app
+        .events_of(&audrey, "AuditRead")
+        .await
+        .into_iter()
+        .map(|r| r["read"].clone())
+        .collect();
+    assert_eq!(
+        reads,
+        [
+            json!({"what": "audit_search", "filter": {"event_type": null, "user_id": null, "actor": null, "from": null, "to": null}}),
+            json!({"what": "user_page", "user_id": kim}),
+        ]
+    );
     let before = app.event_types(&kim).await;
     let (status, _) = auditor
         .post(

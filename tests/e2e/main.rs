@@ -9,6 +9,8 @@ mod browser;
 mod helpers;
 
 mod admin_http;
+mod audit_checkpoints;
+mod audit_reads;
 mod audit_signed;
 mod budgets;
 mod console;

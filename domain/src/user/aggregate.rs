@@ -889,6 +889,13 @@ impl User {
                 method,
                 ctx,
             } => self.switch(challenge, method, ctx),
+            UserCommand::RecordAuditRead { read, ctx } => {
+                self.require_exists()?;
+                if !self.is_admin() && !self.is_auditor() {
+                    return Err(UserError::NotAReader);
+                }
+                Ok(vec![UserEvent::AuditRead { read, ctx }])
+            }
             UserCommand::TouchSession {
                 session_id,
                 idle_timeout_secs,
@@ -1697,6 +1704,7 @@ impl Aggregate for User {
                     ..User::default()
                 };
             }
+            UserEvent::AuditRead { .. } => {}
         }
     }
 }

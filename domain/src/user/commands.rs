@@ -8,7 +8,7 @@ use crate::context::Ctx;
 use crate::ids::{ChallengeId, SessionId, TenantId, UserId};
 use crate::secrets::{PasswordHash, SealedSecret, SecretHash};
 use crate::tenant::TwoFactorSettings;
-use crate::user::SessionEndReason;
+use crate::user::{AuditedRead, SessionEndReason};
 use crate::values::{Email, Method, Phone, Role, Username};
 use uuid::Uuid;
 
@@ -39,6 +39,12 @@ pub enum UserCommand {
     EndSession {
         session_id: SessionId,
         reason: SessionEndReason,
+        ctx: Ctx,
+    },
+    /// This user, an admin or an auditor, reads `read` (recorded in the
+    /// audit history before the answer is given).
+    RecordAuditRead {
+        read: AuditedRead,
         ctx: Ctx,
     },
     /// A session was used, under the tenant's idle timeout: it ends if it

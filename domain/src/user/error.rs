@@ -58,4 +58,6 @@ pub enum UserError {
     NotEnrolled,
     #[error("this challenge is answered at another endpoint")]
     WrongChallengePurpose,
+    #[error("only an admin or an auditor reads users' details and the audit history")]
+    NotAReader,
 }

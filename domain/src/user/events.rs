@@ -35,6 +35,33 @@ pub enum SkipReason {
     KnownIp,
 }
 
+/// What an admin or an auditor read, as recorded by [`UserEvent::AuditRead`]
+/// on the reader's own stream. Ids and filters are as the reader gave them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "what", rename_all = "snake_case")]
+pub enum AuditedRead {
+    /// A user's detail (`GET /users/{id}`).
+    UserDetail { user_id: String },
+    /// A user's audit timeline (`GET /users/{id}/history`).
+    UserHistory { user_id: String },
+    /// A user's console page: their detail and timeline together.
+    UserPage { user_id: String },
+    /// The audit history searched on the console's Audit page.
+    AuditSearch { filter: ReadFilter },
+    /// The audit history exported (`GET /audit`, the console's export).
+    AuditExport { filter: ReadFilter, format: String },
+}
+
+/// An audit search or export's filter, as given (times as RFC 3339).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadFilter {
+    pub event_type: Option<String>,
+    pub user_id: Option<String>,
+    pub actor: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
 /// How a challenge was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -331,6 +358,12 @@ pub enum UserEvent {
     UserErased {
         ctx: Ctx,
     },
+    /// This user, an admin or an auditor, read another's data or the audit
+    /// history (recorded before the answer is given).
+    AuditRead {
+        read: AuditedRead,
+        ctx: Ctx,
+    },
 }
 
 impl UserEvent {
@@ -376,7 +409,8 @@ impl UserEvent {
             | UserEvent::EnrollmentReset { ctx }
             | UserEvent::AuthenticatorRemoved { ctx }
             | UserEvent::SessionsRevoked { ctx, .. }
-            | UserEvent::UserErased { ctx } => ctx,
+            | UserEvent::UserErased { ctx }
+            | UserEvent::AuditRead { ctx, .. } => ctx,
         }
     }
 
@@ -423,6 +457,7 @@ impl UserEvent {
             UserEvent::AuthenticatorRemoved { .. } => "AuthenticatorRemoved",
             UserEvent::SessionsRevoked { .. } => "SessionsRevoked",
             UserEvent::UserErased { .. } => "UserErased",
+            UserEvent::AuditRead { .. } => "AuditRead",
         }
     }
 }

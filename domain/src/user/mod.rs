@@ -27,8 +27,8 @@ pub use commands::{
 };
 pub use error::UserError;
 pub use events::{
-    GuessBudget, NewContact, ProofKind, RejectionReason, SecondFactorUse, SessionEndReason,
-    SkipReason, UserEvent,
+    AuditedRead, GuessBudget, NewContact, ProofKind, ReadFilter, RejectionReason, SecondFactorUse,
+    SessionEndReason, SkipReason, UserEvent,
 };
 pub use lockout::Lockout;
 

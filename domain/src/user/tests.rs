@@ -1808,3 +1808,53 @@ fn events_carry_hashes_of_secrets_never_the_secrets() {
         assert!(all.contains(&hash.0), "{} missing", hash.0);
     }
 }
+
+// ---------------------------------------------------------------- audited reads
+
+fn with_roles(roles: &[&str]) -> UserEvent {
+    let mut e = registered();
+    if let UserEvent::UserRegistered { roles: r, .. } = &mut e {
+        *r = roles.iter().map(|n| Role::parse(n).unwrap()).collect();
+    }
+    e
+}
+
+fn history_read() -> AuditedRead {
+    AuditedRead::UserHistory {
+        user_id: "someone".into(),
+    }
+}
+
+#[test]
+fn an_auditors_or_admins_read_is_recorded_as_it_was_made() {
+    for role in ["auditor", "admin"] {
+        Given::with(())
+            .given(vec![with_roles(&[role])])
+            .when(UserCommand::RecordAuditRead {
+                read: history_read(),
+                ctx: ctx(5),
+            })
+            .then_expect_events(vec![UserEvent::AuditRead {
+                read: history_read(),
+                ctx: ctx(5),
+            }]);
+    }
+}
+
+#[test]
+fn a_read_by_someone_neither_admin_nor_auditor_is_refused() {
+    Given::with(())
+        .given(vec![with_roles(&["staff"])])
+        .when(UserCommand::RecordAuditRead {
+            read: history_read(),
+            ctx: ctx(5),
+        })
+        .then_expect_error(UserError::NotAReader);
+    Given::with(())
+        .given_no_previous_events()
+        .when(UserCommand::RecordAuditRead {
+            read: history_read(),
+            ctx: ctx(5),
+        })
+        .then_expect_error(UserError::NotFound);
+}

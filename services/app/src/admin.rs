@@ -185,13 +185,44 @@ impl App {
         self.change_settings(admin.tenant_id(), settings, ctx).await
     }
 
+    /// A user as an admin sees them; the read is recorded.
     #[tracing::instrument(skip_all)]
     pub async fn user_detail(
         &self,
         reader: &ReaderSession,
+        origin: &Origin,
         raw_user: &str,
     ) -> Result<UserDetail, AppError> {
+        self.record_read(
+            reader,
+            origin,
+            twofold_domain::user::AuditedRead::UserDetail {
+                user_id: raw_user.to_string(),
+            },
+        )
+        .await?;
         self.user_detail_in(reader.tenant_id(), raw_user).await
+    }
+
+    /// A user's console page: their detail and timeline, recorded as one read.
+    #[tracing::instrument(skip_all)]
+    pub async fn user_page(
+        &self,
+        reader: &ReaderSession,
+        origin: &Origin,
+        raw_user: &str,
+    ) -> Result<(UserDetail, Vec<twofold_projections::audit::AuditEntry>), AppError> {
+        self.record_read(
+            reader,
+            origin,
+            twofold_domain::user::AuditedRead::UserPage {
+                user_id: raw_user.to_string(),
+            },
+        )
+        .await?;
+        let detail = self.user_detail_in(reader.tenant_id(), raw_user).await?;
+        let history = self.user_history_in(reader, raw_user).await?;
+        Ok((detail, history))
     }
 
     /// A user of `tenant_id` as an admin sees them.

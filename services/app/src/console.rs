@@ -280,9 +280,18 @@ impl App {
     pub async fn audit_search(
         &self,
         reader: &ReaderSession,
+        origin: &crate::Origin,
         q: &AuditQuery,
         limit: usize,
     ) -> Result<Vec<AuditEntry>, AppError> {
+        self.record_read(
+            reader,
+            origin,
+            twofold_domain::user::AuditedRead::AuditSearch {
+                filter: crate::reports::read_filter(q),
+            },
+        )
+        .await?;
         let tenant = reader.tenant_id().to_string();
         let mut entries: Vec<AuditEntry> = Vec::new();
         let mut stream = queries::audit(&self.pool, &tenant, q);

@@ -197,6 +197,7 @@ fn user_error_code(err: &UserError) -> &'static str {
         UserError::CannotChangeOwnFactor => "cannot_change_own_factor",
         UserError::NotEnrolled => "not_enrolled",
         UserError::WrongChallengePurpose => "wrong_challenge_purpose",
+        UserError::NotAReader => "forbidden",
     }
 }
 
@@ -215,6 +216,7 @@ impl From<UserError> for AppError {
             UserError::LockedOut => Self::Locked,
             UserError::ChallengeNotFound => Self::ChallengeNotFound,
             UserError::NotFound => Self::UserNotFound,
+            UserError::NotAReader => Self::Forbidden,
             // A programming error, not the caller's.
             UserError::WrongBackupCodeCount { .. } => Self::unexpected(anyhow::Error::new(err)),
             other => Self::Refused(other),

@@ -82,9 +82,8 @@ impl App {
         let budget_connections = (*pool.connect_options())
             .clone()
             .options([("synchronous_commit", "off")]);
-        let budgets_pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
-            .connect_lazy_with(budget_connections);
+        let budgets_pool =
+            twofold_platform::db::pool_options(4).connect_lazy_with(budget_connections);
         let personal = Personal::new(keys.clone());
         Self(Arc::new(Inner {
             budgets_pool,

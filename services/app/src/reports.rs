@@ -8,14 +8,28 @@ use serde::Serialize;
 use twofold_platform::audit_signing::PublishedKeys;
 use twofold_platform::personal::Keys;
 use twofold_projections::audit::{AuditEntry, ExportFilter, Exporter, Format};
+use twofold_projections::checkpoints::{self, Checkpoint, CheckpointPolicy};
 use twofold_projections::directory::{DirectoryQuery, UserRow};
 use twofold_projections::overview::{DailyPoint, Overview};
 use twofold_projections::queries::{self, AuditQuery, DeliveryStats};
 use twofold_projections::{overview, record};
 
 use crate::session::ReaderSession;
-use crate::{App, AppError};
+use crate::{App, AppError, Origin};
+use twofold_domain::user::{AuditedRead, ReadFilter, UserCommand};
 use twofold_domain::TenantId;
+
+/// An audit query's filter as the audit history records a read of it.
+pub(crate) fn read_filter(q: &AuditQuery) -> ReadFilter {
+    let f = ExportFilter::from(q);
+    ReadFilter {
+        event_type: f.event_type,
+        user_id: f.user_id,
+        actor: f.actor,
+        from: f.from,
+        to: f.to,
+    }
+}
 
 /// The longest daily series answered at once.
 pub const MAX_DAYS: i64 = 366;
@@ -120,9 +134,47 @@ impl App {
         })
     }
 
-    /// A user's audit timeline.
+    /// Records in the audit history, on the reader's own stream, that they
+    /// read `read` (who, what, when, from where). Done before the answer
+    /// is given: a read that cannot be recorded is not answered.
+    pub(crate) async fn record_read(
+        &self,
+        reader: &ReaderSession,
+        origin: &Origin,
+        read: AuditedRead,
+    ) -> Result<(), AppError> {
+        let ctx = reader.0.ctx(origin, self.now());
+        self.users
+            .execute(&reader.0.user_id.to_string(), |_| {
+                Ok(UserCommand::RecordAuditRead {
+                    read: read.clone(),
+                    ctx: ctx.clone(),
+                })
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// A user's audit timeline; the read is recorded.
     #[tracing::instrument(skip_all)]
     pub async fn user_history(
+        &self,
+        reader: &ReaderSession,
+        origin: &Origin,
+        raw_user: &str,
+    ) -> Result<Vec<AuditEntry>, AppError> {
+        self.record_read(
+            reader,
+            origin,
+            AuditedRead::UserHistory {
+                user_id: raw_user.to_string(),
+            },
+        )
+        .await?;
+        self.user_history_in(reader, raw_user).await
+    }
+
+    pub(crate) async fn user_history_in(
         &self,
         reader: &ReaderSession,
         raw_user: &str,
@@ -163,13 +215,37 @@ impl App {
         self.keys.audit_signer().published()
     }
 
+    /// The tenant's signed checkpoints of its audit chain, signed from
+    /// `from` to `to`.
+    #[tracing::instrument(skip_all)]
+    pub async fn audit_checkpoints(
+        &self,
+        reader: &ReaderSession,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<Vec<Checkpoint>, AppError> {
+        Ok(checkpoints::list(&self.pool, &reader.tenant_id().to_string(), from, to).await?)
+    }
+
+    /// Extends every tenant's audit chain and signs the checkpoints due now
+    /// (the verifier does this every minute; tests call it after moving
+    /// the clock).
+    #[tracing::instrument(skip_all)]
+    pub async fn record_audit_checkpoints(
+        &self,
+        policy: &CheckpointPolicy,
+    ) -> anyhow::Result<Vec<Checkpoint>> {
+        checkpoints::record_due(&self.pool, self.keys.audit_signer(), self.now(), policy).await
+    }
+
     /// The tenant's audit history as an export: a header, one hash-chained
     /// line per entry and a closing trailer signed with the audit key,
     /// streamed. A failure cuts the export short without its trailer, so it
-    /// fails verification.
-    pub fn audit_export(
+    /// fails verification. The export is recorded as the reader's read.
+    pub async fn audit_export(
         &self,
         reader: &ReaderSession,
+        origin: &Origin,
         q: AuditQuery,
     ) -> Result<
         (
@@ -178,7 +254,19 @@ impl App {
         ),
         AppError,
     > {
-        self.audit_export_in(reader.tenant_id(), q)
+        // Bad input is refused before anything is recorded.
+        let format = q.format.clone().unwrap_or_else(|| "ndjson".to_string());
+        let exported = self.audit_export_in(reader.tenant_id(), q.clone())?;
+        self.record_read(
+            reader,
+            origin,
+            AuditedRead::AuditExport {
+                filter: read_filter(&q),
+                format,
+            },
+        )
+        .await?;
+        Ok(exported)
     }
 
     pub(crate) fn audit_export_in(

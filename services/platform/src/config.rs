@@ -44,6 +44,14 @@ pub struct Config {
     pub audit_signing_keys: BTreeMap<String, SecretString>,
     /// The id in `audit_signing_keys` that signs new exports.
     pub audit_signing_key_id: String,
+    /// A signed checkpoint of each tenant's audit chain every this many
+    /// entries (0: none by count).
+    pub audit_checkpoint_entries: u64,
+    /// And one of the chain's head when the last is this old, in seconds.
+    pub audit_checkpoint_secs: u64,
+    /// Entries are chained once their event is this old (seconds): longer
+    /// than any writing transaction stays open.
+    pub audit_checkpoint_settle_secs: u64,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// NATS server the relay publishes to and the workers consume from.
@@ -147,6 +155,9 @@ impl Default for Config {
             current_key_id: String::new(),
             audit_signing_keys: BTreeMap::new(),
             audit_signing_key_id: String::new(),
+            audit_checkpoint_entries: 1000,
+            audit_checkpoint_secs: 3600,
+            audit_checkpoint_settle_secs: 30,
             max_body_bytes: 16 * 1024,
             trusted_proxies: Vec::new(),
             nats_url: "nats://127.0.0.1:4222".to_string(),
@@ -197,6 +208,9 @@ const KEYS: &[&str] = &[
     "current_key_id",
     "audit_signing_keys",
     "audit_signing_key_id",
+    "audit_checkpoint_entries",
+    "audit_checkpoint_secs",
+    "audit_checkpoint_settle_secs",
     "max_body_bytes",
     "nats_url",
     "nats_stream",
@@ -237,6 +251,9 @@ const NUMBERS: &[&str] = &[
     "database_max_connections",
     "remembered_streams",
     "max_body_bytes",
+    "audit_checkpoint_entries",
+    "audit_checkpoint_secs",
+    "audit_checkpoint_settle_secs",
     "relay_poll_ms",
     "nats_stream_max_age_secs",
     "nats_stream_max_bytes",
@@ -412,6 +429,9 @@ impl Config {
         }
         if self.relay_poll_ms == 0 {
             bail!("relay_poll_ms must be at least 1");
+        }
+        if self.audit_checkpoint_secs == 0 {
+            bail!("audit_checkpoint_secs must be at least 1");
         }
         if self.nats_stream_max_age_secs == 0 {
             bail!("nats_stream_max_age_secs must be at least 1 (the stream must not grow forever)");

@@ -95,6 +95,24 @@ pub enum AuditCommand {
         /// altered since).
         #[arg(long)]
         extends: Option<PathBuf>,
+        /// The tenant's signed checkpoints (the JSON of GET
+        /// /audit/checkpoints or `twofold audit checkpoints`): check too
+        /// that this unfiltered export holds, at each checkpoint's
+        /// position, the count and chain head it signed.
+        #[arg(long)]
+        checkpoints: Option<PathBuf>,
+    },
+    /// Print a tenant's signed checkpoints of its audit chain, as JSON (as
+    /// GET /audit/checkpoints).
+    Checkpoints {
+        #[arg(long)]
+        tenant: TenantId,
+        /// Only those signed at or after this time (RFC 3339).
+        #[arg(long)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only those signed at or before this time (RFC 3339).
+        #[arg(long)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
     },
     /// Print the public keys audit exports are signed with, as JSON (never a
     /// secret).

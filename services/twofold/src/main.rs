@@ -33,8 +33,16 @@ async fn main() -> anyhow::Result<()> {
                     file,
                     public_key,
                     extends,
+                    checkpoints,
                 },
-        } => return operator::verify_export(file, public_key.as_deref(), extends.as_deref()),
+        } => {
+            return operator::verify_export(
+                file,
+                public_key.as_deref(),
+                extends.as_deref(),
+                checkpoints.as_deref(),
+            )
+        }
         _ => {}
     }
     let config = Config::load(cli.config.as_deref())?;
@@ -51,6 +59,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Audit {
             command: AuditCommand::PublicKey { key_id },
         } => operator::audit_public_keys(&config, key_id.as_deref()),
+        Command::Audit {
+            command: AuditCommand::Checkpoints { tenant, from, to },
+        } => operator::audit_checkpoints(&config, tenant, from, to).await,
         Command::Keygen { .. }
         | Command::Audit {
             command: AuditCommand::Verify { .. },

@@ -12,7 +12,7 @@ use twofold_domain::tenant::TwoFactorSettings;
 use twofold_domain::{Actor, Ctx, TenantId};
 use twofold_platform::audit_signing::VerifyingKeys;
 use twofold_platform::{Clock, Config};
-use twofold_projections::audit;
+use twofold_projections::{audit, checkpoints};
 
 use crate::cli::{TenantCommand, UserCommand};
 
@@ -209,6 +209,24 @@ pub fn audit_public_keys(config: &Config, key_id: Option<&str>) -> anyhow::Resul
     Ok(())
 }
 
+/// `twofold audit checkpoints --tenant`: the tenant's signed checkpoints as
+/// GET /audit/checkpoints answers them.
+pub async fn audit_checkpoints(
+    config: &Config,
+    tenant: TenantId,
+    from: Option<chrono::DateTime<chrono::Utc>>,
+    to: Option<chrono::DateTime<chrono::Utc>>,
+) -> anyhow::Result<()> {
+    let pool = twofold_platform::db::connect(config).await?;
+    twofold_platform::db::migrate(&pool).await?;
+    let checkpoints = checkpoints::list(&pool, &tenant.to_string(), from, to).await?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({ "checkpoints": checkpoints }))?
+    );
+    Ok(())
+}
+
 /// `--public-key`: a file holding the keys when one is there by that
 /// name, else the keys themselves.
 fn verifying_keys(given: &str) -> anyhow::Result<VerifyingKeys> {
@@ -230,22 +248,46 @@ fn read_export(file: &std::path::Path) -> anyhow::Result<String> {
     }
 }
 
-/// `twofold audit verify FILE [--public-key KEY] [--extends EARLIER]`
+/// `twofold audit verify FILE [--public-key KEY] [--extends EARLIER]
+/// [--checkpoints CHECKPOINTS]`
 pub fn verify_export(
     file: &std::path::Path,
     public_key: Option<&str>,
     extends: Option<&std::path::Path>,
+    checkpoints_file: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     let keys = public_key.map(verifying_keys).transpose()?;
     let text = read_export(file)?;
+    let given = checkpoints_file
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading {}", f.display()))
+                .and_then(|t| checkpoints::parse(&t))
+        })
+        .transpose()?;
+    let mut held = None;
     let check = |text: &str| match &keys {
         Some(keys) => audit::verify_signed(text, keys),
         None => audit::verify(text),
     };
     let mut extended = None;
-    let result = match extends {
-        None => check(&text),
-        Some(earlier_file) => check(&read_export(earlier_file)?)
+    let result = match (extends, &given) {
+        (None, Some(given)) => {
+            checkpoints::verify_against(&text, keys.as_ref(), given).map(|checked| {
+                held = Some(format!(
+                    "and it holds the {} checkpoints signed up to its last entry, each at its position with the count and head it signed ({} signed later say nothing of it{})",
+                    checked.covered,
+                    checked.later,
+                    if keys.is_some() { "" } else { "; their signatures were not checked: give --public-key" }
+                ));
+                checked.verified
+            })
+        }
+        (Some(_), Some(_)) => Err(anyhow::anyhow!(
+            "give --extends or --checkpoints, not both: check the export against each in turn"
+        )),
+        (None, None) => check(&text),
+        (Some(earlier_file), None) => check(&read_export(earlier_file)?)
             .map_err(|e| e.context(format!("the earlier export {}", earlier_file.display())))
             .and_then(|earlier| {
                 let later = audit::verify_extends(&text, keys.as_ref(), &earlier)?;
@@ -283,6 +325,9 @@ pub fn verify_export(
             }
             if let Some(extended) = extended {
                 println!("{extended}");
+            }
+            if let Some(held) = held {
+                println!("{held}");
             }
             Ok(())
         }

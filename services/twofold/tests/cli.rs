@@ -106,6 +106,50 @@ fn audit_verify_accepts_an_intact_export_and_refuses_an_altered_one() {
 }
 
 #[test]
+fn audit_verify_holds_an_export_against_signed_checkpoints() {
+    use twofold_projections::checkpoints::Checkpoint;
+    let dir = std::env::temp_dir().join(format!("twofold-cli-cp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let signer = AuditSigner::generate("a1");
+    let public = signer.published().keys[0].public_key.clone();
+    let text = export(Format::Ndjson, &signer);
+    let file = dir.join("export.ndjson");
+    std::fs::write(&file, &text).unwrap();
+    let second: serde_json::Value = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
+    let at = Utc.with_ymd_and_hms(2026, 1, 1, 1, 0, 0).unwrap();
+    let checkpoint = |head: &str| {
+        let c = Checkpoint::sign(&signer, "t", 2, 2, head, at).unwrap();
+        serde_json::to_string(&json!({ "checkpoints": [c] })).unwrap()
+    };
+    let verify = |checkpoints: &str, extra: &[&str]| {
+        let path = dir.join("checkpoints.json");
+        std::fs::write(&path, checkpoints).unwrap();
+        twofold()
+            .args(["audit", "verify", "--public-key", &public, "--checkpoints"])
+            .arg(&path)
+            .args(extra)
+            .arg(&file)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&checkpoint(second["hash"].as_str().unwrap()), &[]);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("holds the 1 checkpoints"), "{said}");
+
+    // The history at position 2 was another when the checkpoint was signed.
+    let out = verify(&checkpoint(&"ab".repeat(32)), &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("FAILED: the export's chain at position 2"),
+        "{said}"
+    );
+    assert!(said.contains("an entry was altered since"), "{said}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn keygen_audit_prints_a_seed_and_public_key_prints_only_public_halves() {
     let out = twofold().args(["keygen", "--audit"]).output().unwrap();
     assert!(out.status.success(), "{out:?}");

@@ -145,6 +145,7 @@ fn user_error_status(err: &twofold_domain::user::UserError) -> StatusCode {
         E::NoEmailForLink => S::CONFLICT,
         E::ReasonRequired => S::UNPROCESSABLE_ENTITY,
         E::StepUpRequired | E::CannotChangeOwnFactor | E::LoginAsNotAllowed => S::FORBIDDEN,
+        E::NotAReader => S::FORBIDDEN,
         E::CurrentPasswordWrong => S::UNAUTHORIZED,
         E::WrongBackupCodeCount { .. } => S::INTERNAL_SERVER_ERROR,
     }

@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 use twofold_app::App;
 use twofold_platform::{telemetry, Clock, Config};
+use twofold_projections::checkpoints::CheckpointPolicy;
 
 use error::ApiError;
 
@@ -89,6 +90,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/overview/delivery", get(reports::delivery))
         .route("/audit", get(reports::audit_export))
         .route("/audit/keys", get(reports::audit_keys))
+        .route("/audit/checkpoints", get(reports::audit_checkpoints))
         .route(
             "/users/{user}",
             get(admin::get_user).patch(admin::update_user),
@@ -168,6 +170,26 @@ pub struct Verifier {
     metrics_listener: TcpListener,
     router: Router,
     app: App,
+    checkpoints: CheckpointPolicy,
+}
+
+/// How often a verifier extends the tenants' audit chains and signs the
+/// checkpoints that are due (their timing is the policy's, by the clock).
+const CHECKPOINTS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Signs the audit checkpoints due, every [`CHECKPOINTS_EVERY`].
+async fn record_checkpoints(app: App, policy: CheckpointPolicy) {
+    let mut every = tokio::time::interval_at(
+        tokio::time::Instant::now() + CHECKPOINTS_EVERY,
+        CHECKPOINTS_EVERY,
+    );
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if let Err(e) = app.record_audit_checkpoints(&policy).await {
+            tracing::warn!(error = %format!("{e:#}"), "signing audit checkpoints");
+        }
+    }
 }
 
 impl Verifier {
@@ -190,6 +212,7 @@ impl Verifier {
             metrics_listener,
             router,
             app,
+            checkpoints: CheckpointPolicy::from_config(config),
         })
     }
 
@@ -223,6 +246,7 @@ impl Verifier {
                 let _ = metrics_stopped.await;
             },
         ));
+        let checkpoints = tokio::spawn(record_checkpoints(self.app.clone(), self.checkpoints));
         tracing::info!(addr = %self.listener.local_addr()?, "verifier listening");
         let served = axum::serve(
             self.listener,
@@ -232,6 +256,7 @@ impl Verifier {
         .with_graceful_shutdown(shutdown)
         .await
         .context("serving the API");
+        checkpoints.abort();
         let _ = stop_metrics.send(());
         let _ = metrics.await;
         served

@@ -15,7 +15,7 @@ use maud::{html, Markup};
 use serde::Deserialize;
 use twofold_app::admin::UserAction;
 use twofold_app::console::{ChecklistItem, SettingsPreview};
-use twofold_app::{AppError, ReaderSession};
+use twofold_app::{AppError, Origin, ReaderSession};
 use twofold_domain::tenant::settings::{Enforcement, Enrollment, Scope};
 use twofold_domain::tenant::{TenantError, TwoFactorSettings};
 use twofold_domain::user::{SecondFactorUse, TwoFactorState};
@@ -979,6 +979,7 @@ struct ActionForm {
 async fn user_page(
     State(api): State<ApiState>,
     Path((tenant, user)): Path<(String, String)>,
+    RequestMeta(origin): RequestMeta,
     nonce: FormNonce,
     Query(q): Query<super::user::Notice>,
     console: ConsoleUser,
@@ -986,6 +987,7 @@ async fn user_page(
     let token = nonce.token(&api);
     let page = user_view(
         &api,
+        &origin,
         &tenant,
         &user,
         &token,
@@ -997,8 +999,10 @@ async fn user_page(
     Ok(page.into_response())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn user_view(
     api: &ApiState,
+    origin: &Origin,
     tenant: &str,
     user: &str,
     token: &str,
@@ -1007,8 +1011,7 @@ async fn user_view(
     error: Option<String>,
 ) -> Result<Markup, PageError> {
     let reader: &ReaderSession = &console.reader;
-    let d = api.app.user_detail(reader, user).await?;
-    let history = api.app.user_history(reader, user).await?;
+    let (d, history) = api.app.user_page(reader, origin, user).await?;
     let t = tenant;
     let p = &d.profile;
     let name = p.username.clone().unwrap_or_default();
@@ -1145,7 +1148,17 @@ async fn user_action(
         None
     };
     if let Some(text) = problem {
-        let page = user_view(&api, &tenant, &user, &token, &console, None, Some(text)).await?;
+        let page = user_view(
+            &api,
+            &origin,
+            &tenant,
+            &user,
+            &token,
+            &console,
+            None,
+            Some(text),
+        )
+        .await?;
         return Ok((axum::http::StatusCode::UNPROCESSABLE_ENTITY, page).into_response());
     }
     let action = match form.action.as_str() {
@@ -1199,6 +1212,7 @@ async fn user_action(
         Err(e @ AppError::Refused(_)) => {
             let page = user_view(
                 &api,
+                &origin,
                 &tenant,
                 &user,
                 &token,
@@ -1286,6 +1300,7 @@ const AUDIT_PAGE: usize = 200;
 async fn audit(
     State(api): State<ApiState>,
     Path(tenant): Path<String>,
+    RequestMeta(origin): RequestMeta,
     nonce: FormNonce,
     Query(form): Query<AuditForm>,
     console: ConsoleUser,
@@ -1293,7 +1308,7 @@ async fn audit(
     let token = nonce.token(&api);
     let entries = api
         .app
-        .audit_search(&console.reader, &form.query()?, AUDIT_PAGE)
+        .audit_search(&console.reader, &origin, &form.query()?, AUDIT_PAGE)
         .await?;
     let t = &tenant;
     let body = html! {
@@ -1339,10 +1354,14 @@ async fn audit(
 
 async fn audit_export(
     State(api): State<ApiState>,
+    RequestMeta(origin): RequestMeta,
     Query(form): Query<AuditForm>,
     console: ConsoleUser,
 ) -> Page {
-    let (format, lines) = api.app.audit_export(&console.reader, form.query()?)?;
+    let (format, lines) = api
+        .app
+        .audit_export(&console.reader, &origin, form.query()?)
+        .await?;
     let (content_type, name) = match format {
         Format::Ndjson => ("application/x-ndjson", "twofold-audit.ndjson"),
         Format::Csv => ("text/csv; charset=utf-8", "twofold-audit.csv"),

@@ -110,9 +110,10 @@ pub async fn erase_user(
 pub async fn get_user(
     State(api): State<ApiState>,
     SignedInReader(reader): SignedInReader,
+    RequestMeta(origin): RequestMeta,
     Path((_, user)): Path<(String, String)>,
 ) -> Result<Json<UserDetail>, ApiError> {
-    Ok(Json(api.app.user_detail(&reader, &user).await?))
+    Ok(Json(api.app.user_detail(&reader, &origin, &user).await?))
 }
 
 /// `PATCH /v1/tenants/{tenant}/users/{user}`

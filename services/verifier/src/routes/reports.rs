@@ -16,7 +16,7 @@ use twofold_projections::directory::DirectoryQuery;
 use twofold_projections::queries::AuditQuery;
 
 use crate::error::ApiError;
-use crate::extract::SignedInReader;
+use crate::extract::{RequestMeta, SignedInReader};
 use crate::ApiState;
 
 /// The query string, or 422 `invalid_query` naming what is wrong with it.
@@ -85,9 +85,10 @@ pub async fn directory(
 pub async fn user_history(
     State(api): State<ApiState>,
     SignedInReader(reader): SignedInReader,
+    RequestMeta(origin): RequestMeta,
     Path((_, user)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let entries = api.app.user_history(&reader, &user).await?;
+    let entries = api.app.user_history(&reader, &origin, &user).await?;
     Ok(Json(json!({ "entries": entries })))
 }
 
@@ -100,14 +101,35 @@ pub async fn audit_keys(
     Json(json!(api.app.audit_keys(&reader)))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointsQuery {
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+}
+
+/// `GET /v1/tenants/{tenant}/audit/checkpoints?from=&to=`: the signed
+/// checkpoints of the tenant's audit chain, for `twofold audit verify
+/// --checkpoints`.
+pub async fn audit_checkpoints(
+    State(api): State<ApiState>,
+    SignedInReader(reader): SignedInReader,
+    q: Result<Query<CheckpointsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let checkpoints = api.app.audit_checkpoints(&reader, q.from, q.to).await?;
+    Ok(Json(json!({ "checkpoints": checkpoints })))
+}
+
 /// `GET /v1/tenants/{tenant}/audit?event_type=&user_id=&actor=&from=&to=&format=ndjson|csv`:
 /// streamed, with a hash chain and a closing signed trailer (`twofold audit verify`).
 pub async fn audit_export(
     State(api): State<ApiState>,
     SignedInReader(reader): SignedInReader,
+    RequestMeta(origin): RequestMeta,
     q: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (format, lines) = api.app.audit_export(&reader, query(q)?)?;
+    let (format, lines) = api.app.audit_export(&reader, &origin, query(q)?).await?;
     let content_type = match format {
         Format::Ndjson => "application/x-ndjson",
         Format::Csv => "text/csv; charset=utf-8",
