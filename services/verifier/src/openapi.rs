@@ -460,10 +460,10 @@ pub struct NewUser {
     pub email: Option<String>,
     #[schema(required = false)]
     pub phone: Option<String>,
-    #[schema(required = false)]
-    pub roles: Option<Vec<String>>,
-    #[schema(required = false)]
-    pub service_account: Option<bool>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub service_account: bool,
 }
 
 /// The tenant's two-factor settings, a domain type (the README's Settings

@@ -24,24 +24,40 @@ pub fn page(doc: &Value) -> Markup {
         .and_then(Value::as_str)
         .unwrap_or("");
     let operations = operations(doc);
-    layout::bare(
+    let tags: Vec<(&str, &str)> = doc
+        .get("tags")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|t| (text(t, "name"), text(t, "description")))
+        .collect();
+    layout::plain(
         "HTTP API",
         html! {
-            p { (description) }
+            p { (prose(description)) }
             p {
                 "The same as OpenAPI 3.1: " a href="/openapi.json" { "/openapi.json" } ". "
                 "Every path is under " code { (openapi::TENANT_PREFIX) } "; session tokens go in "
                 code { "Authorization: Bearer <token>" } "."
             }
             nav aria-label="Operations" {
-                ul {
-                    @for op in &operations {
-                        li { a href={ "#" (op.anchor()) } { code { (op.method.to_uppercase()) " " (op.short_path()) } } " " (op.summary()) }
+                @for (tag, about) in &tags {
+                    h2 { (tag) }
+                    p.hint { (about) }
+                    ul {
+                        @for op in operations.iter().filter(|op| op.tag() == *tag) {
+                            li {
+                                a href={ "#" (op.anchor()) } { code { (op.method.to_uppercase()) " " (op.short_path()) } }
+                                " " (op.summary())
+                            }
+                        }
                     }
                 }
             }
-            @for op in &operations {
-                (operation(op, &schemas))
+            @for (tag, _) in &tags {
+                @for op in operations.iter().filter(|op| op.tag() == *tag) {
+                    (operation(op, &schemas))
+                }
             }
         },
     )
@@ -71,6 +87,22 @@ impl Operation<'_> {
 
     fn summary(&self) -> &str {
         text(self.spec, "summary")
+    }
+
+    fn tag(&self) -> &str {
+        self.spec
+            .pointer("/tags/0")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }
+}
+
+/// Text whose `backticks` mark code, as the annotations write it.
+fn prose(text: &str) -> Markup {
+    html! {
+        @for (i, part) in text.split('`').enumerate() {
+            @if i % 2 == 1 { code { (part) } } @else { (part) }
+        }
     }
 }
 
@@ -113,7 +145,7 @@ fn operation(op: &Operation<'_>, schemas: &Map<String, Value>) -> Markup {
             h2 { code { (op.method.to_uppercase()) " " (op.short_path()) } }
             p { strong { (op.summary()) } }
             @if !text(op.spec, "description").is_empty() {
-                p { (text(op.spec, "description")) }
+                p { (prose(text(op.spec, "description"))) }
             }
             p { "Auth: " (auth) }
             @if !params.is_empty() {
@@ -127,7 +159,7 @@ fn operation(op: &Operation<'_>, schemas: &Map<String, Value>) -> Markup {
                                     td { code { (text(p, "name")) } @if p.get("required") == Some(&Value::Bool(true)) { " (required)" } }
                                     td { (text(p, "in")) }
                                     td { (p.get("schema").map(type_of).unwrap_or_default()) }
-                                    td { (text(p, "description")) }
+                                    td { (prose(text(p, "description"))) }
                                 }
                             }
                         }
@@ -146,7 +178,7 @@ fn operation(op: &Operation<'_>, schemas: &Map<String, Value>) -> Markup {
                         @for (status, response) in op.spec.get("responses").and_then(Value::as_object).into_iter().flatten() {
                             tr {
                                 td { (status) }
-                                td { (text(response, "description")) }
+                                td { (prose(text(response, "description"))) }
                                 td { (response_body(response)) }
                             }
                         }
@@ -186,7 +218,7 @@ fn fields(schema: &Value, schemas: &Map<String, Value>) -> Markup {
         .map(|r| r.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     let Some(properties) = resolved.get("properties").and_then(Value::as_object) else {
-        return html! { p { (text(resolved, "description")) } };
+        return html! { p { (prose(text(resolved, "description"))) } };
     };
     html! {
         div.table-wrap {
@@ -197,7 +229,7 @@ fn fields(schema: &Value, schemas: &Map<String, Value>) -> Markup {
                         tr {
                             td { code { (name) } @if required.contains(&name.as_str()) { " (required)" } }
                             td { (type_of(property)) }
-                            td { (text(property, "description")) }
+                            td { (prose(text(property, "description"))) }
                         }
                     }
                 }
