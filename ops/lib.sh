@@ -4,7 +4,7 @@
 # Debian python3 + aiosmtpd, Chromium + chromedriver) are installed and running.
 #
 # Usage: source this file, then call ensure_postgres / ensure_nats /
-# ensure_packages PKG... / ensure_test_peers. Each returns non-zero after
+# ensure_packages PKG... / ensure_test_peers / ensure_schemathesis. Each returns non-zero after
 # printing a "twofold: ..." message on stderr that says what to do by hand.
 
 set -euo pipefail
