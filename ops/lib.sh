@@ -4,7 +4,7 @@
 # Debian python3 + aiosmtpd, Chromium + chromedriver) are installed and running.
 #
 # Usage: source this file, then call ensure_postgres / ensure_nats /
-# ensure_packages PKG... / ensure_test_peers. Each returns non-zero after
+# ensure_packages PKG... / ensure_test_peers / ensure_schemathesis. Each returns non-zero after
 # printing a "twofold: ..." message on stderr that says what to do by hand.
 
 set -euo pipefail
@@ -393,4 +393,32 @@ ensure_test_peers() {
         ok=1
     fi
     return "$ok"
+}
+
+# ------------------------------------------------------------ schemathesis
+
+# schemathesis (the API fuzzer ops/api-check runs) from PyPI, in a venv of
+# its own under the user's cache directory, made with Debian's python3 and
+# python3-venv. Prints the path of its `st` on stdout.
+TWOFOLD_SCHEMATHESIS_VERSION="${TWOFOLD_SCHEMATHESIS_VERSION:->=4.3,<5}"
+ensure_schemathesis() {
+    local venv="${XDG_CACHE_HOME:-$HOME/.cache}/twofold/schemathesis"
+    if [[ -x $venv/bin/st ]] && "$venv/bin/st" --version >/dev/null 2>&1; then
+        echo "$venv/bin/st"
+        return 0
+    fi
+    ensure_packages python3 python3-venv || return 1
+    twofold_say "installing schemathesis from PyPI into $venv"
+    rm -rf "$venv"
+    mkdir -p "$(dirname "$venv")"
+    if ! /usr/bin/python3 -m venv "$venv" >&2; then
+        twofold_say "could not make a Python venv in $venv with /usr/bin/python3 -m venv: install the Debian package python3-venv (sudo apt-get install python3-venv), then rerun"
+        return 1
+    fi
+    if ! "$venv/bin/pip" install -q "schemathesis$TWOFOLD_SCHEMATHESIS_VERSION" >&2; then
+        rm -rf "$venv"
+        twofold_say "pip could not install schemathesis from PyPI (see above): check the network or a proxy (pip honours HTTPS_PROXY and PIP_INDEX_URL), or install it by hand ($venv/bin/pip install 'schemathesis$TWOFOLD_SCHEMATHESIS_VERSION'), then rerun"
+        return 1
+    fi
+    echo "$venv/bin/st"
 }

@@ -68,7 +68,8 @@ pub async fn directory(
     .bind(q_text)
     .bind(max_codes)
     .bind(i64::from(per_page))
-    .bind(i64::from((page - 1) * per_page))
+    // In i64: a page number near u32::MAX times the page size overflows u32.
+    .bind((i64::from(page) - 1) * i64::from(per_page))
     .fetch_all(pool)
     .await?;
     Ok((rows.into_iter().map(|r| r.0).collect(), total))

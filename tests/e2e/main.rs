@@ -22,6 +22,7 @@ mod metrics;
 mod nats;
 mod nats_cluster;
 mod notices;
+mod openapi;
 mod pages;
 mod policy_http;
 mod reliability;

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod extract;
 pub mod layers;
+pub mod openapi;
 pub mod pages;
 pub mod routes;
 
@@ -98,7 +99,15 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/users/{user}/login-as", post(admin::login_as))
         .route("/users/{user}/erase", post(admin::erase_user))
         .route("/users/{user}/reset-password", post(admin::reset_password))
-        .route("/users/{user}/{action}", post(admin::act_on_user))
+        .route(
+            "/users/{user}/reset-enrollment",
+            post(admin::reset_enrollment),
+        )
+        .route("/users/{user}/unlock", post(admin::unlock))
+        .route(
+            "/users/{user}/revoke-sessions",
+            post(admin::revoke_sessions),
+        )
         .route(
             "/users/{user}/devices/{device}/forget",
             post(admin::forget_device),
@@ -116,6 +125,8 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .nest("/v1/tenants/{tenant}", tenant)
         .nest("/t/{tenant}", pages::router(state.clone()))
         .merge(pages::assets())
+        .merge(openapi::routes())
+        .merge(pages::api_reference())
         .route("/health", get(|| async { "ok" }))
         .merge(health(&state.app))
         .fallback(|| async { ApiError::not_found() })

@@ -33,6 +33,17 @@ pub fn bare(title: &str, content: Markup) -> Markup {
     )
 }
 
+/// A wide page with no navigation (the API reference).
+pub fn plain(title: &str, content: Markup) -> Markup {
+    document(
+        title,
+        html! {
+            header.top { span.brand { "twofold" } }
+            main { h1 { (title) } (content) }
+        },
+    )
+}
+
 /// Where a page sits, for the top bar.
 pub struct Frame<'a> {
     pub tenant_id: &'a str,

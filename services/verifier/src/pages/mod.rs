@@ -6,6 +6,7 @@
 //! a Content-Security-Policy that allows no inline script.
 
 mod admin;
+mod api;
 mod forms;
 mod layout;
 mod user;
@@ -26,6 +27,19 @@ pub fn router(state: ApiState) -> Router<ApiState> {
     user::routes()
         .merge(admin::routes())
         .layer(middleware::from_fn_with_state(state, forms::ensure_nonce))
+        .layer(middleware::from_fn(security_headers))
+}
+
+/// `GET /api`: the HTTP API reference, from the OpenAPI document (no auth).
+pub fn api_reference() -> Router<ApiState> {
+    Router::new()
+        .route(
+            "/api",
+            get(|| async {
+                let doc = serde_json::to_value(crate::openapi::document()).unwrap_or_default();
+                api::page(&doc)
+            }),
+        )
         .layer(middleware::from_fn(security_headers))
 }
 

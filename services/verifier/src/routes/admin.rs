@@ -10,12 +10,27 @@ use twofold_app::accounts::NewUser;
 use twofold_app::admin::{UserAction, UserDetail, UserUpdate};
 use twofold_app::AppError;
 use twofold_domain::tenant::TwoFactorSettings;
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
 use crate::extract::{ApiJson, RequestMeta, SignedInAdmin, SignedInReader};
+use crate::openapi::{
+    AnyErrors, BackupCodes, BodyErrors, ErrorBody, LoginAsSession, PasswordReset, SessionErrors,
+    TenantPath, TwoFactorSettings as SettingsSchema, UserCreated, UserPath, UsersSignedOut,
+};
 use crate::ApiState;
 
-/// `POST /v1/tenants/{tenant}/users`
+/// Create a user
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/users", tag = "admin", params(TenantPath),
+    security(("session" = [])), request_body = crate::openapi::NewUser,
+    responses(
+        (status = 201, body = UserCreated),
+        AnyErrors, BodyErrors, SessionErrors,
+        (status = 409, description = "`username_taken`", body = ErrorBody),
+        (status = 422, description = "`invalid_field` with `field`, `invalid_body`", body = ErrorBody),
+    )
+)]
 pub async fn create_user(
     State(api): State<ApiState>,
     RequestMeta(origin): RequestMeta,
@@ -26,7 +41,12 @@ pub async fn create_user(
     Ok((StatusCode::CREATED, Json(json!({ "user_id": user_id }))).into_response())
 }
 
-/// `GET /v1/tenants/{tenant}/settings`
+/// The tenant's two-factor settings
+#[utoipa::path(
+    get, path = "/v1/tenants/{tenant}/settings", tag = "admin", params(TenantPath),
+    security(("session" = [])),
+    responses((status = 200, body = SettingsSchema), AnyErrors, SessionErrors)
+)]
 pub async fn get_settings(
     State(api): State<ApiState>,
     SignedInAdmin(admin): SignedInAdmin,
@@ -34,15 +54,28 @@ pub async fn get_settings(
     Ok(Json(api.app.settings(&admin).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeSettings {
+    #[schema(value_type = SettingsSchema)]
     settings: TwoFactorSettings,
+    /// Required (`422 reason_required` without it).
     #[serde(default)]
+    #[schema(required = false)]
     reason: Option<String>,
 }
 
-/// `PUT /v1/tenants/{tenant}/settings`
+/// Change the tenant's two-factor settings, with a reason
+#[utoipa::path(
+    put, path = "/v1/tenants/{tenant}/settings", tag = "admin", params(TenantPath),
+    security(("session" = [])), request_body = ChangeSettings,
+    responses(
+        (status = 200, description = "the settings as stored", body = SettingsSchema),
+        AnyErrors, BodyErrors, SessionErrors,
+        (status = 409, description = "`would_lock_you_out`", body = ErrorBody),
+        (status = 422, description = "`invalid_settings` with `field`, `reason_required`, `invalid_body`", body = ErrorBody),
+    )
+)]
 pub async fn put_settings(
     State(api): State<ApiState>,
     RequestMeta(origin): RequestMeta,
@@ -65,34 +98,59 @@ where
     Option::<T>::deserialize(d).map(Some)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReasonBody {
+    /// Recorded in the event; required (`422 reason_required` without it).
     #[serde(default)]
+    #[schema(required = false)]
     reason: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// What to change (absent: as is; `null` clears a contact or the preferred method).
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUserBody {
     #[serde(default)]
+    #[schema(required = false, value_type = Vec<String>)]
     roles: Option<Vec<String>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(required = false, value_type = Option<String>)]
     email: Option<Option<String>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(required = false, value_type = Option<String>)]
     phone: Option<Option<String>>,
     #[serde(default)]
+    #[schema(required = false, value_type = bool)]
     service_account: Option<bool>,
     #[serde(default)]
+    #[schema(required = false, value_type = bool)]
     two_factor_switched_on: Option<bool>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(required = false, value_type = Option<String>)]
     preferred_method: Option<Option<String>>,
+    /// Required (`422 reason_required` without it).
     #[serde(default)]
+    #[schema(required = false)]
     reason: Option<String>,
 }
 
-/// `POST /v1/tenants/{tenant}/users/{user}/erase` `{reason}`: 204; 403
-/// `step_up_required` without a fresh step-up, 422 without a reason.
+/// Erase a user, with a reason
+///
+/// Deletes the user's data key: their personal data in events, read models
+/// and exports can no longer be read, and the account is gone. Needs a
+/// fresh step-up.
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/users/{user}/erase", tag = "admin",
+    params(UserPath), security(("session" = [])), request_body = ReasonBody,
+    responses(
+        (status = 204, description = "erased"),
+        AnyErrors, BodyErrors, SessionErrors,
+        (status = 403, description = "`step_up_required`, `cannot_change_own_factor` (yourself), `forbidden`, `second_factor_required`", body = ErrorBody),
+        (status = 410, description = "`user_erased` (already)", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `invalid_body`", body = ErrorBody),
+    )
+)]
 pub async fn erase_user(
     State(api): State<ApiState>,
     RequestMeta(origin): RequestMeta,
@@ -106,7 +164,12 @@ pub async fn erase_user(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /v1/tenants/{tenant}/users/{user}`
+/// A user, as admins and auditors see them
+#[utoipa::path(
+    get, path = "/v1/tenants/{tenant}/users/{user}", tag = "admin", params(UserPath),
+    security(("session" = [])),
+    responses((status = 200, body = crate::openapi::UserDetail), AnyErrors, SessionErrors)
+)]
 pub async fn get_user(
     State(api): State<ApiState>,
     SignedInReader(reader): SignedInReader,
@@ -116,7 +179,20 @@ pub async fn get_user(
     Ok(Json(api.app.user_detail(&reader, &origin, &user).await?))
 }
 
-/// `PATCH /v1/tenants/{tenant}/users/{user}`
+/// Change a user, with a reason
+///
+/// A new email or phone (a factor) ends their sessions and remembered devices.
+#[utoipa::path(
+    patch, path = "/v1/tenants/{tenant}/users/{user}", tag = "admin", params(UserPath),
+    security(("session" = [])), request_body = UpdateUserBody,
+    responses(
+        (status = 204, description = "changed"),
+        AnyErrors, BodyErrors, SessionErrors,
+        (status = 403, description = "`cannot_change_own_factor`, `forbidden`, `second_factor_required`", body = ErrorBody),
+        (status = 409, description = "`two_factor_unavailable`, `method_not_available`", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `invalid_field` with `field`, `invalid_body`", body = ErrorBody),
+    )
+)]
 pub async fn update_user(
     State(api): State<ApiState>,
     RequestMeta(origin): RequestMeta,
@@ -137,28 +213,100 @@ pub async fn update_user(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /v1/tenants/{tenant}/users/{user}/{reset-enrollment|unlock|revoke-sessions}`
-pub async fn act_on_user(
-    State(api): State<ApiState>,
-    RequestMeta(origin): RequestMeta,
-    SignedInAdmin(admin): SignedInAdmin,
-    Path((_, user, action)): Path<(String, String, String)>,
-    ApiJson(body): ApiJson<ReasonBody>,
+/// One of the one-click actions on a user, with a reason.
+async fn act_on_user(
+    api: ApiState,
+    origin: twofold_app::Origin,
+    admin: twofold_app::AdminSession,
+    user: String,
+    action: UserAction,
+    body: ReasonBody,
 ) -> Result<StatusCode, ApiError> {
-    let action = match action.as_str() {
-        "reset-enrollment" => UserAction::ResetEnrollment,
-        "unlock" => UserAction::Unlock,
-        "revoke-sessions" => UserAction::RevokeSessions,
-        _ => return Err(ApiError::not_found()),
-    };
     api.app
         .act_on_user(&admin, &user, action, body.reason, &origin)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /v1/tenants/{tenant}/users/{user}/devices/{device}/forget`: one
-/// remembered device forgotten (its next sign-in asks a second factor).
+/// Reset a user's enrollment, with a reason
+///
+/// The user enrolls again; sessions, devices and a lockout end. Not on oneself.
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/users/{user}/reset-enrollment", tag = "admin",
+    params(UserPath), security(("session" = [])), request_body = ReasonBody,
+    responses(
+        (status = 204, description = "done"),
+        AnyErrors, BodyErrors, SessionErrors,
+        (status = 403, description = "`cannot_change_own_factor`, `forbidden`, `second_factor_required`", body = ErrorBody),
+        (status = 409, description = "nothing to reset", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `invalid_body`", body = ErrorBody),
+    )
+)]
+pub async fn reset_enrollment(
+    State(api): State<ApiState>,
+    RequestMeta(origin): RequestMeta,
+    SignedInAdmin(admin): SignedInAdmin,
+    Path((_, user)): Path<(String, String)>,
+    ApiJson(body): ApiJson<ReasonBody>,
+) -> Result<StatusCode, ApiError> {
+    act_on_user(api, origin, admin, user, UserAction::ResetEnrollment, body).await
+}
+
+/// End a user's lockout, with a reason
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/users/{user}/unlock", tag = "admin",
+    params(UserPath), security(("session" = [])), request_body = ReasonBody,
+    responses(
+        (status = 204, description = "unlocked"),
+        AnyErrors, BodyErrors, SessionErrors,
+        (status = 409, description = "not locked", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `invalid_body`", body = ErrorBody),
+    )
+)]
+pub async fn unlock(
+    State(api): State<ApiState>,
+    RequestMeta(origin): RequestMeta,
+    SignedInAdmin(admin): SignedInAdmin,
+    Path((_, user)): Path<(String, String)>,
+    ApiJson(body): ApiJson<ReasonBody>,
+) -> Result<StatusCode, ApiError> {
+    act_on_user(api, origin, admin, user, UserAction::Unlock, body).await
+}
+
+/// End a user's sessions and remembered devices, with a reason
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/users/{user}/revoke-sessions", tag = "admin",
+    params(UserPath), security(("session" = [])), request_body = ReasonBody,
+    responses(
+        (status = 204, description = "done"),
+        AnyErrors, BodyErrors, SessionErrors,
+        (status = 422, description = "`reason_required`, `invalid_body`", body = ErrorBody),
+    )
+)]
+pub async fn revoke_sessions(
+    State(api): State<ApiState>,
+    RequestMeta(origin): RequestMeta,
+    SignedInAdmin(admin): SignedInAdmin,
+    Path((_, user)): Path<(String, String)>,
+    ApiJson(body): ApiJson<ReasonBody>,
+) -> Result<StatusCode, ApiError> {
+    act_on_user(api, origin, admin, user, UserAction::RevokeSessions, body).await
+}
+
+/// Forget one remembered device, with a reason
+///
+/// Its next sign-in asks a second factor.
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/users/{user}/devices/{device}/forget", tag = "admin",
+    params(UserPath, ("device" = String, Path, description = "The device's id (a UUID)")),
+    security(("session" = [])), request_body = ReasonBody,
+    responses(
+        (status = 204, description = "forgotten"),
+        AnyErrors, BodyErrors, SessionErrors,
+        (status = 404, description = "no such device, user or tenant", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `invalid_body`", body = ErrorBody),
+    )
+)]
 pub async fn forget_device(
     State(api): State<ApiState>,
     RequestMeta(origin): RequestMeta,
@@ -167,19 +315,28 @@ pub async fn forget_device(
     ApiJson(body): ApiJson<ReasonBody>,
 ) -> Result<StatusCode, ApiError> {
     let device = device.parse().map_err(|_| ApiError::not_found())?;
-    api.app
-        .act_on_user(
-            &admin,
-            &user,
-            UserAction::ForgetDevice(device),
-            body.reason,
-            &origin,
-        )
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+    act_on_user(
+        api,
+        origin,
+        admin,
+        user,
+        UserAction::ForgetDevice(device),
+        body,
+    )
+    .await
 }
 
-/// `POST /v1/tenants/{tenant}/users/{user}/backup-codes`
+/// New backup codes for a user, to hand over, with a reason
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/users/{user}/backup-codes", tag = "admin",
+    params(UserPath), security(("session" = [])), request_body = ReasonBody,
+    responses(
+        (status = 200, description = "the new codes, shown once", body = BackupCodes),
+        AnyErrors, BodyErrors, SessionErrors,
+        (status = 409, description = "the user is not enrolled", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `invalid_body`", body = ErrorBody),
+    )
+)]
 pub async fn regenerate_backup_codes(
     State(api): State<ApiState>,
     RequestMeta(origin): RequestMeta,
@@ -194,7 +351,16 @@ pub async fn regenerate_backup_codes(
     Ok(Json(json!({ "backup_codes": codes })))
 }
 
-/// `POST /v1/tenants/{tenant}/sessions/revoke-all`
+/// End every session of the tenant, with a reason
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/sessions/revoke-all", tag = "admin", params(TenantPath),
+    security(("session" = [])), request_body = ReasonBody,
+    responses(
+        (status = 200, body = UsersSignedOut),
+        AnyErrors, BodyErrors, SessionErrors,
+        (status = 422, description = "`reason_required`, `invalid_body`", body = ErrorBody),
+    )
+)]
 pub async fn revoke_all_sessions(
     State(api): State<ApiState>,
     RequestMeta(origin): RequestMeta,
@@ -208,9 +374,21 @@ pub async fn revoke_all_sessions(
     Ok(Json(json!({ "users_signed_out": signed_out })))
 }
 
-/// `POST /v1/tenants/{tenant}/users/{user}/login-as` `{reason}`: a short
-/// session as the user (Login As), where the tenant allows it, after a
-/// step-up; every event of that session names the admin.
+/// Open a short session as the user ("Login As"), with a reason
+///
+/// Where the tenant allows it, after a step-up; every event of that session
+/// names the admin.
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/users/{user}/login-as", tag = "admin",
+    params(UserPath), security(("session" = [])), request_body = ReasonBody,
+    responses(
+        (status = 200, body = LoginAsSession),
+        AnyErrors, BodyErrors, SessionErrors,
+        (status = 403, description = "`login_as_not_allowed`, `step_up_required`, `forbidden`, `second_factor_required`", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `invalid_body`", body = ErrorBody),
+        (status = 423, description = "`account_locked`", body = ErrorBody),
+    )
+)]
 pub async fn login_as(
     State(api): State<ApiState>,
     RequestMeta(origin): RequestMeta,
@@ -229,19 +407,36 @@ pub async fn login_as(
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResetBody {
+    /// Required (`422 reason_required` without it).
     #[serde(default)]
+    #[schema(required = false)]
     reason: Option<String>,
-    /// `email`: a link by email instead of a one-time password.
+    /// `one_time_password` (the default), or `email`: a link by email instead.
     #[serde(default)]
+    #[schema(required = false)]
     via: Option<String>,
 }
 
-/// `POST /v1/tenants/{tenant}/users/{user}/reset-password` `{reason, via?}`:
-/// a one-time password to hand over, to be changed at the next sign-in; with
+/// Reset a user's password, with a reason
+///
+/// A one-time password to hand over, to be changed at the next sign-in; with
 /// `"via": "email"`, a link to choose one, emailed to the user (202).
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/users/{user}/reset-password", tag = "admin",
+    params(UserPath), security(("session" = [])), request_body = ResetBody,
+    responses(
+        (status = 200, description = "`{one_time_password}`, shown once", body = PasswordReset),
+        (status = 202, description = "`{\"status\": \"link_sent\", expires_at}`", body = PasswordReset),
+        AnyErrors, BodyErrors, SessionErrors,
+        (status = 400, description = "`invalid_via`, `malformed_json`", body = ErrorBody),
+        (status = 409, description = "`no_email_for_link`", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `invalid_body`", body = ErrorBody),
+        (status = 429, description = "a code budget spent (`retry_after_secs`)", body = ErrorBody),
+    )
+)]
 pub async fn reset_password(
     State(api): State<ApiState>,
     RequestMeta(origin): RequestMeta,

@@ -17,9 +17,14 @@ use twofold_app::auth::{
     VerifyRequest,
 };
 use twofold_domain::user::SecondFactorUse;
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
 use crate::extract::{self, ApiJson, RequestMeta};
+use crate::openapi::{
+    AnyErrors, BodyErrors, ChallengeState, ErrorBody, Introspection, SessionErrors, SignInAnswer,
+    TenantPath,
+};
 use crate::ApiState;
 
 /// The cookie that carries the remembered-device token.
@@ -28,13 +33,15 @@ pub const DEVICE_COOKIE: &str = "twofold_device";
 /// How long a browser keeps the remembered-device cookie.
 const DEVICE_MAX_AGE: time::Duration = time::Duration::days(400);
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignInBody {
     username: String,
+    #[schema(value_type = String)]
     password: SecretString,
     /// The remembered-device token, for clients that do not keep cookies.
     #[serde(default)]
+    #[schema(value_type = Option<String>, required = false)]
     device_token: Option<SecretString>,
 }
 
@@ -101,7 +108,22 @@ fn signed_in_response(jar: CookieJar, signed_in: SignedIn) -> Response {
     (jar, Json(body)).into_response()
 }
 
-/// `POST /v1/tenants/{tenant}/sign-in`
+/// Sign in with a password
+///
+/// Opens a session, or asks a second factor (`challenge`), or asks to set
+/// up an authenticator first (`enrollment_required`).
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/sign-in", tag = "sign-in", params(TenantPath),
+    request_body = SignInBody,
+    responses(
+        (status = 200, description = "`signed_in`, `challenge` or `enrollment_required`", body = SignInAnswer),
+        AnyErrors, BodyErrors,
+        (status = 401, description = "`invalid_credentials` (unknown user and wrong password alike)", body = ErrorBody),
+        (status = 403, description = "`second_factor_unavailable`: no usable method", body = ErrorBody),
+        (status = 423, description = "`account_locked`", body = ErrorBody),
+        (status = 429, description = "`too_many_attempts` with `retry_after_secs`", body = ErrorBody),
+    )
+)]
 pub async fn sign_in(
     State(api): State<ApiState>,
     Path(tenant): Path<String>,
@@ -138,17 +160,36 @@ pub async fn sign_in(
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyBody {
+    #[schema(value_type = String)]
     challenge_token: SecretString,
+    /// The code sent or shown by the authenticator (or `backup_code`, not both).
     #[serde(default)]
+    #[schema(required = false)]
     code: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Option<String>, required = false)]
     backup_code: Option<SecretString>,
 }
 
-/// `POST /v1/tenants/{tenant}/challenge/verify`
+/// Answer a challenge with a code or a backup code
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/challenge/verify", tag = "sign-in", params(TenantPath),
+    request_body = VerifyBody,
+    responses(
+        (status = 200, description = "`signed_in` with a session, `stepped_up` or `contact_verified`", body = SignInAnswer),
+        AnyErrors, BodyErrors,
+        (status = 400, description = "`code_required` (neither or both of `code` and `backup_code`), `malformed_json`", body = ErrorBody),
+        (status = 401, description = "`invalid_code` with `attempts_remaining`", body = ErrorBody),
+        (status = 404, description = "`challenge_not_found`, `tenant_not_found`", body = ErrorBody),
+        (status = 409, description = "the challenge does not take this kind of proof", body = ErrorBody),
+        (status = 410, description = "`challenge_expired`", body = ErrorBody),
+        (status = 423, description = "`account_locked`", body = ErrorBody),
+        (status = 429, description = "`too_many_attempts`", body = ErrorBody),
+    )
+)]
 pub async fn verify(
     State(api): State<ApiState>,
     Path(tenant): Path<String>,
@@ -170,14 +211,29 @@ pub async fn verify(
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompleteEnrollmentBody {
+    #[schema(value_type = String)]
     challenge_token: SecretString,
     code: String,
 }
 
-/// `POST /v1/tenants/{tenant}/enrollment/complete`
+/// Finish the enrollment a sign-in required, with the authenticator's first code
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/enrollment/complete", tag = "sign-in", params(TenantPath),
+    request_body = CompleteEnrollmentBody,
+    responses(
+        (status = 200, description = "`signed_in`, with the backup codes", body = SignInAnswer),
+        AnyErrors, BodyErrors,
+        (status = 401, description = "`invalid_code` with `attempts_remaining`", body = ErrorBody),
+        (status = 404, description = "`challenge_not_found`, `tenant_not_found`", body = ErrorBody),
+        (status = 409, description = "not an enrollment challenge", body = ErrorBody),
+        (status = 410, description = "`challenge_expired`", body = ErrorBody),
+        (status = 423, description = "`account_locked`", body = ErrorBody),
+        (status = 429, description = "`too_many_attempts`", body = ErrorBody),
+    )
+)]
 pub async fn complete_enrollment(
     State(api): State<ApiState>,
     Path(tenant): Path<String>,
@@ -192,14 +248,27 @@ pub async fn complete_enrollment(
     Ok(signed_in_response(jar, signed_in))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SkipEnrollmentBody {
+    #[schema(value_type = String)]
     challenge_token: SecretString,
 }
 
-/// `POST /v1/tenants/{tenant}/enrollment/skip`: go on without the
-/// authenticator offered at sign-in (optional enrollment only).
+/// Go on without the authenticator offered at sign-in
+///
+/// Only where enrollment is optional.
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/enrollment/skip", tag = "sign-in", params(TenantPath),
+    request_body = SkipEnrollmentBody,
+    responses(
+        (status = 200, description = "`signed_in`", body = SignInAnswer),
+        AnyErrors, BodyErrors,
+        (status = 404, description = "`challenge_not_found`, `tenant_not_found`", body = ErrorBody),
+        (status = 409, description = "`enrollment_required`, or not an enrollment challenge", body = ErrorBody),
+        (status = 410, description = "`challenge_expired`", body = ErrorBody),
+    )
+)]
 pub async fn skip_enrollment(
     State(api): State<ApiState>,
     Path(tenant): Path<String>,
@@ -214,15 +283,31 @@ pub async fn skip_enrollment(
     Ok(signed_in_response(jar, signed_in))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChallengeBody {
+    #[schema(value_type = String)]
     challenge_token: SecretString,
+    /// For `/challenge/switch`: `totp`, `email` or `sms`.
     #[serde(default)]
+    #[schema(required = false)]
     method: Option<String>,
 }
 
-/// `POST /v1/tenants/{tenant}/challenge/resend`
+/// Send a new code for an email or SMS challenge
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/challenge/resend", tag = "sign-in", params(TenantPath),
+    request_body = ChallengeBody,
+    responses(
+        (status = 200, description = "the challenge, with a new code on its way", body = ChallengeState),
+        AnyErrors, BodyErrors,
+        (status = 404, description = "`challenge_not_found`, `tenant_not_found`", body = ErrorBody),
+        (status = 409, description = "`nothing_to_resend`", body = ErrorBody),
+        (status = 410, description = "`challenge_expired`", body = ErrorBody),
+        (status = 423, description = "`account_locked`", body = ErrorBody),
+        (status = 429, description = "`resend_limit_reached`, or a code budget spent (`retry_after_secs`)", body = ErrorBody),
+    )
+)]
 pub async fn resend(
     State(api): State<ApiState>,
     Path(tenant): Path<String>,
@@ -236,7 +321,20 @@ pub async fn resend(
     Ok(Json(state).into_response())
 }
 
-/// `POST /v1/tenants/{tenant}/challenge/switch`
+/// Fall back to another method the challenge lists
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/challenge/switch", tag = "sign-in", params(TenantPath),
+    request_body = ChallengeBody,
+    responses(
+        (status = 200, description = "the challenge, now for that method", body = ChallengeState),
+        AnyErrors, BodyErrors,
+        (status = 404, description = "`challenge_not_found`, `tenant_not_found`", body = ErrorBody),
+        (status = 409, description = "`method_not_available`", body = ErrorBody),
+        (status = 410, description = "`challenge_expired`", body = ErrorBody),
+        (status = 423, description = "`account_locked`", body = ErrorBody),
+        (status = 429, description = "a code budget spent (`retry_after_secs`)", body = ErrorBody),
+    )
+)]
 pub async fn switch(
     State(api): State<ApiState>,
     Path(tenant): Path<String>,
@@ -251,14 +349,24 @@ pub async fn switch(
     Ok(Json(state).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IntrospectBody {
+    #[schema(value_type = String)]
     token: SecretString,
 }
 
-/// `POST /v1/tenants/{tenant}/sessions/introspect`: what a portal calls to
-/// check a session token.
+/// Check a session token
+///
+/// What a portal calls to learn whether a token is a live session, and whose.
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/sessions/introspect", tag = "sign-in", params(TenantPath),
+    request_body = IntrospectBody,
+    responses(
+        (status = 200, description = "`{\"active\": false}` or the live session", body = Introspection),
+        AnyErrors, BodyErrors,
+    )
+)]
 pub async fn introspect(
     State(api): State<ApiState>,
     Path(tenant): Path<String>,
@@ -282,7 +390,12 @@ pub async fn introspect(
     ))
 }
 
-/// `POST /v1/tenants/{tenant}/sign-out`
+/// End this session
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/sign-out", tag = "sign-in", params(TenantPath),
+    security(("session" = [])),
+    responses((status = 204, description = "signed out"), AnyErrors, SessionErrors)
+)]
 pub async fn sign_out(
     State(api): State<ApiState>,
     RequestMeta(origin): RequestMeta,
@@ -292,16 +405,29 @@ pub async fn sign_out(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResetWithLinkBody {
+    /// The token of the emailed reset link.
+    #[schema(value_type = String)]
     token: SecretString,
+    #[schema(value_type = String)]
     new_password: SecretString,
 }
 
-/// `POST /v1/tenants/{tenant}/password/reset` `{token, new_password}`: a new
-/// password through the token of an emailed reset link (204); every session
-/// ends, and the next sign-in asks the second factor as always.
+/// Choose a new password through an emailed reset link
+///
+/// Every session ends, and the next sign-in asks the second factor as always.
+#[utoipa::path(
+    post, path = "/v1/tenants/{tenant}/password/reset", tag = "sign-in", params(TenantPath),
+    request_body = ResetWithLinkBody,
+    responses(
+        (status = 204, description = "the password is changed"),
+        AnyErrors, BodyErrors,
+        (status = 410, description = "`reset_link_invalid`: used, replaced, expired or forged", body = ErrorBody),
+        (status = 422, description = "`invalid_field` (the password's length), `invalid_body`", body = ErrorBody),
+    )
+)]
 pub async fn reset_with_link(
     State(api): State<ApiState>,
     Path(tenant): Path<String>,

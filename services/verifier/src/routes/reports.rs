@@ -17,6 +17,10 @@ use twofold_projections::queries::AuditQuery;
 
 use crate::error::ApiError;
 use crate::extract::{RequestMeta, SignedInReader};
+use crate::openapi::{
+    AnyErrors, AuditCheckpoints, AuditKeys, DailyAnswer, DeliveryAnswer, DirectoryPage, ErrorBody,
+    HistoryAnswer, OverviewAnswer, SessionErrors, TenantPath, UserPath,
+};
 use crate::ApiState;
 
 /// The query string, or 422 `invalid_query` naming what is wrong with it.
@@ -25,13 +29,25 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
         .map_err(|e| AppError::InvalidQuery(e.body_text()).into())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct OverviewQuery {
+    /// The figures as they stood then (RFC 3339), folded from the events.
+    #[param(value_type = Option<String>, format = DateTime)]
     as_of: Option<DateTime<Utc>>,
 }
 
-/// `GET /v1/tenants/{tenant}/overview[?as_of=2026-03-01T00:00:00Z]`
+/// The Overview: enrollment, lockouts, backup codes, methods
+#[utoipa::path(
+    get, path = "/v1/tenants/{tenant}/overview", tag = "read models",
+    params(TenantPath, OverviewQuery), security(("session" = [])),
+    responses(
+        (status = 200, body = OverviewAnswer),
+        AnyErrors, SessionErrors,
+        (status = 422, description = "`invalid_query`", body = ErrorBody),
+    )
+)]
 pub async fn overview(
     State(api): State<ApiState>,
     SignedInReader(reader): SignedInReader,
@@ -42,7 +58,12 @@ pub async fn overview(
     Ok(Json(json!({ "as_of": q.as_of, "overview": figures })))
 }
 
-/// `GET /v1/tenants/{tenant}/overview/delivery`
+/// Code delivery per method and provider
+#[utoipa::path(
+    get, path = "/v1/tenants/{tenant}/overview/delivery", tag = "read models",
+    params(TenantPath), security(("session" = [])),
+    responses((status = 200, body = DeliveryAnswer), AnyErrors, SessionErrors)
+)]
 pub async fn delivery(
     State(api): State<ApiState>,
     SignedInReader(reader): SignedInReader,
@@ -52,14 +73,28 @@ pub async fn delivery(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DailyQuery {
+    /// The first day, `YYYY-MM-DD`.
+    #[param(value_type = String, format = Date)]
     from: NaiveDate,
+    /// The last day (at most 366 days after `from`).
+    #[param(value_type = String, format = Date)]
     to: NaiveDate,
 }
 
-/// `GET /v1/tenants/{tenant}/overview/daily?from=2026-03-01&to=2026-03-31`
+/// The Overview's figures at the end of each day
+#[utoipa::path(
+    get, path = "/v1/tenants/{tenant}/overview/daily", tag = "read models",
+    params(TenantPath, DailyQuery), security(("session" = [])),
+    responses(
+        (status = 200, body = DailyAnswer),
+        AnyErrors, SessionErrors,
+        (status = 422, description = "`invalid_query`", body = ErrorBody),
+    )
+)]
 pub async fn daily(
     State(api): State<ApiState>,
     SignedInReader(reader): SignedInReader,
@@ -71,7 +106,28 @@ pub async fn daily(
     ))
 }
 
-/// `GET /v1/tenants/{tenant}/users?status=&two_factor=&role=&locked=&method=&page=&per_page=`
+/// The user directory, paged
+#[utoipa::path(
+    get, path = "/v1/tenants/{tenant}/users", tag = "read models",
+    params(
+        TenantPath,
+        ("status" = Option<String>, Query, description = "`enrolled`, `pending` or `not_started`"),
+        ("two_factor" = Option<String>, Query, description = "`on` or `off`"),
+        ("role" = Option<String>, Query, description = "Users with this role"),
+        ("locked" = Option<bool>, Query, description = "Locked out or not"),
+        ("method" = Option<String>, Query, description = "`totp`, `email` or `sms`: users with that method set up"),
+        ("q" = Option<String>, Query, description = "Part of the username"),
+        ("backup_codes" = Option<String>, Query, description = "`none` or `low` (2 or fewer left)"),
+        ("page" = Option<u32>, Query, description = "From 1"),
+        ("per_page" = Option<u32>, Query, description = "Rows per page"),
+    ),
+    security(("session" = [])),
+    responses(
+        (status = 200, body = DirectoryPage),
+        AnyErrors, SessionErrors,
+        (status = 422, description = "`invalid_query`", body = ErrorBody),
+    )
+)]
 pub async fn directory(
     State(api): State<ApiState>,
     SignedInReader(reader): SignedInReader,
@@ -81,7 +137,12 @@ pub async fn directory(
     Ok(Json(page).into_response())
 }
 
-/// `GET /v1/tenants/{tenant}/users/{user}/history`: the user's timeline.
+/// A user's audit timeline, with the delivery of each of their codes
+#[utoipa::path(
+    get, path = "/v1/tenants/{tenant}/users/{user}/history", tag = "read models",
+    params(UserPath), security(("session" = [])),
+    responses((status = 200, body = HistoryAnswer), AnyErrors, SessionErrors)
+)]
 pub async fn user_history(
     State(api): State<ApiState>,
     SignedInReader(reader): SignedInReader,
@@ -92,8 +153,14 @@ pub async fn user_history(
     Ok(Json(json!({ "entries": entries })))
 }
 
-/// `GET /v1/tenants/{tenant}/audit/keys`: the public keys export trailers
-/// are signed with, for `twofold audit verify --public-key`.
+/// The public keys audit exports are signed with
+///
+/// For `twofold audit verify --public-key`.
+#[utoipa::path(
+    get, path = "/v1/tenants/{tenant}/audit/keys", tag = "read models",
+    params(TenantPath), security(("session" = [])),
+    responses((status = 200, body = AuditKeys), AnyErrors, SessionErrors)
+)]
 pub async fn audit_keys(
     State(api): State<ApiState>,
     SignedInReader(reader): SignedInReader,
@@ -108,9 +175,24 @@ pub struct CheckpointsQuery {
     to: Option<DateTime<Utc>>,
 }
 
-/// `GET /v1/tenants/{tenant}/audit/checkpoints?from=&to=`: the signed
-/// checkpoints of the tenant's audit chain, for `twofold audit verify
-/// --checkpoints`.
+/// The signed checkpoints of the tenant's audit chain
+///
+/// For `twofold audit verify --checkpoints`: each signs the chain's count and
+/// head at a position.
+#[utoipa::path(
+    get, path = "/v1/tenants/{tenant}/audit/checkpoints", tag = "read models",
+    params(
+        TenantPath,
+        ("from" = Option<String>, Query, format = DateTime, description = "Signed from this moment (RFC 3339)"),
+        ("to" = Option<String>, Query, format = DateTime, description = "Signed up to this moment (RFC 3339)"),
+    ),
+    security(("session" = [])),
+    responses(
+        (status = 200, body = AuditCheckpoints),
+        AnyErrors, SessionErrors,
+        (status = 422, description = "`invalid_query`", body = ErrorBody),
+    )
+)]
 pub async fn audit_checkpoints(
     State(api): State<ApiState>,
     SignedInReader(reader): SignedInReader,
@@ -121,8 +203,31 @@ pub async fn audit_checkpoints(
     Ok(Json(json!({ "checkpoints": checkpoints })))
 }
 
-/// `GET /v1/tenants/{tenant}/audit?event_type=&user_id=&actor=&from=&to=&format=ndjson|csv`:
-/// streamed, with a hash chain and a closing signed trailer (`twofold audit verify`).
+/// The tenant's audit history, streamed and signed
+///
+/// Hash-chained entries and a closing signed trailer (`twofold audit verify`).
+#[utoipa::path(
+    get, path = "/v1/tenants/{tenant}/audit", tag = "read models",
+    params(
+        TenantPath,
+        ("event_type" = Option<String>, Query, description = "Only this event type"),
+        ("user_id" = Option<String>, Query, description = "Only about this user"),
+        ("actor" = Option<String>, Query, description = "Only by this actor (a user's or admin's id)"),
+        ("from" = Option<String>, Query, format = DateTime, description = "From this moment (RFC 3339)"),
+        ("to" = Option<String>, Query, format = DateTime, description = "Up to this moment (RFC 3339)"),
+        ("format" = Option<String>, Query, description = "`ndjson` (the default) or `csv`"),
+    ),
+    security(("session" = [])),
+    responses(
+        (status = 200, description = "one entry a line, then the trailer",
+            content(
+                (String = "application/x-ndjson"),
+                (String = "text/csv; charset=utf-8"),
+            )),
+        AnyErrors, SessionErrors,
+        (status = 422, description = "`invalid_query`", body = ErrorBody),
+    )
+)]
 pub async fn audit_export(
     State(api): State<ApiState>,
     SignedInReader(reader): SignedInReader,
