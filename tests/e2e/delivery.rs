@@ -718,17 +718,15 @@ fn code_mails(smtp: &Smtp, address: &str) -> Vec<String> {
 
 /// Until the mail server holds `n` sign-in codes for `address`.
 async fn mail_server_holds(smtp: &Smtp, address: &str, n: usize) {
-    for _ in 0..200 {
-        if code_mails(smtp, address).len() >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the mail server never got {n} codes for {address}");
+    crate::reliability::eventually(&format!("{n} codes for {address}"), 100, async || {
+        code_mails(smtp, address).len() >= n
+    })
+    .await;
 }
 
-#[tokio::test]
-async fn a_code_sent_again_after_a_crash_is_the_same_message() {
+/// A mail server that answers 2 s after it took a message, and ida's
+/// challenge, whose code goes there.
+async fn slow_mail_challenge() -> (Smtp, Stack, String) {
     let smtp = Smtp::start_slow(Duration::from_secs(2)).await;
     let s = stack(smtp.port, "http://127.0.0.1:9").await;
     s.with_user(
@@ -738,6 +736,12 @@ async fn a_code_sent_again_after_a_crash_is_the_same_message() {
     )
     .await;
     let token = s.challenge("ida").await;
+    (smtp, s, token)
+}
+
+#[tokio::test]
+async fn a_code_sent_again_after_a_crash_is_the_same_message() {
+    let (smtp, s, token) = slow_mail_challenge().await;
 
     // The mail server has taken the code; the dispatcher dies waiting for
     // its answer, so no outcome is recorded.
@@ -766,15 +770,7 @@ async fn a_code_sent_again_after_a_crash_is_the_same_message() {
 
 #[tokio::test]
 async fn a_stopping_dispatcher_finishes_the_codes_under_way() {
-    let smtp = Smtp::start_slow(Duration::from_secs(2)).await;
-    let s = stack(smtp.port, "http://127.0.0.1:9").await;
-    s.with_user(
-        json!({"enabled": true, "enforcement": "every_login"}),
-        "ida",
-        false,
-    )
-    .await;
-    let token = s.challenge("ida").await;
+    let (smtp, s, token) = slow_mail_challenge().await;
 
     // Stopped while the mail server holds the code but has not answered.
     let stopping = s.dispatcher().await;

@@ -21,7 +21,7 @@ use crate::guarantees::DbProxy;
 use crate::helpers::spawn_app;
 
 /// Polls `done` every 100 ms, at most `tries` times; panics with `what`.
-async fn eventually(what: &str, tries: usize, mut done: impl AsyncFnMut() -> bool) {
+pub(crate) async fn eventually(what: &str, tries: usize, mut done: impl AsyncFnMut() -> bool) {
     for _ in 0..tries {
         if done().await {
             return;
