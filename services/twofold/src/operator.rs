@@ -274,8 +274,13 @@ pub fn verify_export(
     let result = match (extends, &given) {
         (None, Some(given)) => {
             checkpoints::verify_against(&text, keys.as_ref(), given).map(|checked| {
+                let before = if checked.pruned > 0 {
+                    format!("; {} signed before the pruned mark cover entries no longer in the read models", checked.pruned)
+                } else {
+                    String::new()
+                };
                 held = Some(format!(
-                    "and it holds the {} checkpoints signed up to its last entry, each at its position with the count and head it signed ({} signed later say nothing of it{})",
+                    "and it holds the {} checkpoints signed up to its last entry, each at its position with the count and head it signed ({} signed later say nothing of it{before}{})",
                     checked.covered,
                     checked.later,
                     if keys.is_some() { "" } else { "; their signatures were not checked: give --public-key" }
@@ -322,6 +327,18 @@ pub fn verify_export(
                     "ok: {} entries{tenant} ({range}), the chain is intact (head {}); its origin was not checked: give --public-key to check the signature",
                     v.entries, v.head
                 );
+            }
+            if let Some(p) = &v.pruned {
+                match v.chain_start() {
+                    Some(_) => println!(
+                        "entries up to position {} were pruned by the retention setting ({} of them); the chain starts from the head signed at {}: {}",
+                        p.position, p.count, p.signed_at, p.head
+                    ),
+                    None => println!(
+                        "entries up to position {} were pruned by the retention setting before this export: it holds only later ones",
+                        p.position
+                    ),
+                }
             }
             if let Some(extended) = extended {
                 println!("{extended}");
