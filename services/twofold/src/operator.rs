@@ -124,6 +124,14 @@ pub async fn user(
         UserCommand::Unlock(act) => (act, UserAction::Unlock),
         UserCommand::ResetEnrollment(act) => (act, UserAction::ResetEnrollment),
         UserCommand::RevokeSessions(act) => (act, UserAction::RevokeSessions),
+        UserCommand::Erase(act) => {
+            let app = App::connect(config, clock).await?;
+            app.operator_erase(act.tenant, &act.username, &act.reason)
+                .await
+                .map_err(api)?;
+            eprintln!("twofold: erased; recorded with the operator as actor and your reason");
+            return Ok(());
+        }
     };
     let app = App::connect(config, clock).await?;
     app.operator_act(act.tenant, &act.username, action, &act.reason)
