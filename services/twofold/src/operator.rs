@@ -304,11 +304,20 @@ pub fn verify_export(
             .map_err(|e| e.context(format!("the earlier export {}", earlier_file.display())))
             .and_then(|earlier| {
                 let later = audit::verify_extends(&text, keys.as_ref(), &earlier)?;
-                extended = Some(format!(
-                    "and it extends {}: its first {} entries are that export's, unchanged",
-                    earlier_file.display(),
-                    earlier.entries
-                ));
+                extended = Some(match later.chain_start() {
+                    Some(p) if earlier.chain_start() != Some(p) => format!(
+                        "and it extends {}: its chain goes on from that export's, unchanged up to position {} ({} entries; those up to position {} were pruned since)",
+                        earlier_file.display(),
+                        earlier.last_position.unwrap_or_default(),
+                        earlier.chained(),
+                        p.position
+                    ),
+                    _ => format!(
+                        "and it extends {}: its first {} entries are that export's, unchanged",
+                        earlier_file.display(),
+                        earlier.entries
+                    ),
+                });
                 Ok(later)
             }),
     };
