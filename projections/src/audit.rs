@@ -159,6 +159,20 @@ impl AuditEntry {
 /// The chain's start: the hash before the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// Where a tenant's audit history was pruned up to by its retention setting
+/// (`audit_retention_days`): the entries up to `position` left the read
+/// models; `count` of them, the chain's hash `head` at the last one. Always
+/// the place of a signed checkpoint (signed at `signed_at`), so the head an
+/// unfiltered export starts from after pruning is one the server signed
+/// before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Pruned {
+    pub position: i64,
+    pub count: i64,
+    pub head: String,
+    pub signed_at: DateTime<Utc>,
+}
+
 /// Links `entry` to the chain ending in `prev`.
 pub fn chain(prev: &str, entry: &AuditEntry) -> anyhow::Result<String> {
     let mut h = Sha256::new();
@@ -213,6 +227,7 @@ pub struct Exporter {
     filter: ExportFilter,
     first_position: Option<i64>,
     last_position: Option<i64>,
+    pruned: Option<Pruned>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -246,6 +261,9 @@ struct TrailerBody {
     first_position: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_position: Option<i64>,
+    /// Where the tenant's history was pruned up to when this was exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pruned: Option<Pruned>,
     count: u64,
     head: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -264,6 +282,10 @@ struct SignedFields<'a> {
     filter: &'a ExportFilter,
     first_position: Option<i64>,
     last_position: Option<i64>,
+    /// Signed only when there is one, so exports from before retention
+    /// verify as they did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pruned: Option<&'a Pruned>,
     count: u64,
     head: &'a str,
 }
@@ -311,14 +333,31 @@ fn csv_line(fields: &[&str]) -> anyhow::Result<String> {
 impl Exporter {
     /// An export of `tenant_id`'s entries matching `filter`.
     pub fn new(format: Format, tenant_id: &str, filter: ExportFilter) -> Self {
+        Self::after_pruning(format, tenant_id, filter, None)
+    }
+
+    /// An export of a history pruned up to `pruned` (see [`Pruned`]): the
+    /// trailer names the mark, and an unfiltered export's chain goes on from
+    /// the pruned head (a filtered one's starts from 64 zeros as ever).
+    pub fn after_pruning(
+        format: Format,
+        tenant_id: &str,
+        filter: ExportFilter,
+        pruned: Option<Pruned>,
+    ) -> Self {
+        let prev = match &pruned {
+            Some(p) if filter == ExportFilter::default() => p.head.clone(),
+            _ => GENESIS.to_string(),
+        };
         Self {
             format,
-            prev: GENESIS.to_string(),
+            prev,
             count: 0,
             tenant_id: tenant_id.to_string(),
             filter,
             first_position: None,
             last_position: None,
+            pruned,
         }
     }
 
@@ -393,6 +432,7 @@ impl Exporter {
             filter: &self.filter,
             first_position: self.first_position,
             last_position: self.last_position,
+            pruned: self.pruned.as_ref(),
             count: self.count,
             head: &self.prev,
         };
@@ -406,6 +446,7 @@ impl Exporter {
                         filter: Some(self.filter.clone()),
                         first_position: self.first_position,
                         last_position: self.last_position,
+                        pruned: self.pruned.clone(),
                         count: self.count,
                         head: self.prev.clone(),
                         key_id: Some(signed.key_id),
@@ -418,19 +459,26 @@ impl Exporter {
             }
             Format::Csv => {
                 let position = |p: Option<i64>| p.map(|p| p.to_string()).unwrap_or_default();
-                csv_line(&[
-                    "#trailer",
-                    &self.count.to_string(),
-                    &self.prev,
-                    &TRAILER_VERSION.to_string(),
-                    &self.tenant_id,
-                    &serde_json::to_string(&self.filter)?,
-                    &position(self.first_position),
-                    &position(self.last_position),
-                    &signed.key_id,
-                    ALGORITHM,
-                    &signed.signature,
-                ])?
+                let mut cells = vec![
+                    "#trailer".to_string(),
+                    self.count.to_string(),
+                    self.prev.clone(),
+                    TRAILER_VERSION.to_string(),
+                    self.tenant_id.clone(),
+                    serde_json::to_string(&self.filter)?,
+                    position(self.first_position),
+                    position(self.last_position),
+                    signed.key_id,
+                    ALGORITHM.to_string(),
+                    signed.signature,
+                ];
+                cells.extend(
+                    self.pruned
+                        .as_ref()
+                        .map(serde_json::to_string)
+                        .transpose()?,
+                );
+                csv_line(&cells.iter().map(String::as_str).collect::<Vec<_>>())?
             }
         })
     }
@@ -438,7 +486,8 @@ impl Exporter {
 
 /// The columns of a CSV trailer row: `#trailer`, count, head, then the
 /// signed fields (version, tenant_id, filter as JSON, first and last
-/// position), key_id, algorithm, signature.
+/// position), key_id, algorithm, signature; and, after a pruning, the
+/// pruned mark as JSON.
 const CSV_TRAILER_COLUMNS: usize = 11;
 
 /// What `twofold audit verify` found.
@@ -455,19 +504,41 @@ pub struct Verified {
     pub key_id: Option<String>,
     /// Whether the signature was checked against the keys given (and matched).
     pub signature_checked: bool,
+    /// Where the tenant's history was pruned up to when it was exported
+    /// (the trailer names it).
+    pub pruned: Option<Pruned>,
     /// For [`verify_extends`] and checkpoints: per watched position, how
     /// many entries up to it and the chain's hash there.
     watched: BTreeMap<i64, (u64, String)>,
 }
 
 impl Verified {
-    /// How many entries up to `position` and the chain's hash there, when
-    /// the export has an entry at `position` and it was watched
-    /// ([`verify_watching`]).
+    /// How many entries of the chain up to `position` (counting those
+    /// pruned before the export, whose chain it goes on from) and the
+    /// chain's hash there, when the export has an entry at `position` and
+    /// it was watched ([`verify_watching`]).
     pub fn at(&self, position: i64) -> Option<(u64, &str)> {
         self.watched
             .get(&position)
-            .map(|(count, hash)| (*count, hash.as_str()))
+            .map(|(count, hash)| (count + self.before(), hash.as_str()))
+    }
+
+    /// The mark the export's chain starts from: an unfiltered export's
+    /// after a pruning.
+    pub fn chain_start(&self) -> Option<&Pruned> {
+        self.pruned
+            .as_ref()
+            .filter(|_| self.filter.as_ref() == Some(&ExportFilter::default()))
+    }
+
+    /// Entries of the chain before the export's first: those pruned.
+    pub fn before(&self) -> u64 {
+        self.chain_start().map_or(0, |p| p.count.max(0) as u64)
+    }
+
+    /// Entries of the chain up to the export's last.
+    pub fn chained(&self) -> u64 {
+        self.before() + self.entries
     }
 }
 
@@ -507,15 +578,44 @@ pub fn verify_extends(
     let Some(position) = earlier.last_position else {
         return Ok(later);
     };
+    if let Some(pruned) = later.pruned.as_ref().filter(|p| {
+        position <= p.position
+            || (later.chain_start().is_none()
+                && earlier.pruned.as_ref() != Some(*p)
+                && earlier
+                    .first_position
+                    .is_some_and(|first| first <= p.position))
+    }) {
+        if later.chain_start().is_none() {
+            bail!(
+                "the later export was taken after the entries up to position {} were pruned by the retention setting, and the earlier one holds entries from before: a filtered export cannot show that nothing it held was removed; check unfiltered exports against the checkpoints",
+                pruned.position
+            );
+        }
+        if position < pruned.position {
+            bail!(
+                "the earlier export ends at position {position}, and the entries up to position {} were pruned by the retention setting since: the later export cannot show them; check it against the checkpoints (--checkpoints) instead",
+                pruned.position
+            );
+        }
+        if (pruned.count.max(0) as u64, pruned.head.as_str())
+            != (earlier.chained(), earlier.head.as_str())
+        {
+            bail!(
+                "the later export's chain starts from a pruned head at position {position} that is not the earlier one's head: entries were removed, added or altered since"
+            );
+        }
+        return Ok(later);
+    }
     let Some((count, hash)) = later.at(position) else {
         bail!(
             "the later export has no entry at position {position}, the earlier one's last: it was removed from the history, or the later export ends before it"
         );
     };
-    if count != earlier.entries {
+    if count != earlier.chained() {
         bail!(
             "the later export has {count} entries up to position {position} where the earlier one had {}: entries were removed or added since",
-            earlier.entries
+            earlier.chained()
         );
     }
     if hash != earlier.head {
@@ -548,6 +648,9 @@ pub fn verify_watching(
 /// The chain walked so far.
 struct Walk {
     prev: String,
+    /// The `prev` of the first entry: where the export's chain starts
+    /// (64 zeros, or a pruned head the trailer names).
+    start: Option<String>,
     seen: u64,
     first_position: Option<i64>,
     last_position: Option<i64>,
@@ -567,6 +670,7 @@ impl Walk {
             watch,
             watched: BTreeMap::new(),
             prev: GENESIS.to_string(),
+            start: None,
             seen: 0,
             first_position: None,
             last_position: None,
@@ -586,7 +690,7 @@ impl Walk {
             }
         }
         if self.broken.is_none() {
-            if prev != self.prev {
+            if self.first_position.is_some() && prev != self.prev {
                 self.broken = Some(anyhow!(
                     "entry {n}: it does not follow the entry before it (a line is missing or out of order)"
                 ));
@@ -595,6 +699,10 @@ impl Walk {
                     "entry {n}: its content does not match its hash (the line was altered)"
                 ));
             }
+        }
+        if self.first_position.is_none() {
+            // Checked against the start the trailer implies in `finish`.
+            self.start = Some(prev.to_string());
         }
         self.prev = hash.to_string();
         self.first_position.get_or_insert(entry.position);
@@ -614,9 +722,26 @@ impl Walk {
     }
 
     /// The trailer against what was walked, and its signature against `keys`.
-    fn finish(self, t: TrailerBody, keys: Option<&VerifyingKeys>) -> anyhow::Result<Verified> {
+    fn finish(mut self, t: TrailerBody, keys: Option<&VerifyingKeys>) -> anyhow::Result<Verified> {
         if let Some(broken) = self.broken {
             return Err(broken);
+        }
+        // An unfiltered signed export after a pruning goes on from the
+        // pruned head; every other export starts from 64 zeros.
+        let start = match (&t.pruned, &t.filter, t.version) {
+            (Some(p), Some(f), Some(_)) if *f == ExportFilter::default() => p.head.clone(),
+            _ => GENESIS.to_string(),
+        };
+        match self.start.take() {
+            None => self.prev = start,
+            Some(first) if first != start => match &t.pruned {
+                Some(p) if start == p.head => bail!(
+                    "entry 1: it does not follow the pruned head the trailer names (position {}): a line is missing before it, or the mark was altered",
+                    p.position
+                ),
+                _ => bail!("entry 1: it does not start the chain (a line is missing before it)"),
+            },
+            Some(_) => {}
         }
         if t.count != self.seen {
             bail!(
@@ -637,6 +762,7 @@ impl Walk {
             filter: None,
             key_id: None,
             signature_checked: false,
+            pruned: None,
             watched: self.watched,
         };
         let Some(version) = t.version else {
@@ -677,6 +803,7 @@ impl Walk {
                 filter: &filter,
                 first_position: t.first_position,
                 last_position: t.last_position,
+                pruned: t.pruned.as_ref(),
                 count: t.count,
                 head: &t.head,
             })?;
@@ -686,6 +813,7 @@ impl Walk {
         }
         verified.tenant_id = Some(tenant_id);
         verified.filter = Some(filter);
+        verified.pruned = t.pruned;
         verified.key_id = t.key_id;
         Ok(verified)
     }
@@ -723,6 +851,7 @@ fn csv_trailer(f: &[&str]) -> anyhow::Result<TrailerBody> {
         filter: None,
         first_position: None,
         last_position: None,
+        pruned: None,
         count: f
             .get(1)
             .and_then(|c| c.parse().ok())
@@ -734,7 +863,7 @@ fn csv_trailer(f: &[&str]) -> anyhow::Result<TrailerBody> {
     };
     match f.len() {
         3 => Ok(t),
-        CSV_TRAILER_COLUMNS => {
+        n if n == CSV_TRAILER_COLUMNS || n == CSV_TRAILER_COLUMNS + 1 => {
             let position = |s: &str| -> anyhow::Result<Option<i64>> {
                 (!s.is_empty())
                     .then(|| s.parse().map_err(|_| malformed()))
@@ -748,6 +877,10 @@ fn csv_trailer(f: &[&str]) -> anyhow::Result<TrailerBody> {
             t.key_id = Some(f[8].to_string());
             t.algorithm = Some(f[9].to_string());
             t.signature = Some(f[10].to_string());
+            t.pruned = f
+                .get(11)
+                .map(|p| serde_json::from_str(p).map_err(|_| malformed()))
+                .transpose()?;
             Ok(t)
         }
         _ => Err(malformed()),
@@ -811,7 +944,7 @@ fn verify_csv(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use chrono::TimeZone;
     use serde_json::json;
@@ -1115,5 +1248,96 @@ mod tests {
         other.push_str(&e.trailer(&signer()).unwrap());
         let err = verify_extends(&other, Some(&keys()), &earlier).unwrap_err();
         assert!(err.to_string().contains("different filters"), "{err}");
+    }
+
+    /// The mark of a history pruned up to `position` (entries 1 to it).
+    fn mark_at(position: i64) -> Pruned {
+        let mut head = GENESIS.to_string();
+        for p in 1..=position {
+            head = chain(&head, &entry(p)).unwrap();
+        }
+        Pruned {
+            position,
+            count: position,
+            head,
+            signed_at: Utc.with_ymd_and_hms(2026, 1, 2, 0, 0, 0).unwrap(),
+        }
+    }
+
+    /// An unfiltered export of tenant `t` after a pruning up to `mark`.
+    pub(crate) fn export_after(
+        signer: &AuditSigner,
+        format: Format,
+        mark: &Pruned,
+        entries: impl IntoIterator<Item = AuditEntry>,
+    ) -> String {
+        let mut e =
+            Exporter::after_pruning(format, "t", ExportFilter::default(), Some(mark.clone()));
+        let mut out = e.header();
+        for entry in entries {
+            out.push_str(&e.line(entry).unwrap());
+        }
+        out.push_str(&e.trailer(signer).unwrap());
+        out
+    }
+
+    fn pruned_export(format: Format, mark: &Pruned, positions: &[i64]) -> String {
+        export_after(&signer(), format, mark, positions.iter().map(|&p| entry(p)))
+    }
+
+    #[test]
+    fn an_export_after_a_pruning_goes_on_from_the_pruned_head_in_both_formats() {
+        let mark = mark_at(3);
+        for format in [Format::Ndjson, Format::Csv] {
+            let text = pruned_export(format, &mark, &[4, 5, 6]);
+            let v = verify_watching(&text, Some(&keys()), [5].into()).unwrap();
+            assert_eq!(v.pruned.as_ref(), Some(&mark));
+            assert_eq!((v.entries, v.chained()), (3, 6));
+            // Counted and hashed as the whole chain is.
+            let whole = verify_watching(&export(format, 6), None, [5].into()).unwrap();
+            assert_eq!(v.at(5), whole.at(5));
+            assert_eq!(v.head, whole.head);
+            // A mark altered in the trailer breaks the chain or the signature.
+            let forged = text.replace(&mark.head, GENESIS);
+            assert!(verify_signed(&forged, &keys()).is_err(), "{format:?}");
+            // The first entry after the mark removed.
+            let skip = usize::from(format == Format::Csv);
+            let cut: String = text
+                .lines()
+                .enumerate()
+                .filter(|(i, _)| *i != skip)
+                .map(|(_, l)| format!("{l}\n"))
+                .collect();
+            let err = verify(&cut).unwrap_err();
+            assert!(err.to_string().contains("pruned head"), "{err}");
+        }
+        // Empty after the mark: its head is the mark's.
+        let empty = pruned_export(Format::Ndjson, &mark, &[]);
+        assert_eq!(verify_signed(&empty, &keys()).unwrap().head, mark.head);
+    }
+
+    #[test]
+    fn an_export_from_before_a_pruning_is_extended_when_it_reaches_the_mark() {
+        let earlier = verify_signed(&export_of(&[1, 2, 3, 4], None), &keys()).unwrap();
+        let later = pruned_export(Format::Ndjson, &mark_at(3), &[4, 5, 6]);
+        let v = verify_extends(&later, Some(&keys()), &earlier).unwrap();
+        assert_eq!(v.entries, 3);
+        let at_mark = verify_signed(&export_of(&[1, 2, 3], None), &keys()).unwrap();
+        assert!(verify_extends(&later, Some(&keys()), &at_mark).is_ok());
+        let shorter = verify_signed(&export_of(&[1, 2], None), &keys()).unwrap();
+        let err = verify_extends(&later, Some(&keys()), &shorter).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("were pruned by the retention setting since"),
+            "{err}"
+        );
+        // History changed before the mark: the pruned head is not the
+        // earlier export's.
+        let altered = verify_signed(&export_of(&[1, 2, 3], Some(2)), &keys()).unwrap();
+        let err = verify_extends(&later, Some(&keys()), &altered).unwrap_err();
+        assert!(
+            err.to_string().contains("not the earlier one's head"),
+            "{err}"
+        );
     }
 }

@@ -166,10 +166,15 @@ pub async fn record_due(
     now: DateTime<Utc>,
     policy: &CheckpointPolicy,
 ) -> anyhow::Result<Vec<Checkpoint>> {
-    let after: i64 = sqlx::query_scalar("SELECT coalesce(min(position), 0) FROM audit_chain")
-        .fetch_one(pool)
-        .await
-        .context("reading the audit chains")?;
+    // Where the last complete pass got to (before one ever did: the least
+    // advanced chain).
+    let after: i64 = sqlx::query_scalar(
+        "SELECT coalesce((SELECT position FROM audit_settled), \
+           (SELECT min(position) FROM audit_chain), 0)",
+    )
+    .fetch_one(pool)
+    .await
+    .context("reading the audit chains")?;
     let settled = horizon(pool, after, policy.settle).await?;
     let tenants: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT tenant_id FROM rm_audit a WHERE position > $1 AND position <= $2 \
@@ -185,6 +190,15 @@ pub async fn record_due(
     for tenant in tenants {
         recorded.extend(extend_chain(pool, signer, &tenant, settled, now, policy).await?);
     }
+    // Every tenant's chain now reaches `settled`: the next pass starts there.
+    sqlx::query(
+        "INSERT INTO audit_settled (position) VALUES ($1) \
+         ON CONFLICT (singleton) DO UPDATE SET position = greatest(audit_settled.position, $1)",
+    )
+    .bind(settled)
+    .execute(pool)
+    .await
+    .context("recording the settled audit position")?;
     Ok(recorded)
 }
 
@@ -341,6 +355,9 @@ pub struct CheckedExport {
     pub verified: Verified,
     pub covered: usize,
     pub later: usize,
+    /// Signed before the place the history was pruned up to: their entries
+    /// left the read models, so the export cannot show them.
+    pub pruned: usize,
 }
 
 /// Verifies an unfiltered export (its signature too, with `keys`) and holds
@@ -362,7 +379,8 @@ pub fn verify_against(
     if verified.filter.as_ref() != Some(&ExportFilter::default()) {
         bail!("the export was taken with a filter: only an unfiltered export is the tenant's whole chain that checkpoints sign");
     }
-    let (mut covered, mut later) = (0, 0);
+    let (mut covered, mut later, mut pruned) = (0, 0, 0);
+    let start = verified.chain_start().cloned();
     for c in checkpoints {
         let name = format!("the checkpoint at position {} ({})", c.position, c.at);
         if c.tenant_id != tenant {
@@ -378,7 +396,26 @@ pub fn verify_against(
             keys.check(&c.key_id, &signed_message(c)?, &c.signature)
                 .map_err(|problem| anyhow!("{name}: {problem}"))?;
         }
-        if verified.last_position.is_none_or(|last| c.position > last) {
+        if let Some(start) = start.as_ref().filter(|s| c.position <= s.position) {
+            if c.position < start.position {
+                pruned += 1;
+                continue;
+            }
+            if (c.count, c.head.as_str()) != (start.count, start.head.as_str()) {
+                bail!(
+                    "the export's chain starts from a pruned head at position {} that is not the one {name} signed: entries were removed, added or altered before the pruning",
+                    c.position
+                );
+            }
+            covered += 1;
+            continue;
+        }
+        let after_last = match verified.last_position {
+            Some(last) => c.position > last,
+            // An empty export: only the pruned mark, if any, places it.
+            None => start.as_ref().is_none_or(|s| c.position > s.position),
+        };
+        if after_last {
             later += 1;
             continue;
         }
@@ -404,6 +441,7 @@ pub fn verify_against(
         verified,
         covered,
         later,
+        pruned,
     })
 }
 
@@ -547,5 +585,49 @@ mod tests {
         );
         let err = verify_against(&filtered, Some(&keys()), &cps).unwrap_err();
         assert!(err.to_string().contains("with a filter"), "{err}");
+    }
+
+    fn pruned_export(mark: &crate::audit::Pruned, positions: &[i64]) -> String {
+        crate::audit::tests::export_after(
+            &signer(),
+            Format::Ndjson,
+            mark,
+            positions.iter().map(|&p| entry(p)),
+        )
+    }
+
+    #[test]
+    fn an_export_after_a_pruning_holds_the_checkpoints_from_its_mark() {
+        let positions: Vec<i64> = (1..=10).collect();
+        let cps = checkpoints_of(&positions, 3);
+        let mark = crate::audit::Pruned {
+            position: cps[1].position,
+            count: cps[1].count,
+            head: cps[1].head.clone(),
+            signed_at: cps[1].at,
+        };
+        let text = pruned_export(&mark, &positions[6..]);
+        let checked = verify_against(&text, Some(&keys()), &cps).unwrap();
+        assert_eq!((checked.covered, checked.later, checked.pruned), (2, 0, 1));
+        // A mark whose head the checkpoint there did not sign.
+        let forged = crate::audit::Pruned {
+            head: cps[0].head.clone(),
+            ..mark.clone()
+        };
+        let err = verify_against(
+            &pruned_export(&forged, &positions[6..]),
+            Some(&keys()),
+            &cps,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("pruned head"), "{err}");
+        // An entry after the mark removed: the next checkpoint's count.
+        let removed = pruned_export(&mark, &[7, 9, 10]);
+        let err = verify_against(&removed, Some(&keys()), &cps).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("entries were removed or added since"),
+            "{err}"
+        );
     }
 }

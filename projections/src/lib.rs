@@ -12,4 +12,5 @@ pub mod overview;
 pub mod queries;
 pub mod rebuild;
 pub mod record;
+pub mod retention;
 pub mod store;

@@ -61,6 +61,13 @@ pub async fn rebuild(
             .execute(&mut *tx)
             .await?;
     }
+    // Entries pruned by a tenant's retention setting stay out.
+    let pruned: HashMap<String, i64> =
+        sqlx::query_as::<_, (String, i64)>("SELECT tenant_id, position FROM audit_pruned")
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
     let mut users: HashMap<String, UserRow> = HashMap::new();
     let mut positions: HashMap<(String, String), i64> = HashMap::new();
     let mut count = 0u64;
@@ -91,7 +98,10 @@ pub async fn rebuild(
                     .or_default()
                     .apply(&event);
             }
-            entries.extend(AuditEntry::from_record(record));
+            entries.extend(
+                AuditEntry::from_record(record)
+                    .filter(|e| pruned.get(&e.tenant_id).is_none_or(|&p| e.position > p)),
+            );
             positions.insert(
                 (record.aggregate_type.clone(), record.aggregate_id.clone()),
                 record.sequence,

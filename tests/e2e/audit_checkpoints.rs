@@ -15,13 +15,13 @@ use crate::audit_signed::{audit_keys, export, keys_of, published_keys, some_hist
 use crate::helpers::{spawn_app_with, TestApp};
 
 /// Checkpoints every five entries, and entries chained as soon as applied.
-fn every_five(config: &mut Config) {
+pub(crate) fn every_five(config: &mut Config) {
     audit_keys(config, &["a1"], "a1");
     config.audit_checkpoint_entries = 5;
     config.audit_checkpoint_settle_secs = 0;
 }
 
-async fn signed_now(app: &TestApp) -> Vec<Checkpoint> {
+pub(crate) async fn signed_now(app: &TestApp) -> Vec<Checkpoint> {
     twofold_projections::rebuild::rebuild(&app.pool, &app.state.personal, |_| {})
         .await
         .unwrap();

@@ -295,3 +295,45 @@ async fn an_erased_users_personal_data_reads_nowhere_and_the_audit_chain_still_v
     let (_, list) = console.get(format!("{pages}/admin/users")).await;
     assert!(list.contains("[erased]") && !list.contains(EMAIL), "{list}");
 }
+
+/// The operator's break-glass erasure (`twofold user erase`): the same
+/// erasure, recorded with the operator as actor and the reason, which it
+/// requires.
+#[tokio::test]
+async fn the_operator_erases_a_user_with_a_reason() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    let zoe = app
+        .create_user(
+            &admin,
+            json!({"username": "zoe", "password": PASSWORD, "email": EMAIL}),
+        )
+        .await;
+    let no_reason = app
+        .state
+        .operator_erase(app.tenant_id, "zoe", "  ")
+        .await
+        .unwrap_err();
+    assert_eq!(no_reason.code(), "reason_required");
+    let unknown = app
+        .state
+        .operator_erase(app.tenant_id, "nobody", "erasure request #7")
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), "user_not_found");
+    assert!(app.events_of(&zoe, "UserErased").await.is_empty());
+
+    app.state
+        .operator_erase(app.tenant_id, "zoe", "erasure request #7")
+        .await
+        .unwrap();
+    let recorded = app.events_of(&zoe, "UserErased").await;
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0]["ctx"]["reason"], "erasure request #7");
+    assert_eq!(recorded[0]["ctx"]["actor"]["kind"], "operator");
+    let refused = app.sign_in("zoe", PASSWORD).await;
+    assert_eq!(refused.code(), "invalid_credentials", "{:?}", refused.body);
+    let detail = app.get_auth(&format!("/users/{zoe}"), &admin).await;
+    assert_eq!(detail.code(), "user_erased");
+    assert!(rows_containing(&app, EMAIL).await.is_empty());
+}

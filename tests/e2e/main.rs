@@ -27,6 +27,7 @@ mod pages;
 mod policy_http;
 mod reliability;
 mod reports;
+mod retention;
 mod sign_in;
 mod store;
 mod totp;

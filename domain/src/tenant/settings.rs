@@ -164,6 +164,11 @@ pub struct TwoFactorSettings {
     /// last their full duration.
     #[serde(default)]
     pub idle_timeout_mins: Option<u32>,
+    /// Days an audit entry stays readable in the read models (the audit
+    /// history, user timelines, exports); none: for ever. The events
+    /// themselves are never removed.
+    #[serde(default)]
+    pub audit_retention_days: Option<u32>,
 }
 
 fn default_passwords_per_address() -> u32 {
@@ -210,6 +215,7 @@ impl Default for TwoFactorSettings {
             codes_per_account_per_hour: default_codes_per_account(),
             codes_per_address_per_hour: default_codes_per_address(),
             idle_timeout_mins: None,
+            audit_retention_days: None,
         }
     }
 }
@@ -291,6 +297,12 @@ impl TwoFactorSettings {
         {
             return err("idle_timeout_mins", "must be between 5 minutes and 7 days");
         }
+        if self
+            .audit_retention_days
+            .is_some_and(|d| !(1..=36_500).contains(&d))
+        {
+            return err("audit_retention_days", "must be between 1 and 36500 days");
+        }
         if !(1..=400).contains(&self.remembered_device_days) {
             return err("remembered_device_days", "must be between 1 and 400");
         }
@@ -357,6 +369,13 @@ mod tests {
                     ..base.clone()
                 },
                 "session_duration_secs",
+            ),
+            (
+                TwoFactorSettings {
+                    audit_retention_days: Some(0),
+                    ..base.clone()
+                },
+                "audit_retention_days",
             ),
         ];
         for (settings, field) in cases {

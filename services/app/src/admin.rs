@@ -476,6 +476,12 @@ impl App {
         if ctx.reason.is_none() {
             return Err(UserError::ReasonRequired.into());
         }
+        self.erase(user_id, ctx).await
+    }
+
+    /// Erases `user_id` (see [`App::erase_user`]), recorded with `ctx`: the
+    /// console's, the API's and the operator's erasure.
+    pub(crate) async fn erase(&self, user_id: UserId, ctx: Ctx) -> Result<(), AppError> {
         self.users
             .erase(&user_id.to_string(), |_| {
                 Ok(UserCommand::Erase { ctx: ctx.clone() })

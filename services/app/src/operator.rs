@@ -25,6 +25,25 @@ impl App {
         id.map(UserId).ok_or(AppError::UserNotFound)
     }
 
+    /// The user a break-glass command acts on, and the context it is
+    /// recorded with: the operator as actor, the reason given (required).
+    async fn operator_target(
+        &self,
+        tenant_id: TenantId,
+        username: &str,
+        reason: &str,
+    ) -> Result<(UserId, Ctx), AppError> {
+        if reason.trim().is_empty() {
+            return Err(twofold_domain::user::UserError::ReasonRequired.into());
+        }
+        self.tenant(&tenant_id.to_string()).await?;
+        let user_id = self.user_by_name(tenant_id, username).await?;
+        Ok((
+            user_id,
+            Ctx::new(self.now(), Actor::Operator).with_reason(reason.trim()),
+        ))
+    }
+
     /// `twofold user unlock|reset-enrollment|revoke-sessions`.
     #[tracing::instrument(skip_all)]
     pub async fn operator_act(
@@ -34,16 +53,24 @@ impl App {
         action: UserAction,
         reason: &str,
     ) -> Result<(), AppError> {
-        if reason.trim().is_empty() {
-            return Err(twofold_domain::user::UserError::ReasonRequired.into());
-        }
-        self.tenant(&tenant_id.to_string()).await?;
-        let user_id = self.user_by_name(tenant_id, username).await?;
-        let ctx = Ctx::new(self.now(), Actor::Operator).with_reason(reason.trim());
+        let (user_id, ctx) = self.operator_target(tenant_id, username, reason).await?;
         self.users
             .execute(&user_id.to_string(), |_| Ok(action.command(ctx.clone())))
             .await?;
         Ok(())
+    }
+
+    /// `twofold user erase`: the erasure of `POST /users/{id}/erase`
+    /// (crypto-shredding), recorded with the operator as actor.
+    #[tracing::instrument(skip_all)]
+    pub async fn operator_erase(
+        &self,
+        tenant_id: TenantId,
+        username: &str,
+        reason: &str,
+    ) -> Result<(), AppError> {
+        let (user_id, ctx) = self.operator_target(tenant_id, username, reason).await?;
+        self.erase(user_id, ctx).await
     }
 
     /// `twofold user show`.

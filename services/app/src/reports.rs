@@ -12,7 +12,7 @@ use twofold_projections::checkpoints::{self, Checkpoint, CheckpointPolicy};
 use twofold_projections::directory::{DirectoryQuery, UserRow};
 use twofold_projections::overview::{DailyPoint, Overview};
 use twofold_projections::queries::{self, AuditQuery, DeliveryStats};
-use twofold_projections::{overview, record};
+use twofold_projections::{overview, record, retention};
 
 use crate::session::ReaderSession;
 use crate::{App, AppError, Origin};
@@ -238,6 +238,36 @@ impl App {
         checkpoints::record_due(&self.pool, self.keys.audit_signer(), self.now(), policy).await
     }
 
+    /// Prunes each tenant's audit entries older than its
+    /// `audit_retention_days` (by the clock) from the read models, up to its
+    /// last signed checkpoint before them; tenants without the setting keep
+    /// everything. A tenant whose rows fail the check is logged and skipped.
+    /// Returns the prunings done.
+    pub async fn prune_audit(&self) -> anyhow::Result<Vec<retention::Pruning>> {
+        let now = self.now();
+        let tenants: Vec<String> = sqlx::query_scalar("SELECT tenant_id FROM audit_chain")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut done = Vec::new();
+        for tenant in tenants {
+            let Some(days) = self
+                .tenants
+                .load(&tenant)
+                .await?
+                .settings
+                .audit_retention_days
+            else {
+                continue;
+            };
+            let cutoff = now - chrono::Duration::days(days.into());
+            match retention::prune(&self.pool, &tenant, cutoff, now).await {
+                Ok(pruning) => done.extend(pruning),
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "pruning the audit history"),
+            }
+        }
+        Ok(done)
+    }
+
     /// The tenant's audit history as an export: a header, one hash-chained
     /// line per entry and a closing trailer signed with the audit key,
     /// streamed. A failure cuts the export short without its trailer, so it
@@ -297,7 +327,16 @@ impl App {
         // The export owns what it reads from, so it can outlive the request.
         tokio::spawn(async move {
             let failed = || std::io::Error::other("audit export failed");
-            let mut exporter = Exporter::new(format, &tenant, ExportFilter::from(&q));
+            let pruned = match retention::mark(&pool, &tenant).await {
+                Ok(pruned) => pruned,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "audit export failed");
+                    let _ = tx.send(Err(failed())).await;
+                    return;
+                }
+            };
+            let mut exporter =
+                Exporter::after_pruning(format, &tenant, ExportFilter::from(&q), pruned.clone());
             let header = exporter.header();
             if !header.is_empty() && tx.send(Ok(header)).await.is_err() {
                 return;
@@ -326,6 +365,19 @@ impl App {
                 });
                 let broken = line.is_err();
                 if tx.send(line).await.is_err() || broken {
+                    return;
+                }
+            }
+            // A pruning while the entries were read may have removed some
+            // the mark above does not account for: cut the export short
+            // (no trailer, so it fails verification) rather than sign it.
+            match retention::mark(&pool, &tenant).await {
+                Ok(current) if current == pruned => {}
+                _ => {
+                    tracing::warn!(
+                        "the audit history was pruned during an export; export cut short"
+                    );
+                    let _ = tx.send(Err(failed())).await;
                     return;
                 }
             }

@@ -183,6 +183,10 @@ pub enum UserCommand {
     ResetEnrollment(UserAct),
     /// End a user's sessions and remembered devices.
     RevokeSessions(UserAct),
+    /// Erase a user (crypto-shredding, as POST /users/{id}/erase): their
+    /// data key is deleted, so their personal data reads `[erased]`
+    /// everywhere, and the account can no longer sign in. Cannot be undone.
+    Erase(UserAct),
     /// Print a user as an admin sees them.
     Show {
         #[arg(long)]

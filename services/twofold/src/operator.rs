@@ -124,6 +124,14 @@ pub async fn user(
         UserCommand::Unlock(act) => (act, UserAction::Unlock),
         UserCommand::ResetEnrollment(act) => (act, UserAction::ResetEnrollment),
         UserCommand::RevokeSessions(act) => (act, UserAction::RevokeSessions),
+        UserCommand::Erase(act) => {
+            let app = App::connect(config, clock).await?;
+            app.operator_erase(act.tenant, &act.username, &act.reason)
+                .await
+                .map_err(api)?;
+            eprintln!("twofold: erased; recorded with the operator as actor and your reason");
+            return Ok(());
+        }
     };
     let app = App::connect(config, clock).await?;
     app.operator_act(act.tenant, &act.username, action, &act.reason)
@@ -274,8 +282,13 @@ pub fn verify_export(
     let result = match (extends, &given) {
         (None, Some(given)) => {
             checkpoints::verify_against(&text, keys.as_ref(), given).map(|checked| {
+                let before = if checked.pruned > 0 {
+                    format!("; {} signed before the pruned mark cover entries no longer in the read models", checked.pruned)
+                } else {
+                    String::new()
+                };
                 held = Some(format!(
-                    "and it holds the {} checkpoints signed up to its last entry, each at its position with the count and head it signed ({} signed later say nothing of it{})",
+                    "and it holds the {} checkpoints signed up to its last entry, each at its position with the count and head it signed ({} signed later say nothing of it{before}{})",
                     checked.covered,
                     checked.later,
                     if keys.is_some() { "" } else { "; their signatures were not checked: give --public-key" }
@@ -291,11 +304,20 @@ pub fn verify_export(
             .map_err(|e| e.context(format!("the earlier export {}", earlier_file.display())))
             .and_then(|earlier| {
                 let later = audit::verify_extends(&text, keys.as_ref(), &earlier)?;
-                extended = Some(format!(
-                    "and it extends {}: its first {} entries are that export's, unchanged",
-                    earlier_file.display(),
-                    earlier.entries
-                ));
+                extended = Some(match later.chain_start() {
+                    Some(p) if earlier.chain_start() != Some(p) => format!(
+                        "and it extends {}: its chain goes on from that export's, unchanged up to position {} ({} entries; those up to position {} were pruned since)",
+                        earlier_file.display(),
+                        earlier.last_position.unwrap_or_default(),
+                        earlier.chained(),
+                        p.position
+                    ),
+                    _ => format!(
+                        "and it extends {}: its first {} entries are that export's, unchanged",
+                        earlier_file.display(),
+                        earlier.entries
+                    ),
+                });
                 Ok(later)
             }),
     };
@@ -322,6 +344,18 @@ pub fn verify_export(
                     "ok: {} entries{tenant} ({range}), the chain is intact (head {}); its origin was not checked: give --public-key to check the signature",
                     v.entries, v.head
                 );
+            }
+            if let Some(p) = &v.pruned {
+                match v.chain_start() {
+                    Some(_) => println!(
+                        "entries up to position {} were pruned by the retention setting ({} of them); the chain starts from the head signed at {}: {}",
+                        p.position, p.count, p.signed_at, p.head
+                    ),
+                    None => println!(
+                        "entries up to position {} were pruned by the retention setting before this export: it holds only later ones",
+                        p.position
+                    ),
+                }
             }
             if let Some(extended) = extended {
                 println!("{extended}");

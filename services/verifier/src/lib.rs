@@ -188,7 +188,8 @@ pub struct Verifier {
 /// checkpoints that are due (their timing is the policy's, by the clock).
 const CHECKPOINTS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Signs the audit checkpoints due, every [`CHECKPOINTS_EVERY`].
+/// Signs the audit checkpoints due, then prunes the audit entries past each
+/// tenant's retention, every [`CHECKPOINTS_EVERY`].
 async fn record_checkpoints(app: App, policy: CheckpointPolicy) {
     let mut every = tokio::time::interval_at(
         tokio::time::Instant::now() + CHECKPOINTS_EVERY,
@@ -199,6 +200,9 @@ async fn record_checkpoints(app: App, policy: CheckpointPolicy) {
         every.tick().await;
         if let Err(e) = app.record_audit_checkpoints(&policy).await {
             tracing::warn!(error = %format!("{e:#}"), "signing audit checkpoints");
+        }
+        if let Err(e) = app.prune_audit().await {
+            tracing::warn!(error = %format!("{e:#}"), "pruning audit entries past retention");
         }
     }
 }

@@ -64,6 +64,12 @@ const METRICS: &[(&str, Kind, Unit, &str)] = &[
         "Requests for an email or SMS code refused because an hourly budget was spent, by budget.",
     ),
     (
+        "twofold_audit_pruned_entries_total",
+        Kind::Counter,
+        Unit::Count,
+        "Audit entries removed from the read models by the tenants' retention setting (the events stay).",
+    ),
+    (
         "twofold_http_request_duration_seconds",
         Kind::Histogram,
         Unit::Seconds,
@@ -274,6 +280,7 @@ pub fn register_zeros(worker: &str) {
             metrics::counter!("twofold_lockouts_total").increment(0);
             metrics::counter!("twofold_password_checks_total").increment(0);
             metrics::counter!("twofold_users_created_total").increment(0);
+            metrics::counter!("twofold_audit_pruned_entries_total").increment(0);
             for budget in [
                 "codes_per_account",
                 "codes_per_recipient",

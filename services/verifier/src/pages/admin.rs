@@ -366,6 +366,9 @@ struct SettingsForm {
     /// Minutes; empty: no idle timeout.
     #[serde(default)]
     idle_timeout_mins: String,
+    /// Days; empty: audit entries stay readable for ever.
+    #[serde(default)]
+    audit_retention_days: String,
     session_days: String,
     #[serde(default)]
     reason: String,
@@ -478,6 +481,10 @@ impl SettingsForm {
             idle_timeout_mins: match self.idle_timeout_mins.trim() {
                 "" | "0" => None,
                 raw => Some(number("idle_timeout_mins", raw)?),
+            },
+            audit_retention_days: match self.audit_retention_days.trim() {
+                "" => None,
+                raw => Some(number("audit_retention_days", raw)?),
             },
         })
     }
@@ -638,6 +645,9 @@ fn settings_form(t: &str, token: &str, v: &SettingsView<'_>) -> Markup {
                 label for="idle_timeout_mins" { "Idle timeout (minutes)" p.hint { "Empty: sessions last their full duration. 60 minutes suits NIST AAL2." } }
                 input #idle_timeout_mins type="number" name="idle_timeout_mins" min="5" max="10080" placeholder="off" value=[s.idle_timeout_mins] disabled[ro];
                 (field_error(&v.error, "idle_timeout_mins"))
+                label for="audit_retention_days" { "Keep audit entries readable for (days)" p.hint { "Empty: for ever. Older entries leave the audit history, timelines and exports once a signed checkpoint covers them; the events themselves are kept." } }
+                input #audit_retention_days type="number" name="audit_retention_days" min="1" max="36500" placeholder="for ever" value=[s.audit_retention_days] disabled[ro];
+                (field_error(&v.error, "audit_retention_days"))
                 label for="session_days" { "Session duration (days)" }
                 input #session_days type="number" name="session_days" min="1" max="400" value=(s.session_duration_secs / 86_400) disabled[ro];
                 (field_error(&v.error, "session_duration_secs"))
