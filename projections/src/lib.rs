@@ -4,6 +4,7 @@
 //! position with the update; `rebuild` replays the event store into fresh
 //! read models.
 
+pub mod as_of;
 pub mod audit;
 pub mod checkpoints;
 pub mod consumer;

@@ -161,6 +161,33 @@ pub fn compute<'a>(rows: impl IntoIterator<Item = &'a UserRow>) -> Overview {
     o
 }
 
+/// The users [`compute`] names, of `rows`: those low on backup codes, and
+/// those who may be among the recent enrollments (the newest, and any tied
+/// with the last of them, since ties go by username). A caller holding rows
+/// without usernames looks up these only; the others do not show.
+pub fn named<'a>(rows: impl IntoIterator<Item = &'a UserRow>) -> Vec<&'a str> {
+    let mut named = Vec::new();
+    let mut enrolled: Vec<(DateTime<Utc>, &str)> = Vec::new();
+    for row in rows {
+        if row.service_account {
+            continue;
+        }
+        if row.two_factor == TwoFactorState::Enrolled && row.backup_codes_left <= LOW_BACKUP_CODES {
+            named.push(row.user_id.as_str());
+        }
+        if let (TwoFactorState::Enrolled, Some(at)) = (row.status(), row.enrolled_at) {
+            enrolled.push((at, row.user_id.as_str()));
+        }
+    }
+    if enrolled.len() > RECENT_ENROLLMENTS {
+        let (_, &mut (cut, _), _) =
+            enrolled.select_nth_unstable_by(RECENT_ENROLLMENTS - 1, |a, b| b.0.cmp(&a.0));
+        enrolled.retain(|(at, _)| *at >= cut);
+    }
+    named.extend(enrolled.into_iter().map(|(_, id)| id));
+    named
+}
+
 /// Folds the user events in `records` (one tenant's, in commit order) whose
 /// time is at or before `until`.
 pub fn fold_until(records: &[EventRecord], until: DateTime<Utc>) -> HashMap<String, UserRow> {

@@ -43,7 +43,10 @@ pub async fn rebuild(
 ) -> anyhow::Result<Rebuilt> {
     let started = Instant::now();
     let mut tx = pool.begin().await.context("starting the rebuild")?;
-    sqlx::query("TRUNCATE rm_users, rm_audit, projection_positions, projection_progress")
+    // The Overview's checkpoints are folded by the code being rebuilt with.
+    sqlx::query(
+        "TRUNCATE rm_users, rm_audit, projection_positions, projection_progress, overview_checkpoints",
+    )
         .execute(&mut *tx)
         .await?;
     // Secondary indexes are built once at the end rather than row by row;

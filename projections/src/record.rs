@@ -71,6 +71,16 @@ pub async fn load_batch(pool: &PgPool, after: i64, limit: i64) -> anyhow::Result
     .await?)
 }
 
+fn tenant_query() -> String {
+    format!(
+        "SELECT {COLUMNS} FROM events WHERE (aggregate_type = 'tenant' AND aggregate_id = $1) \
+         OR (aggregate_type = 'user' AND aggregate_id IN \
+             (SELECT user_id::text FROM usernames WHERE tenant_id::text = $1)) \
+         OR metadata::jsonb ->> 'tenant_id' = $1 \
+         ORDER BY global_position"
+    )
+}
+
 /// Every event of one tenant's users and the tenant itself, in commit order,
 /// opened.
 pub async fn load_tenant(
@@ -78,16 +88,32 @@ pub async fn load_tenant(
     personal: &Personal,
     tenant_id: &str,
 ) -> anyhow::Result<Vec<EventRecord>> {
-    let mut records = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM events WHERE (aggregate_type = 'tenant' AND aggregate_id = $1) \
-         OR (aggregate_type = 'user' AND aggregate_id IN \
-             (SELECT user_id::text FROM usernames WHERE tenant_id::text = $1)) \
-         OR metadata::jsonb ->> 'tenant_id' = $1 \
-         ORDER BY global_position"
-    ))
-    .bind(tenant_id)
-    .fetch_all(pool)
-    .await?;
+    let mut records = sqlx::query_as(&tenant_query())
+        .bind(tenant_id)
+        .fetch_all(pool)
+        .await?;
     personal.open_envelopes(pool, &mut records).await?;
     Ok(records)
+}
+
+/// The events [`load_tenant`] loads, handed to `each` in batches of at most
+/// `batch`, opened, without holding them all.
+pub async fn each_of_tenant(
+    pool: &PgPool,
+    personal: &Personal,
+    tenant_id: &str,
+    batch: usize,
+    mut each: impl FnMut(&[EventRecord]),
+) -> anyhow::Result<()> {
+    use futures::TryStreamExt;
+    let query = tenant_query();
+    let mut rows = sqlx::query_as::<_, EventRecord>(&query)
+        .bind(tenant_id)
+        .fetch(pool)
+        .try_chunks(batch);
+    while let Some(mut records) = rows.try_next().await.map_err(|e| e.1)? {
+        personal.open_envelopes(pool, &mut records).await?;
+        each(&records);
+    }
+    Ok(())
 }

@@ -38,6 +38,9 @@ pub use session::{AdminSession, ReaderSession, Session};
 
 /// Usernames remembered per process.
 const REMEMBERED_USERNAMES: usize = 16_384;
+/// Overview checkpoints kept parsed (2 to 4; one of a large tenant is tens
+/// of MB).
+const REMEMBERED_CHECKPOINTS: usize = 4;
 
 /// What every use case works with; cheap to clone.
 #[derive(Clone)]
@@ -61,6 +64,8 @@ pub struct Inner {
     /// the WAL flush: a budget's last uses lost in a crash cost nothing, and
     /// a sign-in should not pay two more flushes for them.
     pub budgets_pool: PgPool,
+    /// The Overview's checkpoints last used by `as_of`, parsed.
+    pub overview_checkpoints: twofold_projections::as_of::Remembered,
 }
 
 impl std::ops::Deref for App {
@@ -92,6 +97,7 @@ impl App {
             users: Store::remembering(pool.clone(), remembered_streams).sealing(personal.clone()),
             personal,
             usernames: Cache::new(REMEMBERED_USERNAMES),
+            overview_checkpoints: Cache::new(REMEMBERED_CHECKPOINTS),
             pool,
             passwords,
             keys,

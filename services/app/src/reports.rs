@@ -12,7 +12,7 @@ use twofold_projections::checkpoints::{self, Checkpoint, CheckpointPolicy};
 use twofold_projections::directory::{DirectoryQuery, UserRow};
 use twofold_projections::overview::{DailyPoint, Overview};
 use twofold_projections::queries::{self, AuditQuery, DeliveryStats};
-use twofold_projections::{overview, record, retention};
+use twofold_projections::{as_of, overview, record, retention};
 
 use crate::session::ReaderSession;
 use crate::{App, AppError, Origin};
@@ -52,7 +52,7 @@ fn one_of(value: Option<&str>, allowed: &[&str], message: &str) -> Result<(), Ap
 
 impl App {
     /// The Overview now (from the read model) or as it stood at `as_of`
-    /// (folded from the events, the source of truth).
+    /// (from the day before's checkpoint and the events after it).
     #[tracing::instrument(skip_all)]
     pub async fn overview(
         &self,
@@ -69,10 +69,17 @@ impl App {
     ) -> Result<Overview, AppError> {
         let tenant = tenant_id.to_string();
         Ok(match as_of {
-            Some(at) => overview::as_of(
-                &record::load_tenant(&self.pool, &self.personal, &tenant).await?,
-                at,
-            ),
+            Some(at) => {
+                as_of::overview_at(
+                    &self.pool,
+                    &self.personal,
+                    &self.overview_checkpoints,
+                    &tenant,
+                    at,
+                    self.now(),
+                )
+                .await?
+            }
             None => queries::overview(&self.pool, &tenant).await?,
         })
     }

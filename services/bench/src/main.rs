@@ -40,12 +40,16 @@ pub struct Args {
     pub relay_events: u64,
     /// Codes each dispatcher round sends (twice as many with two instances).
     pub dispatch_jobs: usize,
+    /// Tenant sizes (users) of the scale scenario.
+    pub scale_users: Vec<u64>,
+    /// Events each user of the scale scenario has (about).
+    pub scale_events_per_user: u64,
     pub nats_url: String,
     /// Keep the databases for a look afterwards.
     pub keep: bool,
 }
 
-const FLAGS: &str = "--twofold-bin --admin-url --out --only --seconds --verifications --clients --rebuild-events --history-sign-ins --relay-events --dispatch-jobs --keep";
+const FLAGS: &str = "--twofold-bin --admin-url --out --only --seconds --verifications --clients --rebuild-events --history-sign-ins --relay-events --dispatch-jobs --scale-users --scale-events-per-user --keep";
 
 fn args() -> anyhow::Result<Args> {
     let mut a = Args {
@@ -61,6 +65,8 @@ fn args() -> anyhow::Result<Args> {
         history_sign_ins: 10_000,
         relay_events: 50_000,
         dispatch_jobs: 1_000,
+        scale_users: vec![10_000, 100_000],
+        scale_events_per_user: 20,
         nats_url: std::env::var("TWOFOLD_TEST_NATS_URL")
             .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string()),
         keep: false,
@@ -86,6 +92,15 @@ fn args() -> anyhow::Result<Args> {
             }
             "--relay-events" => a.relay_events = value()?.parse().context("--relay-events")?,
             "--dispatch-jobs" => a.dispatch_jobs = value()?.parse().context("--dispatch-jobs")?,
+            "--scale-users" => {
+                a.scale_users = value()?
+                    .split(',')
+                    .map(|c| c.parse().context("--scale-users"))
+                    .collect::<anyhow::Result<_>>()?
+            }
+            "--scale-events-per-user" => {
+                a.scale_events_per_user = value()?.parse().context("--scale-events-per-user")?
+            }
             "--history-sign-ins" => {
                 a.history_sign_ins = value()?.parse().context("--history-sign-ins")?
             }

@@ -51,6 +51,8 @@ pub struct Profile {
     pub email: bool,
     pub phone: bool,
     pub totp: bool,
+    /// An admin of the tenant.
+    pub admin: bool,
 }
 
 impl Seeder {
@@ -131,7 +133,11 @@ impl Seeder {
                     })
                     .transpose()
                     .map_err(|e| anyhow!("{e}"))?,
-                roles: Vec::new(),
+                roles: if profile.admin {
+                    vec![twofold_domain::values::Role::parse("admin").map_err(|e| anyhow!("{e}"))?]
+                } else {
+                    Vec::new()
+                },
                 service_account: false,
                 password_hash: self.password_hash.clone(),
                 ctx: ctx(),

@@ -254,6 +254,42 @@ impl Client {
         Ok((status, resp.json().await.unwrap_or(Value::Null)))
     }
 
+    /// A GET of the API (`path` under the tenant) or, when `path` starts
+    /// with `/t/`, of a page, as the holder of the session `token` (bearer
+    /// for the API, the session cookie for pages); answers the status and
+    /// the body's length, read to the end.
+    pub async fn get(&self, path: &str, token: &str) -> anyhow::Result<(u16, usize)> {
+        let req = if path.starts_with("/t/") {
+            let origin = self.base.split("/v1/").next().unwrap_or_default();
+            self.http
+                .get(format!("{origin}{path}"))
+                .header("cookie", format!("twofold_session={token}"))
+        } else {
+            self.http
+                .get(format!("{}{path}", self.base))
+                .bearer_auth(token)
+        };
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.bytes().await?.len()))
+    }
+
+    /// A GET read as a stream of lines: the status and the lines.
+    pub async fn get_lines(&self, path: &str, token: &str) -> anyhow::Result<(u16, u64)> {
+        let mut resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        let mut lines = 0u64;
+        while let Some(chunk) = resp.chunk().await? {
+            lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+        }
+        Ok((status, lines))
+    }
+
     /// A password sign-in; answers the status and body.
     pub async fn sign_in(&self, username: &str, password: &str) -> anyhow::Result<(u16, Value)> {
         self.post(

@@ -29,6 +29,36 @@ fn csv(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// A user's registration as the verifier records it, with an email address
+/// at `bench.test` and one role.
+fn registration(
+    user: UserId,
+    tenant: TenantId,
+    name: &str,
+    role: &str,
+    service_account: bool,
+    ctx: Ctx,
+) -> anyhow::Result<UserEvent> {
+    let (Ok(username), Ok(email), Ok(role)) = (
+        Username::parse(name),
+        Email::parse(&format!("{name}@bench.test")),
+        Role::parse(role),
+    ) else {
+        anyhow::bail!("a synthetic user does not parse");
+    };
+    Ok(UserEvent::UserRegistered {
+        user_id: user,
+        tenant_id: tenant,
+        username,
+        email: Some(email),
+        phone: None,
+        roles: vec![role],
+        service_account,
+        password_hash: PasswordHash("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into()),
+        ctx,
+    })
+}
+
 pub async fn write_events(pool: &sqlx::PgPool, total: u64) -> anyhow::Result<()> {
     let tenant = TenantId(Uuid::new_v4());
     let users = total.div_ceil(EVENTS_PER_USER);
@@ -59,28 +89,17 @@ pub async fn write_events(pool: &sqlx::PgPool, total: u64) -> anyhow::Result<()>
                 csv(&metadata)
             ));
         };
-        if let (Ok(username), Ok(email), Ok(role)) = (
-            Username::parse(&format!("user{u}")),
-            Email::parse(&format!("user{u}@bench.test")),
-            Role::parse(if u % 3 == 0 { "finance" } else { "staff" }),
-        ) {
-            push(
-                UserEvent::UserRegistered {
-                    user_id: user,
-                    tenant_id: tenant,
-                    username,
-                    email: Some(email),
-                    phone: None,
-                    roles: vec![role],
-                    service_account: false,
-                    password_hash: PasswordHash(
-                        "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
-                    ),
-                    ctx: ctx(0),
-                },
-                &mut seq,
-            );
-        }
+        push(
+            registration(
+                user,
+                tenant,
+                &format!("user{u}"),
+                if u % 3 == 0 { "finance" } else { "staff" },
+                false,
+                ctx(0),
+            )?,
+            &mut seq,
+        );
         while seq < EVENTS_PER_USER && written + seq < total {
             let challenge = ChallengeId(Uuid::new_v4());
             let session = SessionId(Uuid::new_v4());
@@ -136,4 +155,159 @@ pub async fn write_events(pool: &sqlx::PgPool, total: u64) -> anyhow::Result<()>
     }
     sqlx::query("ANALYZE events").execute(pool).await?;
     Ok(())
+}
+
+/// The shape of a tenant for the scale scenario.
+pub struct Shape {
+    pub tenant: TenantId,
+    pub users: u64,
+    /// Events of each user (about: a round of a sign-in is four events).
+    pub events_per_user: u64,
+    /// The history runs from `start` to `start + span`: users register over
+    /// its first half and sign in evenly from then to its end.
+    pub start: chrono::DateTime<Utc>,
+    pub span: Duration,
+}
+
+/// A tenant's users and their history, written with COPY (events and the
+/// username claims), as the verifier would have written them: a mix of
+/// users enrolled with an authenticator and backup codes (some low on them),
+/// by email code, not started, locked, service accounts, over several roles.
+/// Answers the events written.
+pub async fn write_tenant(pool: &sqlx::PgPool, shape: Shape) -> anyhow::Result<u64> {
+    let Shape {
+        tenant,
+        users,
+        events_per_user,
+        start,
+        span,
+    } = shape;
+    let step = |fraction: f64| {
+        start + Duration::milliseconds((span.num_milliseconds() as f64 * fraction) as i64)
+    };
+    let metadata = csv(&format!("{{\"tenant_id\":\"{tenant}\"}}"));
+    let mut written = 0u64;
+    let (mut buf, mut names) = (String::with_capacity(4 << 20), String::new());
+    for u in 0..users {
+        let user = UserId(Uuid::new_v4());
+        let registered = (u as f64 + 0.5) / users as f64 / 2.0;
+        let mut seq = 0u64;
+        let mut push = |event: UserEvent| {
+            seq += 1;
+            let payload = serde_json::to_string(&event).unwrap_or_default();
+            buf.push_str(&format!(
+                "user,{user},{seq},{},1.0,{},{metadata}\n",
+                event.name(),
+                csv(&payload),
+            ));
+        };
+        let ctx = |fraction: f64| {
+            Ctx::new(step(fraction), Actor::User(user))
+                .with_request(Some("192.0.2.10".into()), Some("bench".into()))
+        };
+        let name = format!("user{u:06}");
+        push(registration(
+            user,
+            tenant,
+            &name,
+            ["staff", "finance", "support", "engineering"][(u % 4) as usize],
+            u % 50 == 49,
+            ctx(registered),
+        )?);
+        names.push_str(&format!("{tenant},{name},{user}\n"));
+        // Rounds of sign-ins from registration to the end of the history.
+        let rounds = events_per_user.div_ceil(4).max(1);
+        let at = |k: u64| registered + (1.0 - registered) * (k as f64 + 0.5) / rounds as f64;
+        let totp = u % 3 == 0;
+        let not_started = u % 7 == 3;
+        if totp {
+            let c = ctx(registered);
+            push(UserEvent::EnrollmentCompleted {
+                method: Method::Totp,
+                totp_step: 1,
+                ctx: c.clone(),
+            });
+            push(UserEvent::BackupCodesIssued {
+                hashes: vec![SecretHash("2".repeat(64)); 10],
+                ctx: c,
+            });
+        }
+        for k in 0..rounds {
+            let c = ctx(at(k));
+            let session = SessionId(Uuid::new_v4());
+            let method = if totp {
+                ProofKind::Totp
+            } else {
+                ProofKind::Email
+            };
+            if !not_started {
+                let challenge = ChallengeId(Uuid::new_v4());
+                let m = if totp { Method::Totp } else { Method::Email };
+                push(UserEvent::ChallengeIssued {
+                    challenge_id: challenge,
+                    method: m,
+                    methods: vec![m],
+                    token_hash: SecretHash("0".repeat(64)),
+                    expires_at: c.at + Duration::hours(4),
+                    resend_limit: None,
+                    purpose: Default::default(),
+                    ctx: c.clone(),
+                });
+                push(UserEvent::CodeVerified {
+                    challenge_id: challenge,
+                    method: m,
+                    totp_step: None,
+                    ctx: c.clone(),
+                });
+            }
+            push(UserEvent::SessionStarted {
+                session_id: session,
+                token_hash: SecretHash("1".repeat(64)),
+                expires_at: c.at + Duration::days(90),
+                second_factor: if not_started {
+                    SecondFactorUse::Skipped {
+                        reason: twofold_domain::user::SkipReason::TwoFactorDisabled,
+                    }
+                } else {
+                    SecondFactorUse::Used { method }
+                },
+                ctx: c.clone(),
+            });
+            push(UserEvent::SessionEnded {
+                session_id: session,
+                reason: SessionEndReason::SignedOut,
+                ctx: c,
+            });
+        }
+        if totp && u % 30 == 0 {
+            push(UserEvent::BackupCodeUsed {
+                challenge_id: ChallengeId(Uuid::new_v4()),
+                slot: 0,
+                remaining: (u / 30 % 3) as usize,
+                ctx: ctx(at(rounds - 1)),
+            });
+        }
+        if u % 97 == 5 {
+            push(UserEvent::UserLockedOut {
+                failures: 5,
+                ended_sessions: Vec::new(),
+                ctx: ctx(at(rounds - 1)),
+            });
+        }
+        written += seq;
+        if (u + 1) % USERS_PER_COPY == 0 {
+            copy(pool, std::mem::take(&mut buf)).await?;
+        }
+    }
+    if !buf.is_empty() {
+        copy(pool, buf).await?;
+    }
+    let mut copy = pool
+        .copy_in_raw("COPY usernames (tenant_id, username, user_id) FROM STDIN WITH (FORMAT csv)")
+        .await?;
+    copy.send(names.into_bytes()).await?;
+    copy.finish().await?;
+    sqlx::query("ANALYZE events").execute(pool).await?;
+    sqlx::query("ANALYZE usernames").execute(pool).await?;
+    Ok(written)
 }

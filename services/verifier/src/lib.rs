@@ -18,6 +18,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
@@ -263,8 +264,13 @@ impl Verifier {
         ));
         let checkpoints = tokio::spawn(record_checkpoints(self.app.clone(), self.checkpoints));
         tracing::info!(addr = %self.listener.local_addr()?, "verifier listening");
+        // Without Nagle's delay: a streamed answer's small chunks (an
+        // export's lines) otherwise wait for the client's delayed ACK.
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let served = axum::serve(
-            self.listener,
+            listener,
             self.router
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )

@@ -5,6 +5,7 @@ mod history;
 mod lag;
 mod rebuild;
 mod relay;
+mod scale;
 mod sign_ins;
 mod verifications;
 
@@ -97,6 +98,9 @@ pub async fn run_all(args: &Args) -> anyhow::Result<Report> {
     }
     if wanted(args, "projection-lag") {
         scenarios.push(lag::run(args).await?);
+    }
+    if wanted(args, "scale") {
+        scenarios.extend(scale::run(args).await?);
     }
     let (smtp, sms) = (
         wanted(args, "dispatcher-smtp"),
