@@ -333,9 +333,8 @@ pub fn register_zeros(worker: &str) {
             for builder in ["directory", "audit"] {
                 metrics::counter!("twofold_projection_events_applied_total", "builder" => builder)
                     .increment(0);
-                metrics::counter!("twofold_dead_letters_total", "consumer" => format!("projector-{builder}"))
-                    .increment(0);
             }
+            metrics::counter!("twofold_dead_letters_total", "consumer" => "projector").increment(0);
         }
         _ => {}
     }
