@@ -179,7 +179,7 @@ const METRICS: &[(&str, Kind, Unit, &str)] = &[
         "twofold_projection_pending_events",
         Kind::Gauge,
         Unit::Count,
-        "Events in the stream a builder's consumer has not yet been delivered, by builder.",
+        "Events in the stream the projector's consumer has not yet been delivered (one count: the builders share it), by builder.",
     ),
     // Every process.
     (
