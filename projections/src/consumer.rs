@@ -1,29 +1,36 @@
-//! The live projector: one JetStream durable pull consumer per builder
-//! ([`Consumer`]), run together by the [`Projector`] worker. Each
-//! message names an event (`Nats-Msg-Id` = `aggregate_type:aggregate_id:sequence`,
-//! as the relay publishes it); the builder brings that event's stream up to it
+//! The live projector: one JetStream durable pull consumer ([`Consumer`])
+//! for every builder, run by the [`Projector`] worker. Each message names an
+//! event (`Nats-Msg-Id` = `aggregate_type:aggregate_id:sequence`, as the
+//! relay publishes it); each builder brings that event's stream up to it
 //! from PostgreSQL, the source of truth (the event and any before it not yet
-//! applied), and acks only after the update committed. The messages that
-//! have arrived are applied together, in one transaction. A builder killed
-//! mid-batch gets the unacked messages again and skips what it applied; a
-//! message that arrives after a later one of its stream finds nothing to do.
+//! applied), and the message is acked only after the update committed. The
+//! messages that have arrived are applied together, by every builder, in one
+//! transaction. A projector killed mid-batch gets the unacked messages again
+//! and skips what it applied; a message that arrives after a later one of
+//! its stream finds nothing to do.
+//!
+//! Versions before this one had a durable consumer per builder
+//! (`projector-directory`, `projector-audit`): [`Consumer::bind`] starts the
+//! one consumer where the slower of them had acked everything, and deletes
+//! them.
 
 use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream::{self, consumer::DeliverPolicy, AckKind};
+use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use sqlx::{Connection, PgConnection, PgPool};
 use twofold_platform::dead_letters::{deliveries, last_delivery, DeadLetters, MAX_DELIVER};
-use twofold_platform::envelope::parse_msg_id;
+use twofold_platform::envelope::{parse_msg_id, PUBLISHED_AT};
 use twofold_platform::jetstream::{durable_consumer, Batches};
 use twofold_platform::personal::Personal;
 use twofold_platform::telemetry::{Telemetry, WorkerStart};
 use twofold_platform::Config;
 
 use crate::record::EventRecord;
-use crate::store::{Builder, StreamTarget};
+use crate::store::{catch_up, Builder, StreamTarget};
 
 /// Where the projector reads from.
 #[derive(Debug, Clone)]
@@ -33,53 +40,58 @@ pub struct Source {
     pub stream: String,
     /// Subject filter, e.g. `twofold.events.>`.
     pub filter_subject: String,
-    /// Prefix of the durable consumers' names (`<prefix>-<builder>`).
-    pub durable_prefix: String,
+    /// The durable consumer's name (`projector`); the consumers of versions
+    /// before it were `<durable>-<builder>`.
+    pub durable: String,
     /// How long JetStream waits for an ack before redelivering.
     pub ack_wait: Duration,
 }
 
 impl Source {
-    /// The projector's consumers as configured (`projector-<builder>`).
+    /// The projector's consumer as configured (`projector`).
     pub fn from_config(config: &Config) -> Self {
         Self {
             nats_url: config.nats_url.clone(),
             stream: config.nats_stream.clone(),
             filter_subject: format!("{}.events.>", config.nats_subject_prefix),
-            durable_prefix: "projector".to_string(),
+            durable: "projector".to_string(),
             ack_wait: Duration::from_secs(30),
         }
     }
+
+    /// The per-builder consumers of versions before the shared one.
+    pub fn legacy_durables(&self) -> Vec<String> {
+        Builder::ALL
+            .iter()
+            .map(|b| format!("{}-{}", self.durable, b.name()))
+            .collect()
+    }
 }
 
-/// The projector worker: a [`Consumer`] per builder, its metrics and health.
+/// The projector worker: the builders' [`Consumer`], its metrics and health.
 pub struct Projector {
-    consumers: Vec<Consumer>,
+    consumer: Consumer,
     telemetry: Telemetry,
 }
 
 impl Projector {
     /// Starts the metrics and health server on `metrics_addr`, then waits
     /// for PostgreSQL (migrating it), NATS and the relay's stream, and binds
-    /// every builder's consumer.
+    /// the builders' consumer.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let start = WorkerStart::begin(config, "projector").await?;
         let (source, js) = (Source::from_config(config), jetstream::new(start.nats));
         let (telemetry, pool) = (start.telemetry, start.pool);
         let personal = Personal::new(config.keyring()?);
-        let mut consumers = Vec::new();
-        for builder in Builder::ALL {
-            let consumer = twofold_platform::retrying("binding a projector consumer", || {
-                Consumer::bind(&js, pool.clone(), personal.clone(), &source, builder)
-            })
-            .await;
-            telemetry
-                .readiness()
-                .add_consumer(consumer.batches.consumer());
-            consumers.push(consumer);
-        }
+        let consumer = twofold_platform::retrying("binding the projector's consumer", || {
+            Consumer::bind(&js, pool.clone(), personal.clone(), &source)
+        })
+        .await;
+        telemetry
+            .readiness()
+            .add_consumer(consumer.batches.consumer());
         Ok(Self {
-            consumers,
+            consumer,
             telemetry,
         })
     }
@@ -88,13 +100,12 @@ impl Projector {
         self.telemetry.local_addr()
     }
 
-    /// Runs every builder's consumer until `shutdown` resolves, and keeps
+    /// Runs the consumer until `shutdown` resolves, and keeps
     /// `twofold_projection_unapplied_events{builder}` current.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
         let shutdown = shutdown.shared();
-        let pool = self.consumers.first().map(|c| c.pool.clone());
+        let pool = self.consumer.pool.clone();
         let gauge = async {
-            let Some(pool) = pool else { return };
             let mut every = tokio::time::interval(UNAPPLIED_EVERY);
             loop {
                 every.tick().await;
@@ -107,13 +118,8 @@ impl Projector {
                 }
             }
         };
-        let consumers = futures::future::join_all(
-            self.consumers
-                .into_iter()
-                .map(|c| c.run_until_stopped(shutdown.clone())),
-        );
         tokio::select! {
-            _ = consumers => {}
+            _ = self.consumer.run_until_stopped(shutdown.clone()) => {}
             _ = gauge => {}
             _ = shutdown.clone() => {}
         }
@@ -140,14 +146,13 @@ pub async fn unapplied_events(pool: &PgPool, builder: Builder) -> anyhow::Result
     .context("counting unapplied events")
 }
 
-/// One builder's durable consumer, applying what arrives.
+/// The builders' durable consumer, applying what arrives.
 pub struct Consumer {
     pool: PgPool,
-    /// The builder's own connections, one per batch being applied (see
+    /// The consumer's own connections, one per batch being applied (see
     /// `Consumer::process_next`).
     connections: std::sync::Mutex<Vec<PgConnection>>,
-    builder: Builder,
-    /// The builder's durable consumer, up to `BATCH` messages pulled ahead.
+    /// The durable consumer, up to `BATCH` messages pulled ahead.
     batches: Batches,
     /// Opens the personal data the directory shows.
     personal: Personal,
@@ -159,29 +164,89 @@ pub struct Consumer {
 /// Most messages applied in one transaction (and pulled ahead).
 const BATCH: usize = 500;
 
+/// What a step applied, and when: the times are the wall clock's, as the
+/// events' `recorded_at` and the relay's publish time are.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// When the messages were taken from the subscription.
+    pub received: Option<DateTime<Utc>>,
+    /// The events the messages named, with the relay's publish time (the
+    /// `Twofold-Published-At` header) when they carry one.
+    pub messages: Vec<(StreamTarget, Option<DateTime<Utc>>)>,
+    /// What each builder applied, and when its transaction committed.
+    pub applied: Vec<Applied>,
+}
+
+/// A builder's events applied in one committed transaction.
+#[derive(Debug)]
+pub struct Applied {
+    pub builder: Builder,
+    pub records: Vec<EventRecord>,
+    pub committed: DateTime<Utc>,
+}
+
+impl Step {
+    /// Every builder's records, the builder named with each.
+    pub fn records(&self) -> impl Iterator<Item = (Builder, &EventRecord)> {
+        self.applied
+            .iter()
+            .flat_map(|a| a.records.iter().map(move |r| (a.builder, r)))
+    }
+}
+
 impl Consumer {
-    /// Binds to (creating if needed) the builder's durable consumer.
+    /// Binds to (creating if needed) the builders' durable consumer.
     pub async fn connect(
         pool: PgPool,
         personal: Personal,
         source: &Source,
-        builder: Builder,
     ) -> anyhow::Result<Self> {
         let client = async_nats::connect(&source.nats_url)
             .await
             .with_context(|| format!("connecting to NATS at {}", source.nats_url))?;
-        Self::bind(&jetstream::new(client), pool, personal, source, builder).await
+        Self::bind(&jetstream::new(client), pool, personal, source).await
     }
 
-    /// [`Consumer::connect`] on a JetStream connection already made.
+    /// [`Consumer::connect`] on a JetStream connection already made. When
+    /// the consumer is not there yet but the per-builder consumers of an
+    /// earlier version are, it starts after the last message both of them
+    /// had acked (and every one before it), so nothing is lost and little is
+    /// delivered twice (which the builders skip); then those are deleted.
     pub async fn bind(
         js: &jetstream::Context,
         pool: PgPool,
         personal: Personal,
         source: &Source,
-        builder: Builder,
     ) -> anyhow::Result<Self> {
-        let name = format!("{}-{}", source.durable_prefix, builder.name());
+        let name = source.durable.clone();
+        let stream = js.get_stream(&source.stream).await.map_err(|e| {
+            anyhow!(
+                "the stream {} is not there yet (start the relay): {e}",
+                source.stream
+            )
+        })?;
+        let legacy = source.legacy_durables();
+        let deliver_policy = match stream.consumer_info(&name).await {
+            Ok(info) => info.config.deliver_policy,
+            Err(_) => {
+                let mut floor: Option<u64> = None;
+                for old in &legacy {
+                    if let Ok(info) = stream.consumer_info(old).await {
+                        let acked = info.ack_floor.stream_sequence;
+                        floor = Some(floor.map_or(acked, |f| f.min(acked)));
+                    }
+                }
+                match floor {
+                    Some(acked) => {
+                        tracing::info!(consumer = %name, from = acked + 1, "taking over from the per-builder consumers");
+                        DeliverPolicy::ByStartSequence {
+                            start_sequence: acked + 1,
+                        }
+                    }
+                    None => DeliverPolicy::All,
+                }
+            }
+        };
         let consumer = durable_consumer(
             js,
             &source.stream,
@@ -190,41 +255,47 @@ impl Consumer {
                 filter_subject: source.filter_subject.clone(),
                 ack_wait: source.ack_wait,
                 max_ack_pending: 10_000,
+                deliver_policy,
                 ..Default::default()
             },
         )
         .await?;
+        for old in &legacy {
+            if stream.delete_consumer(old).await.is_ok() {
+                tracing::info!(consumer = %old, "deleted the per-builder consumer of an earlier version");
+            }
+        }
         Ok(Self {
             dead_letters: DeadLetters::new(pool.clone(), &name, source.ack_wait),
             ack_wait: source.ack_wait,
             pool,
             personal,
             connections: std::sync::Mutex::new(Vec::new()),
-            builder,
             batches: Batches::new(consumer, BATCH),
         })
     }
 
     /// Waits at most `wait` for a message, then takes whatever else has
-    /// arrived (up to `max` in all), applies them in one transaction, and
-    /// acks them after it committed; returns the events applied.
+    /// arrived (up to `max` in all), applies them for every builder in one
+    /// transaction, and acks them after it committed.
     ///
     /// A message that names no event is parked at once. When the batch
     /// fails while PostgreSQL answers, its messages are applied one by one:
     /// the one that fails is tried again after a delay, and parked on its
     /// last delivery. While PostgreSQL is away the batch is held and tried
     /// again when it is back.
-    pub async fn process_next(
-        &self,
-        max: usize,
-        wait: Duration,
-    ) -> anyhow::Result<Vec<EventRecord>> {
+    pub async fn process_next(&self, max: usize, wait: Duration) -> anyhow::Result<Step> {
         let batch = self.batches.next(max, wait).await?;
+        let mut step = Step {
+            received: (!batch.is_empty()).then(wall_clock),
+            ..Step::default()
+        };
         let mut messages = Vec::with_capacity(batch.len());
         let mut targets = Vec::with_capacity(batch.len());
         for message in batch {
             match target_of(&message) {
                 Some(target) => {
+                    step.messages.push((target.clone(), published_at(&message)));
                     messages.push(message);
                     targets.push(target);
                 }
@@ -236,13 +307,13 @@ impl Consumer {
             }
         }
         if messages.is_empty() {
-            return Ok(Vec::new());
+            return Ok(step);
         }
         let applied = loop {
             let held: Vec<&jetstream::Message> = messages.iter().collect();
             let applied = self
                 .dead_letters
-                .keeping_alive(&held, self.apply(&targets))
+                .keeping_alive(&held, self.apply(&Builder::ALL, &targets))
                 .await;
             match applied {
                 Ok(applied) => break applied,
@@ -251,13 +322,14 @@ impl Consumer {
                 }
                 Err(e) => {
                     self.dead_letters.log().warn("batch", |skipped| {
-                        tracing::warn!(builder = self.builder.name(), error = %format!("{e:#}"), skipped, "a batch failed; applying its messages one by one");
+                        tracing::warn!(error = %format!("{e:#}"), skipped, "a batch failed; applying its messages one by one");
                     });
-                    return self.one_by_one(messages, targets).await;
+                    step.applied = self.one_by_one(messages, targets).await?;
+                    return Ok(step);
                 }
             }
         };
-        self.record_lag(&applied);
+        step.applied = applied;
         for message in &messages {
             message
                 .ack()
@@ -266,39 +338,48 @@ impl Consumer {
         }
         if let Some(last) = messages.last() {
             if let Ok(info) = last.info() {
-                metrics::gauge!("twofold_projection_pending_events", "builder" => self.builder.name())
-                    .set(info.pending as f64);
+                for builder in Builder::ALL {
+                    metrics::gauge!("twofold_projection_pending_events", "builder" => builder.name())
+                        .set(info.pending as f64);
+                }
             }
         }
-        Ok(applied)
+        Ok(step)
     }
 
     /// Applies each message on its own: acks what applies, leaves what
-    /// fails for a later delivery, parks what failed on its last.
+    /// fails for a later delivery, parks what failed on its last. A message
+    /// that fails for every builder together is applied builder by builder,
+    /// so one builder that cannot apply an event does not hold it from the
+    /// others (which skip it on the next delivery).
     async fn one_by_one(
         &self,
         messages: Vec<jetstream::Message>,
         targets: Vec<StreamTarget>,
-    ) -> anyhow::Result<Vec<EventRecord>> {
+    ) -> anyhow::Result<Vec<Applied>> {
         let mut all = Vec::new();
         for (message, target) in messages.iter().zip(targets) {
-            let result = loop {
-                let applied = self
-                    .dead_letters
-                    .keeping_alive(&[message], self.apply(std::slice::from_ref(&target)))
-                    .await;
-                match applied {
-                    Err(_) if !self.dead_letters.database_answers().await => {
-                        self.dead_letters
-                            .hold_until_database_answers(&[message])
-                            .await
+            let target = std::slice::from_ref(&target);
+            let mut result = self.apply_held(message, &Builder::ALL, target).await;
+            if result.is_err() {
+                let mut failed = None;
+                for builder in Builder::ALL {
+                    match self.apply_held(message, &[builder], target).await {
+                        Ok(applied) => all.extend(applied),
+                        Err(e) => {
+                            failed.get_or_insert(
+                                e.context(format!("the {} builder", builder.name())),
+                            );
+                        }
                     }
-                    result => break result,
                 }
-            };
+                result = match failed {
+                    Some(e) => Err(e),
+                    None => Ok(Vec::new()),
+                };
+            }
             match result {
                 Ok(applied) => {
-                    self.record_lag(&applied);
                     all.extend(applied);
                     message
                         .ack()
@@ -311,7 +392,7 @@ impl Consumer {
                 }
                 Err(e) => {
                     self.dead_letters.log().warn("retry", |skipped| {
-                        tracing::warn!(builder = self.builder.name(), error = %format!("{e:#}"), skipped, "an event cannot be applied; will be tried again");
+                        tracing::warn!(error = %format!("{e:#}"), skipped, "an event cannot be applied; will be tried again");
                     });
                     let n = deliveries(message).clamp(1, 16) as u32 - 1;
                     let after = self.ack_wait.saturating_mul(1 << n);
@@ -325,10 +406,38 @@ impl Consumer {
         Ok(all)
     }
 
-    /// Brings the targets' streams up to them, in one transaction.
-    async fn apply(&self, targets: &[StreamTarget]) -> anyhow::Result<Vec<EventRecord>> {
-        // On a connection of the builder's own: a pooled one is pinged each
-        // time it is handed back, a round trip per batch.
+    /// [`Consumer::apply`] for one message, held while PostgreSQL is away.
+    async fn apply_held(
+        &self,
+        message: &jetstream::Message,
+        builders: &[Builder],
+        target: &[StreamTarget],
+    ) -> anyhow::Result<Vec<Applied>> {
+        loop {
+            let applied = self
+                .dead_letters
+                .keeping_alive(&[message], self.apply(builders, target))
+                .await;
+            match applied {
+                Err(_) if !self.dead_letters.database_answers().await => {
+                    self.dead_letters
+                        .hold_until_database_answers(&[message])
+                        .await
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Brings the targets' streams up to them for `builders`, in one
+    /// transaction, and records the lag of what was applied.
+    async fn apply(
+        &self,
+        builders: &[Builder],
+        targets: &[StreamTarget],
+    ) -> anyhow::Result<Vec<Applied>> {
+        // On a connection of the consumer's own: a pooled one is pinged
+        // each time it is handed back, a round trip per batch.
         let idle = self
             .connections
             .lock()
@@ -340,10 +449,7 @@ impl Consumer {
                 .await
                 .context("connecting to PostgreSQL")?,
         };
-        let applied = self
-            .builder
-            .catch_up(&mut conn, &self.personal, targets)
-            .await;
+        let applied = catch_up(&mut conn, &self.personal, builders, targets).await;
         // A connection that failed is dropped; the next batch opens another.
         if applied.is_ok() {
             self.connections
@@ -351,17 +457,26 @@ impl Consumer {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(conn);
         }
-        applied
-    }
-
-    fn record_lag(&self, applied: &[EventRecord]) {
-        let now = wall_clock();
-        let lag =
-            metrics::histogram!("twofold_projection_lag_seconds", "builder" => self.builder.name());
-        for record in applied {
-            let seconds = (now - record.recorded_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-            lag.record(seconds.max(0.0));
+        let committed = wall_clock();
+        let applied: Vec<Applied> = applied?
+            .into_iter()
+            .map(|(builder, records)| Applied {
+                builder,
+                records,
+                committed,
+            })
+            .collect();
+        for a in &applied {
+            let lag = metrics::histogram!("twofold_projection_lag_seconds", "builder" => a.builder.name());
+            for record in &a.records {
+                let seconds = (committed - record.recorded_at)
+                    .num_microseconds()
+                    .unwrap_or(0) as f64
+                    / 1e6;
+                lag.record(seconds.max(0.0));
+            }
         }
+        Ok(applied)
     }
 
     /// Runs until `shutdown` resolves; errors are logged and retried. Two
@@ -372,7 +487,7 @@ impl Consumer {
         let step = || async {
             loop {
                 if let Err(e) = self.process_next(BATCH, Duration::from_secs(1)).await {
-                    tracing::warn!(builder = self.builder.name(), error = %format!("{e:#}"), "projector step failed; retrying");
+                    tracing::warn!(error = %format!("{e:#}"), "projector step failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
@@ -395,8 +510,20 @@ fn target_of(message: &jetstream::Message) -> Option<StreamTarget> {
     })
 }
 
+/// When the relay published the message, if it said.
+fn published_at(message: &jetstream::Message) -> Option<DateTime<Utc>> {
+    let micros: i64 = message
+        .headers
+        .as_ref()?
+        .get(PUBLISHED_AT)?
+        .as_str()
+        .parse()
+        .ok()?;
+    DateTime::from_timestamp_micros(micros)
+}
+
 /// Lag is measured against the wall clock, as the commit time was.
 #[allow(clippy::disallowed_methods)]
-fn wall_clock() -> chrono::DateTime<chrono::Utc> {
-    chrono::Utc::now()
+fn wall_clock() -> DateTime<Utc> {
+    Utc::now()
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{Connection, FromRow, PgConnection, PgPool, Row};
 use twofold_domain::user::UserEvent;
 
 use crate::audit::AuditEntry;
@@ -65,64 +65,21 @@ impl Builder {
         personal: &Personal,
         targets: &[StreamTarget],
     ) -> anyhow::Result<Vec<EventRecord>> {
-        // The furthest sequence asked of each stream, in stream order.
-        let mut upto: BTreeMap<(&str, &str), i64> = BTreeMap::new();
-        for t in targets {
-            let e = upto
-                .entry((t.aggregate_type.as_str(), t.aggregate_id.as_str()))
-                .or_insert(0);
-            *e = (*e).max(t.sequence);
-        }
-        let types: Vec<&str> = upto.keys().map(|(t, _)| *t).collect();
-        let ids: Vec<&str> = upto.keys().map(|(_, i)| *i).collect();
-        let upto: Vec<i64> = upto.values().copied().collect();
-        let mut tx = conn
-            .begin()
-            .await
-            .context("starting a projection transaction")?;
-        // Per stream, in stream order: its position, claimed and locked (so
-        // two batches or builder instances never apply the same events), and
-        // the events after it up to the one asked for. The claim is an upsert
-        // that leaves the position as it is: a stream this builder has not
-        // seen yet gets its row at 0, so a second batch naming it waits for
-        // the first to commit and then reads the position the first wrote
-        // (`FOR UPDATE` on a row that is not there yet locks nothing, and
-        // both would apply the same events). The events are looked up by
-        // key: `OFFSET 0` keeps PostgreSQL from turning the lookup into a
-        // join, which its general plan (used for a statement run often)
-        // answers by reading every event.
-        let mut records: Vec<EventRecord> = sqlx::query_as(&format!(
-            "WITH claimed AS ( \
-               INSERT INTO projection_positions AS p (projection, aggregate_type, aggregate_id, sequence) \
-               SELECT $1, t.aggregate_type, t.aggregate_id, 0 \
-               FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(aggregate_type, aggregate_id, n) \
-               ORDER BY t.n \
-               ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET sequence = p.sequence \
-               RETURNING p.aggregate_type, p.aggregate_id, p.sequence) \
-             SELECT e.* \
-             FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t(aggregate_type, aggregate_id, upto) \
-             JOIN claimed c ON c.aggregate_type = t.aggregate_type AND c.aggregate_id = t.aggregate_id \
-             CROSS JOIN LATERAL ( \
-               SELECT {COLUMNS} FROM events e \
-               WHERE e.aggregate_type = t.aggregate_type AND e.aggregate_id = t.aggregate_id \
-                 AND e.sequence > c.sequence AND e.sequence <= t.upto OFFSET 0) e \
-             ORDER BY e.global_position",
-        ))
-        .bind(self.name())
-        .bind(&types)
-        .bind(&ids)
-        .bind(&upto)
-        .fetch_all(&mut *tx)
-        .await?;
-        if records.is_empty() {
-            // Nothing new: end the transaction now, releasing the locks (a
-            // dropped transaction would keep them until the connection is
-            // next used).
-            tx.commit()
-                .await
-                .context("ending a projection transaction")?;
-            return Ok(records);
-        }
+        let mut applied = catch_up(conn, personal, &[*self], targets).await?;
+        Ok(applied
+            .pop()
+            .map(|(_, records)| records)
+            .unwrap_or_default())
+    }
+
+    /// Applies `records` (this builder's, in commit order) and writes the
+    /// streams' new positions and the builder's progress with them.
+    async fn write(
+        &self,
+        tx: &mut PgConnection,
+        personal: &Personal,
+        mut records: Vec<EventRecord>,
+    ) -> anyhow::Result<Vec<EventRecord>> {
         if *self == Builder::Directory {
             // The directory holds what admins search and read, opened; an
             // erasure's own event clears it again. (The audit history keeps
@@ -149,23 +106,124 @@ impl Builder {
         };
         match self {
             Builder::Directory => {
-                let rows = fold_directory(&mut tx, &records).await?;
+                let rows = fold_directory(&mut *tx, &records).await?;
                 let rows: Vec<&UserRow> = rows.values().filter(|r| !r.user_id.is_empty()).collect();
-                write_users(&mut tx, &rows, Some(&progress)).await?;
+                write_users(&mut *tx, &rows, Some(&progress)).await?;
             }
             Builder::Audit => {
                 let entries: Vec<AuditEntry> =
                     records.iter().filter_map(AuditEntry::from_record).collect();
-                insert_audit(&mut tx, &entries, &progress).await?;
+                insert_audit(&mut *tx, &entries, &progress).await?;
             }
         }
-        tx.commit()
-            .await
-            .context("committing a projection update")?;
-        metrics::counter!("twofold_projection_events_applied_total", "builder" => self.name())
-            .increment(records.len() as u64);
         Ok(records)
     }
+}
+
+/// [`Builder::catch_up`] for several builders at once, in one transaction
+/// (one commit, one WAL flush): each stream's positions are claimed for
+/// every builder in one statement, its events are read once, from the
+/// lowest of them, and each builder applies those after its own position.
+/// Returns what each builder applied (the directory's with personal data
+/// opened, the audit's sealed, as each holds them).
+pub async fn catch_up(
+    conn: &mut PgConnection,
+    personal: &Personal,
+    builders: &[Builder],
+    targets: &[StreamTarget],
+) -> anyhow::Result<Vec<(Builder, Vec<EventRecord>)>> {
+    // The furthest sequence asked of each stream, in stream order.
+    let mut upto: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+    for t in targets {
+        let e = upto
+            .entry((t.aggregate_type.as_str(), t.aggregate_id.as_str()))
+            .or_insert(0);
+        *e = (*e).max(t.sequence);
+    }
+    let names: Vec<&str> = builders.iter().map(Builder::name).collect();
+    let types: Vec<&str> = upto.keys().map(|(t, _)| *t).collect();
+    let ids: Vec<&str> = upto.keys().map(|(_, i)| *i).collect();
+    let upto: Vec<i64> = upto.values().copied().collect();
+    let mut tx = conn
+        .begin()
+        .await
+        .context("starting a projection transaction")?;
+    // Per builder and stream, in that order: its position, claimed and
+    // locked (so two batches or projector instances never apply the same
+    // events), and the events after the lowest of the stream's positions up
+    // to the one asked for, each with the builders that have not applied it.
+    // The claim is an upsert that leaves the position as it is: a stream a
+    // builder has not seen yet gets its row at 0, so a second batch naming
+    // it waits for the first to commit and then reads the position the
+    // first wrote (`FOR UPDATE` on a row that is not there yet locks
+    // nothing, and both would apply the same events). Every batch locks in
+    // the same order (builders as listed, streams sorted), so batches do not
+    // deadlock. The events are looked up by key: `OFFSET 0` keeps PostgreSQL
+    // from turning the lookup into a join, which its general plan (used for
+    // a statement run often) answers by reading every event.
+    let rows = sqlx::query(&format!(
+        "WITH claimed AS ( \
+           INSERT INTO projection_positions AS p (projection, aggregate_type, aggregate_id, sequence) \
+           SELECT b.projection, t.aggregate_type, t.aggregate_id, 0 \
+           FROM unnest($1::text[]) WITH ORDINALITY AS b(projection, bn) \
+           CROSS JOIN unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(aggregate_type, aggregate_id, n) \
+           ORDER BY b.bn, t.n \
+           ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET sequence = p.sequence \
+           RETURNING p.projection, p.aggregate_type, p.aggregate_id, p.sequence), \
+         low AS ( \
+           SELECT aggregate_type, aggregate_id, min(sequence) AS sequence, \
+             array_agg(projection) AS projections, array_agg(sequence) AS positions \
+           FROM claimed GROUP BY aggregate_type, aggregate_id) \
+         SELECT e.*, ARRAY( \
+             SELECT x.projection FROM unnest(c.projections, c.positions) AS x(projection, position) \
+             WHERE x.position < e.sequence) AS builders \
+         FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t(aggregate_type, aggregate_id, upto) \
+         JOIN low c ON c.aggregate_type = t.aggregate_type AND c.aggregate_id = t.aggregate_id \
+         CROSS JOIN LATERAL ( \
+           SELECT {COLUMNS} FROM events e \
+           WHERE e.aggregate_type = t.aggregate_type AND e.aggregate_id = t.aggregate_id \
+             AND e.sequence > c.sequence AND e.sequence <= t.upto OFFSET 0) e \
+         ORDER BY e.global_position",
+    ))
+    .bind(&names)
+    .bind(&types)
+    .bind(&ids)
+    .bind(&upto)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut each: Vec<(Builder, Vec<EventRecord>)> =
+        builders.iter().map(|b| (*b, Vec::new())).collect();
+    for row in &rows {
+        let record = EventRecord::from_row(row)?;
+        let wanted: Vec<String> = row.try_get("builders")?;
+        for (builder, records) in each.iter_mut() {
+            if wanted.iter().any(|w| w == builder.name()) {
+                records.push(record.clone());
+            }
+        }
+    }
+    let mut applied = Vec::with_capacity(each.len());
+    for (builder, records) in each {
+        let records = if records.is_empty() {
+            records
+        } else {
+            builder.write(&mut tx, personal, records).await?
+        };
+        applied.push((builder, records));
+    }
+    // Also when nothing was new: ending the transaction releases the locks
+    // (a dropped transaction would keep them until the connection is next
+    // used).
+    tx.commit()
+        .await
+        .context("committing a projection update")?;
+    for (builder, records) in &applied {
+        if !records.is_empty() {
+            metrics::counter!("twofold_projection_events_applied_total", "builder" => builder.name())
+                .increment(records.len() as u64);
+        }
+    }
+    Ok(applied)
 }
 
 /// A stream a message asks a builder to bring up to `sequence`.

@@ -9,7 +9,6 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use twofold_projections::audit::{verify_extends, verify_signed};
 use twofold_projections::consumer::Consumer;
-use twofold_projections::store::Builder;
 
 use crate::console::PageClient;
 use crate::helpers::{settings_on, spawn_app, Reply, TestApp};
@@ -162,13 +161,10 @@ async fn an_erased_users_personal_data_reads_nowhere_and_the_audit_chain_still_v
     assert_eq!(signed_in.status, StatusCode::OK, "{:?}", signed_in.body);
     let session = signed_in.body["session"]["token"].as_str().unwrap();
     let src = source(&config, "erasure");
-    for builder in Builder::ALL {
-        let consumer =
-            Consumer::connect(app.pool.clone(), app.state.personal.clone(), &src, builder)
-                .await
-                .unwrap();
-        tokio::spawn(consumer.run_until_stopped(std::future::pending()));
-    }
+    let consumer = Consumer::connect(app.pool.clone(), app.state.personal.clone(), &src)
+        .await
+        .unwrap();
+    tokio::spawn(consumer.run_until_stopped(std::future::pending()));
     eventually("the read models to catch up", async || {
         caught_up(&app).await
     })

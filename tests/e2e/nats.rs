@@ -36,7 +36,7 @@ pub(crate) fn source(config: &Config, durable: &str) -> Source {
         nats_url: config.nats_url.clone(),
         stream: config.nats_stream.clone(),
         filter_subject: format!("{}.events.>", config.nats_subject_prefix),
-        durable_prefix: durable.to_string(),
+        durable: durable.to_string(),
         ack_wait: Duration::from_secs(1),
     }
 }
@@ -123,8 +123,9 @@ pub(crate) async fn caught_up(app: &TestApp) -> bool {
     true
 }
 
-#[tokio::test]
-async fn committed_events_reach_the_read_models_through_jetstream() {
+/// An app with some history, all of it published to a stream of the test's
+/// own by a relay that goes on running.
+async fn history_in_the_stream() -> (TestApp, Config, tokio::task::JoinHandle<()>) {
     let app = spawn_app().await;
     let config = nats_config(&nats_url());
     let relay = start_relay(&app, &config).await;
@@ -133,6 +134,25 @@ async fn committed_events_reach_the_read_models_through_jetstream() {
         count(&app, "SELECT count(*) FROM outbox").await == 0
     })
     .await;
+    (app, config, relay)
+}
+
+/// Waits until the builders have applied every event, and checks the read
+/// models are exactly what a rebuild from the event store makes (nothing
+/// lost or applied twice); returns them.
+async fn caught_up_as_a_rebuild_makes_them(app: &TestApp) -> (Vec<Value>, Vec<(i64, String)>) {
+    eventually("the read models to catch up", async || caught_up(app).await).await;
+    let live = read_models(app).await;
+    twofold_projections::rebuild::rebuild(&app.pool, &app.state.personal, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(read_models(app).await, live, "nothing lost or doubled");
+    live
+}
+
+#[tokio::test]
+async fn committed_events_reach_the_read_models_through_jetstream() {
+    let (app, config, relay) = history_in_the_stream().await;
 
     // Every event is in the stream once, under its tenant and type.
     let client = async_nats::connect(&config.nats_url).await.unwrap();
@@ -142,13 +162,10 @@ async fn committed_events_reach_the_read_models_through_jetstream() {
     assert_eq!(stream.info().await.unwrap().state.messages as i64, events);
 
     let src = source(&config, "live");
-    let mut builders = Vec::new();
-    for builder in Builder::ALL {
-        let p = Consumer::connect(app.pool.clone(), app.state.personal.clone(), &src, builder)
-            .await
-            .unwrap();
-        builders.push(tokio::spawn(p.run_until_stopped(std::future::pending())));
-    }
+    let p = Consumer::connect(app.pool.clone(), app.state.personal.clone(), &src)
+        .await
+        .unwrap();
+    let projector = tokio::spawn(p.run_until_stopped(std::future::pending()));
     eventually("the read models to catch up", async || {
         caught_up(&app).await
     })
@@ -174,22 +191,13 @@ async fn committed_events_reach_the_read_models_through_jetstream() {
         count(&app, "SELECT count(*) FROM rm_users WHERE username = 'quy'").await == 1
     })
     .await;
-    for b in builders {
-        b.abort();
-    }
+    projector.abort();
     relay.abort();
 }
 
 #[tokio::test]
 async fn a_builder_killed_mid_batch_and_redelivery_leave_the_read_models_exact() {
-    let app = spawn_app().await;
-    let config = nats_config(&nats_url());
-    let relay = start_relay(&app, &config).await;
-    some_history(&app).await;
-    eventually("the outbox to drain", async || {
-        count(&app, "SELECT count(*) FROM outbox").await == 0
-    })
-    .await;
+    let (app, config, relay) = history_in_the_stream().await;
     let src = source(&config, "crashy");
 
     // A builder applies part of a batch and dies before acking: its updates
@@ -203,39 +211,21 @@ async fn a_builder_killed_mid_batch_and_redelivery_leave_the_read_models_exact()
             .await
             .unwrap());
     }
-    // Another dies mid-run.
-    let first = Consumer::connect(
-        app.pool.clone(),
-        app.state.personal.clone(),
-        &src,
-        Builder::Audit,
-    )
-    .await
-    .unwrap();
+    // A projector dies mid-run.
+    let first = Consumer::connect(app.pool.clone(), app.state.personal.clone(), &src)
+        .await
+        .unwrap();
     let killed = tokio::spawn(first.run_until_stopped(std::future::pending()));
     tokio::time::sleep(Duration::from_millis(30)).await;
     killed.abort();
 
-    // Fresh builders on the same durable consumers finish the job.
-    let mut builders = Vec::new();
-    for builder in Builder::ALL {
-        let p = Consumer::connect(app.pool.clone(), app.state.personal.clone(), &src, builder)
-            .await
-            .unwrap();
-        builders.push(tokio::spawn(p.run_until_stopped(std::future::pending())));
-    }
-    eventually("the read models to catch up", async || {
-        caught_up(&app).await
-    })
-    .await;
-    let live = read_models(&app).await;
-    twofold_projections::rebuild::rebuild(&app.pool, &app.state.personal, |_| {})
+    // A fresh one on the same durable consumer finishes the job.
+    let p = Consumer::connect(app.pool.clone(), app.state.personal.clone(), &src)
         .await
         .unwrap();
-    assert_eq!(read_models(&app).await, live);
-    for b in builders {
-        b.abort();
-    }
+    let projector = tokio::spawn(p.run_until_stopped(std::future::pending()));
+    caught_up_as_a_rebuild_makes_them(&app).await;
+    projector.abort();
     relay.abort();
 }
 
@@ -421,6 +411,95 @@ async fn a_backlog_of_many_batches_is_published_once_each_and_in_order_per_strea
         .cached_info()
         .clone();
     assert_eq!(info.state.messages as i64, events, "nothing more");
+}
+
+#[tokio::test]
+async fn the_per_builder_consumers_of_an_earlier_version_hand_over_where_they_left_off() {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+    use futures::StreamExt;
+    use twofold_platform::envelope::parse_msg_id;
+    use twofold_projections::store::StreamTarget;
+
+    let (app, config, relay) = history_in_the_stream().await;
+    let events = count(&app, "SELECT count(*) FROM events").await as u64;
+    assert!(events > 10, "{events} events");
+    let src = source(&config, "upgrade");
+    let js = async_nats::jetstream::new(async_nats::connect(&config.nats_url).await.unwrap());
+    let stream = js.get_stream(&config.nats_stream).await.unwrap();
+
+    // The earlier version's consumers, one per builder, each having applied
+    // and acked the stream's first messages: the directory 10, the audit 6.
+    for (builder, acked) in [(Builder::Directory, 10), (Builder::Audit, 6)] {
+        let old: PullConsumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(format!("upgrade-{}", builder.name())),
+                filter_subject: src.filter_subject.clone(),
+                ack_policy: AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut messages = old
+            .batch()
+            .max_messages(acked)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .unwrap();
+        let mut conn = app.pool.acquire().await.unwrap();
+        let mut n = 0;
+        while let Some(message) = messages.next().await {
+            let message = message.unwrap();
+            let id = message
+                .headers
+                .as_ref()
+                .unwrap()
+                .get("Nats-Msg-Id")
+                .unwrap();
+            let (aggregate_type, aggregate_id, sequence) = parse_msg_id(id.as_str()).unwrap();
+            let target = StreamTarget {
+                aggregate_type,
+                aggregate_id,
+                sequence,
+            };
+            builder
+                .catch_up(&mut conn, &app.state.personal, &[target])
+                .await
+                .unwrap();
+            message.double_ack().await.unwrap();
+            n += 1;
+        }
+        assert_eq!(n, acked);
+    }
+
+    // The shared consumer starts after the 6 both had acked, and the old
+    // ones are gone.
+    let p = Consumer::connect(app.pool.clone(), app.state.personal.clone(), &src)
+        .await
+        .unwrap();
+    let info = stream.consumer_info("upgrade").await.unwrap();
+    assert_eq!(info.num_pending, events - 6, "not the whole stream again");
+    for old in src.legacy_durables() {
+        assert!(stream.consumer_info(&old).await.is_err(), "{old} deleted");
+    }
+    let projector = tokio::spawn(p.run_until_stopped(std::future::pending()));
+    let live = caught_up_as_a_rebuild_makes_them(&app).await;
+    projector.abort();
+
+    // Bound again (a restart), it goes on where it was: nothing is left
+    // to deliver (at most what the stopped one had not acked yet).
+    let p = Consumer::connect(app.pool.clone(), app.state.personal.clone(), &src)
+        .await
+        .unwrap();
+    let projector = tokio::spawn(p.run_until_stopped(std::future::pending()));
+    eventually("the stream to be delivered and acked", async || {
+        let info = stream.consumer_info("upgrade").await.unwrap();
+        info.num_pending == 0 && info.num_ack_pending == 0
+    })
+    .await;
+    assert_eq!(read_models(&app).await, live);
+    projector.abort();
+    relay.abort();
 }
 
 #[tokio::test]

@@ -441,7 +441,7 @@ async fn sign_ins_through_a_three_node_cluster_survive_a_node_killed_and_restart
         nats_url: config.nats_url.clone(),
         stream: config.nats_stream.clone(),
         filter_subject: format!("{}.events.>", config.nats_subject_prefix),
-        durable_prefix: "projector".into(),
+        durable: "projector".into(),
         ack_wait: Duration::from_secs(2),
     };
     let mut workers = vec![
@@ -450,19 +450,16 @@ async fn sign_ins_through_a_three_node_cluster_survive_a_node_killed_and_restart
         }),
         tokio::spawn(dispatcher.run_until_stopped(std::future::pending())),
     ];
-    for builder in twofold_projections::store::Builder::ALL {
-        let consumer = twofold_projections::consumer::Consumer::connect(
-            app.pool.clone(),
-            app.state.personal.clone(),
-            &source,
-            builder,
-        )
-        .await
-        .unwrap();
-        workers.push(tokio::spawn(
-            consumer.run_until_stopped(std::future::pending()),
-        ));
-    }
+    let consumer = twofold_projections::consumer::Consumer::connect(
+        app.pool.clone(),
+        app.state.personal.clone(),
+        &source,
+    )
+    .await
+    .unwrap();
+    workers.push(tokio::spawn(
+        consumer.run_until_stopped(std::future::pending()),
+    ));
 
     let admin = app.admin_token().await;
     let names: Vec<String> = (0..SIGN_INS).map(|i| format!("cl{i:02}")).collect();

@@ -88,18 +88,17 @@ async fn a_poison_burst_over_the_pending_limit_is_parked_and_codes_still_arrive(
         nats_url: s.config.nats_url.clone(),
         stream: s.config.nats_stream.clone(),
         filter_subject: format!("{prefix}.events.>"),
-        durable_prefix: format!("{}p", s.source.durable),
+        durable: format!("{}p", s.source.durable),
         ack_wait: Duration::from_secs(1),
     };
-    let directory = Consumer::connect(
+    let projector = Consumer::connect(
         s.app.pool.clone(),
         s.app.state.personal.clone(),
         &projector_source,
-        Builder::Directory,
     )
     .await
     .unwrap();
-    tokio::spawn(directory.run_until_stopped(std::future::pending()));
+    tokio::spawn(projector.run_until_stopped(std::future::pending()));
 
     // A real sign-in after the burst: its code arrives.
     let token = s.challenge("pia").await;
@@ -129,7 +128,7 @@ async fn a_poison_burst_over_the_pending_limit_is_parked_and_codes_still_arrive(
         newer_reason.contains("version 2.0, newer"),
         "{newer_reason}"
     );
-    let projector = format!("{}-directory", projector_source.durable_prefix);
+    let projector = projector_source.durable.clone();
     eventually("the projector's dead letters", 300, async || {
         dead_letters(&s.app.pool, &projector).await.len() == 1_051
     })
@@ -427,18 +426,13 @@ async fn a_rebuild_reproduces_the_live_audit_history_and_its_export_head() {
         nats_url: config.nats_url.clone(),
         stream: config.nats_stream.clone(),
         filter_subject: format!("{}.events.>", config.nats_subject_prefix),
-        durable_prefix: format!("p{id}"),
+        durable: format!("p{id}"),
         ack_wait: Duration::from_secs(1),
     };
-    let audit = Consumer::connect(
-        app.pool.clone(),
-        app.state.personal.clone(),
-        &source,
-        Builder::Audit,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(audit.run_until_stopped(std::future::pending()));
+    let projector = Consumer::connect(app.pool.clone(), app.state.personal.clone(), &source)
+        .await
+        .unwrap();
+    tokio::spawn(projector.run_until_stopped(std::future::pending()));
     let events = twofold_platform::db::count_events(&app.pool).await.unwrap();
     eventually("the audit builder to apply every event", 300, async || {
         let applied: i64 = sqlx::query_scalar(
@@ -579,11 +573,11 @@ async fn an_event_the_projector_cannot_apply_is_parked_and_the_others_go_on() {
         nats_url: config.nats_url.clone(),
         stream: config.nats_stream.clone(),
         filter_subject: format!("{}.events.>", config.nats_subject_prefix),
-        durable_prefix: format!("f{id}"),
+        durable: format!("f{id}"),
         ack_wait: Duration::from_millis(200),
     };
-    let durable = format!("f{id}-directory");
-    // The builder's consumer as an older version made it: unlimited deliveries.
+    let durable = source.durable.clone();
+    // The projector's consumer as an older version made it: unlimited deliveries.
     let js = async_nats::jetstream::new(async_nats::connect(&config.nats_url).await.unwrap());
     let stream = js.get_stream(&config.nats_stream).await.unwrap();
     stream
@@ -595,14 +589,9 @@ async fn an_event_the_projector_cannot_apply_is_parked_and_the_others_go_on() {
         })
         .await
         .unwrap();
-    let directory = Consumer::connect(
-        app.pool.clone(),
-        app.state.personal.clone(),
-        &source,
-        Builder::Directory,
-    )
-    .await
-    .unwrap();
+    let projector = Consumer::connect(app.pool.clone(), app.state.personal.clone(), &source)
+        .await
+        .unwrap();
     let mut consumer: async_nats::jetstream::consumer::PullConsumer =
         stream.get_consumer(&durable).await.unwrap();
     assert_eq!(
@@ -610,7 +599,7 @@ async fn an_event_the_projector_cannot_apply_is_parked_and_the_others_go_on() {
         twofold_platform::dead_letters::MAX_DELIVER,
         "the older consumer is brought to a finite max_deliver"
     );
-    tokio::spawn(directory.run_until_stopped(std::future::pending()));
+    tokio::spawn(projector.run_until_stopped(std::future::pending()));
 
     // Events after it, of other streams, are applied.
     app.create_user(

@@ -141,6 +141,11 @@ impl Envelope {
     }
 }
 
+/// The header the relay stamps each message with: when it published it,
+/// in microseconds since the Unix epoch by its wall clock (which the
+/// projector's lag breakdown reads; nothing depends on it).
+pub const PUBLISHED_AT: &str = "Twofold-Published-At";
+
 /// The stream and sequence a [`Envelope::msg_id`] names:
 /// `user:6f1c…:12` → (`user`, `6f1c…`, 12).
 pub fn parse_msg_id(id: &str) -> Option<(String, String, i64)> {

@@ -40,7 +40,7 @@ use anyhow::{anyhow, Context};
 use async_nats::jetstream::{self, context::PublishAckFuture, stream};
 use sqlx::{Connection, FromRow, PgConnection, PgPool, Row};
 use tokio::sync::Mutex;
-use twofold_platform::envelope::{Envelope, COLUMNS};
+use twofold_platform::envelope::{Envelope, COLUMNS, PUBLISHED_AT};
 use twofold_platform::telemetry::{Telemetry, WorkerStart};
 use twofold_platform::Config;
 
@@ -357,6 +357,7 @@ impl Relay {
         for out in batch.events {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", out.msg_id.as_str());
+            headers.insert(PUBLISHED_AT, published_at().as_str());
             match self
                 .js
                 .publish_with_headers(out.subject, headers, out.body.into())
@@ -661,4 +662,12 @@ impl Relay {
             }
         }
     }
+}
+
+/// Now by the wall clock, in microseconds since the Unix epoch: the
+/// `Twofold-Published-At` header, which the projector reads the lag's hops
+/// from (it compares it with the events' commit times, also wall clock).
+fn published_at() -> String {
+    use twofold_platform::clock::{Clock, SystemClock};
+    SystemClock.now().timestamp_micros().to_string()
 }

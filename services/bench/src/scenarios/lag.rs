@@ -9,18 +9,23 @@
 //! sign-ins are committed on a fixed schedule (open loop) at half that event
 //! rate, and each event's lag is the time from its commit returning to the
 //! projector's commit of it, on the same clock (this process runs the
-//! writers, the relay and the projectors).
+//! writers, the relay and the projector, and reads the wall clock for all
+//! of them). Each lag is split into its hops: commit to the relay's publish
+//! (the time the relay stamps on the message), publish to the projector
+//! taking the message from its subscription, and from there to its commit.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
 
 use serde_json::json;
 use tokio::sync::watch;
 use twofold_domain::tenant::TwoFactorSettings;
 use twofold_domain::TenantId;
 use twofold_platform::crypto::Keyring;
-use twofold_projections::consumer::{Consumer, Source};
+use twofold_projections::consumer::{Consumer, Source, Step};
 use twofold_projections::store::Builder;
 use uuid::Uuid;
 
@@ -35,9 +40,48 @@ const PEAK_WRITERS: usize = 16;
 const TARGET_P99_MS: f64 = 20.0;
 
 /// When each event (stream, sequence) committed, as the writer saw it.
-type Commits = Arc<Mutex<HashMap<(String, i64), Instant>>>;
-/// When each builder's commit of each event returned.
-type Applied = Arc<Mutex<HashMap<(String, i64), Vec<Instant>>>>;
+type Commits = Arc<Mutex<HashMap<(String, i64), DateTime<Utc>>>>;
+/// Each builder's application of each event.
+type Applied = Arc<Mutex<HashMap<(String, i64), Vec<Arrival>>>>;
+
+/// How an event reached a read model.
+#[derive(Clone, Copy)]
+struct Arrival {
+    /// When the relay published the event's message (its header), if the
+    /// batch that applied the event held that message.
+    published: Option<DateTime<Utc>>,
+    /// When the projector took the batch from its subscription.
+    received: DateTime<Utc>,
+    /// When the batch's transaction committed.
+    committed: DateTime<Utc>,
+}
+
+/// Notes what a projector step applied.
+fn note(applied: &Applied, step: &Step) {
+    let Some(received) = step.received else {
+        return;
+    };
+    let published: HashMap<(&str, i64), DateTime<Utc>> = step
+        .messages
+        .iter()
+        .filter_map(|(t, at)| Some(((t.aggregate_id.as_str(), t.sequence), (*at)?)))
+        .collect();
+    let mut applied = applied.lock().unwrap_or_else(|p| p.into_inner());
+    for a in &step.applied {
+        for r in &a.records {
+            applied
+                .entry((r.aggregate_id.clone(), r.sequence))
+                .or_default()
+                .push(Arrival {
+                    published: published
+                        .get(&(r.aggregate_id.as_str(), r.sequence))
+                        .copied(),
+                    received,
+                    committed: a.committed,
+                });
+        }
+    }
+}
 
 pub async fn run(args: &Args) -> anyhow::Result<Scenario> {
     let name = format!("twofold_bench_{}_lag", std::process::id());
@@ -76,53 +120,44 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<Scenario> {
         async move { relay.run_until_stopped(until_stopped(stopped)).await }
     });
     let applied: Applied = Arc::default();
+    // The server keys the seeder seals personal data with, which the
+    // directory builder opens.
+    let keys = Keyring::generate("bench");
     let source = Source {
         nats_url: config.nats_url.clone(),
         stream: config.nats_stream.clone(),
         filter_subject: format!("{}.events.>", config.nats_subject_prefix),
-        durable_prefix: "benchlag".into(),
+        durable: "benchlag".into(),
         ack_wait: Duration::from_secs(30),
     };
     let mut projectors = Vec::new();
-    for builder in Builder::ALL {
-        let projector = Arc::new(
-            Consumer::connect(
-                pool.clone(),
-                twofold_platform::personal::Personal::new(config.keyring()?),
-                &source,
-                builder,
-            )
-            .await?,
-        );
-        // Two batches at a time, as `Consumer::run_until_stopped` does.
-        for _ in 0..2 {
-            let (projector, applied) = (projector.clone(), applied.clone());
-            let mut stopped = stopped.clone();
-            projectors.push(tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = stopped.changed() => return,
-                        step = projector.process_next(500, Duration::from_millis(200)) => {
-                            let now = Instant::now();
-                            if let Ok(records) = step {
-                                let mut applied = applied.lock().unwrap_or_else(|p| p.into_inner());
-                                for r in records {
-                                    applied.entry((r.aggregate_id, r.sequence)).or_default().push(now);
-                                }
-                            }
+    let projector = Arc::new(
+        Consumer::connect(
+            pool.clone(),
+            twofold_platform::personal::Personal::new(keys.clone()),
+            &source,
+        )
+        .await?,
+    );
+    // Two batches at a time, as `Consumer::run_until_stopped` does.
+    for _ in 0..2 {
+        let (projector, applied) = (projector.clone(), applied.clone());
+        let mut stopped = stopped.clone();
+        projectors.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => return,
+                    step = projector.process_next(500, Duration::from_millis(200)) => {
+                        if let Ok(step) = step {
+                            note(&applied, &step);
                         }
                     }
                 }
-            }));
-        }
+            }
+        }));
     }
 
-    let seeder = Seeder::new(
-        pool.clone(),
-        Keyring::generate("bench"),
-        TenantId(Uuid::new_v4()),
-    )
-    .await?;
+    let seeder = Seeder::new(pool.clone(), keys.clone(), TenantId(Uuid::new_v4())).await?;
     eprintln!("twofold-bench: seeding {USERS} users for the projection lag");
     let users = Arc::new(
         seeder
@@ -189,17 +224,42 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<Scenario> {
     let commits = commits.lock().unwrap_or_else(|p| p.into_inner());
     let applied = applied.lock().unwrap_or_else(|p| p.into_inner());
     let mut lags = Vec::with_capacity(commits.len());
+    let (mut relay, mut nats, mut apply) = (Vec::new(), Vec::new(), Vec::new());
+    let ms = |from: DateTime<Utc>, to: DateTime<Utc>| {
+        (to - from).num_microseconds().unwrap_or(0).max(0) as f64 / 1000.0
+    };
     let mut missing = 0;
     for (event, committed) in commits.iter() {
         match applied.get(event) {
             // In every read model: when the last builder had it.
             Some(at) if at.len() >= Builder::ALL.len() => {
-                let last = at.iter().max().copied().unwrap_or(*committed);
-                lags.push(last.saturating_duration_since(*committed).as_secs_f64() * 1000.0);
+                let Some(last) = at.iter().max_by_key(|a| a.committed) else {
+                    continue;
+                };
+                lags.push(ms(*committed, last.committed));
+                if let Some(published) = last.published {
+                    relay.push(ms(*committed, published));
+                    nats.push(ms(published, last.received));
+                    apply.push(ms(last.received, last.committed));
+                }
             }
             _ => missing += 1,
         }
     }
+    let hop = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        json!({
+            "p50_ms": percentile(&v, 50.0),
+            "p95_ms": percentile(&v, 95.0),
+            "p99_ms": percentile(&v, 99.0),
+            "events": v.len(),
+        })
+    };
+    let hops = json!({
+        "commit_to_relay_publish": hop(relay),
+        "publish_to_projector_receive": hop(nats),
+        "receive_to_projector_commit": hop(apply),
+    });
     lags.sort_by(|a, b| a.total_cmp(b));
     let p99 = percentile(&lags, 99.0);
     Ok(Scenario {
@@ -218,6 +278,7 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<Scenario> {
             "max_ms": lags.last(),
             "events": lags.len(),
             "events_not_projected": missing,
+            "hops": hops,
             "peak_events_per_second": peak_events,
             "peak_is": "events per second from commit into both read models, 16 writers as fast as they can",
             "writers_peak_events_per_second": write_peak_events,
@@ -240,7 +301,7 @@ async fn sign_in(seeder: &Seeder, user: &Seeded, commits: &Commits) -> crate::lo
         .await;
     match executed {
         Ok((events, last)) => {
-            let committed = Instant::now();
+            let committed = wall_now();
             let mut commits = commits.lock().unwrap_or_else(|p| p.into_inner());
             for k in 0..events.len() as i64 {
                 commits.insert((id.clone(), last - k), committed);

@@ -179,7 +179,7 @@ const METRICS: &[(&str, Kind, Unit, &str)] = &[
         "twofold_projection_pending_events",
         Kind::Gauge,
         Unit::Count,
-        "Events in the stream a builder's consumer has not yet been delivered, by builder.",
+        "Events in the stream the projector's consumer has not yet been delivered (one count: the builders share it), by builder.",
     ),
     // Every process.
     (
@@ -333,9 +333,8 @@ pub fn register_zeros(worker: &str) {
             for builder in ["directory", "audit"] {
                 metrics::counter!("twofold_projection_events_applied_total", "builder" => builder)
                     .increment(0);
-                metrics::counter!("twofold_dead_letters_total", "consumer" => format!("projector-{builder}"))
-                    .increment(0);
             }
+            metrics::counter!("twofold_dead_letters_total", "consumer" => "projector").increment(0);
         }
         _ => {}
     }
