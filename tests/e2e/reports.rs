@@ -230,6 +230,157 @@ async fn as_of_a_past_moment_answers_what_the_read_model_answered_then() {
     assert_eq!(days[2]["enrolled"], 6);
 }
 
+/// `as_of` for an RFC 3339 moment, as a query parameter.
+fn as_of_query(at: chrono::DateTime<chrono::Utc>) -> String {
+    format!(
+        "/overview?as_of={}",
+        at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            .replace('+', "%2B")
+    )
+}
+
+#[tokio::test]
+async fn as_of_from_a_daily_checkpoint_answers_what_folding_every_event_answers() {
+    let app = spawn_app_with_sms().await;
+    let start = app.clock.now_for_tests();
+    scripted_history(&app).await;
+    // Users enroll in the days after with 2FA off at sign-in.
+    let admin = app.admin_token().await;
+    let off = app.set_settings(&admin, json!({"enabled": false})).await;
+    assert_eq!(off.status, StatusCode::OK);
+    let midnight = start.date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
+    let day = |n: i64, h: i64, m: i64| {
+        midnight + Duration::days(n) + Duration::hours(h) + Duration::minutes(m)
+    };
+    let patch = |path: String, token: String, body: Value| {
+        let app = &app;
+        async move {
+            let r = app
+                .client
+                .patch(format!("{}{path}", app.base))
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{path}: {}", r.status());
+        }
+    };
+    // Three more days: each a user enrolled, one created (finance), and a
+    // change of roles.
+    let mut dan = String::new();
+    for n in 1..=3 {
+        app.clock.set(day(n, 9, 0));
+        let admin = app.admin_token().await;
+        enrolled_user(&app, &admin, &format!("day{n}")).await;
+        let id = app
+            .create_user(&admin, json!({"username": format!("new{n}"), "password": "correct horse battery", "roles": ["finance"]}))
+            .await;
+        patch(
+            format!("/users/{id}"),
+            admin.clone(),
+            json!({"roles": ["staff"], "reason": "moved"}),
+        )
+        .await;
+        dan = id;
+    }
+    // The last new user's times go back across the end of day 3: a change at
+    // 00:30 on day 4, then one at 23:30 on day 3 (a clock set back).
+    app.clock.set(day(4, 0, 30));
+    let admin = app.admin_token().await;
+    patch(
+        format!("/users/{dan}"),
+        admin.clone(),
+        json!({"roles": ["ops"], "reason": "moved"}),
+    )
+    .await;
+    app.clock.set(day(3, 23, 30));
+    patch(
+        format!("/users/{dan}"),
+        admin,
+        json!({"roles": ["support"], "reason": "moved"}),
+    )
+    .await;
+    app.clock.set(day(6, 12, 0));
+    rebuild(&app).await;
+    let admin = app.admin_token().await;
+
+    let records = twofold_projections::record::load_tenant(
+        &app.pool,
+        &app.state.personal,
+        &app.tenant_id.to_string(),
+    )
+    .await
+    .unwrap();
+    let moments: Vec<_> = (0..=5)
+        .flat_map(|n| {
+            [
+                day(n, 0, 0),
+                day(n, 9, 30),
+                day(n, 23, 45),
+                day(n + 1, 0, 0) - Duration::microseconds(1),
+            ]
+        })
+        .chain([start, day(4, 0, 15), day(4, 0, 45)])
+        .collect();
+    for at in &moments {
+        let folded =
+            serde_json::to_value(twofold_projections::overview::as_of(&records, *at)).unwrap();
+        // Once taking the checkpoint, once from the one taken.
+        for _ in 0..2 {
+            let answered = get(&app, &admin, &as_of_query(*at)).await;
+            assert_eq!(answered["overview"], folded, "as of {at}");
+        }
+    }
+    // The figures moved over the days, so the comparisons said something.
+    let first = twofold_projections::overview::as_of(&records, day(0, 23, 45));
+    let last = twofold_projections::overview::as_of(&records, day(5, 0, 0));
+    assert_eq!(last.active_users, first.active_users + 6);
+    assert_eq!(last.enrolled, first.enrolled + 3);
+
+    // A checkpoint per day asked for (the day before each moment's), and
+    // nothing personal in them; the stream going back is listed.
+    let taken: Vec<(chrono::NaiveDate, Vec<u8>)> = sqlx::query_as(
+        "SELECT day, body FROM overview_checkpoints WHERE tenant_id = $1 ORDER BY day",
+    )
+    .bind(app.tenant_id.to_string())
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let days: Vec<_> = taken.iter().map(|(d, _)| *d).collect();
+    let expected: Vec<_> = (-1..=4).map(|n| day(n, 0, 0).date_naive()).collect();
+    assert_eq!(days, expected);
+    for (d, body) in &taken {
+        let body = String::from_utf8_lossy(body);
+        for personal in ["ann", "eli", "@acme.test", "+49151", "192.0.2", "new1"] {
+            assert!(!body.contains(personal), "{d}: {personal} in {body}");
+        }
+        assert_eq!(body.contains(&dan), *d >= day(3, 0, 0).date_naive(), "{d}");
+        assert_eq!(
+            body.contains(&format!("\"back_across\":[\"{dan}\"]")),
+            *d == day(3, 0, 0).date_naive(),
+            "{d}: {body}"
+        );
+    }
+
+    // A rebuild empties them (they are folded by the code rebuilt with).
+    rebuild(&app).await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM overview_checkpoints")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    let again = get(&app, &admin, &as_of_query(day(4, 0, 45))).await;
+    assert_eq!(
+        again["overview"],
+        serde_json::to_value(twofold_projections::overview::as_of(
+            &records,
+            day(4, 0, 45)
+        ))
+        .unwrap()
+    );
+}
+
 #[tokio::test]
 async fn a_rebuild_equals_the_read_models_it_replaces_and_replays_are_harmless() {
     let app = spawn_app_with_sms().await;
