@@ -173,6 +173,32 @@ pub struct Pruned {
     pub signed_at: DateTime<Utc>,
 }
 
+/// The columns an [`AuditEntry`] is read from.
+pub const ENTRY_COLUMNS: &str = "position, tenant_id, aggregate_type, aggregate_id, sequence, \
+     event_type, at, actor_kind, actor_id, ip, user_agent, reason, user_id, details";
+
+/// `tenant`'s audit entries after position `after` up to `upto`, in chain
+/// (position) order: what a checkpoint pass extends the chain over and what
+/// a pruning checks against the checkpoint it prunes up to.
+pub fn entries_between<'e>(
+    conn: &'e mut sqlx::PgConnection,
+    tenant: &'e str,
+    after: i64,
+    upto: i64,
+) -> futures::stream::BoxStream<'e, Result<AuditEntry, sqlx::Error>> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT {ENTRY_COLUMNS} FROM rm_audit \
+             WHERE tenant_id = $1 AND position > $2 AND position <= $3 ORDER BY position"
+        )
+    });
+    sqlx::query_as::<_, AuditEntry>(SQL.as_str())
+        .bind(tenant)
+        .bind(after)
+        .bind(upto)
+        .fetch(conn)
+}
+
 /// Links `entry` to the chain ending in `prev`.
 pub fn chain(prev: &str, entry: &AuditEntry) -> anyhow::Result<String> {
     let mut h = Sha256::new();

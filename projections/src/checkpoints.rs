@@ -16,7 +16,7 @@ use sqlx::PgPool;
 
 use twofold_platform::audit_signing::{AuditSigner, VerifyingKeys, ALGORITHM};
 
-use crate::audit::{chain, verify_watching, AuditEntry, ExportFilter, Verified, GENESIS};
+use crate::audit::{chain, entries_between, verify_watching, ExportFilter, Verified, GENESIS};
 
 /// When the server signs a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,15 +254,7 @@ async fn extend_chain(
     .context("locking a tenant's audit chain")?;
     let mut due = Vec::new();
     {
-        let mut entries = sqlx::query_as::<_, AuditEntry>(
-            "SELECT position, tenant_id, aggregate_type, aggregate_id, sequence, event_type, at, actor_kind, \
-               actor_id, ip, user_agent, reason, user_id, details FROM rm_audit \
-             WHERE tenant_id = $1 AND position > $2 AND position <= $3 ORDER BY position",
-        )
-        .bind(tenant)
-        .bind(row.position)
-        .bind(settled)
-        .fetch(&mut *tx);
+        let mut entries = entries_between(&mut tx, tenant, row.position, settled);
         while let Some(entry) = entries.try_next().await? {
             row.head = chain(&row.head, &entry)?;
             row.count += 1;
@@ -448,7 +440,7 @@ pub fn verify_against(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{Exporter, Format};
+    use crate::audit::{AuditEntry, Exporter, Format};
     use chrono::TimeZone;
     use serde_json::json;
 

@@ -113,8 +113,7 @@ pub fn audit<'a>(
 ) -> BoxStream<'a, Result<AuditEntry, sqlx::Error>> {
     // With a user, their entries and their deliveries' as two indexed
     // lookups: one `user_id = $3 OR …` scanned the whole tenant.
-    const COLUMNS: &str = "position, tenant_id, aggregate_type, aggregate_id, sequence, \
-         event_type, at, actor_kind, actor_id, ip, user_agent, reason, user_id, details";
+    use crate::audit::ENTRY_COLUMNS as COLUMNS;
     const FILTERS: &str = "($2::text IS NULL OR event_type = $2) \
          AND ($4::text IS NULL OR actor_id = $4) \
          AND ($5::timestamptz IS NULL OR at >= $5) \

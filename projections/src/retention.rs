@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use sqlx::PgPool;
 
-use crate::audit::{chain, AuditEntry, Pruned, GENESIS};
+use crate::audit::{chain, entries_between, Pruned, GENESIS};
 
 /// Where `tenant`'s history was pruned up to, if it was.
 pub async fn mark(
@@ -81,15 +81,7 @@ pub async fn prune(
     let (mut walked, mut at) = (count, head);
     let mut entries = 0u64;
     {
-        let mut rows = sqlx::query_as::<_, AuditEntry>(
-            "SELECT position, tenant_id, aggregate_type, aggregate_id, sequence, event_type, at, actor_kind, \
-               actor_id, ip, user_agent, reason, user_id, details FROM rm_audit \
-             WHERE tenant_id = $1 AND position > $2 AND position <= $3 ORDER BY position",
-        )
-        .bind(tenant)
-        .bind(from)
-        .bind(to.position)
-        .fetch(&mut *tx);
+        let mut rows = entries_between(&mut tx, tenant, from, to.position);
         while let Some(entry) = rows.try_next().await? {
             at = chain(&at, &entry)?;
             walked += 1;
