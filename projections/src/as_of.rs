@@ -40,11 +40,11 @@ pub const KEPT: i64 = 32;
 /// What a checkpoint keeps of one user's row: what the Overview reads,
 /// nothing personal, and the sequence its stream was folded to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Kept {
+pub(crate) struct Kept {
     #[serde(rename = "u")]
-    user_id: String,
+    pub(crate) user_id: String,
     #[serde(rename = "s")]
-    after: i64,
+    pub(crate) after: i64,
     #[serde(rename = "a", default)]
     service_account: bool,
     #[serde(rename = "t")]
@@ -64,7 +64,7 @@ struct Kept {
 }
 
 impl Kept {
-    fn of(user_id: &str, after: i64, row: &UserRow) -> Self {
+    pub(crate) fn of(user_id: &str, after: i64, row: &UserRow) -> Self {
         Self {
             user_id: user_id.to_string(),
             after,
@@ -80,7 +80,7 @@ impl Kept {
     }
 
     /// The row again; its username empty until named (`[erased]` if erased).
-    fn row(&self) -> UserRow {
+    pub(crate) fn row(&self) -> UserRow {
         UserRow {
             user_id: self.user_id.clone(),
             username: if self.erased {
@@ -105,8 +105,8 @@ impl Kept {
 /// across it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Checkpoint {
-    rows: Vec<Kept>,
-    back_across: Vec<String>,
+    pub(crate) rows: Vec<Kept>,
+    pub(crate) back_across: Vec<String>,
 }
 
 impl Checkpoint {
@@ -228,7 +228,7 @@ pub fn name(rows: &mut HashMap<String, UserRow>, ids: &[String], names: &HashMap
     }
 }
 
-fn end_of(day: NaiveDate) -> DateTime<Utc> {
+pub fn end_of(day: NaiveDate) -> DateTime<Utc> {
     day.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc() + Duration::days(1)
 }
 
@@ -239,7 +239,7 @@ pub fn day_for(at: DateTime<Utc>, now: DateTime<Utc>) -> Option<NaiveDate> {
     Some(at.date_naive().pred_opt()?.min(settled))
 }
 
-async fn load(
+pub(crate) async fn load(
     pool: &PgPool,
     tenant_id: &str,
     day: NaiveDate,
@@ -256,7 +256,7 @@ async fn load(
         .transpose()
 }
 
-async fn save(
+pub(crate) async fn save(
     pool: &PgPool,
     tenant_id: &str,
     day: NaiveDate,
@@ -290,7 +290,7 @@ async fn save(
 /// The tenant's user events after `end` up to `until` (found by time in the
 /// audit history), and every event after the checkpoint of the streams in
 /// `back_across`, in commit order, opened.
-async fn later(
+pub(crate) async fn later(
     pool: &PgPool,
     personal: &Personal,
     tenant_id: &str,
@@ -319,15 +319,15 @@ async fn later(
     Ok(records)
 }
 
-static TAKING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static TAKING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Checkpoints recently used, parsed (they never change once taken).
 pub type Remembered = Cache<(String, NaiveDate), Arc<Checkpoint>>;
 
-/// The tenant's checkpoint of `day`: stored, or taken now from all its
-/// events (in a task of its own, so that a request given up on still leaves
-/// it for the next).
-async fn checkpoint(
+/// The tenant's checkpoint of `day`: stored, or taken now, swept forward
+/// from an earlier one or else from all its events (in a task of its own,
+/// so that a request given up on still leaves it for the next).
+pub(crate) async fn checkpoint(
     pool: &PgPool,
     personal: &Personal,
     tenant_id: &str,
@@ -344,9 +344,20 @@ async fn checkpoint(
         if let Some(c) = load(&pool, &tenant, day).await? {
             return Ok(c);
         }
-        let mut taker = Taker::new(end_of(day));
-        record::each_of_tenant(&pool, &personal, &tenant, 10_000, |r| taker.add(r)).await?;
-        let taken = taker.finish();
+        // Swept forward from an earlier one if there is one not long before,
+        // else folded from every event.
+        let taken = match crate::days::base(&pool, &tenant, day).await? {
+            Some(base) => {
+                crate::days::sweep_from(&pool, &personal, &tenant, base, day, |_, _| Ok(()))
+                    .await?
+                    .checkpoint()
+            }
+            None => {
+                let mut taker = Taker::new(end_of(day));
+                record::each_of_tenant(&pool, &personal, &tenant, 10_000, |r| taker.add(r)).await?;
+                taker.finish()
+            }
+        };
         save(&pool, &tenant, day, &taken).await?;
         anyhow::Ok(taken)
     })
@@ -540,6 +551,44 @@ mod tests {
             listed > 0,
             "some streams went back across a checkpoint's end"
         );
+    }
+
+    #[test]
+    fn a_sweep_forward_from_a_checkpoint_gives_what_taking_and_folding_every_event_give() {
+        let (records, _) = history();
+        let start = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+        let mut listed = 0;
+        for base_hours in (0..130).step_by(11) {
+            let base_end = start + Duration::hours(base_hours);
+            let checkpoint = take(&records, base_end);
+            let ends: Vec<_> = (1..=8).map(|i| base_end + Duration::hours(i * 7)).collect();
+            let last = ends[ends.len() - 1];
+            // What `later` reads: by time up to the last end, and the
+            // listed streams' every event.
+            let mut sweep = crate::days::Sweep::new(&checkpoint, base_end);
+            sweep.add(&selected(
+                &records,
+                &checkpoint,
+                base_end,
+                last - Duration::microseconds(1),
+            ));
+            for end in ends {
+                sweep.advance(end);
+                let taken = take(&records, end);
+                listed += taken.back_across.len();
+                assert_eq!(sweep.checkpoint(), taken, "from {base_end} to {end}");
+                let day = end.date_naive();
+                assert_eq!(
+                    crate::days::point(day, &sweep.counts()),
+                    overview::DailyPoint::of(
+                        day,
+                        &overview::as_of(&records, end - Duration::microseconds(1))
+                    ),
+                    "from {base_end} to {end}"
+                );
+            }
+        }
+        assert!(listed > 0, "some streams went back across an end");
     }
 
     #[test]

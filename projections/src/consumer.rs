@@ -83,6 +83,10 @@ impl Projector {
         let (source, js) = (Source::from_config(config), jetstream::new(start.nats));
         let (telemetry, pool) = (start.telemetry, start.pool);
         let personal = Personal::new(config.keyring()?);
+        twofold_platform::retrying("filling in the Overview counts", || {
+            crate::overview_counts::upgrade(&pool)
+        })
+        .await;
         let consumer = twofold_platform::retrying("binding the projector's consumer", || {
             Consumer::bind(&js, pool.clone(), personal.clone(), &source)
         })

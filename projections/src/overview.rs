@@ -6,11 +6,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use chrono::{DateTime, Duration, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
-use twofold_domain::user::TwoFactorState;
+use twofold_domain::user::{SecondFactorUse, TwoFactorState};
 
-use crate::directory::UserRow;
+use crate::directory::{LastSignIn, UserRow};
 use crate::record::{EventRecord, RecordExt, Typed};
 
 /// Users with this many backup codes or fewer left count as running low.
@@ -66,99 +66,156 @@ pub struct RoleGap {
     pub not_enrolled: u64,
 }
 
-pub fn compute<'a>(rows: impl IntoIterator<Item = &'a UserRow>) -> Overview {
-    let mut o = Overview {
-        active_users: 0,
-        enrolled: 0,
-        pending: 0,
-        not_started: 0,
-        enrollment_rate: 0.0,
-        locked: 0,
-        by_method: ["totp", "email", "sms"]
-            .into_iter()
-            .map(|m| (m.to_string(), 0))
-            .collect(),
-        backup_codes: BackupCodeHealth {
-            none_left: 0,
-            running_low: 0,
-            users: Vec::new(),
+/// How many of the users low on backup codes the Overview names (fewest
+/// codes first); the directory's `backup_codes=low` filter lists them all.
+pub const LOW_ON_CODES_NAMED: usize = 50;
+
+/// The count of users whose last sign-in passed a second factor (for the
+/// rollout checklist's "tested" step; not an Overview figure).
+pub const SECOND_FACTOR_USED: &str = "second_factor_used";
+
+/// A tenant's Overview figures as counts by key (see [`tally`]).
+pub type Counts = BTreeMap<String, i64>;
+
+/// The counts one user's row adds one to: the Overview's figures are the
+/// sums of these over the tenant's rows, so the live Overview keeps them per
+/// tenant (`rm_overview_counts`) and moves them by what each change of a row
+/// takes away and adds, and the figures for a past day are summed the same
+/// way.
+pub fn tally(row: &UserRow) -> Vec<String> {
+    if row.service_account || row.user_id.is_empty() {
+        return Vec::new();
+    }
+    let status = row.status();
+    let enrolled = status == TwoFactorState::Enrolled;
+    let mut keys = vec![
+        "active_users".to_string(),
+        match status {
+            TwoFactorState::Enrolled => "enrolled",
+            TwoFactorState::Pending => "pending",
+            TwoFactorState::NotStarted => "not_started",
+        }
+        .to_string(),
+    ];
+    if row.locked {
+        keys.push("locked".to_string());
+    }
+    for method in &row.verified_methods {
+        keys.push(format!("method:{method}"));
+    }
+    // Recovery codes come with an authenticator.
+    if row.two_factor == TwoFactorState::Enrolled {
+        match row.backup_codes_left {
+            0 => keys.push("codes:none".to_string()),
+            n if n <= LOW_BACKUP_CODES => keys.push("codes:low".to_string()),
+            _ => {}
+        }
+    }
+    if let Some(LastSignIn {
+        second_factor: SecondFactorUse::Used { .. },
+        ..
+    }) = row.last_sign_in
+    {
+        keys.push(SECOND_FACTOR_USED.to_string());
+    }
+    for role in &row.roles {
+        keys.push(format!("role:{role}"));
+        if !enrolled {
+            keys.push(format!("role_not_enrolled:{role}"));
+        }
+    }
+    keys
+}
+
+/// Adds `row`'s tally to `counts` `times` times (-1 takes it away).
+pub fn count(counts: &mut Counts, row: &UserRow, times: i64) {
+    for key in tally(row) {
+        *counts.entry(key).or_default() += times;
+    }
+}
+
+/// The Overview from its counts, the users low on codes (fewest first, at
+/// most [`LOW_ON_CODES_NAMED`]) and the most recent enrollments (newest
+/// first, at most [`RECENT_ENROLLMENTS`]).
+pub fn from_counts(
+    counts: &Counts,
+    low_on_codes: Vec<LowOnCodes>,
+    recent_enrollments: Vec<RecentEnrollment>,
+) -> Overview {
+    let n = |key: &str| u64::try_from(counts.get(key).copied().unwrap_or(0)).unwrap_or(0);
+    let mut by_method: BTreeMap<String, u64> = ["totp", "email", "sms"]
+        .into_iter()
+        .map(|m| (m.to_string(), 0))
+        .collect();
+    let mut roles_without_2fa = Vec::new();
+    for (key, _) in counts.iter().filter(|(_, v)| **v > 0) {
+        if let Some(method) = key.strip_prefix("method:") {
+            by_method.insert(method.to_string(), n(key));
+        } else if let Some(role) = key.strip_prefix("role_not_enrolled:") {
+            roles_without_2fa.push(RoleGap {
+                role: role.to_string(),
+                users: n(&format!("role:{role}")),
+                not_enrolled: n(key),
+            });
+        }
+    }
+    let active_users = n("active_users");
+    let enrolled = n("enrolled");
+    Overview {
+        active_users,
+        enrolled,
+        pending: n("pending"),
+        not_started: n("not_started"),
+        enrollment_rate: if active_users > 0 {
+            enrolled as f64 / active_users as f64
+        } else {
+            0.0
         },
-        recent_enrollments: Vec::new(),
-        roles_without_2fa: Vec::new(),
-    };
-    let mut roles: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        locked: n("locked"),
+        by_method,
+        backup_codes: BackupCodeHealth {
+            none_left: n("codes:none"),
+            running_low: n("codes:low"),
+            users: low_on_codes,
+        },
+        recent_enrollments,
+        roles_without_2fa,
+    }
+}
+
+pub fn compute<'a>(rows: impl IntoIterator<Item = &'a UserRow>) -> Overview {
+    let mut counts = Counts::new();
+    let mut low = Vec::new();
+    let mut recent = Vec::new();
     for row in rows {
+        count(&mut counts, row, 1);
         if row.service_account {
             continue;
         }
-        o.active_users += 1;
-        let status = row.status();
-        let enrolled = status == TwoFactorState::Enrolled;
-        match status {
-            TwoFactorState::Enrolled => o.enrolled += 1,
-            TwoFactorState::Pending => o.pending += 1,
-            TwoFactorState::NotStarted => o.not_started += 1,
+        if row.two_factor == TwoFactorState::Enrolled && row.backup_codes_left <= LOW_BACKUP_CODES {
+            low.push(LowOnCodes {
+                user_id: row.user_id.clone(),
+                username: row.username.clone(),
+                left: row.backup_codes_left,
+            });
         }
-        if row.locked {
-            o.locked += 1;
-        }
-        for method in &row.verified_methods {
-            *o.by_method.entry(method.clone()).or_default() += 1;
-        }
-        // Recovery codes come with an authenticator.
-        if row.two_factor == TwoFactorState::Enrolled {
-            let left = row.backup_codes_left;
-            match left {
-                0 => o.backup_codes.none_left += 1,
-                n if n <= LOW_BACKUP_CODES => o.backup_codes.running_low += 1,
-                _ => {}
-            }
-            if left <= LOW_BACKUP_CODES {
-                o.backup_codes.users.push(LowOnCodes {
-                    user_id: row.user_id.clone(),
-                    username: row.username.clone(),
-                    left,
-                });
-            }
-        }
-        if enrolled {
-            if let Some(at) = row.enrolled_at {
-                o.recent_enrollments.push(RecentEnrollment {
-                    user_id: row.user_id.clone(),
-                    username: row.username.clone(),
-                    at,
-                });
-            }
-        }
-        for role in &row.roles {
-            let entry = roles.entry(role.as_str()).or_default();
-            entry.0 += 1;
-            if !enrolled {
-                entry.1 += 1;
-            }
+        if let (TwoFactorState::Enrolled, Some(at)) = (row.status(), row.enrolled_at) {
+            recent.push(RecentEnrollment {
+                user_id: row.user_id.clone(),
+                username: row.username.clone(),
+                at,
+            });
         }
     }
-    if o.active_users > 0 {
-        o.enrollment_rate = o.enrolled as f64 / o.active_users as f64;
-    }
-    o.backup_codes.users.sort_by(|a, b| {
+    low.sort_by(|a, b| {
         a.left
             .cmp(&b.left)
             .then_with(|| a.username.cmp(&b.username))
     });
-    o.recent_enrollments
-        .sort_by(|a, b| b.at.cmp(&a.at).then_with(|| a.username.cmp(&b.username)));
-    o.recent_enrollments.truncate(RECENT_ENROLLMENTS);
-    o.roles_without_2fa = roles
-        .into_iter()
-        .filter(|(_, (_, not_enrolled))| *not_enrolled > 0)
-        .map(|(role, (users, not_enrolled))| RoleGap {
-            role: role.to_string(),
-            users,
-            not_enrolled,
-        })
-        .collect();
-    o
+    low.truncate(LOW_ON_CODES_NAMED);
+    recent.sort_by(|a, b| b.at.cmp(&a.at).then_with(|| a.username.cmp(&b.username)));
+    recent.truncate(RECENT_ENROLLMENTS);
+    from_counts(&counts, low, recent)
 }
 
 /// The users [`compute`] names, of `rows`: those low on backup codes, and
@@ -225,46 +282,17 @@ pub struct DailyPoint {
     pub locked: u64,
 }
 
-/// The Overview's figures at the end of each day from `from` to `to` (UTC).
-pub fn daily(records: &[EventRecord], from: NaiveDate, to: NaiveDate) -> Vec<DailyPoint> {
-    let mut points = Vec::new();
-    let mut rows: HashMap<String, UserRow> = HashMap::new();
-    let mut user_events = records
-        .iter()
-        .filter(|r| r.aggregate_type == "user")
-        .filter_map(|r| match r.typed() {
-            Ok(Typed::User(e)) => Some((r.aggregate_id.clone(), e)),
-            _ => None,
-        })
-        .peekable();
-    let mut day = from;
-    while day <= to {
-        let end_of_day = day
-            .and_hms_opt(0, 0, 0)
-            .map(|d| d.and_utc() + Duration::days(1));
-        let Some(end) = end_of_day else { break };
-        while let Some((_, e)) = user_events.peek() {
-            if e.ctx().at >= end {
-                break;
-            }
-            if let Some((id, e)) = user_events.next() {
-                rows.entry(id).or_default().apply(&e);
-            }
-        }
-        let o = compute(rows.values());
-        points.push(DailyPoint {
-            date: day,
+impl DailyPoint {
+    /// The day's point of the Overview at its end.
+    pub fn of(date: NaiveDate, o: &Overview) -> Self {
+        Self {
+            date,
             active_users: o.active_users,
             enrolled: o.enrolled,
             pending: o.pending,
             not_started: o.not_started,
             enrollment_rate: o.enrollment_rate,
             locked: o.locked,
-        });
-        match day.succ_opt() {
-            Some(next) => day = next,
-            None => break,
         }
     }
-    points
 }

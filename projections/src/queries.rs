@@ -10,16 +10,80 @@ use sqlx::PgPool;
 
 use crate::audit::AuditEntry;
 use crate::directory::{DirectoryQuery, UserRow};
-use crate::overview::{self, Overview};
+use crate::overview::{self, Counts, LowOnCodes, Overview, RecentEnrollment};
 
-/// The live Overview of a tenant, from the directory.
+/// The live Overview of a tenant: its stored counts, and the users it names
+/// by two indexed lookups (or, while an upgrade has not filled the counts in
+/// yet, from every directory row).
 pub async fn overview(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Overview> {
-    let rows: Vec<sqlx::types::Json<UserRow>> =
-        sqlx::query_scalar("SELECT row FROM rm_users WHERE tenant_id = $1")
+    if crate::overview_counts::pending(pool).await? {
+        let rows: Vec<sqlx::types::Json<UserRow>> =
+            sqlx::query_scalar("SELECT row FROM rm_users WHERE tenant_id = $1")
+                .bind(tenant_id)
+                .fetch_all(pool)
+                .await?;
+        return Ok(overview::compute(rows.iter().map(|r| &r.0)));
+    }
+    let counts = stored_counts(pool, tenant_id).await?;
+    // Usernames compare as bytes, as the Overview's own sort compares them.
+    let low: Vec<(String, String, i32)> = sqlx::query_as(
+        "SELECT user_id, username, (row ->> 'backup_codes_left')::int AS left_ FROM rm_users \
+         WHERE tenant_id = $1 AND row ->> 'two_factor' = 'enrolled' AND NOT service_account \
+           AND (row ->> 'backup_codes_left')::int <= 2 \
+         ORDER BY left_, username COLLATE \"C\" LIMIT $2",
+    )
+    .bind(tenant_id)
+    .bind(overview::LOW_ON_CODES_NAMED as i64)
+    .fetch_all(pool)
+    .await?;
+    // Newest first; ties go by username.
+    let recent: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT user_id, username, enrolled_at FROM rm_users \
+         WHERE tenant_id = $1 AND two_factor = 'enrolled' AND NOT service_account AND enrolled_at IS NOT NULL \
+         ORDER BY enrolled_at DESC, username COLLATE \"C\" LIMIT $2",
+    )
+    .bind(tenant_id)
+    .bind(overview::RECENT_ENROLLMENTS as i64)
+    .fetch_all(pool)
+    .await?;
+    Ok(overview::from_counts(
+        &counts,
+        low.into_iter()
+            .map(|(user_id, username, left)| LowOnCodes {
+                user_id,
+                username,
+                left: u32::try_from(left).unwrap_or(0),
+            })
+            .collect(),
+        recent
+            .into_iter()
+            .map(|(user_id, username, at)| RecentEnrollment {
+                user_id,
+                username,
+                at,
+            })
+            .collect(),
+    ))
+}
+
+async fn stored_counts(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Counts> {
+    let counts: Vec<(String, i64)> =
+        sqlx::query_as("SELECT key, value FROM rm_overview_counts WHERE tenant_id = $1")
             .bind(tenant_id)
             .fetch_all(pool)
             .await?;
-    Ok(overview::compute(rows.iter().map(|r| &r.0)))
+    Ok(counts.into_iter().collect())
+}
+
+/// The live Overview's counts of a tenant (see [`overview::tally`]).
+pub async fn overview_counts(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Counts> {
+    if crate::overview_counts::pending(pool).await? {
+        let rows = users(pool, tenant_id).await?;
+        return Ok(crate::overview_counts::of(&rows)
+            .remove(tenant_id)
+            .unwrap_or_default());
+    }
+    stored_counts(pool, tenant_id).await
 }
 
 pub const MAX_PER_PAGE: u32 = 200;
@@ -164,6 +228,8 @@ pub struct DeliveryStats {
 }
 
 pub async fn delivery(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Vec<DeliveryStats>> {
+    // Delivery entries only, by the partial index on them (not every entry
+    // of the tenant).
     // A fallback or a failure belongs to its request's method (from its claim)
     // and, for SMS, to the provider the tenant's settings named when it
     // happened (a `DeliveryFellBack` names none itself); a fallback's rate is
@@ -171,7 +237,7 @@ pub async fn delivery(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Vec<Deli
     Ok(sqlx::query_as(
         "WITH claims AS ( \
            SELECT DISTINCT ON (aggregate_id) aggregate_id, details::jsonb ->> 'method' AS method \
-           FROM rm_audit WHERE tenant_id = $1 AND event_type = 'DeliveryClaimed' \
+           FROM rm_audit WHERE tenant_id = $1 AND aggregate_type = 'delivery' AND event_type = 'DeliveryClaimed' \
            ORDER BY aggregate_id, position), \
          outcomes AS ( \
            SELECT a.event_type, \
@@ -184,7 +250,8 @@ pub async fn delivery(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Vec<Deli
                   ELSE 'smtp' END AS provider, \
              (a.details::jsonb ->> 'latency_ms')::float8 AS latency \
            FROM rm_audit a JOIN claims c USING (aggregate_id) \
-           WHERE a.tenant_id = $1 AND a.event_type IN ('CodeDelivered', 'DeliveryFailed', 'DeliveryFellBack')) \
+           WHERE a.tenant_id = $1 AND a.aggregate_type = 'delivery' \
+             AND a.event_type IN ('CodeDelivered', 'DeliveryFailed', 'DeliveryFellBack')) \
          SELECT method, provider, \
            count(*) FILTER (WHERE event_type = 'CodeDelivered') AS sent, \
            count(*) FILTER (WHERE event_type = 'DeliveryFailed') AS failed, \
@@ -209,6 +276,17 @@ pub async fn users(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Vec<UserRow
             .bind(tenant_id)
             .fetch_all(pool)
             .await?;
+    Ok(rows.into_iter().map(|r| r.0).collect())
+}
+
+/// The tenant's admins' rows (by the partial index on them).
+pub async fn admins(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Vec<UserRow>> {
+    let rows: Vec<sqlx::types::Json<UserRow>> = sqlx::query_scalar(
+        "SELECT row FROM rm_users WHERE tenant_id = $1 AND 'admin' = ANY(roles) ORDER BY username",
+    )
+    .bind(tenant_id)
+    .fetch_all(pool)
+    .await?;
     Ok(rows.into_iter().map(|r| r.0).collect())
 }
 

@@ -45,7 +45,8 @@ pub async fn rebuild(
     let mut tx = pool.begin().await.context("starting the rebuild")?;
     // The Overview's checkpoints are folded by the code being rebuilt with.
     sqlx::query(
-        "TRUNCATE rm_users, rm_audit, projection_positions, projection_progress, overview_checkpoints",
+        "TRUNCATE rm_users, rm_audit, projection_positions, projection_progress, overview_checkpoints, \
+           overview_days, rm_overview_counts",
     )
         .execute(&mut *tx)
         .await?;
@@ -121,6 +122,8 @@ pub async fn rebuild(
     let mut tx = writer.await.context("the rebuild writer stopped")??;
     let rows: Vec<&UserRow> = users.values().filter(|r| !r.user_id.is_empty()).collect();
     write_users(&mut tx, &rows, None).await?;
+    crate::overview_counts::replace(&mut tx, &crate::overview_counts::of(rows.iter().copied()))
+        .await?;
     // The indexes dropped above, built again over the complete tables, with
     // room to sort in memory.
     sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")

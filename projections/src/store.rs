@@ -9,6 +9,7 @@ use twofold_domain::user::UserEvent;
 
 use crate::audit::AuditEntry;
 use crate::directory::UserRow;
+use crate::overview::{self, Counts};
 use twofold_platform::envelope::COLUMNS;
 use twofold_platform::personal::Personal;
 
@@ -106,9 +107,10 @@ impl Builder {
         };
         match self {
             Builder::Directory => {
-                let rows = fold_directory(&mut *tx, &records).await?;
+                let (rows, moved) = fold_directory(&mut *tx, &records).await?;
                 let rows: Vec<&UserRow> = rows.values().filter(|r| !r.user_id.is_empty()).collect();
                 write_users(&mut *tx, &rows, Some(&progress)).await?;
+                add_counts(&mut *tx, &moved).await?;
             }
             Builder::Audit => {
                 let entries: Vec<AuditEntry> =
@@ -237,10 +239,12 @@ pub struct StreamTarget {
 /// Folds the users' events into their rows: each row read once and updated
 /// with all its events in order. (No lock on the rows: the users' stream
 /// positions, locked first, already keep other instances of the builder off.)
+/// Also returns how the tenants' Overview counts move: what the rows add now
+/// less what they added before.
 async fn fold_directory(
     tx: &mut PgConnection,
     records: &[EventRecord],
-) -> anyhow::Result<BTreeMap<String, UserRow>> {
+) -> anyhow::Result<(BTreeMap<String, UserRow>, TenantCounts)> {
     let mut events: Vec<(&str, UserEvent)> = Vec::new();
     for record in records {
         // An event of a newer shape than this build knows is not folded by
@@ -257,7 +261,7 @@ async fn fold_directory(
         }
     }
     if events.is_empty() {
-        return Ok(BTreeMap::new());
+        return Ok((BTreeMap::new(), TenantCounts::new()));
     }
     let ids: Vec<&str> = events.iter().map(|(id, _)| *id).collect();
     let current: Vec<(String, sqlx::types::Json<UserRow>)> =
@@ -267,12 +271,52 @@ async fn fold_directory(
             .await?;
     let mut rows: BTreeMap<String, UserRow> =
         current.into_iter().map(|(id, row)| (id, row.0)).collect();
+    let mut moved = TenantCounts::new();
+    for row in rows.values() {
+        overview::count(moved.entry(row.tenant_id.clone()).or_default(), row, -1);
+    }
     for (id, event) in &events {
         // Events of a user whose registration this builder never saw leave
-        // a row with no id, which is not written.
+        // a row with no id, which is not written (and counts for nothing).
         rows.entry(id.to_string()).or_default().apply(event);
     }
-    Ok(rows)
+    for row in rows.values() {
+        overview::count(moved.entry(row.tenant_id.clone()).or_default(), row, 1);
+    }
+    Ok((rows, moved))
+}
+
+/// Per tenant, Overview counts (see [`overview::tally`]).
+pub type TenantCounts = BTreeMap<String, Counts>;
+
+/// Adds `moved` to the tenants' stored Overview counts (those that moved at
+/// all), in key order, so two batches never wait on each other's rows.
+pub async fn add_counts(tx: &mut PgConnection, moved: &TenantCounts) -> anyhow::Result<()> {
+    let mut tenants = Vec::new();
+    let mut keys = Vec::new();
+    let mut values = Vec::new();
+    for (tenant, counts) in moved {
+        for (key, value) in counts.iter().filter(|(_, v)| **v != 0) {
+            tenants.push(tenant.as_str());
+            keys.push(key.as_str());
+            values.push(*value);
+        }
+    }
+    if keys.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO rm_overview_counts AS c (tenant_id, key, value) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) ORDER BY 1, 2 \
+         ON CONFLICT (tenant_id, key) DO UPDATE SET value = c.value + EXCLUDED.value",
+    )
+    .bind(&tenants)
+    .bind(&keys)
+    .bind(&values)
+    .execute(&mut *tx)
+    .await
+    .context("moving the Overview counts")?;
+    Ok(())
 }
 
 /// Where a live update leaves the builder: each stream's new position and
@@ -429,8 +473,9 @@ pub async fn write_users(
         Some(_) => (
             " ON CONFLICT (user_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, username = EXCLUDED.username, \
                two_factor = EXCLUDED.two_factor, locked = EXCLUDED.locked, service_account = EXCLUDED.service_account, \
-               roles = EXCLUDED.roles, methods = EXCLUDED.methods, last_sign_in_at = EXCLUDED.last_sign_in_at, row = EXCLUDED.row",
-            Progress::sql(11),
+               roles = EXCLUDED.roles, methods = EXCLUDED.methods, last_sign_in_at = EXCLUDED.last_sign_in_at, row = EXCLUDED.row, \
+               enrolled_at = EXCLUDED.enrolled_at",
+            Progress::sql(12),
         ),
         None => ("", String::new()),
     };
@@ -442,10 +487,10 @@ pub async fn write_users(
     };
     for chunk in chunks {
         let insert = format!(
-            "INSERT INTO rm_users (user_id, tenant_id, username, two_factor, locked, service_account, roles, methods, last_sign_in_at, row) \
-             SELECT u, t, n, f, l, s, ARRAY(SELECT jsonb_array_elements_text(r)), ARRAY(SELECT jsonb_array_elements_text(m)), a, w \
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::boolean[], $6::boolean[], $7::jsonb[], $8::jsonb[], $9::timestamptz[], $10::jsonb[]) \
-               AS x(u, t, n, f, l, s, r, m, a, w){on_conflict}"
+            "INSERT INTO rm_users (user_id, tenant_id, username, two_factor, locked, service_account, roles, methods, last_sign_in_at, row, enrolled_at) \
+             SELECT u, t, n, f, l, s, ARRAY(SELECT jsonb_array_elements_text(r)), ARRAY(SELECT jsonb_array_elements_text(m)), a, w, e \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::boolean[], $6::boolean[], $7::jsonb[], $8::jsonb[], $9::timestamptz[], $10::jsonb[], $11::timestamptz[]) \
+               AS x(u, t, n, f, l, s, r, m, a, w, e){on_conflict}"
         );
         let sql = match progress {
             Some(_) => format!("WITH users AS ({insert}){tail}"),
@@ -486,7 +531,8 @@ pub async fn write_users(
                     .iter()
                     .map(serde_json::to_value)
                     .collect::<Result<Vec<_>, _>>()?,
-            );
+            )
+            .bind(chunk.iter().map(|r| r.enrolled_at).collect::<Vec<_>>());
         match progress {
             Some(p) => p.bind(query).execute(&mut *tx).await?,
             None => query.execute(&mut *tx).await?,

@@ -379,6 +379,136 @@ async fn as_of_from_a_daily_checkpoint_answers_what_folding_every_event_answers(
         ))
         .unwrap()
     );
+
+    // The daily series: each day's figures are what `as_of` its last moment
+    // answers, whether swept forward from a checkpoint, kept, or (today) the
+    // live Overview's.
+    let series = format!(
+        "/overview/daily?from={}&to={}",
+        day(-2, 0, 0).date_naive(),
+        day(6, 0, 0).date_naive()
+    );
+    let expected: Vec<Value> = (-2..=6)
+        .map(|n| {
+            let end = day(n + 1, 0, 0) - Duration::microseconds(1);
+            serde_json::to_value(twofold_projections::overview::DailyPoint::of(
+                end.date_naive(),
+                &twofold_projections::overview::as_of(&records, end),
+            ))
+            .unwrap()
+        })
+        .collect();
+    for _ in 0..2 {
+        let days = get(&app, &admin, &series).await;
+        assert_eq!(days["days"], json!(expected));
+    }
+    let kept: Vec<chrono::NaiveDate> =
+        sqlx::query_scalar("SELECT day FROM overview_days WHERE tenant_id = $1 ORDER BY day")
+            .bind(app.tenant_id.to_string())
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    let settled: Vec<_> = (-2..=5).map(|n| day(n, 0, 0).date_naive()).collect();
+    assert_eq!(kept, settled, "the settled days are kept, today is not");
+    // A later series starts from the checkpoint the sweep left (day 5).
+    app.clock.set(day(8, 12, 0));
+    let later = get(
+        &app,
+        &admin,
+        &format!(
+            "/overview/daily?from={}&to={}",
+            day(5, 0, 0).date_naive(),
+            day(7, 0, 0).date_naive()
+        ),
+    )
+    .await;
+    assert_eq!(later["days"][0], expected[7]);
+    assert_eq!(later["days"][2]["enrolled"], expected[8]["enrolled"]);
+}
+
+#[tokio::test]
+async fn the_live_overview_counts_move_with_each_change_as_a_rebuild_counts_them() {
+    use twofold_projections::store::{catch_up, Builder, StreamTarget};
+    let app = spawn_app_with_sms().await;
+    scripted_history(&app).await;
+    let admin = app.admin_token().await;
+    let counts = || async {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT key, value FROM rm_overview_counts WHERE tenant_id = $1 AND value <> 0 ORDER BY key",
+        )
+        .bind(app.tenant_id.to_string())
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        rows
+    };
+    let from_rows = || async {
+        let rows = twofold_projections::queries::users(&app.pool, &app.tenant_id.to_string())
+            .await
+            .unwrap();
+        let counts = twofold_projections::overview_counts::of(&rows)
+            .remove(&app.tenant_id.to_string())
+            .unwrap_or_default();
+        let counts: Vec<(String, i64)> = counts.into_iter().filter(|(_, v)| *v != 0).collect();
+        (counts, twofold_projections::overview::compute(&rows))
+    };
+    // The live builder: the first half of the events one at a time, the
+    // rest in one batch (several events of a user folded at once).
+    let records = twofold_projections::record::load_batch(&app.pool, 0, 100_000)
+        .await
+        .unwrap();
+    let (first, rest) = records.split_at(records.len() / 2);
+    for record in first {
+        Builder::Directory
+            .apply(&app.pool, &app.state.personal, record)
+            .await
+            .unwrap();
+    }
+    let targets: Vec<StreamTarget> = rest
+        .iter()
+        .map(|r| StreamTarget {
+            aggregate_type: r.aggregate_type.clone(),
+            aggregate_id: r.aggregate_id.clone(),
+            sequence: r.sequence,
+        })
+        .collect();
+    let mut conn = app.pool.acquire().await.unwrap();
+    catch_up(
+        &mut conn,
+        &app.state.personal,
+        &[Builder::Directory],
+        &targets,
+    )
+    .await
+    .unwrap();
+    let (expected, computed) = from_rows().await;
+    assert!(expected.len() > 8, "{expected:?}");
+    assert_eq!(counts().await, expected);
+    let live = get(&app, &admin, "/overview").await["overview"].clone();
+    assert_eq!(live, serde_json::to_value(&computed).unwrap());
+    assert_eq!(live["active_users"], 7);
+    assert_eq!(live["locked"], 1);
+
+    rebuild(&app).await;
+    assert_eq!(counts().await, expected);
+    assert_eq!(get(&app, &admin, "/overview").await["overview"], live);
+
+    // After the upgrade that brought the counts, they are filled in from
+    // the rows; until then the Overview is computed from the rows.
+    sqlx::query("DELETE FROM rm_overview_counts")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO read_model_upgrades (name) VALUES ('overview_counts')")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(get(&app, &admin, "/overview").await["overview"], live);
+    twofold_projections::overview_counts::upgrade(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(counts().await, expected);
+    assert_eq!(get(&app, &admin, "/overview").await["overview"], live);
 }
 
 #[tokio::test]

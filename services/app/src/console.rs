@@ -189,12 +189,8 @@ impl App {
     pub async fn checklist(&self, reader: &ReaderSession) -> Result<Vec<ChecklistItem>, AppError> {
         let tenant_key = reader.tenant_id().to_string();
         let settings = &reader.0.tenant.settings;
-        let rows = queries::users(&self.pool, &tenant_key).await?;
+        let admins = queries::admins(&self.pool, &tenant_key).await?;
         let changes = self.tenants.load_versioned(&tenant_key).await?.sequence - 1;
-        let admins: Vec<&UserRow> = rows
-            .iter()
-            .filter(|r| r.roles.contains(Role::ADMIN))
-            .collect();
         let admins_ready = admins
             .iter()
             .filter(|r| {
@@ -202,12 +198,10 @@ impl App {
                     || usable(settings, r)
             })
             .count();
-        let tested = rows.iter().any(|r| {
-            matches!(
-                r.last_sign_in.as_ref().map(|s| s.second_factor),
-                Some(SecondFactorUse::Used { .. })
-            )
-        });
+        let tested = queries::overview_counts(&self.pool, &tenant_key)
+            .await?
+            .get(twofold_projections::overview::SECOND_FACTOR_USED)
+            .is_some_and(|n| *n > 0);
         let methods: Vec<&str> = settings
             .allowed_methods
             .iter()

@@ -12,7 +12,7 @@ use twofold_projections::checkpoints::{self, Checkpoint, CheckpointPolicy};
 use twofold_projections::directory::{DirectoryQuery, UserRow};
 use twofold_projections::overview::{DailyPoint, Overview};
 use twofold_projections::queries::{self, AuditQuery, DeliveryStats};
-use twofold_projections::{as_of, overview, record, retention};
+use twofold_projections::{as_of, days, retention};
 
 use crate::session::ReaderSession;
 use crate::{App, AppError, Origin};
@@ -97,10 +97,18 @@ impl App {
                 "`from` must not be after `to`, and at most 366 days apart.".to_string(),
             ));
         }
-        let records =
-            record::load_tenant(&self.pool, &self.personal, &reader.tenant_id().to_string())
-                .await?;
-        Ok(overview::daily(&records, from, to))
+        let tenant = reader.tenant_id().to_string();
+        let live = queries::overview_counts(&self.pool, &tenant).await?;
+        Ok(days::daily(
+            &self.pool,
+            &self.personal,
+            &self.overview_checkpoints,
+            &tenant,
+            (from, to),
+            self.now(),
+            &live,
+        )
+        .await?)
     }
 
     /// Sent, failed, fallbacks and latency percentiles per method and provider.
