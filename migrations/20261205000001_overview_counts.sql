@@ -21,16 +21,13 @@ CREATE TABLE read_model_upgrades
 INSERT INTO read_model_upgrades (name)
 SELECT 'overview_counts' WHERE EXISTS (SELECT 1 FROM rm_users);
 
--- The users the Overview names: the most recent enrollments, and those
--- enrolled with an authenticator who have 2 backup codes or fewer left.
+-- The users the Overview names: the most recent enrollments.
 ALTER TABLE rm_users ADD COLUMN enrolled_at timestamptz;
 UPDATE rm_users SET enrolled_at = (row ->> 'enrolled_at')::timestamptz
 WHERE row ->> 'enrolled_at' IS NOT NULL;
 CREATE INDEX rm_users_enrolled_at ON rm_users (tenant_id, enrolled_at DESC)
     WHERE two_factor = 'enrolled' AND NOT service_account AND enrolled_at IS NOT NULL;
-CREATE INDEX rm_users_low_on_codes ON rm_users (tenant_id, ((row ->> 'backup_codes_left')::int))
-    WHERE row ->> 'two_factor' = 'enrolled' AND NOT service_account
-      AND (row ->> 'backup_codes_left')::int <= 2;
+-- (Those low on codes: by `rm_users_backup_codes`, the next migration's.)
 
 -- The Overview's figures at the end of each settled day (UTC), so the daily
 -- series is read, not folded; emptied by a rebuild like the checkpoints.

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde::Deserialize;
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, QueryBuilder};
 
 use crate::audit::AuditEntry;
 use crate::directory::{DirectoryQuery, UserRow};
@@ -27,13 +27,13 @@ pub async fn overview(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Overview
     let counts = stored_counts(pool, tenant_id).await?;
     // Usernames compare as bytes, as the Overview's own sort compares them.
     let low: Vec<(String, String, i32)> = sqlx::query_as(
-        "SELECT user_id, username, (row ->> 'backup_codes_left')::int AS left_ FROM rm_users \
-         WHERE tenant_id = $1 AND row ->> 'two_factor' = 'enrolled' AND NOT service_account \
-           AND (row ->> 'backup_codes_left')::int <= 2 \
-         ORDER BY left_, username COLLATE \"C\" LIMIT $2",
+        "SELECT user_id, username, backup_codes_left FROM rm_users \
+         WHERE tenant_id = $1 AND backup_codes_left <= $3 AND NOT service_account \
+         ORDER BY backup_codes_left, username COLLATE \"C\" LIMIT $2",
     )
     .bind(tenant_id)
     .bind(overview::LOW_ON_CODES_NAMED as i64)
+    .bind(overview::LOW_BACKUP_CODES as i32)
     .fetch_all(pool)
     .await?;
     // Newest first; ties go by username.
@@ -88,57 +88,119 @@ pub async fn overview_counts(pool: &PgPool, tenant_id: &str) -> anyhow::Result<C
 
 pub const MAX_PER_PAGE: u32 = 200;
 
-/// One page of the directory, and the total matching.
+/// One page of the directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DirectoryAnswer {
+    pub rows: Vec<UserRow>,
+    /// The users matching, exact unless `total_capped`; then the least it
+    /// can be: one more than `count_limit`, or on a page past that, one
+    /// more than the rows up to the end of this page (so whether a next
+    /// page exists reads the same either way: `total > page * per_page`).
+    pub total: i64,
+    pub total_capped: bool,
+}
+
+/// One page of the directory, and how many users match, counted up to
+/// `count_limit` (counting every one of 90,000 matches costs more than
+/// the page itself).
 pub async fn directory(
     pool: &PgPool,
     tenant_id: &str,
     q: &DirectoryQuery,
-) -> anyhow::Result<(Vec<UserRow>, i64)> {
-    let per_page = q.per_page.unwrap_or(50).clamp(1, MAX_PER_PAGE);
-    let page = q.page.unwrap_or(1).max(1);
-    let two_factor_on = q.two_factor.as_deref().map(|v| v == "on");
-    let filter = "tenant_id = $1 \
-         AND ($2::text IS NULL OR two_factor = $2) \
-         AND ($3::text IS NULL OR $3 = ANY(roles)) \
-         AND ($4::boolean IS NULL OR locked = $4) \
-         AND ($5::text IS NULL OR $5 = ANY(methods)) \
-         AND ($6::boolean IS NULL OR (two_factor = 'enrolled') = $6) \
-         AND ($7::text IS NULL OR strpos(username, lower($7)) > 0) \
-         AND ($8::int IS NULL OR (row->>'two_factor' = 'enrolled' AND (row->>'backup_codes_left')::int <= $8))";
-    let q_text = q.q.as_deref().map(str::trim).filter(|s| !s.is_empty());
-    let max_codes: Option<i32> = match q.backup_codes.as_deref() {
+    count_limit: u32,
+) -> anyhow::Result<DirectoryAnswer> {
+    let per_page = i64::from(q.per_page.unwrap_or(50).clamp(1, MAX_PER_PAGE));
+    // In i64: a page number near u32::MAX times the page size overflows u32.
+    let offset = (i64::from(q.page.unwrap_or(1).max(1)) - 1) * per_page;
+    let count_limit = i64::from(count_limit);
+    // The page's ids come from an index (in username order, filtered, past
+    // the offset) and only their rows from the table; one row past the page
+    // says whether more follow.
+    let mut page = QueryBuilder::new(
+        "SELECT row FROM rm_users WHERE user_id = ANY(ARRAY(SELECT user_id FROM rm_users WHERE ",
+    );
+    push_filters(&mut page, tenant_id, q);
+    page.push(" ORDER BY username LIMIT ")
+        .push_bind(per_page + 1)
+        .push(" OFFSET ")
+        .push_bind(offset)
+        .push(")) ORDER BY username");
+    // Planned for its values each time (a generic plan cannot tell a rare
+    // role or a selective `q` from a common one).
+    let rows: Vec<sqlx::types::Json<UserRow>> = page
+        .build_query_scalar()
+        .persistent(false)
+        .fetch_all(pool)
+        .await?;
+    let mut rows: Vec<UserRow> = rows.into_iter().map(|r| r.0).collect();
+    let more = rows.len() as i64 > per_page;
+    rows.truncate(per_page as usize);
+    let through_page = offset + rows.len() as i64;
+    let (total, total_capped) = if !more && (!rows.is_empty() || offset == 0) {
+        // The last page: everything before it and on it is the total.
+        (through_page, false)
+    } else if more && through_page >= count_limit {
+        (through_page + 1, true)
+    } else {
+        let mut count = QueryBuilder::new("SELECT count(*) FROM (SELECT 1 FROM rm_users WHERE ");
+        push_filters(&mut count, tenant_id, q);
+        count
+            .push(" LIMIT ")
+            .push_bind(count_limit + 1)
+            .push(") AS matching");
+        let counted: i64 = count
+            .build_query_scalar()
+            .persistent(false)
+            .fetch_one(pool)
+            .await?;
+        (counted, counted > count_limit)
+    };
+    Ok(DirectoryAnswer {
+        rows,
+        total,
+        total_capped,
+    })
+}
+
+/// The directory query's filters, only those given: each then has the plan
+/// its index serves, which one statement for every combination would not.
+fn push_filters<'a>(b: &mut QueryBuilder<'a, Postgres>, tenant_id: &'a str, q: &'a DirectoryQuery) {
+    b.push("tenant_id = ").push_bind(tenant_id);
+    if let Some(status) = q.status.as_deref() {
+        b.push(" AND two_factor = ").push_bind(status);
+    }
+    match q.two_factor.as_deref() {
+        Some("on") => b.push(" AND two_factor = 'enrolled'"),
+        Some(_) => b.push(" AND two_factor <> 'enrolled'"),
+        None => b,
+    };
+    if let Some(role) = q.role.as_deref() {
+        b.push(" AND ").push_bind(role).push(" = ANY(roles)");
+    }
+    if let Some(locked) = q.locked {
+        b.push(" AND locked = ").push_bind(locked);
+    }
+    if let Some(method) = q.method.as_deref() {
+        b.push(" AND ").push_bind(method).push(" = ANY(methods)");
+    }
+    if let Some(part) = q.q.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        // Matched literally: LIKE's wildcards in the text are escaped.
+        let escaped = part
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        b.push(" AND username LIKE '%' || lower(")
+            .push_bind(escaped)
+            .push(") || '%'");
+    }
+    let max_codes = match q.backup_codes.as_deref() {
         Some("none") => Some(0),
         Some("low") => Some(crate::overview::LOW_BACKUP_CODES as i32),
         _ => None,
     };
-    let total: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM rm_users WHERE {filter}"))
-        .bind(tenant_id)
-        .bind(q.status.as_deref())
-        .bind(q.role.as_deref())
-        .bind(q.locked)
-        .bind(q.method.as_deref())
-        .bind(two_factor_on)
-        .bind(q_text)
-        .bind(max_codes)
-        .fetch_one(pool)
-        .await?;
-    let rows: Vec<sqlx::types::Json<UserRow>> = sqlx::query_scalar(&format!(
-        "SELECT row FROM rm_users WHERE {filter} ORDER BY username LIMIT $9 OFFSET $10"
-    ))
-    .bind(tenant_id)
-    .bind(q.status.as_deref())
-    .bind(q.role.as_deref())
-    .bind(q.locked)
-    .bind(q.method.as_deref())
-    .bind(two_factor_on)
-    .bind(q_text)
-    .bind(max_codes)
-    .bind(i64::from(per_page))
-    // In i64: a page number near u32::MAX times the page size overflows u32.
-    .bind((i64::from(page) - 1) * i64::from(per_page))
-    .fetch_all(pool)
-    .await?;
-    Ok((rows.into_iter().map(|r| r.0).collect(), total))
+    if let Some(max) = max_codes {
+        b.push(" AND backup_codes_left <= ").push_bind(max);
+    }
 }
 
 pub async fn user(

@@ -163,6 +163,16 @@ pub async fn rebuild(
     tx.commit()
         .await
         .context("committing the rebuilt read models")?;
+    // The planner's statistics of the new rows, and the directory's
+    // visibility map (its pages are read from covering indexes alone once
+    // the table's pages are marked all-visible), now rather than when
+    // autovacuum comes round to them.
+    for statement in ["VACUUM (ANALYZE) rm_users", "ANALYZE rm_audit"] {
+        sqlx::query(statement)
+            .execute(pool)
+            .await
+            .with_context(|| format!("{statement} after the rebuild"))?;
+    }
     Ok(Rebuilt {
         events: count,
         users: users.len() as u64,

@@ -650,3 +650,54 @@ async fn the_audit_history_and_its_exports_are_tamper_evident() {
 fn verify_cli(file: &std::path::Path) -> bool {
     twofold_projections::audit::verify(&std::fs::read_to_string(file).unwrap()).is_ok()
 }
+
+#[tokio::test]
+async fn the_directory_counts_up_to_its_limit_and_then_says_more_than() {
+    let app = crate::helpers::spawn_app_with(|c| c.directory_count_limit = 3).await;
+    let admin = app.admin_token().await;
+    for name in ["amy_b", "amyxb", "bob", "cy", "dee"] {
+        app.create_user(
+            &admin,
+            json!({"username": name, "password": "correct horse battery"}),
+        )
+        .await;
+    }
+    rebuild(&app).await;
+    let page = |p: u32| format!("/users?per_page=2&page={p}");
+    let total = |v: &Value| (v["total"].clone(), v["total_capped"].clone());
+    let names = |v: &Value| -> Vec<String> {
+        v["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["username"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // Six users (the admin and five) on pages of two: counting stops past 3.
+    let first = get(&app, &admin, &page(1)).await;
+    assert_eq!(names(&first), ["amy_b", "amyxb"]);
+    assert_eq!(total(&first), (json!(4), json!(true)));
+    // Past the limit, the total is one more than the rows through the page,
+    // so a next page shows.
+    let second = get(&app, &admin, &page(2)).await;
+    assert_eq!(names(&second), ["bob", "cy"]);
+    assert_eq!(total(&second), (json!(5), json!(true)));
+    // The last page knows the whole count, whatever the limit.
+    let last = get(&app, &admin, &page(3)).await;
+    assert_eq!(last["users"].as_array().unwrap().len(), 2);
+    assert_eq!(total(&last), (json!(6), json!(false)));
+    let all = get(&app, &admin, "/users").await;
+    assert_eq!(total(&all), (json!(6), json!(false)));
+    // Past the end: no rows, and the count up to the limit.
+    let beyond = get(&app, &admin, &page(9)).await;
+    assert_eq!(names(&beyond), Vec::<String>::new());
+    assert_eq!(total(&beyond), (json!(4), json!(true)));
+    // Under the limit the count is exact, and `q` matches its text
+    // literally (`_` is not a wildcard).
+    let amy = get(&app, &admin, "/users?q=AMY&per_page=1").await;
+    assert_eq!(total(&amy), (json!(2), json!(false)));
+    let underscore = get(&app, &admin, "/users?q=y_").await;
+    assert_eq!(names(&underscore), ["amy_b"]);
+    assert_eq!(underscore["total"], 1);
+}

@@ -66,6 +66,8 @@ pub struct Inner {
     pub budgets_pool: PgPool,
     /// The Overview's checkpoints last used by `as_of`, parsed.
     pub overview_checkpoints: twofold_projections::as_of::Remembered,
+    /// The directory counts matching users up to this many.
+    pub directory_count_limit: u32,
 }
 
 impl std::ops::Deref for App {
@@ -83,6 +85,7 @@ impl App {
         clock: Arc<dyn Clock>,
         remembered_streams: usize,
         sms_providers: Vec<String>,
+        directory_count_limit: u32,
     ) -> Self {
         let budget_connections = (*pool.connect_options())
             .clone()
@@ -93,6 +96,7 @@ impl App {
         Self(Arc::new(Inner {
             budgets_pool,
             sms_providers,
+            directory_count_limit,
             tenants: Store::remembering(pool.clone(), remembered_streams),
             users: Store::remembering(pool.clone(), remembered_streams).sealing(personal.clone()),
             personal,
@@ -116,6 +120,7 @@ impl App {
             clock,
             config.remembered_streams,
             config.sms_providers.keys().cloned().collect(),
+            config.directory_count_limit,
         ))
     }
 

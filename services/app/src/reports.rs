@@ -38,7 +38,10 @@ pub const MAX_DAYS: i64 = 366;
 #[derive(Debug, Serialize)]
 pub struct DirectoryPage {
     pub users: Vec<UserRow>,
+    /// Exact unless `total_capped`: then a lower bound (see
+    /// `queries::DirectoryAnswer`).
     pub total: i64,
+    pub total_capped: bool,
     pub page: u32,
     pub per_page: u32,
 }
@@ -139,11 +142,17 @@ impl App {
             &["on", "off"],
             "`two_factor` is on or off.",
         )?;
-        let (users, total) =
-            queries::directory(&self.pool, &reader.tenant_id().to_string(), q).await?;
+        let answer = queries::directory(
+            &self.pool,
+            &reader.tenant_id().to_string(),
+            q,
+            self.directory_count_limit,
+        )
+        .await?;
         Ok(DirectoryPage {
-            users,
-            total,
+            users: answer.rows,
+            total: answer.total,
+            total_capped: answer.total_capped,
             page: q.page.unwrap_or(1).max(1),
             per_page: q.per_page.unwrap_or(50).clamp(1, queries::MAX_PER_PAGE),
         })

@@ -52,6 +52,9 @@ pub struct Config {
     /// Entries are chained once their event is this old (seconds): longer
     /// than any writing transaction stays open.
     pub audit_checkpoint_settle_secs: u64,
+    /// The directory counts the users matching a query up to this many;
+    /// past it the total is "more than" this (or than the page's end).
+    pub directory_count_limit: u32,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// NATS server the relay publishes to and the workers consume from.
@@ -158,6 +161,7 @@ impl Default for Config {
             audit_checkpoint_entries: 1000,
             audit_checkpoint_secs: 3600,
             audit_checkpoint_settle_secs: 30,
+            directory_count_limit: 1000,
             max_body_bytes: 16 * 1024,
             trusted_proxies: Vec::new(),
             nats_url: "nats://127.0.0.1:4222".to_string(),
@@ -211,6 +215,7 @@ const KEYS: &[&str] = &[
     "audit_checkpoint_entries",
     "audit_checkpoint_secs",
     "audit_checkpoint_settle_secs",
+    "directory_count_limit",
     "max_body_bytes",
     "nats_url",
     "nats_stream",
@@ -251,6 +256,7 @@ const NUMBERS: &[&str] = &[
     "database_max_connections",
     "remembered_streams",
     "max_body_bytes",
+    "directory_count_limit",
     "audit_checkpoint_entries",
     "audit_checkpoint_secs",
     "audit_checkpoint_settle_secs",

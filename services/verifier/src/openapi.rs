@@ -543,7 +543,14 @@ pub struct DeliveryAnswer {
 pub struct DirectoryPage {
     #[schema(value_type = Vec<Object>)]
     pub users: serde_json::Value,
+    /// The users matching: exact when `total_capped` is false. Counting
+    /// stops past `directory_count_limit` (default 1,000): then
+    /// `total_capped` is true and `total` is the least the total can be:
+    /// one more than that limit or, on a page past it, one more than the
+    /// rows up to this page's end. Either way a next page exists when
+    /// `page * per_page < total`.
     pub total: u64,
+    pub total_capped: bool,
     pub page: u32,
     pub per_page: u32,
 }

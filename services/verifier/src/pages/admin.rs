@@ -929,7 +929,10 @@ async fn users(
                 } }
             div { button type="submit" { "Filter" } }
         }
-        p.muted { (page.total) " user" @if page.total != 1 { "s" } }
+        p.muted {
+            @if page.total_capped { "More than " (page.total - 1) " users" }
+            @else { (page.total) " user" @if page.total != 1 { "s" } }
+        }
         div.table-wrap { table #directory {
             thead { tr { th { "User" } th { "Roles" } th { "2FA" } th { "Methods" } th { "Codes left" } th { "Last sign-in" } } }
             tbody {
@@ -941,7 +944,7 @@ async fn users(
         @if pages > 1 {
             nav.row aria-label="Pages" {
                 @if page.page > 1 { a href=(link(page.page - 1)) { "← Previous" } }
-                span { "Page " (page.page) " of " (pages) }
+                span { "Page " (page.page) @if !page.total_capped { " of " (pages) } }
                 @if u64::from(page.page) < pages { a href=(link(page.page + 1)) { "Next →" } }
             }
         }
