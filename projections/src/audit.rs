@@ -108,13 +108,26 @@ impl AuditEntry {
         })
     }
 
-    /// Whether the entry holds sealed personal data.
+    /// Whether the entry holds sealed personal data: its IP or user agent
+    /// is sealed, or a key or string of its details holds the sealed prefix
+    /// (what a search of the details' JSON text finds: the prefix has no
+    /// character JSON escapes, so the search needs no serialization).
     pub fn is_sealed(&self) -> bool {
+        fn holds_sealed(value: &Value) -> bool {
+            match value {
+                Value::String(s) => s.contains(SEALED_PREFIX),
+                Value::Array(items) => items.iter().any(holds_sealed),
+                Value::Object(map) => map
+                    .iter()
+                    .any(|(k, v)| k.contains(SEALED_PREFIX) || holds_sealed(v)),
+                _ => false,
+            }
+        }
         [&self.ip, &self.user_agent]
             .into_iter()
             .flatten()
             .any(|v| v.starts_with(SEALED_PREFIX))
-            || self.details.to_string().contains(SEALED_PREFIX)
+            || holds_sealed(&self.details)
     }
 
     /// The data keys the entry's sealed values name.
@@ -142,17 +155,14 @@ impl AuditEntry {
         if !self.is_sealed() {
             return None;
         }
-        let mut open = self.clone();
-        open.open(keys);
+        let open = |v: &Option<String>| v.as_deref().map(|v| Personal::open_str(v, keys));
+        let mut details = self.details.clone();
+        Personal::open_value(&mut details, keys);
         Some(serde_json::json!({
-            "ip": open.ip,
-            "user_agent": open.user_agent,
-            "details": open.details,
+            "ip": open(&self.ip),
+            "user_agent": open(&self.user_agent),
+            "details": details,
         }))
-    }
-
-    fn canonical(&self) -> anyhow::Result<String> {
-        Ok(serde_json::to_string(self)?)
     }
 }
 
@@ -201,11 +211,20 @@ pub fn entries_between<'e>(
 
 /// Links `entry` to the chain ending in `prev`.
 pub fn chain(prev: &str, entry: &AuditEntry) -> anyhow::Result<String> {
+    let hash = link(prev, &serde_json::to_vec(entry)?)?;
+    Ok(std::str::from_utf8(&hash)?.to_string())
+}
+
+/// The hash (hex) linking an entry, as its canonical JSON, to the chain
+/// ending in `prev`.
+fn link(prev: &str, canonical: &[u8]) -> anyhow::Result<[u8; 64]> {
     let mut h = Sha256::new();
     h.update(prev.as_bytes());
     h.update(b"\n");
-    h.update(entry.canonical()?.as_bytes());
-    Ok(hex::encode(h.finalize()))
+    h.update(canonical);
+    let mut hash = [0u8; 64];
+    hex::encode_to_slice(h.finalize(), &mut hash)?;
+    Ok(hash)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -254,6 +273,8 @@ pub struct Exporter {
     first_position: Option<i64>,
     last_position: Option<i64>,
     pruned: Option<Pruned>,
+    /// The entry being written as canonical JSON; one buffer for them all.
+    canonical: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -346,14 +367,61 @@ fn unguard(cell: &str) -> &str {
 /// One CSV record (quoted only where needed, guarded against spreadsheet
 /// formulas), newline-terminated.
 fn csv_line(fields: &[&str]) -> anyhow::Result<String> {
-    let mut writer = csv::WriterBuilder::new()
-        .terminator(csv::Terminator::Any(b'\n'))
-        .from_writer(Vec::new());
-    writer.write_record(fields.iter().map(|f| guard(f).into_owned()))?;
-    let bytes = writer
-        .into_inner()
-        .map_err(|e| anyhow::anyhow!("writing a CSV record: {}", e.error()))?;
-    Ok(String::from_utf8(bytes)?)
+    let mut out = Vec::new();
+    csv_record(fields.iter().copied(), &mut out)?;
+    Ok(String::from_utf8(out)?)
+}
+
+/// [`csv_line`], appended to `out`: the bytes the csv crate's writer gives,
+/// written by the same state machine without a writer and its buffer per
+/// record.
+fn csv_record<'a>(
+    fields: impl IntoIterator<Item = &'a str>,
+    out: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    use csv_core::WriteResult;
+    let mut writer = csv_core::WriterBuilder::new()
+        .terminator(csv_core::Terminator::Any(b'\n'))
+        .build();
+    // Makes room for `room` bytes at the end of `out`, calls `write` on it
+    // and keeps what it wrote. Each call below is given the most it can
+    // write (a field: every byte a doubled quote, and the quotes around it).
+    let mut append = |room: usize, write: &mut dyn FnMut(&mut [u8]) -> (WriteResult, usize)| {
+        let at = out.len();
+        out.resize(at + room, 0);
+        let (result, written) = write(&mut out[at..]);
+        out.truncate(at + written);
+        match result {
+            WriteResult::InputEmpty => Ok(()),
+            WriteResult::OutputFull => Err(anyhow!("a CSV record outgrew the room made for it")),
+        }
+    };
+    for (i, field) in fields.into_iter().enumerate() {
+        if i > 0 {
+            append(2, &mut |o| writer.delimiter(o))?;
+        }
+        let field = guard(field);
+        append(2 * field.len() + 2, &mut |o| {
+            let (result, _, written) = writer.field(field.as_bytes(), o);
+            (result, written)
+        })?;
+    }
+    append(4, &mut |o| writer.terminator(o))
+}
+
+/// The `details` of an entry's canonical JSON: its last field, after the
+/// first `,"details":` (no serialized string holds one: a quote in a
+/// string is escaped).
+fn canonical_details(canonical: &[u8]) -> anyhow::Result<&str> {
+    const FIELD: &[u8] = b",\"details\":";
+    let at = canonical
+        .windows(FIELD.len())
+        .position(|w| w == FIELD)
+        .context("an entry's JSON has no details")?;
+    let details = canonical[at + FIELD.len()..]
+        .strip_suffix(b"}")
+        .context("an entry's JSON is not an object")?;
+    Ok(std::str::from_utf8(details)?)
 }
 
 impl Exporter {
@@ -384,7 +452,15 @@ impl Exporter {
             first_position: None,
             last_position: None,
             pruned,
+            canonical: Vec::new(),
         }
+    }
+
+    /// Whether the lines show personal data opened beside the sealed form
+    /// (NDJSON; CSV shows the sealed form only), so whether an exporter's
+    /// caller need open it.
+    pub fn shows_opened(&self) -> bool {
+        self.format == Format::Ndjson
     }
 
     pub fn header(&self) -> String {
@@ -405,46 +481,78 @@ impl Exporter {
         entry: AuditEntry,
         opened: Option<Value>,
     ) -> anyhow::Result<String> {
-        let hash = chain(&self.prev, &entry)?;
-        let prev = std::mem::replace(&mut self.prev, hash.clone());
+        let mut out = Vec::new();
+        self.write_line(&entry, opened.as_ref(), &mut out)?;
+        Ok(String::from_utf8(out)?)
+    }
+
+    /// [`Exporter::line_opened`], appended to `out`: the entry serialized
+    /// once, into a buffer kept from one entry to the next, and hashed and
+    /// written from there.
+    pub fn write_line(
+        &mut self,
+        entry: &AuditEntry,
+        opened: Option<&Value>,
+        out: &mut Vec<u8>,
+    ) -> anyhow::Result<()> {
+        self.canonical.clear();
+        serde_json::to_writer(&mut self.canonical, entry)?;
+        let hash = link(&self.prev, &self.canonical)?;
+        let hash = std::str::from_utf8(&hash)?;
+        match self.format {
+            Format::Ndjson => {
+                // An `NdjsonLine`: the entry's fields, then `prev`, `hash`
+                // and `opened`, as serde writes the flattened struct.
+                let fields = self
+                    .canonical
+                    .strip_suffix(b"}")
+                    .context("an entry's JSON is not an object")?;
+                out.extend_from_slice(fields);
+                out.extend_from_slice(b",\"prev\":");
+                serde_json::to_writer(&mut *out, &self.prev)?;
+                out.extend_from_slice(b",\"hash\":");
+                serde_json::to_writer(&mut *out, hash)?;
+                if let Some(opened) = opened {
+                    out.extend_from_slice(b",\"opened\":");
+                    serde_json::to_writer(&mut *out, opened)?;
+                }
+                out.extend_from_slice(b"}\n");
+            }
+            Format::Csv => {
+                fn opt(o: &Option<String>) -> &str {
+                    o.as_deref().unwrap_or_default()
+                }
+                csv_record(
+                    [
+                        entry.position.to_string().as_str(),
+                        &entry.tenant_id,
+                        &entry.aggregate_type,
+                        &entry.aggregate_id,
+                        &entry.sequence.to_string(),
+                        &entry.event_type,
+                        &entry
+                            .at
+                            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                        &entry.actor_kind,
+                        opt(&entry.actor_id),
+                        opt(&entry.ip),
+                        opt(&entry.user_agent),
+                        opt(&entry.reason),
+                        opt(&entry.user_id),
+                        canonical_details(&self.canonical)?,
+                        &self.prev,
+                        hash,
+                    ],
+                    out,
+                )?;
+            }
+        }
+        self.prev.clear();
+        self.prev.push_str(hash);
         self.count += 1;
         self.first_position.get_or_insert(entry.position);
         self.last_position = Some(entry.position);
-        Ok(match self.format {
-            Format::Ndjson => {
-                let mut s = serde_json::to_string(&NdjsonLine {
-                    entry,
-                    prev,
-                    hash,
-                    opened,
-                })?;
-                s.push('\n');
-                s
-            }
-            Format::Csv => {
-                let opt = |o: &Option<String>| o.clone().unwrap_or_default();
-                csv_line(&[
-                    &entry.position.to_string(),
-                    &entry.tenant_id,
-                    &entry.aggregate_type,
-                    &entry.aggregate_id,
-                    &entry.sequence.to_string(),
-                    &entry.event_type,
-                    &entry
-                        .at
-                        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-                    &entry.actor_kind,
-                    &opt(&entry.actor_id),
-                    &opt(&entry.ip),
-                    &opt(&entry.user_agent),
-                    &opt(&entry.reason),
-                    &opt(&entry.user_id),
-                    &serde_json::to_string(&entry.details)?,
-                    &prev,
-                    &hash,
-                ])?
-            }
-        })
+        Ok(())
     }
 
     /// The closing line: the tenant, the filter, the first and last
@@ -974,6 +1082,143 @@ pub(crate) mod tests {
     use super::*;
     use chrono::TimeZone;
     use serde_json::json;
+
+    /// A line as serde writes an `NdjsonLine` and the csv crate a record,
+    /// hashed as SHA-256 of the previous hash, a newline and the entry's
+    /// JSON: the bytes exports were written as before they were written
+    /// straight into a buffer.
+    fn serde_line(format: Format, prev: &str, entry: &AuditEntry, opened: Option<Value>) -> String {
+        let canonical = serde_json::to_string(entry).unwrap();
+        let hash = hex::encode(Sha256::digest(format!("{prev}\n{canonical}")));
+        match format {
+            Format::Ndjson => {
+                let line = NdjsonLine {
+                    entry: entry.clone(),
+                    prev: prev.to_string(),
+                    hash,
+                    opened,
+                };
+                serde_json::to_string(&line).unwrap() + "\n"
+            }
+            Format::Csv => {
+                let opt = |o: &Option<String>| o.clone().unwrap_or_default();
+                let at = entry
+                    .at
+                    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+                let fields = [
+                    entry.position.to_string(),
+                    entry.tenant_id.clone(),
+                    entry.aggregate_type.clone(),
+                    entry.aggregate_id.clone(),
+                    entry.sequence.to_string(),
+                    entry.event_type.clone(),
+                    at,
+                    entry.actor_kind.clone(),
+                    opt(&entry.actor_id),
+                    opt(&entry.ip),
+                    opt(&entry.user_agent),
+                    opt(&entry.reason),
+                    opt(&entry.user_id),
+                    serde_json::to_string(&entry.details).unwrap(),
+                    prev.to_string(),
+                    hash,
+                ];
+                let mut writer = csv::WriterBuilder::new()
+                    .terminator(csv::Terminator::Any(b'\n'))
+                    .from_writer(Vec::new());
+                writer
+                    .write_record(fields.iter().map(|f| guard(f).into_owned()))
+                    .unwrap();
+                String::from_utf8(writer.into_inner().unwrap()).unwrap()
+            }
+        }
+    }
+
+    /// Entries with what quoting, escaping and guarding act on.
+    fn odd_entries() -> Vec<(AuditEntry, Option<Value>)> {
+        let mut odd = entry(2);
+        odd.aggregate_id = "#not a comment".into();
+        odd.actor_id = Some("@admin".into());
+        odd.ip = None;
+        odd.user_agent = Some("Mozilla \"x\",\r\n\tnext line, 'quoted' é ☃".into());
+        odd.reason = Some("-1 said \"no\"".into());
+        odd.user_id = None;
+        odd.details = json!({
+            "\"key\"": "\u{1}\u{7f}\\ \"", "n": 1.5, "neg": -3, "big": u64::MAX,
+            "list": [null, true, "sealed:1:u:abc", {"deep": ["a,b", "c\nd"]}],
+            "empty": {}, "none": [], "unicode": "日本語 \u{2028}",
+        });
+        let mut bare = entry(3);
+        bare.details = json!({});
+        (bare.ip, bare.user_agent, bare.actor_id) = (None, None, None);
+        let opened =
+            json!({"ip": null, "user_agent": "opened \"ua\"", "details": {"email": "[erased]"}});
+        let mut again = odd.clone();
+        (again.position, again.sequence) = (4, 4);
+        vec![
+            (entry(1), None),
+            (odd, Some(opened)),
+            (bare, None),
+            (again, None),
+        ]
+    }
+
+    #[test]
+    fn lines_are_the_bytes_serde_and_the_csv_crate_write() {
+        // A pruned head that JSON and CSV would both quote.
+        let mark = Pruned {
+            position: 0,
+            count: 0,
+            head: "a \"head\", odd".into(),
+            signed_at: Utc.with_ymd_and_hms(2026, 1, 2, 0, 0, 0).unwrap(),
+        };
+        for format in [Format::Ndjson, Format::Csv] {
+            for pruned in [None, Some(mark.clone())] {
+                let mut e = Exporter::after_pruning(format, "t", ExportFilter::default(), pruned);
+                let mut prev = e.prev.clone();
+                for (entry, opened) in odd_entries() {
+                    let shown = opened.clone().filter(|_| format == Format::Ndjson);
+                    let expected = serde_line(format, &prev, &entry, shown);
+                    assert_eq!(e.line_opened(entry.clone(), opened).unwrap(), expected);
+                    prev = chain(&prev, &entry).unwrap();
+                    assert!(expected.contains(&prev), "{format:?}: {expected}");
+                }
+            }
+            // And the whole export, written into one buffer, verifies.
+            let mut e = Exporter::new(format, "t", ExportFilter::default());
+            let mut out = e.header().into_bytes();
+            for (entry, opened) in odd_entries() {
+                e.write_line(&entry, opened.as_ref(), &mut out).unwrap();
+            }
+            out.extend_from_slice(e.trailer(&signer()).unwrap().as_bytes());
+            let text = String::from_utf8(out).unwrap();
+            assert_eq!(
+                verify_signed(&text, &keys()).unwrap().entries,
+                4,
+                "{format:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sealed_means_the_sealed_prefix_is_in_the_details_text() {
+        for details in [
+            json!({}),
+            json!({"a": "sealed:1:u:x"}),
+            json!({"a": ["x", {"b": "..sealed:1:"}]}),
+            json!({"sealed:1:k": 1}),
+            json!({"sealed": 1}),
+            json!({"a": "sealed:1", "b": ":1:"}),
+            json!({"a": "sealed", "sealed": ":1:"}),
+            json!({"n": 1.5, "list": [false, null]}),
+        ] {
+            let mut e = entry(1);
+            (e.ip, e.user_agent) = (None, None);
+            e.details = details.clone();
+            let text = details.to_string();
+            assert_eq!(e.is_sealed(), text.contains(SEALED_PREFIX), "{text}");
+        }
+    }
 
     #[test]
     fn csv_cells_a_spreadsheet_would_run_are_neutralised_and_still_verify() {

@@ -361,3 +361,55 @@ async fn without_a_configured_key_exports_are_signed_with_one_derived_from_the_s
     let other = export(&twin, &twin_admin, "event_type=UserRegistered").await;
     assert!(verify_extends(&other, Some(&keys_of(&published)), &earlier).is_err());
 }
+
+/// An export longer than a chunk (about `EXPORT_CHUNK` bytes are sent at
+/// once) goes out in several, each ending on a whole line, and verifies in
+/// both formats: the lines and trailer are those of a one-chunk export.
+#[tokio::test]
+async fn an_export_of_several_chunks_verifies_in_both_formats() {
+    use futures::StreamExt;
+    use twofold_app::reports::EXPORT_CHUNK;
+    let app = spawn_app_with(|c| audit_keys(c, &["a0"], "a0")).await;
+    let admin = some_history(&app).await;
+    let keys = keys_of(&published_keys(&app, &admin).await);
+    // Each export, of nothing here, is recorded: an entry of the history
+    // (with the admin's IP and user agent sealed, opened in NDJSON).
+    let reads = 300;
+    for _ in 0..reads {
+        export(&app, &admin, "event_type=Nothing").await;
+    }
+    twofold_projections::rebuild::rebuild(&app.pool, &app.state.personal, |_| {})
+        .await
+        .unwrap();
+    let mut counted = None;
+    for format in ["ndjson", "csv"] {
+        let q = twofold_projections::queries::AuditQuery {
+            format: Some(format.to_string()),
+            ..Default::default()
+        };
+        let (_, chunks) = app
+            .state
+            .operator_audit_export(app.tenant_id, q)
+            .await
+            .unwrap();
+        let chunks: Vec<String> = chunks.map(Result::unwrap).collect().await;
+        let text = chunks.concat();
+        assert!(
+            text.len() > 2 * EXPORT_CHUNK,
+            "{format}: {} bytes",
+            text.len()
+        );
+        assert!(chunks.len() > 2, "{format}: {} chunks", chunks.len());
+        for chunk in &chunks {
+            assert!(chunk.ends_with('\n'), "{format}: a chunk ends mid-line");
+            assert!(chunk.len() < 2 * EXPORT_CHUNK, "{format}: {}", chunk.len());
+        }
+        let verified = verify_signed(&text, &keys).unwrap();
+        assert!(verified.entries > reads, "{format}: {}", verified.entries);
+        // Both formats export the same entries.
+        assert_eq!(*counted.get_or_insert(verified.entries), verified.entries);
+        if format == "ndjson" {
+            assert!(text.contains("\"opened\":{"), "no entry shows opened data");
+        }
+    }
+}

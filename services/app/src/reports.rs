@@ -31,6 +31,52 @@ pub(crate) fn read_filter(q: &AuditQuery) -> ReadFilter {
     }
 }
 
+/// About how many bytes of an audit export are sent at once.
+pub const EXPORT_CHUNK: usize = 64 * 1024;
+
+/// A chunk of an export as text (its lines are JSON or CSV: UTF-8).
+fn text(chunk: Vec<u8>) -> Result<String, std::io::Error> {
+    String::from_utf8(chunk).map_err(std::io::Error::other)
+}
+
+/// Audit entries an export reads ahead at once.
+const READ_AHEAD: usize = 512;
+
+/// [`queries::audit`], read and decoded on a task of its own, a batch of
+/// entries ahead, so that it runs beside the writing and hashing of the
+/// entries before (which the chain keeps on one task). Stops when the
+/// entries are no longer wanted.
+fn read_ahead(
+    pool: sqlx::PgPool,
+    tenant: String,
+    q: AuditQuery,
+) -> impl Stream<Item = Result<AuditEntry, sqlx::Error>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Result<AuditEntry, sqlx::Error>>>(2);
+    tokio::spawn(async move {
+        let mut entries = queries::audit(&pool, &tenant, &q);
+        let mut batch = Vec::with_capacity(READ_AHEAD);
+        while let Some(entry) = entries.next().await {
+            let failed = entry.is_err();
+            batch.push(entry);
+            if batch.len() == READ_AHEAD || failed {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(READ_AHEAD));
+                if tx.send(full).await.is_err() || failed {
+                    return;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let _ = tx.send(batch).await;
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|batch| (futures::stream::iter(batch), rx))
+    })
+    .flatten()
+}
+
 /// The longest daily series answered at once.
 pub const MAX_DAYS: i64 = 366;
 
@@ -347,7 +393,7 @@ impl App {
         let tenant = tenant_id.to_string();
         let signer = self.keys.audit_signer().clone();
         let personal = self.personal.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(4);
         // The export owns what it reads from, so it can outlive the request.
         tokio::spawn(async move {
             let failed = || std::io::Error::other("audit export failed");
@@ -361,34 +407,45 @@ impl App {
             };
             let mut exporter =
                 Exporter::after_pruning(format, &tenant, ExportFilter::from(&q), pruned.clone());
-            let header = exporter.header();
-            if !header.is_empty() && tx.send(Ok(header)).await.is_err() {
-                return;
-            }
-            let mut entries = queries::audit(&pool, &tenant, &q);
+            // Lines are gathered into chunks of about EXPORT_CHUNK bytes: one
+            // message and one HTTP chunk per line cost more than the line.
+            let new_chunk = || Vec::with_capacity(EXPORT_CHUNK + EXPORT_CHUNK / 4);
+            let mut chunk = new_chunk();
+            chunk.extend_from_slice(exporter.header().as_bytes());
+            let mut entries = std::pin::pin!(read_ahead(pool.clone(), tenant.clone(), q.clone()));
             // Data keys read so far (an erased user's stays absent).
             let (mut keys, mut read) = (Keys::default(), std::collections::HashSet::new());
             while let Some(entry) = entries.next().await {
-                let line = async {
+                let written = async {
                     let entry = entry?;
-                    let wanted: Vec<String> = entry
-                        .key_ids()
-                        .into_iter()
-                        .filter(|id| read.insert(id.clone()))
-                        .collect();
-                    if !wanted.is_empty() {
-                        keys.extend(personal.read_keys(&pool, &wanted).await?);
-                    }
-                    let opened = entry.opened(&keys);
-                    exporter.line_opened(entry, opened)
+                    // Personal data is opened only where the line shows it.
+                    let opened = if exporter.shows_opened() && entry.is_sealed() {
+                        let wanted: Vec<String> = entry
+                            .key_ids()
+                            .into_iter()
+                            .filter(|id| read.insert(id.clone()))
+                            .collect();
+                        if !wanted.is_empty() {
+                            keys.extend(personal.read_keys(&pool, &wanted).await?);
+                        }
+                        entry.opened(&keys)
+                    } else {
+                        None
+                    };
+                    exporter.write_line(&entry, opened.as_ref(), &mut chunk)
                 }
-                .await
-                .map_err(|e: anyhow::Error| {
+                .await;
+                if let Err(e) = written {
                     tracing::error!(error = %e, "audit export failed");
-                    failed()
-                });
-                let broken = line.is_err();
-                if tx.send(line).await.is_err() || broken {
+                    let _ = tx.send(Err(failed())).await;
+                    return;
+                }
+                if chunk.len() >= EXPORT_CHUNK
+                    && tx
+                        .send(text(std::mem::replace(&mut chunk, new_chunk())))
+                        .await
+                        .is_err()
+                {
                     return;
                 }
             }
@@ -405,9 +462,11 @@ impl App {
                     return;
                 }
             }
-            let _ = tx
-                .send(exporter.trailer(&signer).map_err(|_| failed()))
-                .await;
+            let last = exporter.trailer(&signer).map(|trailer| {
+                chunk.extend_from_slice(trailer.as_bytes());
+                chunk
+            });
+            let _ = tx.send(last.map_err(|_| failed()).and_then(text)).await;
         });
         let lines = futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
