@@ -13,11 +13,11 @@ use crate::store::{add_counts, TenantCounts};
 const UPGRADE: &str = "overview_counts";
 
 /// Whether the counts are still to be filled in after the upgrade.
-pub async fn pending(pool: &PgPool) -> anyhow::Result<bool> {
+pub async fn pending<'e>(executor: impl sqlx::PgExecutor<'e>) -> anyhow::Result<bool> {
     Ok(
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM read_model_upgrades WHERE name = $1)")
             .bind(UPGRADE)
-            .fetch_one(pool)
+            .fetch_one(executor)
             .await?,
     )
 }
@@ -55,12 +55,8 @@ pub async fn upgrade(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::query("LOCK TABLE rm_overview_counts IN EXCLUSIVE MODE")
         .execute(&mut *tx)
         .await?;
-    let still: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM read_model_upgrades WHERE name = $1)")
-            .bind(UPGRADE)
-            .fetch_one(&mut *tx)
-            .await?;
-    if !still {
+    // Another projector may have filled them in while this one waited.
+    if !pending(&mut *tx).await? {
         return Ok(());
     }
     let rows: Vec<sqlx::types::Json<UserRow>> = sqlx::query_scalar("SELECT row FROM rm_users")

@@ -17,12 +17,7 @@ use crate::overview::{self, Counts, LowOnCodes, Overview, RecentEnrollment};
 /// yet, from every directory row).
 pub async fn overview(pool: &PgPool, tenant_id: &str) -> anyhow::Result<Overview> {
     if crate::overview_counts::pending(pool).await? {
-        let rows: Vec<sqlx::types::Json<UserRow>> =
-            sqlx::query_scalar("SELECT row FROM rm_users WHERE tenant_id = $1")
-                .bind(tenant_id)
-                .fetch_all(pool)
-                .await?;
-        return Ok(overview::compute(rows.iter().map(|r| &r.0)));
+        return Ok(overview::compute(&users(pool, tenant_id).await?));
     }
     let counts = stored_counts(pool, tenant_id).await?;
     // Usernames compare as bytes, as the Overview's own sort compares them.
