@@ -166,6 +166,154 @@ impl AuditEntry {
     }
 }
 
+/// An entry as an export reads it: borrowed from its database row (the
+/// columns of [`ENTRY_COLUMNS`], by index), with `details` as the JSON text
+/// the row holds. Every writer of the history stores serde_json's text of
+/// an entry's details (`insert_audit`, `copy_audit`), which is what
+/// [`AuditEntry`] serializes them as, so an export hashes and writes that
+/// text as it is instead of parsing it only to write it again; a row whose
+/// text was altered in the database hashes differently, as any altered
+/// value does.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRef<'a> {
+    pub position: i64,
+    pub tenant_id: &'a str,
+    pub aggregate_type: &'a str,
+    pub aggregate_id: &'a str,
+    pub sequence: i64,
+    pub event_type: &'a str,
+    pub at: DateTime<Utc>,
+    pub actor_kind: &'a str,
+    pub actor_id: Option<&'a str>,
+    pub ip: Option<&'a str>,
+    pub user_agent: Option<&'a str>,
+    pub reason: Option<&'a str>,
+    pub user_id: Option<&'a str>,
+    /// The details as JSON text.
+    pub details: &'a str,
+}
+
+impl<'a> EntryRef<'a> {
+    /// The entry of a row of [`ENTRY_COLUMNS`], read by index (by name,
+    /// each column is a lookup per row).
+    pub fn from_row(row: &'a sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Self {
+            position: row.try_get(0)?,
+            tenant_id: row.try_get(1)?,
+            aggregate_type: row.try_get(2)?,
+            aggregate_id: row.try_get(3)?,
+            sequence: row.try_get(4)?,
+            event_type: row.try_get(5)?,
+            at: row.try_get(6)?,
+            actor_kind: row.try_get(7)?,
+            actor_id: row.try_get(8)?,
+            ip: row.try_get(9)?,
+            user_agent: row.try_get(10)?,
+            reason: row.try_get(11)?,
+            user_id: row.try_get(12)?,
+            // A `json` column's value is its text, in either wire format.
+            details: row.try_get_unchecked(13)?,
+        })
+    }
+
+    /// The entry with its details as stored in `details` (their text).
+    fn of(entry: &'a AuditEntry, details: &'a str) -> Self {
+        Self {
+            position: entry.position,
+            tenant_id: &entry.tenant_id,
+            aggregate_type: &entry.aggregate_type,
+            aggregate_id: &entry.aggregate_id,
+            sequence: entry.sequence,
+            event_type: &entry.event_type,
+            at: entry.at,
+            actor_kind: &entry.actor_kind,
+            actor_id: entry.actor_id.as_deref(),
+            ip: entry.ip.as_deref(),
+            user_agent: entry.user_agent.as_deref(),
+            reason: entry.reason.as_deref(),
+            user_id: entry.user_id.as_deref(),
+            details,
+        }
+    }
+
+    /// Appends the entry's canonical JSON to `out`: the bytes serde writes
+    /// for the [`AuditEntry`], fields in its order.
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        macro_rules! fields {
+            ($($name:literal: $value:expr),*) => {$(
+                out.extend_from_slice(concat!(",\"", $name, "\":").as_bytes());
+                serde_json::to_writer(&mut *out, &$value)?;
+            )*};
+        }
+        out.extend_from_slice(b"{\"position\":");
+        serde_json::to_writer(&mut *out, &self.position)?;
+        fields!(
+            "tenant_id": self.tenant_id,
+            "aggregate_type": self.aggregate_type,
+            "aggregate_id": self.aggregate_id,
+            "sequence": self.sequence,
+            "event_type": self.event_type,
+            "at": self.at,
+            "actor_kind": self.actor_kind,
+            "actor_id": self.actor_id,
+            "ip": self.ip,
+            "user_agent": self.user_agent,
+            "reason": self.reason,
+            "user_id": self.user_id
+        );
+        out.extend_from_slice(b",\"details\":");
+        out.extend_from_slice(self.details.as_bytes());
+        out.push(b'}');
+        Ok(())
+    }
+
+    /// [`AuditEntry::is_sealed`], from the details' text.
+    pub fn is_sealed(&self) -> bool {
+        [self.ip, self.user_agent]
+            .into_iter()
+            .flatten()
+            .any(|v| v.starts_with(SEALED_PREFIX))
+            || self.details.contains(SEALED_PREFIX)
+    }
+
+    /// [`AuditEntry::key_ids`].
+    pub fn key_ids(&self) -> Vec<String> {
+        let mut ids = Personal::key_ids(self.details);
+        for v in [self.ip, self.user_agent].into_iter().flatten() {
+            ids.extend(Personal::key_ids(v));
+        }
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// [`AuditEntry::opened`] as JSON text: the details are parsed only
+    /// when they hold sealed values.
+    pub fn opened(&self, keys: &Keys) -> anyhow::Result<Option<Vec<u8>>> {
+        if !self.is_sealed() {
+            return Ok(None);
+        }
+        let open = |v: Option<&str>| v.map(|v| Personal::open_str(v, keys));
+        // In the order of the keys of the JSON object `AuditEntry::opened`
+        // gives (serde_json's map is sorted).
+        let mut out = b"{\"details\":".to_vec();
+        if self.details.contains(SEALED_PREFIX) {
+            let mut details: Value = serde_json::from_str(self.details)?;
+            Personal::open_value(&mut details, keys);
+            serde_json::to_writer(&mut out, &details)?;
+        } else {
+            out.extend_from_slice(self.details.as_bytes());
+        }
+        out.extend_from_slice(b",\"ip\":");
+        serde_json::to_writer(&mut out, &open(self.ip))?;
+        out.extend_from_slice(b",\"user_agent\":");
+        serde_json::to_writer(&mut out, &open(self.user_agent))?;
+        out.push(b'}');
+        Ok(Some(out))
+    }
+}
+
 /// The chain's start: the hash before the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -409,21 +557,6 @@ fn csv_record<'a>(
     append(4, &mut |o| writer.terminator(o))
 }
 
-/// The `details` of an entry's canonical JSON: its last field, after the
-/// first `,"details":` (no serialized string holds one: a quote in a
-/// string is escaped).
-fn canonical_details(canonical: &[u8]) -> anyhow::Result<&str> {
-    const FIELD: &[u8] = b",\"details\":";
-    let at = canonical
-        .windows(FIELD.len())
-        .position(|w| w == FIELD)
-        .context("an entry's JSON has no details")?;
-    let details = canonical[at + FIELD.len()..]
-        .strip_suffix(b"}")
-        .context("an entry's JSON is not an object")?;
-    Ok(std::str::from_utf8(details)?)
-}
-
 impl Exporter {
     /// An export of `tenant_id`'s entries matching `filter`.
     pub fn new(format: Format, tenant_id: &str, filter: ExportFilter) -> Self {
@@ -486,17 +619,29 @@ impl Exporter {
         Ok(String::from_utf8(out)?)
     }
 
-    /// [`Exporter::line_opened`], appended to `out`: the entry serialized
-    /// once, into a buffer kept from one entry to the next, and hashed and
-    /// written from there.
+    /// [`Exporter::line_opened`], appended to `out`.
     pub fn write_line(
         &mut self,
         entry: &AuditEntry,
         opened: Option<&Value>,
         out: &mut Vec<u8>,
     ) -> anyhow::Result<()> {
+        let details = serde_json::to_string(&entry.details)?;
+        let opened = opened.map(serde_json::to_vec).transpose()?;
+        self.write_entry(&EntryRef::of(entry, &details), opened.as_deref(), out)
+    }
+
+    /// Appends `entry`'s line to `out`, with `opened` (JSON text) beside it
+    /// in NDJSON: the entry serialized once, into a buffer kept from one
+    /// entry to the next, and hashed and written from there.
+    pub fn write_entry(
+        &mut self,
+        entry: &EntryRef<'_>,
+        opened: Option<&[u8]>,
+        out: &mut Vec<u8>,
+    ) -> anyhow::Result<()> {
         self.canonical.clear();
-        serde_json::to_writer(&mut self.canonical, entry)?;
+        entry.write_json(&mut self.canonical)?;
         let hash = link(&self.prev, &self.canonical)?;
         let hash = std::str::from_utf8(&hash)?;
         match self.format {
@@ -514,32 +659,29 @@ impl Exporter {
                 serde_json::to_writer(&mut *out, hash)?;
                 if let Some(opened) = opened {
                     out.extend_from_slice(b",\"opened\":");
-                    serde_json::to_writer(&mut *out, opened)?;
+                    out.extend_from_slice(opened);
                 }
                 out.extend_from_slice(b"}\n");
             }
             Format::Csv => {
-                fn opt(o: &Option<String>) -> &str {
-                    o.as_deref().unwrap_or_default()
-                }
                 csv_record(
                     [
                         entry.position.to_string().as_str(),
-                        &entry.tenant_id,
-                        &entry.aggregate_type,
-                        &entry.aggregate_id,
+                        entry.tenant_id,
+                        entry.aggregate_type,
+                        entry.aggregate_id,
                         &entry.sequence.to_string(),
-                        &entry.event_type,
+                        entry.event_type,
                         &entry
                             .at
                             .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-                        &entry.actor_kind,
-                        opt(&entry.actor_id),
-                        opt(&entry.ip),
-                        opt(&entry.user_agent),
-                        opt(&entry.reason),
-                        opt(&entry.user_id),
-                        canonical_details(&self.canonical)?,
+                        entry.actor_kind,
+                        entry.actor_id.unwrap_or_default(),
+                        entry.ip.unwrap_or_default(),
+                        entry.user_agent.unwrap_or_default(),
+                        entry.reason.unwrap_or_default(),
+                        entry.user_id.unwrap_or_default(),
+                        entry.details,
                         &self.prev,
                         hash,
                     ],
@@ -1217,6 +1359,47 @@ pub(crate) mod tests {
             e.details = details.clone();
             let text = details.to_string();
             assert_eq!(e.is_sealed(), text.contains(SEALED_PREFIX), "{text}");
+        }
+    }
+
+    #[test]
+    fn an_entry_read_as_text_is_sealed_names_keys_and_opens_as_the_parsed_entry_does() {
+        let sealed = format!("{SEALED_PREFIX}u1:AAAA");
+        let mut cases = Vec::new();
+        for (ip, details) in [
+            (None, json!({})),
+            (
+                Some(sealed.clone()),
+                json!({"n": 1.5, "list": [false, null]}),
+            ),
+            (
+                None,
+                json!({"email": sealed, "other": format!("{SEALED_PREFIX}u2:BB")}),
+            ),
+            (
+                Some("203.0.113.9".to_string()),
+                json!({"deep": [{"x": sealed}], "plain": "é \"q\""}),
+            ),
+        ] {
+            let mut e = entry(1);
+            e.ip = ip;
+            e.user_agent = Some(format!("{SEALED_PREFIX}u3:CC"));
+            e.details = details;
+            cases.push(e.clone());
+            e.user_agent = None;
+            cases.push(e);
+        }
+        for e in cases {
+            let text = serde_json::to_string(&e.details).unwrap();
+            let r = EntryRef::of(&e, &text);
+            assert_eq!(r.is_sealed(), e.is_sealed(), "{e:?}");
+            assert_eq!(r.key_ids(), e.key_ids(), "{e:?}");
+            let keys = Keys::default();
+            let expected = e.opened(&keys).map(|v| serde_json::to_vec(&v).unwrap());
+            assert_eq!(r.opened(&keys).unwrap(), expected, "{e:?}");
+            let mut json = Vec::new();
+            r.write_json(&mut json).unwrap();
+            assert_eq!(json, serde_json::to_vec(&e).unwrap());
         }
     }
 

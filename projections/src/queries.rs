@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde::Deserialize;
-use sqlx::{PgPool, Postgres, QueryBuilder};
+use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 
 use crate::audit::AuditEntry;
 use crate::directory::{DirectoryQuery, UserRow};
@@ -232,6 +232,18 @@ pub fn audit<'a>(
     tenant_id: &'a str,
     q: &'a AuditQuery,
 ) -> BoxStream<'a, Result<AuditEntry, sqlx::Error>> {
+    audit_rows(pool, tenant_id, q)
+        .map(|row| AuditEntry::from_row(&row?))
+        .boxed()
+}
+
+/// [`audit`]'s rows as read (the columns of `ENTRY_COLUMNS`), for a reader
+/// that borrows the entries from them (`EntryRef`).
+pub fn audit_rows<'a>(
+    pool: &'a PgPool,
+    tenant_id: &'a str,
+    q: &'a AuditQuery,
+) -> BoxStream<'a, Result<sqlx::postgres::PgRow, sqlx::Error>> {
     // With a user, their entries and their deliveries' as two indexed
     // lookups: one `user_id = $3 OR …` scanned the whole tenant.
     use crate::audit::ENTRY_COLUMNS as COLUMNS;
@@ -258,7 +270,7 @@ pub fn audit<'a>(
         )
     });
     let sql: &'static str = if q.user_id.is_some() { &BY_USER } else { &ALL };
-    sqlx::query_as::<_, AuditEntry>(sql)
+    sqlx::query(sql)
         .bind(tenant_id)
         .bind(q.event_type.as_deref())
         .bind(q.user_id.as_deref())

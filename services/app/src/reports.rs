@@ -5,9 +5,10 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
+use sqlx::postgres::PgRow;
 use twofold_platform::audit_signing::PublishedKeys;
 use twofold_platform::personal::Keys;
-use twofold_projections::audit::{AuditEntry, ExportFilter, Exporter, Format};
+use twofold_projections::audit::{AuditEntry, EntryRef, ExportFilter, Exporter, Format};
 use twofold_projections::checkpoints::{self, Checkpoint, CheckpointPolicy};
 use twofold_projections::directory::{DirectoryQuery, UserRow};
 use twofold_projections::overview::{DailyPoint, Overview};
@@ -42,22 +43,22 @@ fn text(chunk: Vec<u8>) -> Result<String, std::io::Error> {
 /// Audit entries an export reads ahead at once.
 const READ_AHEAD: usize = 512;
 
-/// [`queries::audit`], read and decoded on a task of its own, a batch of
-/// entries ahead, so that it runs beside the writing and hashing of the
-/// entries before (which the chain keeps on one task). Stops when the
-/// entries are no longer wanted.
+/// [`queries::audit_rows`], read on a task of its own, a batch of rows
+/// ahead, so that it runs beside the writing and hashing of the entries
+/// before (which the chain keeps on one task). Stops when the rows are no
+/// longer wanted.
 fn read_ahead(
     pool: sqlx::PgPool,
     tenant: String,
     q: AuditQuery,
-) -> impl Stream<Item = Result<AuditEntry, sqlx::Error>> + Send + 'static {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Result<AuditEntry, sqlx::Error>>>(2);
+) -> impl Stream<Item = Result<PgRow, sqlx::Error>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Result<PgRow, sqlx::Error>>>(2);
     tokio::spawn(async move {
-        let mut entries = queries::audit(&pool, &tenant, &q);
+        let mut rows = queries::audit_rows(&pool, &tenant, &q);
         let mut batch = Vec::with_capacity(READ_AHEAD);
-        while let Some(entry) = entries.next().await {
-            let failed = entry.is_err();
-            batch.push(entry);
+        while let Some(row) = rows.next().await {
+            let failed = row.is_err();
+            batch.push(row);
             if batch.len() == READ_AHEAD || failed {
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(READ_AHEAD));
                 if tx.send(full).await.is_err() || failed {
@@ -412,12 +413,13 @@ impl App {
             let new_chunk = || Vec::with_capacity(EXPORT_CHUNK + EXPORT_CHUNK / 4);
             let mut chunk = new_chunk();
             chunk.extend_from_slice(exporter.header().as_bytes());
-            let mut entries = std::pin::pin!(read_ahead(pool.clone(), tenant.clone(), q.clone()));
+            let mut rows = std::pin::pin!(read_ahead(pool.clone(), tenant.clone(), q.clone()));
             // Data keys read so far (an erased user's stays absent).
             let (mut keys, mut read) = (Keys::default(), std::collections::HashSet::new());
-            while let Some(entry) = entries.next().await {
+            while let Some(row) = rows.next().await {
                 let written = async {
-                    let entry = entry?;
+                    let row = row?;
+                    let entry = EntryRef::from_row(&row)?;
                     // Personal data is opened only where the line shows it.
                     let opened = if exporter.shows_opened() && entry.is_sealed() {
                         let wanted: Vec<String> = entry
@@ -428,11 +430,11 @@ impl App {
                         if !wanted.is_empty() {
                             keys.extend(personal.read_keys(&pool, &wanted).await?);
                         }
-                        entry.opened(&keys)
+                        entry.opened(&keys)?
                     } else {
                         None
                     };
-                    exporter.write_line(&entry, opened.as_ref(), &mut chunk)
+                    exporter.write_entry(&entry, opened.as_deref(), &mut chunk)
                 }
                 .await;
                 if let Err(e) = written {
