@@ -499,10 +499,12 @@ pub const CSV_HEADER: &str = "position,tenant_id,aggregate_type,aggregate_id,seq
 /// A cell a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, tab,
 /// carriage return; OWASP's CSV injection list) is written with a leading
 /// `'`, and so is one that starts with `'` itself, so [`unguard`] restores
-/// every value exactly and the hash chain still verifies.
+/// every value exactly and the hash chain still verifies. An empty value is
+/// written as a lone `'` too: an empty cell stands for no value (`null`),
+/// which CSV could not otherwise tell from an empty string.
 fn guard(cell: &str) -> std::borrow::Cow<'_, str> {
     match cell.chars().next() {
-        Some('=' | '+' | '-' | '@' | '\t' | '\r' | '\'') => format!("'{cell}").into(),
+        Some('=' | '+' | '-' | '@' | '\t' | '\r' | '\'') | None => format!("'{cell}").into(),
         _ => cell.into(),
     }
 }
@@ -513,18 +515,22 @@ fn unguard(cell: &str) -> &str {
 }
 
 /// One CSV record (quoted only where needed, guarded against spreadsheet
-/// formulas), newline-terminated.
+/// formulas), newline-terminated; an empty field is an empty cell.
 fn csv_line(fields: &[&str]) -> anyhow::Result<String> {
     let mut out = Vec::new();
-    csv_record(fields.iter().copied(), &mut out)?;
+    csv_record(
+        fields.iter().map(|f| (!f.is_empty()).then_some(*f)),
+        &mut out,
+    )?;
     Ok(String::from_utf8(out)?)
 }
 
-/// [`csv_line`], appended to `out`: the bytes the csv crate's writer gives,
-/// written by the same state machine without a writer and its buffer per
-/// record.
+/// One CSV record appended to `out`: a field that is `None` as an empty
+/// cell, a value [`guard`]ed (so an empty string is a lone `'`). The bytes
+/// the csv crate's writer gives, written by the same state machine without
+/// a writer and its buffer per record.
 fn csv_record<'a>(
-    fields: impl IntoIterator<Item = &'a str>,
+    fields: impl IntoIterator<Item = Option<&'a str>>,
     out: &mut Vec<u8>,
 ) -> anyhow::Result<()> {
     use csv_core::WriteResult;
@@ -548,7 +554,7 @@ fn csv_record<'a>(
         if i > 0 {
             append(2, &mut |o| writer.delimiter(o))?;
         }
-        let field = guard(field);
+        let field = field.map(guard).unwrap_or_default();
         append(2 * field.len() + 2, &mut |o| {
             let (result, _, written) = writer.field(field.as_bytes(), o);
             (result, written)
@@ -666,24 +672,26 @@ impl Exporter {
             Format::Csv => {
                 csv_record(
                     [
-                        entry.position.to_string().as_str(),
-                        entry.tenant_id,
-                        entry.aggregate_type,
-                        entry.aggregate_id,
-                        &entry.sequence.to_string(),
-                        entry.event_type,
-                        &entry
-                            .at
-                            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-                        entry.actor_kind,
-                        entry.actor_id.unwrap_or_default(),
-                        entry.ip.unwrap_or_default(),
-                        entry.user_agent.unwrap_or_default(),
-                        entry.reason.unwrap_or_default(),
-                        entry.user_id.unwrap_or_default(),
-                        entry.details,
-                        &self.prev,
-                        hash,
+                        Some(entry.position.to_string().as_str()),
+                        Some(entry.tenant_id),
+                        Some(entry.aggregate_type),
+                        Some(entry.aggregate_id),
+                        Some(&entry.sequence.to_string()),
+                        Some(entry.event_type),
+                        Some(
+                            &entry
+                                .at
+                                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                        ),
+                        Some(entry.actor_kind),
+                        entry.actor_id,
+                        entry.ip,
+                        entry.user_agent,
+                        entry.reason,
+                        entry.user_id,
+                        Some(entry.details),
+                        Some(&self.prev),
+                        Some(hash),
                     ],
                     out,
                 )?;
@@ -1177,8 +1185,8 @@ fn verify_csv(
         .from_reader(text.as_bytes());
     let mut records = reader.records();
     while let Some(record) = records.next() {
-        let f = record.with_context(|| format!("entry {}: not a CSV record", walk.seen + 1))?;
-        let f: Vec<&str> = f.iter().map(unguard).collect();
+        let raw = record.with_context(|| format!("entry {}: not a CSV record", walk.seen + 1))?;
+        let f: Vec<&str> = raw.iter().map(unguard).collect();
         if f.first() == Some(&"#trailer") {
             if records.next().is_some() {
                 bail!("lines follow the trailer");
@@ -1190,7 +1198,10 @@ fn verify_csv(
         if f.len() != 16 {
             bail!("entry {seen}: expected 16 columns, found {}", f.len());
         }
-        let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        // An empty cell is no value; an empty string is a lone `'` (see
+        // `guard`). Exports from before that wrote an empty string as an
+        // empty cell, and such an entry does not verify from them.
+        let opt = |i: usize| (!raw[i].is_empty()).then(|| f[i].to_string());
         let entry = AuditEntry {
             position: f[0]
                 .parse()
@@ -1206,11 +1217,11 @@ fn verify_csv(
                 .parse()
                 .with_context(|| format!("entry {seen}: bad time"))?,
             actor_kind: f[7].to_string(),
-            actor_id: opt(f[8]),
-            ip: opt(f[9]),
-            user_agent: opt(f[10]),
-            reason: opt(f[11]),
-            user_id: opt(f[12]),
+            actor_id: opt(8),
+            ip: opt(9),
+            user_agent: opt(10),
+            reason: opt(11),
+            user_id: opt(12),
             details: serde_json::from_str(f[13])
                 .with_context(|| format!("entry {seen}: bad details"))?,
         };
@@ -1243,33 +1254,37 @@ pub(crate) mod tests {
                 serde_json::to_string(&line).unwrap() + "\n"
             }
             Format::Csv => {
-                let opt = |o: &Option<String>| o.clone().unwrap_or_default();
                 let at = entry
                     .at
                     .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+                // No value is an empty cell; a value is guarded.
                 let fields = [
-                    entry.position.to_string(),
-                    entry.tenant_id.clone(),
-                    entry.aggregate_type.clone(),
-                    entry.aggregate_id.clone(),
-                    entry.sequence.to_string(),
-                    entry.event_type.clone(),
-                    at,
-                    entry.actor_kind.clone(),
-                    opt(&entry.actor_id),
-                    opt(&entry.ip),
-                    opt(&entry.user_agent),
-                    opt(&entry.reason),
-                    opt(&entry.user_id),
-                    serde_json::to_string(&entry.details).unwrap(),
-                    prev.to_string(),
-                    hash,
+                    Some(entry.position.to_string()),
+                    Some(entry.tenant_id.clone()),
+                    Some(entry.aggregate_type.clone()),
+                    Some(entry.aggregate_id.clone()),
+                    Some(entry.sequence.to_string()),
+                    Some(entry.event_type.clone()),
+                    Some(at),
+                    Some(entry.actor_kind.clone()),
+                    entry.actor_id.clone(),
+                    entry.ip.clone(),
+                    entry.user_agent.clone(),
+                    entry.reason.clone(),
+                    entry.user_id.clone(),
+                    Some(serde_json::to_string(&entry.details).unwrap()),
+                    Some(prev.to_string()),
+                    Some(hash),
                 ];
                 let mut writer = csv::WriterBuilder::new()
                     .terminator(csv::Terminator::Any(b'\n'))
                     .from_writer(Vec::new());
                 writer
-                    .write_record(fields.iter().map(|f| guard(f).into_owned()))
+                    .write_record(
+                        fields
+                            .iter()
+                            .map(|f| f.as_deref().map(guard).unwrap_or_default().into_owned()),
+                    )
                     .unwrap();
                 String::from_utf8(writer.into_inner().unwrap()).unwrap()
             }
@@ -1297,6 +1312,10 @@ pub(crate) mod tests {
             json!({"ip": null, "user_agent": "opened \"ua\"", "details": {"email": "[erased]"}});
         let mut again = odd.clone();
         (again.position, again.sequence) = (4, 4);
+        // Empty strings, which CSV must tell from no value.
+        again.reason = Some(String::new());
+        again.user_agent = Some(String::new());
+        again.ip = Some("'".into());
         vec![
             (entry(1), None),
             (odd, Some(opened)),
