@@ -157,7 +157,8 @@ impl Browser {
 
     /// Saves the page as `NN-name.png` at desktop width and
     /// `NN-name-phone.png` at 375 px.
-    /// The whole page, not only what fits the window.
+    /// The whole page, not only what fits the window. Fails when the page is
+    /// wider than the window at either width (it would scroll sideways).
     pub async fn shot(&mut self, name: &str) {
         self.count += 1;
         let base = format!("{:02}-{name}", self.count);
@@ -177,6 +178,19 @@ impl Browser {
                 .unwrap();
             let png = self.client.screenshot().await.unwrap();
             std::fs::write(self.shots.join(format!("{base}{suffix}.png")), png).unwrap();
+            let widths = self
+                .client
+                .execute(
+                    "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]",
+                    vec![],
+                )
+                .await
+                .unwrap();
+            let (page, window) = (widths[0].as_u64().unwrap(), widths[1].as_u64().unwrap());
+            assert!(
+                page <= window,
+                "{base}{suffix}: the page is {page} px wide in a {window} px window"
+            );
         }
         self.client.set_window_size(1280, 900).await.unwrap();
     }
