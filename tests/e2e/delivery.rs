@@ -122,7 +122,7 @@ impl Drop for Smtp {
 
 /// The six digits after "code is " in a message.
 pub(crate) fn code_in(text: &str) -> Option<String> {
-    let at = text.find("sign-in code is ")? + "sign-in code is ".len();
+    let at = text.find("code is ")? + "code is ".len();
     let code: String = text[at..].chars().take(6).collect();
     (code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit())).then_some(code)
 }
@@ -494,6 +494,18 @@ async fn a_new_email_address_is_verified_by_a_code_before_any_code_goes_there() 
         .unwrap()
         .to_string();
     let (verify_token, new_code) = code_for(verify_token, "kit@elsewhere.test").await;
+    // Each message says what its code is for: the new address is asked to
+    // confirm itself, not told of a sign-in its owner never tried.
+    let to_new = &smtp.mails_to("kit@elsewhere.test")[0];
+    assert!(
+        to_new.contains("Acme: confirm your email address"),
+        "{to_new}"
+    );
+    assert!(!to_new.contains("sign-in"), "{to_new}");
+    assert!(smtp
+        .mails_to("cat@acme.test")
+        .iter()
+        .any(|m| m.contains("Acme confirmation code")));
     assert_eq!(
         s.app.get_auth("/me", &session).await.body["email"],
         "cat@acme.test"

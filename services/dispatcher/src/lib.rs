@@ -712,7 +712,7 @@ impl Dispatcher {
         if let Some(sms) = &send.sms {
             let sent = match sms {
                 Ok((provider, phone)) => self
-                    .send_sms(id, provider, phone, &send.tenant_name, code)
+                    .send_sms(id, provider, phone, send, code)
                     .await
                     .map(|()| (Method::Sms, provider.clone())),
                 Err(e) => Err(e.clone()),
@@ -742,7 +742,7 @@ impl Dispatcher {
         id: &str,
         provider: &str,
         phone: &str,
-        tenant_name: &str,
+        send: &plan::Send,
         code: &str,
     ) -> Result<(), SendError> {
         let config = self
@@ -764,7 +764,7 @@ impl Dispatcher {
                 provider,
                 config,
                 phone,
-                &send::sms_text(tenant_name, code),
+                &send::sms_text(&send.tenant_name, code, send.purpose),
             )
             .await;
         if sent.is_err() {
@@ -790,7 +790,14 @@ impl Dispatcher {
         self.recipients.take(address, now)?;
         let sent = self
             .mailer
-            .send(id, address, &send.tenant_name, code, send.expires_at)
+            .send(
+                id,
+                address,
+                &send.tenant_name,
+                code,
+                send.expires_at,
+                send.purpose,
+            )
             .await;
         if sent.is_err() {
             self.recipients.give_back(address, now);

@@ -13,7 +13,7 @@ use twofold_domain::{ChallengeId, TenantId, UserId};
 use twofold_platform::config::SmsProvider;
 use twofold_platform::Envelope;
 
-use crate::send::SendError;
+use crate::send::{Purpose, SendError};
 
 /// The events that ask for a code to be sent.
 const CODE_EVENTS: [&str; 3] = ["ChallengeIssued", "CodeResent", "ChallengeMethodSwitched"];
@@ -97,6 +97,8 @@ pub struct Send {
     pub tenant_id: TenantId,
     pub tenant_name: String,
     pub expires_at: DateTime<Utc>,
+    /// What the code is for, which its message says.
+    pub purpose: Purpose,
     /// For an SMS code: the provider's name and the phone number, or why it
     /// cannot go by SMS (then it goes by email, the reason recorded).
     pub sms: Option<Result<(String, String), SendError>>,
@@ -160,6 +162,7 @@ pub fn plan(
         tenant_id,
         tenant_name: tenant.name.clone(),
         expires_at: challenge.expires_at,
+        purpose: Purpose::of(&challenge.purpose),
         sms,
         email: email
             .map(|e| e.as_str().to_string())

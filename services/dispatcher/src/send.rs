@@ -15,6 +15,7 @@ use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use secrecy::ExposeSecret;
+use twofold_domain::user::ChallengePurpose;
 use twofold_platform::config::SmsProvider;
 use twofold_platform::Config;
 
@@ -148,8 +149,78 @@ impl RecipientLimit {
     }
 }
 
-pub fn sms_text(tenant: &str, code: &str) -> String {
-    format!("{code} is your {tenant} sign-in code. Do not share it.")
+/// What a code is for, which its message says: a code to confirm a new
+/// address must not read as a sign-in the owner of that address never
+/// tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A sign-in's second factor, or the first code of an enrollment at sign-in.
+    SignIn,
+    /// A step-up: a current factor before a sensitive change.
+    Confirm,
+    /// A code sent to a new email address or phone number, to prove it.
+    VerifyContact,
+}
+
+impl Purpose {
+    pub fn of(purpose: &ChallengePurpose) -> Self {
+        match purpose {
+            ChallengePurpose::SignIn | ChallengePurpose::Enrollment => Self::SignIn,
+            ChallengePurpose::StepUp { .. } => Self::Confirm,
+            ChallengePurpose::VerifyContact => Self::VerifyContact,
+        }
+    }
+}
+
+pub fn sms_text(tenant: &str, code: &str, purpose: Purpose) -> String {
+    match purpose {
+        Purpose::SignIn => format!("{code} is your {tenant} sign-in code. Do not share it."),
+        Purpose::Confirm => format!("{code} is your {tenant} confirmation code. Do not share it."),
+        Purpose::VerifyContact => {
+            format!("{code} is your {tenant} code to confirm this phone number. Do not share it.")
+        }
+    }
+}
+
+/// An email code's subject, its first sentence (before and after the code)
+/// and the rest.
+struct EmailText {
+    subject: String,
+    lead: String,
+    after_code: &'static str,
+    rest: String,
+}
+
+fn email_text(tenant: &str, expires: &str, purpose: Purpose) -> EmailText {
+    match purpose {
+        Purpose::SignIn => EmailText {
+            subject: format!("{tenant} sign-in code"),
+            lead: format!("Your {tenant} sign-in code is "),
+            after_code: ".",
+            rest: format!(
+                "It expires at {expires}. If you did not try to sign in, ignore this email."
+            ),
+        },
+        Purpose::Confirm => EmailText {
+            subject: format!("{tenant} confirmation code"),
+            lead: format!("Your {tenant} confirmation code is "),
+            after_code: ".",
+            rest: format!(
+                "It confirms a change to your account and expires at {expires}. If you did not \
+                 ask for it, someone may know your password: change it."
+            ),
+        },
+        Purpose::VerifyContact => EmailText {
+            subject: format!("{tenant}: confirm your email address"),
+            lead: format!("To confirm this email address for your {tenant} account, your code is "),
+            after_code: ".",
+            rest: format!(
+                "Enter it where you added this address to your account; it expires at \
+                 {expires}. Until then your codes keep going where they went. If you did not \
+                 add this address, ignore this email: it will not be used."
+            ),
+        },
+    }
 }
 
 pub struct Mailer {
@@ -227,21 +298,23 @@ impl Mailer {
         tenant: &str,
         code: &str,
         expires_at: DateTime<Utc>,
+        purpose: Purpose,
     ) -> Result<(), SendError> {
-        let expires = expires_at.format("%Y-%m-%d %H:%M UTC");
-        let plain = format!(
-            "Your {tenant} sign-in code is {code}.\n\nIt expires at {expires}. If you did not try to sign in, ignore this email.\n"
-        );
+        let expires = expires_at.format("%Y-%m-%d %H:%M UTC").to_string();
+        let text = email_text(tenant, &expires, purpose);
+        let plain = format!("{}{code}{}\n\n{}\n", text.lead, text.after_code, text.rest);
         let html = format!(
-            "<p>Your {tenant} sign-in code is <strong>{code}</strong>.</p><p>It expires at {expires}. If you did not try to sign in, ignore this email.</p>",
-            tenant = html_escape(tenant)
+            "<p>{}<strong>{code}</strong>{}</p><p>{}</p>",
+            html_escape(&text.lead),
+            text.after_code,
+            html_escape(&text.rest)
         );
         let to: Mailbox = to.parse().map_err(|_| SendError::InvalidAddress)?;
         let message = Message::builder()
             .message_id(Some(self.message_id(delivery)))
             .from(self.from.clone())
             .to(to)
-            .subject(format!("{tenant} sign-in code"))
+            .subject(text.subject)
             .multipart(MultiPart::alternative_plain_html(plain, html))
             .map_err(|e| SendError::Message(e.to_string()))?;
         self.transport
@@ -344,6 +417,31 @@ impl SmsClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_code_says_what_it_is_for_and_only_a_sign_in_code_speaks_of_a_sign_in() {
+        let purposes = [Purpose::SignIn, Purpose::Confirm, Purpose::VerifyContact];
+        for purpose in purposes {
+            let sms = sms_text("Acme", "123456", purpose);
+            let email = email_text("Acme", "2026-12-05 10:00 UTC", purpose);
+            let body = format!("{}123456{} {}", email.lead, email.after_code, email.rest);
+            // What `ops/mail-sink` and the tests read a code by.
+            assert!(body.contains("code is 123456"), "{body}");
+            assert!(sms.starts_with("123456 is your Acme "), "{sms}");
+            let signs_in = purpose == Purpose::SignIn;
+            for text in [&sms, &email.subject, &body] {
+                assert_eq!(
+                    text.contains("sign-in") || text.contains("sign in"),
+                    signs_in,
+                    "{text}"
+                );
+            }
+        }
+        assert!(email_text("Acme", "", Purpose::VerifyContact)
+            .subject
+            .contains("confirm your email address"));
+        assert!(sms_text("Acme", "1", Purpose::VerifyContact).contains("confirm this phone number"));
+    }
 
     #[test]
     fn what_the_user_or_the_configuration_must_change_is_permanent() {
