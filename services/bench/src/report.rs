@@ -49,6 +49,62 @@ pub fn table(report: &Report) -> String {
             percentiles(&s.details)
         ));
     }
+    out.push_str(&growth(report));
+    out
+}
+
+/// The scale scenario's reads as curves over tenant size: a row per read,
+/// a column per size (its value: p99 or rows/s), and how much the largest
+/// size's value is of the smallest's. Empty without two sizes.
+fn growth(report: &Report) -> String {
+    // (read, users) -> scenario, in the order the reads were measured.
+    let mut reads: Vec<&str> = Vec::new();
+    let mut sizes: Vec<u64> = Vec::new();
+    let mut at = std::collections::HashMap::new();
+    for s in &report.scenarios {
+        let users = s.details.pointer("/set_up/users").and_then(Value::as_u64);
+        let (Some(users), Some((_, read))) = (users, s.name.split_once(": ")) else {
+            continue;
+        };
+        if !reads.contains(&read) {
+            reads.push(read);
+        }
+        if !sizes.contains(&users) {
+            sizes.push(users);
+        }
+        at.insert((read, users), s);
+    }
+    sizes.sort_unstable();
+    let (Some(&small), Some(&large)) = (sizes.first(), sizes.last()) else {
+        return String::new();
+    };
+    if small == large {
+        return String::new();
+    }
+    let mut out = format!(
+        "\nHow the scale reads grow with the tenant (value at each size; the last column is the largest size's value over the smallest's):\n\n| read | {} | ×{} / ×1 |\n|---|{}---|\n",
+        sizes
+            .iter()
+            .map(|u| format!("{}k users", u / 1000))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        large / small,
+        "---|".repeat(sizes.len())
+    );
+    for read in reads {
+        let cells: Vec<String> = sizes
+            .iter()
+            .map(|u| {
+                at.get(&(read, *u))
+                    .map_or("—".to_string(), |s| format!("{:.1} {}", s.value, s.unit))
+            })
+            .collect();
+        let grew = match (at.get(&(read, small)), at.get(&(read, large))) {
+            (Some(a), Some(b)) if a.value > 0.0 => format!("{:.2}", b.value / a.value),
+            _ => "—".to_string(),
+        };
+        out.push_str(&format!("| {read} | {} | {grew} |\n", cells.join(" | ")));
+    }
     out
 }
 
@@ -76,4 +132,61 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn scenario(name: &str, users: u64, value: f64) -> Scenario {
+        Scenario {
+            name: name.into(),
+            value,
+            unit: "ms (p99)".into(),
+            baseline: None,
+            baseline_unit: None,
+            ratio: None,
+            target: "p99 <= 20 ms".into(),
+            met: true,
+            details: json!({"set_up": {"users": users}}),
+        }
+    }
+
+    #[test]
+    fn the_scale_reads_are_tabled_as_curves_over_tenant_size() {
+        let report = Report {
+            machine: json!({}),
+            settings: json!({}),
+            scenarios: vec![
+                scenario("scale, 10k users / 0.2M events: GET /overview", 10_000, 2.0),
+                scenario("scale, 10k users / 0.2M events: directory", 10_000, 4.0),
+                scenario(
+                    "scale, 100k users / 2.0M events: GET /overview",
+                    100_000,
+                    3.0,
+                ),
+                scenario("scale, 100k users / 2.0M events: directory", 100_000, 12.0),
+            ],
+        };
+        let growth = growth(&report);
+        assert!(
+            growth.contains("| read | 10k users | 100k users | ×10 / ×1 |"),
+            "{growth}"
+        );
+        assert!(
+            growth.contains("| GET /overview | 2.0 ms (p99) | 3.0 ms (p99) | 1.50 |"),
+            "{growth}"
+        );
+        assert!(
+            growth.contains("| directory | 4.0 ms (p99) | 12.0 ms (p99) | 3.00 |"),
+            "{growth}"
+        );
+        // One size is no curve.
+        let one = Report {
+            scenarios: report.scenarios[..2].to_vec(),
+            ..report
+        };
+        assert_eq!(super::growth(&one), "");
+    }
 }
