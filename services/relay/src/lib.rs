@@ -73,7 +73,14 @@ pub struct Relay {
     fence: Mutex<Fence>,
     /// Events this relay published (and saw acknowledged).
     published: Arc<AtomicU64>,
+    /// When the outbox backlog gauge was last counted.
+    backlog_counted: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How often the backlog gauge is counted at most. Counting is a statement
+/// of its own; once a round, it was a round trip more between an event's
+/// commit and its publication, and 200 counts a second while idle.
+const BACKLOG_EVERY: Duration = Duration::from_secs(1);
 
 /// The advisory lock a publishing relay holds, on a connection of its own.
 enum Fence {
@@ -251,6 +258,7 @@ impl Relay {
             limits: StreamLimits::from_config(config),
             fence: Mutex::new(Fence::None),
             published: Arc::new(AtomicU64::new(0)),
+            backlog_counted: std::sync::Mutex::new(None),
         }
     }
 
@@ -527,7 +535,7 @@ impl Relay {
                 failure.get_or_insert(e);
             }
         }
-        if published < 100 * BATCH_ROWS as usize {
+        if published < 100 * BATCH_ROWS as usize && self.backlog_due() {
             // Counting scans the outbox: only when it is nearly drained.
             metrics::gauge!("twofold_relay_outbox_backlog")
                 .set(self.backlog().await.unwrap_or(0) as f64);
@@ -536,6 +544,21 @@ impl Relay {
             Some(e) => Err(e.context(format!("after publishing {published} events"))),
             None => Ok(published),
         }
+    }
+
+    /// Whether the backlog gauge is due a count (see [`BACKLOG_EVERY`]); if
+    /// so, the count is taken as done now.
+    fn backlog_due(&self) -> bool {
+        let now = std::time::Instant::now();
+        let mut last = self
+            .backlog_counted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let due = last.is_none_or(|at| now.duration_since(at) >= BACKLOG_EVERY);
+        if due {
+            *last = Some(now);
+        }
+        due
     }
 
     async fn delete(&self, ids: &[i64]) -> anyhow::Result<()> {
