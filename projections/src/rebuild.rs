@@ -12,7 +12,7 @@ use twofold_platform::personal::Personal;
 use crate::audit::AuditEntry;
 use crate::directory::UserRow;
 use crate::record::{load_batch, EventRecord, RecordExt, Typed};
-use crate::store::{copy_audit, write_users, Builder};
+use crate::store::{write_users, AuditCopy, Builder};
 
 const BATCH: i64 = 10_000;
 
@@ -73,16 +73,19 @@ pub async fn rebuild(
             .into_iter()
             .collect();
     let mut users: HashMap<String, UserRow> = HashMap::new();
-    let mut positions: HashMap<(String, String), i64> = HashMap::new();
+    // Each stream's last sequence, by aggregate type and id.
+    let mut positions: HashMap<String, HashMap<String, i64>> = HashMap::new();
     let mut count = 0u64;
     let mut last: Option<EventRecord> = None;
     // Reading the next batch, folding this one and writing the one before
     // overlap: a writer task owns the transaction while batches stream in.
     let (to_writer, mut batches) = tokio::sync::mpsc::channel::<Vec<AuditEntry>>(2);
     let writer = tokio::spawn(async move {
+        let mut copy = AuditCopy::start(&mut tx).await?;
         while let Some(entries) = batches.recv().await {
-            copy_audit(&mut tx, &entries).await?;
+            copy.write(&entries).await?;
         }
+        copy.finish().await?;
         anyhow::Ok(tx)
     });
     let mut next = tokio::spawn(load_owned(pool.clone(), personal.clone(), 0));
@@ -97,19 +100,29 @@ pub async fn rebuild(
         let mut entries = Vec::with_capacity(batch.len());
         for record in &batch {
             if let Typed::User(event) = record.typed()? {
-                users
-                    .entry(record.aggregate_id.clone())
-                    .or_default()
-                    .apply(&event);
+                match users.get_mut(&record.aggregate_id) {
+                    Some(row) => row.apply(&event),
+                    None => users
+                        .entry(record.aggregate_id.clone())
+                        .or_default()
+                        .apply(&event),
+                }
             }
             entries.extend(
                 AuditEntry::from_record(record)
                     .filter(|e| pruned.get(&e.tenant_id).is_none_or(|&p| e.position > p)),
             );
-            positions.insert(
-                (record.aggregate_type.clone(), record.aggregate_id.clone()),
-                record.sequence,
-            );
+            // Looked up by reference: a stream's id is copied once, not per event.
+            let streams = match positions.get_mut(&record.aggregate_type) {
+                Some(streams) => streams,
+                None => positions.entry(record.aggregate_type.clone()).or_default(),
+            };
+            match streams.get_mut(&record.aggregate_id) {
+                Some(sequence) => *sequence = record.sequence,
+                None => {
+                    streams.insert(record.aggregate_id.clone(), record.sequence);
+                }
+            }
         }
         if to_writer.send(entries).await.is_err() {
             break; // the writer failed; its error is reported below
@@ -135,17 +148,23 @@ pub async fn rebuild(
             .await
             .with_context(|| format!("building the index {name} again"))?;
     }
+    let (mut types, mut ids, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+    for (aggregate_type, streams) in &positions {
+        for (id, sequence) in streams {
+            types.push(aggregate_type.as_str());
+            ids.push(id.as_str());
+            seqs.push(*sequence);
+        }
+    }
     for builder in Builder::ALL {
-        let (types, ids): (Vec<String>, Vec<String>) = positions.keys().cloned().unzip();
-        let seqs: Vec<i64> = positions.values().copied().collect();
         sqlx::query(
             "INSERT INTO projection_positions (projection, aggregate_type, aggregate_id, sequence) \
              SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::bigint[])",
         )
         .bind(builder.name())
-        .bind(types)
-        .bind(ids)
-        .bind(seqs)
+        .bind(&types)
+        .bind(&ids)
+        .bind(&seqs)
         .execute(&mut *tx)
         .await?;
         if let Some(last) = &last {
