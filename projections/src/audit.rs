@@ -244,30 +244,21 @@ impl<'a> EntryRef<'a> {
     /// Appends the entry's canonical JSON to `out`: the bytes serde writes
     /// for the [`AuditEntry`], fields in its order.
     fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
-        macro_rules! fields {
-            ($($name:literal: $value:expr),*) => {$(
-                out.extend_from_slice(concat!(",\"", $name, "\":").as_bytes());
-                serde_json::to_writer(&mut *out, &$value)?;
-            )*};
-        }
-        out.extend_from_slice(b"{\"position\":");
-        serde_json::to_writer(&mut *out, &self.position)?;
-        fields!(
-            "tenant_id": self.tenant_id,
-            "aggregate_type": self.aggregate_type,
-            "aggregate_id": self.aggregate_id,
-            "sequence": self.sequence,
-            "event_type": self.event_type,
-            "at": self.at,
-            "actor_kind": self.actor_kind,
-            "actor_id": self.actor_id,
-            "ip": self.ip,
-            "user_agent": self.user_agent,
-            "reason": self.reason,
-            "user_id": self.user_id
-        );
-        out.extend_from_slice(b",\"details\":");
-        out.extend_from_slice(self.details.as_bytes());
+        use twofold_platform::json::{push_field, push_raw_field};
+        push_field(out, true, "position", &self.position)?;
+        push_field(out, false, "tenant_id", self.tenant_id)?;
+        push_field(out, false, "aggregate_type", self.aggregate_type)?;
+        push_field(out, false, "aggregate_id", self.aggregate_id)?;
+        push_field(out, false, "sequence", &self.sequence)?;
+        push_field(out, false, "event_type", self.event_type)?;
+        push_field(out, false, "at", &self.at)?;
+        push_field(out, false, "actor_kind", self.actor_kind)?;
+        push_field(out, false, "actor_id", &self.actor_id)?;
+        push_field(out, false, "ip", &self.ip)?;
+        push_field(out, false, "user_agent", &self.user_agent)?;
+        push_field(out, false, "reason", &self.reason)?;
+        push_field(out, false, "user_id", &self.user_id)?;
+        push_raw_field(out, false, "details", self.details);
         out.push(b'}');
         Ok(())
     }

@@ -42,6 +42,39 @@ pub struct Envelope {
     pub opened: Option<Box<RawValue>>,
 }
 
+/// An [`Envelope`]'s fields as borrowed from a row, written as its JSON.
+struct Fields<'a> {
+    global_position: i64,
+    aggregate_type: &'a str,
+    aggregate_id: &'a str,
+    sequence: i64,
+    event_type: &'a str,
+    event_version: &'a str,
+    tenant_id: Option<&'a str>,
+    recorded_at: DateTime<Utc>,
+    /// The payload's JSON text.
+    payload: &'a str,
+}
+
+impl Fields<'_> {
+    /// What serde writes for the [`Envelope`], fields in its order.
+    fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+        use crate::json::{push_field, push_raw_field};
+        let mut out = Vec::with_capacity(256 + self.payload.len());
+        push_field(&mut out, true, "global_position", &self.global_position)?;
+        push_field(&mut out, false, "aggregate_type", self.aggregate_type)?;
+        push_field(&mut out, false, "aggregate_id", self.aggregate_id)?;
+        push_field(&mut out, false, "sequence", &self.sequence)?;
+        push_field(&mut out, false, "event_type", self.event_type)?;
+        push_field(&mut out, false, "event_version", self.event_version)?;
+        push_field(&mut out, false, "tenant_id", &self.tenant_id)?;
+        push_field(&mut out, false, "recorded_at", &self.recorded_at)?;
+        push_raw_field(&mut out, false, "payload", self.payload);
+        out.push(b'}');
+        Ok(out)
+    }
+}
+
 /// The part of the stored metadata the envelope carries.
 #[derive(Deserialize)]
 struct Metadata {
@@ -93,6 +126,47 @@ impl Envelope {
     /// relay does this for every event.)
     pub fn to_json(&self) -> serde_json::Result<Vec<u8>> {
         serde_json::to_vec(self)
+    }
+
+    /// A row of [`COLUMNS`], starting at column `first`, as the relay sends
+    /// it: its subject under `prefix`, its `Nats-Msg-Id` and the bytes
+    /// [`Envelope::to_json`] writes for it, read by column index and written
+    /// straight from the row, the payload's text copied once (the store
+    /// validated it as JSON when it took it) instead of decoded into an
+    /// envelope first.
+    pub fn message_of_row(
+        row: &PgRow,
+        first: usize,
+        prefix: &str,
+    ) -> Result<(String, String, Vec<u8>), sqlx::Error> {
+        let aggregate_type: &str = row.try_get(first + 1)?;
+        let aggregate_id: &str = row.try_get(first + 2)?;
+        let sequence: i64 = row.try_get(first + 3)?;
+        let event_type: &str = row.try_get(first + 4)?;
+        let Json(metadata): Json<Option<Metadata>> = row.try_get(first + 7)?;
+        let tenant_id = metadata.and_then(|m| m.tenant_id);
+        // A `json` column's value is its text, in either wire format.
+        let payload: &str = row.try_get_unchecked(first + 6)?;
+        let fields = Fields {
+            global_position: row.try_get(first)?,
+            aggregate_type,
+            aggregate_id,
+            sequence,
+            event_type,
+            event_version: row.try_get(first + 5)?,
+            tenant_id: tenant_id.as_deref(),
+            recorded_at: row.try_get(first + 8)?,
+            payload,
+        };
+        let subject = format!(
+            "{prefix}.events.{}.{aggregate_type}.{event_type}",
+            tenant_id.as_deref().unwrap_or("none")
+        );
+        let msg_id = format!("{aggregate_type}:{aggregate_id}:{sequence}");
+        let body = fields
+            .to_json()
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        Ok((subject, msg_id, body))
     }
 
     /// Whether this build reads the event's version: the major version
@@ -176,6 +250,31 @@ mod tests {
             recorded_at: Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap(),
             payload: RawValue::from_string(payload.to_string()).unwrap(),
             opened: None,
+        }
+    }
+
+    #[test]
+    fn an_envelope_written_from_its_fields_is_the_json_serde_writes() {
+        let stored = r#"{"UserLockedOut": {"until":null,  "note":"a \"q\" é\n"}}"#;
+        for tenant in [None, Some("6f1c0d3e-0000-4000-8000-0000000000aa")] {
+            let mut e = envelope(stored);
+            e.tenant_id = tenant.map(str::to_string);
+            e.aggregate_id = "odd \"id\"\\".into();
+            let fields = Fields {
+                global_position: e.global_position,
+                aggregate_type: &e.aggregate_type,
+                aggregate_id: &e.aggregate_id,
+                sequence: e.sequence,
+                event_type: &e.event_type,
+                event_version: &e.event_version,
+                tenant_id: e.tenant_id.as_deref(),
+                recorded_at: e.recorded_at,
+                payload: e.payload.get(),
+            };
+            assert_eq!(
+                String::from_utf8(fields.to_json().unwrap()).unwrap(),
+                String::from_utf8(e.to_json().unwrap()).unwrap()
+            );
         }
     }
 

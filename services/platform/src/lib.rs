@@ -10,6 +10,7 @@ pub mod db;
 pub mod dead_letters;
 pub mod envelope;
 pub mod jetstream;
+pub mod json;
 pub mod password;
 pub mod personal;
 pub mod qr;

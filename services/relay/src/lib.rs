@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use async_nats::jetstream::{self, context::PublishAckFuture, stream};
-use sqlx::{Connection, FromRow, PgConnection, PgPool, Row};
+use sqlx::{Connection, PgConnection, PgPool, Row};
 use tokio::sync::Mutex;
 use twofold_platform::envelope::{Envelope, COLUMNS, PUBLISHED_AT};
 use twofold_platform::telemetry::{Telemetry, WorkerStart};
@@ -340,14 +340,14 @@ impl Relay {
         drop(reader);
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let event = Envelope::from_row(row)?;
+            // The stored payload goes out as it is (raw JSON): copied, not
+            // parsed and encoded again; the columns read by index.
+            let (subject, msg_id, body) = Envelope::message_of_row(row, 1, &self.prefix)?;
             out.push(Outgoing {
-                outbox_id: row.try_get("outbox_id")?,
-                subject: event.subject(&self.prefix),
-                msg_id: event.msg_id(),
-                // The stored payload goes out as it is (raw JSON): copied,
-                // not parsed and encoded again.
-                body: event.to_json()?,
+                outbox_id: row.try_get(0)?,
+                subject,
+                msg_id,
+                body,
             });
         }
         let mut rows: Vec<i64> = out.iter().map(|o| o.outbox_id).collect();
@@ -362,10 +362,12 @@ impl Relay {
             rows: batch.rows,
             started: Instant::now(),
         };
+        // One time for the batch: it goes out at once.
+        let published = published_at();
         for out in batch.events {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", out.msg_id.as_str());
-            headers.insert(PUBLISHED_AT, published_at().as_str());
+            headers.insert(PUBLISHED_AT, published.as_str());
             match self
                 .js
                 .publish_with_headers(out.subject, headers, out.body.into())
