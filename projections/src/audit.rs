@@ -100,36 +100,9 @@ impl AuditEntry {
         })
     }
 
-    /// Whether the entry holds sealed personal data: its IP or user agent
-    /// is sealed, or a key or string of its details holds the sealed prefix
-    /// (what a search of the details' JSON text finds: the prefix has no
-    /// character JSON escapes, so the search needs no serialization).
-    pub fn is_sealed(&self) -> bool {
-        fn holds_sealed(value: &Value) -> bool {
-            match value {
-                Value::String(s) => s.contains(SEALED_PREFIX),
-                Value::Array(items) => items.iter().any(holds_sealed),
-                Value::Object(map) => map
-                    .iter()
-                    .any(|(k, v)| k.contains(SEALED_PREFIX) || holds_sealed(v)),
-                _ => false,
-            }
-        }
-        [&self.ip, &self.user_agent]
-            .into_iter()
-            .flatten()
-            .any(|v| v.starts_with(SEALED_PREFIX))
-            || holds_sealed(&self.details)
-    }
-
     /// The data keys the entry's sealed values name.
     pub fn key_ids(&self) -> Vec<String> {
-        let mut text = self.details.to_string();
-        for v in [&self.ip, &self.user_agent].into_iter().flatten() {
-            text.push(' ');
-            text.push_str(v);
-        }
-        Personal::key_ids(&text)
+        EntryRef::of(self, &self.details.to_string()).key_ids()
     }
 
     /// The entry as shown: its personal data opened with `keys`, or
@@ -139,22 +112,6 @@ impl AuditEntry {
             *v = Personal::open_str(v, keys);
         }
         Personal::open_value(&mut self.details, keys);
-    }
-
-    /// What an export shows beside a sealed entry: its IP, user agent and
-    /// details opened.
-    pub fn opened(&self, keys: &Keys) -> Option<Value> {
-        if !self.is_sealed() {
-            return None;
-        }
-        let open = |v: &Option<String>| v.as_deref().map(|v| Personal::open_str(v, keys));
-        let mut details = self.details.clone();
-        Personal::open_value(&mut details, keys);
-        Some(serde_json::json!({
-            "ip": open(&self.ip),
-            "user_agent": open(&self.user_agent),
-            "details": details,
-        }))
     }
 }
 
@@ -263,7 +220,10 @@ impl<'a> EntryRef<'a> {
         Ok(())
     }
 
-    /// [`AuditEntry::is_sealed`], from the details' text.
+    /// Whether the entry holds sealed personal data: its IP or user agent
+    /// is sealed, or a key or string of its details holds the sealed prefix
+    /// (which a search of the details' JSON text finds: the prefix has no
+    /// character JSON escapes).
     pub fn is_sealed(&self) -> bool {
         [self.ip, self.user_agent]
             .into_iter()
@@ -272,7 +232,7 @@ impl<'a> EntryRef<'a> {
             || self.details.contains(SEALED_PREFIX)
     }
 
-    /// [`AuditEntry::key_ids`].
+    /// The data keys the entry's sealed values name.
     pub fn key_ids(&self) -> Vec<String> {
         let mut ids = Personal::key_ids(self.details);
         for v in [self.ip, self.user_agent].into_iter().flatten() {
@@ -283,15 +243,15 @@ impl<'a> EntryRef<'a> {
         ids
     }
 
-    /// [`AuditEntry::opened`] as JSON text: the details are parsed only
-    /// when they hold sealed values.
+    /// What an export shows beside a sealed entry, as JSON text: its IP,
+    /// user agent and details opened (`{details, ip, user_agent}`); the
+    /// details are parsed only when they hold sealed values.
     pub fn opened(&self, keys: &Keys) -> anyhow::Result<Option<Vec<u8>>> {
         if !self.is_sealed() {
             return Ok(None);
         }
         let open = |v: Option<&str>| v.map(|v| Personal::open_str(v, keys));
-        // In the order of the keys of the JSON object `AuditEntry::opened`
-        // gives (serde_json's map is sorted).
+        // Keys in sorted order, as serde_json writes a map.
         let mut out = b"{\"details\":".to_vec();
         if self.details.contains(SEALED_PREFIX) {
             let mut details: Value = serde_json::from_str(self.details)?;
@@ -1286,6 +1246,42 @@ pub(crate) mod tests {
         }
     }
 
+    /// Whether `entry` holds sealed data, by walking its values: what the
+    /// text search of [`EntryRef::is_sealed`] must agree with.
+    fn sealed_by_walk(entry: &AuditEntry) -> bool {
+        fn holds_sealed(value: &Value) -> bool {
+            match value {
+                Value::String(s) => s.contains(SEALED_PREFIX),
+                Value::Array(items) => items.iter().any(holds_sealed),
+                Value::Object(map) => map
+                    .iter()
+                    .any(|(k, v)| k.contains(SEALED_PREFIX) || holds_sealed(v)),
+                _ => false,
+            }
+        }
+        [&entry.ip, &entry.user_agent]
+            .into_iter()
+            .flatten()
+            .any(|v| v.starts_with(SEALED_PREFIX))
+            || holds_sealed(&entry.details)
+    }
+
+    /// The opened form by way of a parsed value: what the text path of
+    /// [`EntryRef::opened`] must write.
+    fn opened_as_value(entry: &AuditEntry, keys: &Keys) -> Option<Value> {
+        if !sealed_by_walk(entry) {
+            return None;
+        }
+        let open = |v: &Option<String>| v.as_deref().map(|v| Personal::open_str(v, keys));
+        let mut details = entry.details.clone();
+        Personal::open_value(&mut details, keys);
+        Some(json!({
+            "ip": open(&entry.ip),
+            "user_agent": open(&entry.user_agent),
+            "details": details,
+        }))
+    }
+
     /// Entries with what quoting, escaping and guarding act on.
     fn odd_entries() -> Vec<(AuditEntry, Option<Value>)> {
         let mut odd = entry(2);
@@ -1372,7 +1368,12 @@ pub(crate) mod tests {
             (e.ip, e.user_agent) = (None, None);
             e.details = details.clone();
             let text = details.to_string();
-            assert_eq!(e.is_sealed(), text.contains(SEALED_PREFIX), "{text}");
+            assert_eq!(sealed_by_walk(&e), text.contains(SEALED_PREFIX), "{text}");
+            assert_eq!(
+                EntryRef::of(&e, &text).is_sealed(),
+                sealed_by_walk(&e),
+                "{text}"
+            );
         }
     }
 
@@ -1406,10 +1407,15 @@ pub(crate) mod tests {
         for e in cases {
             let text = serde_json::to_string(&e.details).unwrap();
             let r = EntryRef::of(&e, &text);
-            assert_eq!(r.is_sealed(), e.is_sealed(), "{e:?}");
-            assert_eq!(r.key_ids(), e.key_ids(), "{e:?}");
+            assert_eq!(r.is_sealed(), sealed_by_walk(&e), "{e:?}");
+            let mut all = text.clone();
+            for v in [&e.ip, &e.user_agent].into_iter().flatten() {
+                all.push(' ');
+                all.push_str(v);
+            }
+            assert_eq!(r.key_ids(), Personal::key_ids(&all), "{e:?}");
             let keys = Keys::default();
-            let expected = e.opened(&keys).map(|v| serde_json::to_vec(&v).unwrap());
+            let expected = opened_as_value(&e, &keys).map(|v| serde_json::to_vec(&v).unwrap());
             assert_eq!(r.opened(&keys).unwrap(), expected, "{e:?}");
             let mut json = Vec::new();
             r.write_json(&mut json).unwrap();

@@ -75,6 +75,24 @@ impl Fields<'_> {
     }
 }
 
+/// See [`Envelope::msg_id`].
+fn msg_id(aggregate_type: &str, aggregate_id: &str, sequence: i64) -> String {
+    format!("{aggregate_type}:{aggregate_id}:{sequence}")
+}
+
+/// See [`Envelope::subject`].
+fn subject(
+    prefix: &str,
+    tenant_id: Option<&str>,
+    aggregate_type: &str,
+    event_type: &str,
+) -> String {
+    format!(
+        "{prefix}.events.{}.{aggregate_type}.{event_type}",
+        tenant_id.unwrap_or("none")
+    )
+}
+
 /// The part of the stored metadata the envelope carries.
 #[derive(Deserialize)]
 struct Metadata {
@@ -158,11 +176,8 @@ impl Envelope {
             recorded_at: row.try_get(first + 8)?,
             payload,
         };
-        let subject = format!(
-            "{prefix}.events.{}.{aggregate_type}.{event_type}",
-            tenant_id.as_deref().unwrap_or("none")
-        );
-        let msg_id = format!("{aggregate_type}:{aggregate_id}:{sequence}");
+        let subject = subject(prefix, tenant_id.as_deref(), aggregate_type, event_type);
+        let msg_id = msg_id(aggregate_type, aggregate_id, sequence);
         let body = fields
             .to_json()
             .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
@@ -198,19 +213,16 @@ impl Envelope {
     /// `aggregate_type:aggregate_id:sequence`, JetStream's `Nats-Msg-Id`
     /// (a republished event within the duplicate window is dropped).
     pub fn msg_id(&self) -> String {
-        format!(
-            "{}:{}:{}",
-            self.aggregate_type, self.aggregate_id, self.sequence
-        )
+        msg_id(&self.aggregate_type, &self.aggregate_id, self.sequence)
     }
 
     /// `<prefix>.events.<tenant or none>.<aggregate_type>.<event_type>`.
     pub fn subject(&self, prefix: &str) -> String {
-        format!(
-            "{prefix}.events.{}.{}.{}",
-            self.tenant_id.as_deref().unwrap_or("none"),
-            self.aggregate_type,
-            self.event_type
+        subject(
+            prefix,
+            self.tenant_id.as_deref(),
+            &self.aggregate_type,
+            &self.event_type,
         )
     }
 }
