@@ -130,7 +130,7 @@ fn actor_fields(actor: &twofold_domain::Actor) -> (&'static str, Option<String>)
 /// An entry as an export reads it: borrowed from its database row (the
 /// columns of [`ENTRY_COLUMNS`], by index), with `details` as the JSON text
 /// the row holds. Every writer of the history stores serde_json's text of
-/// an entry's details (`insert_audit`, `copy_audit`), which is what
+/// an entry's details (`bind_audit`, `AuditCopy`), which is what
 /// [`AuditEntry`] serializes them as, so an export hashes and writes that
 /// text as it is instead of parsing it only to write it again; a row whose
 /// text was altered in the database hashes differently, as any altered

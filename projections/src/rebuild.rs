@@ -134,7 +134,7 @@ pub async fn rebuild(
     drop(to_writer);
     let mut tx = writer.await.context("the rebuild writer stopped")??;
     let rows: Vec<&UserRow> = users.values().filter(|r| !r.user_id.is_empty()).collect();
-    write_users(&mut tx, &rows, None).await?;
+    write_users(&mut tx, &rows).await?;
     crate::overview_counts::replace(&mut tx, &crate::overview_counts::of(rows.iter().copied()))
         .await?;
     // The indexes dropped above, built again over the complete tables, with

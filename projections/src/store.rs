@@ -73,52 +73,130 @@ impl Builder {
             .unwrap_or_default())
     }
 
-    /// Applies `records` (this builder's, in commit order) and writes the
-    /// streams' new positions and the builder's progress with them.
-    async fn write(
+    /// Folds `records` (this builder's, in commit order) into what it
+    /// writes, with the streams' new positions (the last of their events
+    /// applied) and the builder's progress, all added to `batch`, which
+    /// writes every builder's share in one statement. Returns the records
+    /// as applied.
+    async fn prepare(
         &self,
         tx: &mut PgConnection,
         personal: &Personal,
         mut records: Vec<EventRecord>,
+        batch: &mut BatchWrite,
     ) -> anyhow::Result<Vec<EventRecord>> {
-        if *self == Builder::Directory {
-            // The directory holds what admins search and read, opened; an
-            // erasure's own event clears it again. (The audit history keeps
-            // the sealed form, which its hash chain is over.)
-            personal.open_envelopes(&mut *tx, &mut records).await?;
-        }
-        // The update, the streams' new positions (the last of their events
-        // applied) and the builder's progress, in one statement.
         let mut moved: BTreeMap<(&str, &str), i64> = BTreeMap::new();
         for r in &records {
             moved.insert((&r.aggregate_type, &r.aggregate_id), r.sequence);
+        }
+        for ((aggregate_type, aggregate_id), sequence) in moved {
+            batch.positions.0.push(self.name());
+            batch.positions.1.push(aggregate_type.to_string());
+            batch.positions.2.push(aggregate_id.to_string());
+            batch.positions.3.push(sequence);
         }
         let last = records
             .iter()
             .max_by_key(|r| r.global_position)
             .context("records is not empty")?;
-        let progress = Progress {
-            builder: self.name(),
-            types: moved.keys().map(|(t, _)| *t).collect(),
-            ids: moved.keys().map(|(_, i)| *i).collect(),
-            sequences: moved.values().copied().collect(),
-            last_position: last.global_position,
-            last_event_at: last.recorded_at,
-        };
+        batch.progress.0.push(self.name());
+        batch.progress.1.push(last.global_position);
+        batch.progress.2.push(last.recorded_at);
         match self {
             Builder::Directory => {
-                let (rows, moved) = fold_directory(&mut *tx, &records).await?;
-                let rows: Vec<&UserRow> = rows.values().filter(|r| !r.user_id.is_empty()).collect();
-                write_users(&mut *tx, &rows, Some(&progress)).await?;
-                add_counts(&mut *tx, &moved).await?;
+                // The directory holds what admins search and read, opened;
+                // an erasure's own event clears it again. (The audit history
+                // keeps the sealed form, which its hash chain is over.)
+                let (rows, counts) = fold_directory(&mut *tx, personal, &mut records).await?;
+                let rows = rows.into_values().filter(|r| !r.user_id.is_empty());
+                batch.directory = Some((rows.collect(), counts));
             }
             Builder::Audit => {
-                let entries: Vec<AuditEntry> =
-                    records.iter().filter_map(AuditEntry::from_record).collect();
-                insert_audit(&mut *tx, &entries, &progress).await?;
+                batch.audit = Some(records.iter().filter_map(AuditEntry::from_record).collect());
             }
         }
         Ok(records)
+    }
+}
+
+/// What one batch writes, for every builder in it, sent as one statement
+/// (`WITH users AS (INSERT ...), counts AS (...), audit AS (...), moved AS
+/// (...) INSERT INTO projection_progress ...`): a live batch is a claim, a
+/// read, this and the commit.
+#[derive(Default)]
+struct BatchWrite {
+    /// The directory's rows and how they move the Overview counts.
+    directory: Option<(Vec<UserRow>, TenantCounts)>,
+    audit: Option<Vec<AuditEntry>>,
+    /// Per builder and stream, the new position: builder, type, id, sequence.
+    positions: (Vec<&'static str>, Vec<String>, Vec<String>, Vec<i64>),
+    /// Per builder, its progress: builder, last position, its event's time.
+    progress: (
+        Vec<&'static str>,
+        Vec<i64>,
+        Vec<chrono::DateTime<chrono::Utc>>,
+    ),
+}
+
+impl BatchWrite {
+    fn sql(&self) -> String {
+        let mut parts = Vec::new();
+        let mut n = 1;
+        if self.directory.is_some() {
+            parts.push(format!("users AS ({})", users_insert_sql(n, true)));
+            n += USER_PARAMS;
+            parts.push(format!("counts AS ({})", counts_upsert_sql(n)));
+            n += COUNT_PARAMS;
+        }
+        if self.audit.is_some() {
+            parts.push(format!("audit AS ({})", audit_insert_sql(n)));
+            n += AUDIT_PARAMS;
+        }
+        parts.push(format!(
+            "moved AS ( \
+               INSERT INTO projection_positions (projection, aggregate_type, aggregate_id, sequence) \
+               SELECT * FROM unnest(${n}::text[], ${}::text[], ${}::text[], ${}::bigint[]) \
+               ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET sequence = EXCLUDED.sequence)",
+            n + 1,
+            n + 2,
+            n + 3
+        ));
+        n += 4;
+        format!(
+            "WITH {} \
+             INSERT INTO projection_progress (projection, last_position, last_event_at, last_applied_at) \
+             SELECT p, l, e, now() FROM unnest(${n}::text[], ${}::bigint[], ${}::timestamptz[]) AS x(p, l, e) \
+             ON CONFLICT (projection) DO UPDATE SET \
+               last_position = GREATEST(projection_progress.last_position, EXCLUDED.last_position), \
+               last_event_at = EXCLUDED.last_event_at, last_applied_at = now()",
+            parts.join(", "),
+            n + 1,
+            n + 2
+        )
+    }
+
+    async fn execute(&self, tx: &mut PgConnection) -> anyhow::Result<()> {
+        let sql = self.sql();
+        let mut query = sqlx::query(&sql);
+        if let Some((rows, counts)) = &self.directory {
+            let rows: Vec<&UserRow> = rows.iter().collect();
+            query = bind_counts(bind_users(query, &rows)?, counts);
+        }
+        if let Some(entries) = &self.audit {
+            query = bind_audit(query, entries)?;
+        }
+        query
+            .bind(&self.positions.0)
+            .bind(&self.positions.1)
+            .bind(&self.positions.2)
+            .bind(&self.positions.3)
+            .bind(&self.progress.0)
+            .bind(&self.progress.1)
+            .bind(&self.progress.2)
+            .execute(&mut *tx)
+            .await
+            .context("writing the read models")?;
+        Ok(())
     }
 }
 
@@ -205,13 +283,19 @@ pub async fn catch_up(
         }
     }
     let mut applied = Vec::with_capacity(each.len());
+    let mut batch = BatchWrite::default();
     for (builder, records) in each {
         let records = if records.is_empty() {
             records
         } else {
-            builder.write(&mut tx, personal, records).await?
+            builder
+                .prepare(&mut tx, personal, records, &mut batch)
+                .await?
         };
         applied.push((builder, records));
+    }
+    if !batch.progress.0.is_empty() {
+        batch.execute(&mut tx).await?;
     }
     // Also when nothing was new: ending the transaction releases the locks
     // (a dropped transaction would keep them until the connection is next
@@ -237,16 +321,18 @@ pub struct StreamTarget {
 }
 
 /// Folds the users' events into their rows: each row read once and updated
-/// with all its events in order. (No lock on the rows: the users' stream
+/// with all its events in order. The rows and the data keys that open the
+/// events' personal data are read in one statement, and `records` are
+/// opened with those keys. (No lock on the rows: the users' stream
 /// positions, locked first, already keep other instances of the builder off.)
 /// Also returns how the tenants' Overview counts move: what the rows add now
 /// less what they added before.
 async fn fold_directory(
     tx: &mut PgConnection,
-    records: &[EventRecord],
+    personal: &Personal,
+    records: &mut [EventRecord],
 ) -> anyhow::Result<(BTreeMap<String, UserRow>, TenantCounts)> {
-    let mut events: Vec<(&str, UserEvent)> = Vec::new();
-    for record in records {
+    for record in records.iter() {
         // An event of a newer shape than this build knows is not folded by
         // guesswork (it may parse and mean something else).
         if !record.version_is_known() {
@@ -256,21 +342,55 @@ async fn fold_directory(
                 record.event_version
             );
         }
+    }
+    let mut ids: Vec<&str> = records
+        .iter()
+        .filter(|r| r.aggregate_type == "user")
+        .map(|r| r.aggregate_id.as_str())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let key_ids = Personal::envelopes_key_ids(records);
+    if ids.is_empty() {
+        return Ok((BTreeMap::new(), TenantCounts::new()));
+    }
+    type Found = (
+        String,
+        Option<sqlx::types::Json<UserRow>>,
+        Option<String>,
+        Option<String>,
+    );
+    let found: Vec<Found> = sqlx::query_as(
+        "SELECT user_id, row, NULL::text, NULL::text FROM rm_users WHERE user_id = ANY($1) \
+         UNION ALL \
+         SELECT user_id, NULL::jsonb, server_key_id, wrapped FROM data_keys WHERE user_id = ANY($2)",
+    )
+    .bind(&ids)
+    .bind(&key_ids)
+    .fetch_all(&mut *tx)
+    .await
+    .context("reading the users' rows and data keys")?;
+    let mut rows: BTreeMap<String, UserRow> = BTreeMap::new();
+    let mut keys = Vec::new();
+    for (id, row, key_id, wrapped) in found {
+        match (row, key_id, wrapped) {
+            (Some(row), _, _) => {
+                rows.insert(id, row.0);
+            }
+            (None, Some(key_id), Some(wrapped)) => keys.push((id, key_id, wrapped)),
+            _ => {}
+        }
+    }
+    Personal::open_envelopes_with(records, &personal.keys_of_rows(keys));
+    let mut events: Vec<(&str, UserEvent)> = Vec::new();
+    for record in records.iter() {
         if let Typed::User(event) = record.typed()? {
             events.push((&record.aggregate_id, *event));
         }
     }
-    if events.is_empty() {
-        return Ok((BTreeMap::new(), TenantCounts::new()));
-    }
-    let ids: Vec<&str> = events.iter().map(|(id, _)| *id).collect();
-    let current: Vec<(String, sqlx::types::Json<UserRow>)> =
-        sqlx::query_as("SELECT user_id, row FROM rm_users WHERE user_id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?;
-    let mut rows: BTreeMap<String, UserRow> =
-        current.into_iter().map(|(id, row)| (id, row.0)).collect();
+    // Only the rows that events change are written (and counted).
+    let changed: std::collections::BTreeSet<&str> = events.iter().map(|(id, _)| *id).collect();
+    rows.retain(|id, _| changed.contains(id.as_str()));
     let mut moved = TenantCounts::new();
     for row in rows.values() {
         overview::count(moved.entry(row.tenant_id.clone()).or_default(), row, -1);
@@ -292,77 +412,46 @@ pub type TenantCounts = BTreeMap<String, Counts>;
 /// Adds `moved` to the tenants' stored Overview counts (those that moved at
 /// all), in key order, so two batches never wait on each other's rows.
 pub async fn add_counts(tx: &mut PgConnection, moved: &TenantCounts) -> anyhow::Result<()> {
+    if moved.values().all(|c| c.values().all(|v| *v == 0)) {
+        return Ok(());
+    }
+    let sql = counts_upsert_sql(1);
+    bind_counts(sqlx::query(&sql), moved)
+        .execute(&mut *tx)
+        .await
+        .context("moving the Overview counts")?;
+    Ok(())
+}
+
+type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Parameters of [`counts_upsert_sql`].
+const COUNT_PARAMS: usize = 3;
+
+/// The upsert that adds to the Overview counts, its parameters from `$n`
+/// (bound by [`bind_counts`]).
+fn counts_upsert_sql(n: usize) -> String {
+    format!(
+        "INSERT INTO rm_overview_counts AS c (tenant_id, key, value) \
+         SELECT * FROM unnest(${n}::text[], ${}::text[], ${}::bigint[]) ORDER BY 1, 2 \
+         ON CONFLICT (tenant_id, key) DO UPDATE SET value = c.value + EXCLUDED.value",
+        n + 1,
+        n + 2
+    )
+}
+
+fn bind_counts<'q>(query: Query<'q>, moved: &TenantCounts) -> Query<'q> {
     let mut tenants = Vec::new();
     let mut keys = Vec::new();
     let mut values = Vec::new();
     for (tenant, counts) in moved {
         for (key, value) in counts.iter().filter(|(_, v)| **v != 0) {
-            tenants.push(tenant.as_str());
-            keys.push(key.as_str());
+            tenants.push(tenant.clone());
+            keys.push(key.clone());
             values.push(*value);
         }
     }
-    if keys.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO rm_overview_counts AS c (tenant_id, key, value) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) ORDER BY 1, 2 \
-         ON CONFLICT (tenant_id, key) DO UPDATE SET value = c.value + EXCLUDED.value",
-    )
-    .bind(&tenants)
-    .bind(&keys)
-    .bind(&values)
-    .execute(&mut *tx)
-    .await
-    .context("moving the Overview counts")?;
-    Ok(())
-}
-
-/// Where a live update leaves the builder: each stream's new position and
-/// the builder's progress, written by the update's own statement.
-pub struct Progress<'a> {
-    pub builder: &'static str,
-    pub types: Vec<&'a str>,
-    pub ids: Vec<&'a str>,
-    pub sequences: Vec<i64>,
-    pub last_position: i64,
-    pub last_event_at: chrono::DateTime<chrono::Utc>,
-}
-
-impl Progress<'_> {
-    /// The statement's tail that writes this, its parameters from `$n`.
-    fn sql(n: usize) -> String {
-        format!(
-            ", moved AS ( \
-               INSERT INTO projection_positions (projection, aggregate_type, aggregate_id, sequence) \
-               SELECT ${n}, * FROM unnest(${}::text[], ${}::text[], ${}::bigint[]) \
-               ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET sequence = EXCLUDED.sequence) \
-             INSERT INTO projection_progress (projection, last_position, last_event_at, last_applied_at) \
-             VALUES (${n}, ${}, ${}, now()) \
-             ON CONFLICT (projection) DO UPDATE SET \
-               last_position = GREATEST(projection_progress.last_position, EXCLUDED.last_position), \
-               last_event_at = EXCLUDED.last_event_at, last_applied_at = now()",
-            n + 1,
-            n + 2,
-            n + 3,
-            n + 4,
-            n + 5
-        )
-    }
-
-    fn bind<'q>(
-        &'q self,
-        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-        query
-            .bind(self.builder)
-            .bind(&self.types)
-            .bind(&self.ids)
-            .bind(&self.sequences)
-            .bind(self.last_position)
-            .bind(self.last_event_at)
-    }
+    query.bind(tenants).bind(keys).bind(values)
 }
 
 pub fn two_factor_str(row: &UserRow) -> &'static str {
@@ -373,29 +462,32 @@ pub fn two_factor_str(row: &UserRow) -> &'static str {
     }
 }
 
-/// Inserts entries, and records the builder's progress, in one statement.
-pub async fn insert_audit(
-    tx: &mut PgConnection,
-    entries: &[AuditEntry],
-    progress: &Progress<'_>,
-) -> anyhow::Result<()> {
+/// Parameters of [`audit_insert_sql`].
+const AUDIT_PARAMS: usize = 14;
+
+/// The insert of audit entries (those not there yet), its parameters from
+/// `$n` (bound by [`bind_audit`]).
+fn audit_insert_sql(n: usize) -> String {
+    let p: Vec<String> = (n..n + AUDIT_PARAMS).map(|i| format!("${i}")).collect();
+    format!(
+        "INSERT INTO rm_audit (position, tenant_id, aggregate_type, aggregate_id, sequence, event_type, at, \
+           actor_kind, actor_id, ip, user_agent, reason, user_id, details) \
+         SELECT p, t, ty, a, s, e, at, k, ai, ip, ua, r, u, d::json FROM UNNEST({}::bigint[], {}::text[], \
+           {}::text[], {}::text[], {}::bigint[], {}::text[], {}::timestamptz[], {}::text[], {}::text[], \
+           {}::text[], {}::text[], {}::text[], {}::text[], {}::text[]) \
+           AS x(p, t, ty, a, s, e, at, k, ai, ip, ua, r, u, d) \
+         ON CONFLICT (position) DO NOTHING",
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12], p[13]
+    )
+}
+
+fn bind_audit<'q>(query: Query<'q>, entries: &[AuditEntry]) -> anyhow::Result<Query<'q>> {
     let col = |f: fn(&AuditEntry) -> Option<String>| entries.iter().map(f).collect::<Vec<_>>();
     let details = entries
         .iter()
         .map(|e| serde_json::to_string(&e.details))
         .collect::<Result<Vec<_>, _>>()?;
-    let sql = format!(
-        "WITH audit AS ( \
-           INSERT INTO rm_audit (position, tenant_id, aggregate_type, aggregate_id, sequence, event_type, at, \
-             actor_kind, actor_id, ip, user_agent, reason, user_id, details) \
-           SELECT p, t, ty, a, s, e, at, k, ai, ip, ua, r, u, d::json FROM UNNEST($1::bigint[], $2::text[], \
-             $3::text[], $4::text[], $5::bigint[], $6::text[], $7::timestamptz[], $8::text[], $9::text[], \
-             $10::text[], $11::text[], $12::text[], $13::text[], $14::text[]) \
-             AS x(p, t, ty, a, s, e, at, k, ai, ip, ua, r, u, d) \
-           ON CONFLICT (position) DO NOTHING){}",
-        Progress::sql(15)
-    );
-    let query = sqlx::query(&sql)
+    Ok(query
         .bind(entries.iter().map(|e| e.position).collect::<Vec<_>>())
         .bind(col(|e| Some(e.tenant_id.clone())))
         .bind(col(|e| Some(e.aggregate_type.clone())))
@@ -410,9 +502,7 @@ pub async fn insert_audit(
         .bind(col(|e| e.reason.clone()))
         .bind(col(|e| e.user_id.clone()))
         // As text, written as the rebuild's COPY writes it: the same bytes either way.
-        .bind(&details);
-    progress.bind(query).execute(&mut *tx).await?;
-    Ok(())
+        .bind(details))
 }
 
 /// The rebuild's bulk path: one `COPY rm_audit ... (FORMAT binary)` for all
@@ -420,7 +510,7 @@ pub async fn insert_audit(
 /// so PostgreSQL ingests while the next rows are encoded. Binary rather than
 /// CSV: no quoting of every field and of the details' JSON, and PostgreSQL
 /// reads numbers and times without parsing text. The stored values are those
-/// the live path's `insert_audit` binds: `details` is exactly
+/// the live path's `bind_audit` binds: `details` is exactly
 /// `serde_json::to_string(&entry.details)` (a `json` value's binary form is
 /// its text, kept verbatim), `at` whole microseconds.
 pub struct AuditCopy<'c> {
@@ -512,82 +602,69 @@ fn put_text(buf: &mut Vec<u8>, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes many directory rows at once: inserts them (the rebuild's bulk
-/// path), or, for a live update, inserts or replaces them and records the
-/// builder's `progress` in the same statement.
-pub async fn write_users(
-    tx: &mut PgConnection,
-    rows: &[&UserRow],
-    progress: Option<&Progress<'_>>,
-) -> anyhow::Result<()> {
-    let (on_conflict, tail) = match progress {
-        Some(_) => (
-            " ON CONFLICT (user_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, username = EXCLUDED.username, \
-               two_factor = EXCLUDED.two_factor, locked = EXCLUDED.locked, service_account = EXCLUDED.service_account, \
-               roles = EXCLUDED.roles, methods = EXCLUDED.methods, last_sign_in_at = EXCLUDED.last_sign_in_at, row = EXCLUDED.row, \
-               enrolled_at = EXCLUDED.enrolled_at",
-            Progress::sql(12),
-        ),
-        None => ("", String::new()),
-    };
-    // A live update is one statement even without rows, for the progress.
-    let chunks: Vec<&[&UserRow]> = if rows.is_empty() {
-        vec![rows]
-    } else {
-        rows.chunks(5_000).collect()
-    };
-    for chunk in chunks {
-        let insert = format!(
-            "INSERT INTO rm_users (user_id, tenant_id, username, two_factor, locked, service_account, roles, methods, last_sign_in_at, row, enrolled_at) \
-             SELECT u, t, n, f, l, s, ARRAY(SELECT jsonb_array_elements_text(r)), ARRAY(SELECT jsonb_array_elements_text(m)), a, w, e \
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::boolean[], $6::boolean[], $7::jsonb[], $8::jsonb[], $9::timestamptz[], $10::jsonb[], $11::timestamptz[]) \
-               AS x(u, t, n, f, l, s, r, m, a, w, e){on_conflict}"
-        );
-        let sql = match progress {
-            Some(_) => format!("WITH users AS ({insert}){tail}"),
-            None => insert,
-        };
-        let query = sqlx::query(&sql)
-            .bind(chunk.iter().map(|r| r.user_id.clone()).collect::<Vec<_>>())
-            .bind(
-                chunk
-                    .iter()
-                    .map(|r| r.tenant_id.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(chunk.iter().map(|r| r.username.clone()).collect::<Vec<_>>())
-            .bind(chunk.iter().map(|r| two_factor_str(r)).collect::<Vec<_>>())
-            .bind(chunk.iter().map(|r| r.locked).collect::<Vec<_>>())
-            .bind(chunk.iter().map(|r| r.service_account).collect::<Vec<_>>())
-            .bind(
-                chunk
-                    .iter()
-                    .map(|r| serde_json::json!(r.roles))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                chunk
-                    .iter()
-                    .map(|r| serde_json::json!(r.methods()))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                chunk
-                    .iter()
-                    .map(|r| r.last_sign_in.as_ref().map(|l| l.at))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                chunk
-                    .iter()
-                    .map(serde_json::to_value)
-                    .collect::<Result<Vec<_>, _>>()?,
-            )
-            .bind(chunk.iter().map(|r| r.enrolled_at).collect::<Vec<_>>());
-        match progress {
-            Some(p) => p.bind(query).execute(&mut *tx).await?,
-            None => query.execute(&mut *tx).await?,
-        };
+/// Inserts many directory rows at once (the rebuild's bulk path; a live
+/// batch writes its rows with [`BatchWrite`]).
+pub async fn write_users(tx: &mut PgConnection, rows: &[&UserRow]) -> anyhow::Result<()> {
+    let sql = users_insert_sql(1, false);
+    for chunk in rows.chunks(5_000) {
+        bind_users(sqlx::query(&sql), chunk)?
+            .execute(&mut *tx)
+            .await?;
     }
     Ok(())
+}
+
+/// Parameters of [`users_insert_sql`].
+const USER_PARAMS: usize = 11;
+
+/// The insert of directory rows, its parameters from `$n` (bound by
+/// [`bind_users`]); with `replace`, a row already there is replaced.
+fn users_insert_sql(n: usize, replace: bool) -> String {
+    let p: Vec<String> = (n..n + USER_PARAMS).map(|i| format!("${i}")).collect();
+    let on_conflict = if replace {
+        " ON CONFLICT (user_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, username = EXCLUDED.username, \
+           two_factor = EXCLUDED.two_factor, locked = EXCLUDED.locked, service_account = EXCLUDED.service_account, \
+           roles = EXCLUDED.roles, methods = EXCLUDED.methods, last_sign_in_at = EXCLUDED.last_sign_in_at, row = EXCLUDED.row, \
+           enrolled_at = EXCLUDED.enrolled_at"
+    } else {
+        ""
+    };
+    format!(
+        "INSERT INTO rm_users (user_id, tenant_id, username, two_factor, locked, service_account, roles, methods, last_sign_in_at, row, enrolled_at) \
+         SELECT u, t, n, f, l, s, ARRAY(SELECT jsonb_array_elements_text(r)), ARRAY(SELECT jsonb_array_elements_text(m)), a, w, e \
+         FROM UNNEST({}::text[], {}::text[], {}::text[], {}::text[], {}::boolean[], {}::boolean[], {}::jsonb[], {}::jsonb[], {}::timestamptz[], {}::jsonb[], {}::timestamptz[]) \
+           AS x(u, t, n, f, l, s, r, m, a, w, e){on_conflict}",
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10]
+    )
+}
+
+fn bind_users<'q>(query: Query<'q>, rows: &[&UserRow]) -> anyhow::Result<Query<'q>> {
+    Ok(query
+        .bind(rows.iter().map(|r| r.user_id.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.tenant_id.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.username.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| two_factor_str(r)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.locked).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.service_account).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| serde_json::json!(r.roles))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| serde_json::json!(r.methods()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.last_sign_in.as_ref().map(|l| l.at))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(serde_json::to_value)
+                .collect::<Result<Vec<_>, _>>()?,
+        )
+        .bind(rows.iter().map(|r| r.enrolled_at).collect::<Vec<_>>()))
 }

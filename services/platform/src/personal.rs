@@ -210,14 +210,20 @@ impl Personal {
         .bind(user_ids)
         .fetch_all(executor)
         .await?;
-        Ok(Keys(
+        Ok(self.keys_of_rows(rows))
+    }
+
+    /// The data keys of `data_keys` rows (user id, server key id, wrapped
+    /// key), for a caller that reads them with other rows in one statement.
+    pub fn keys_of_rows(&self, rows: impl IntoIterator<Item = (String, String, String)>) -> Keys {
+        Keys(
             rows.into_iter()
                 .filter_map(|(id, kid, wrapped)| {
                     let key = self.unwrap(&id, &kid, &wrapped)?;
                     Some((id, key))
                 })
                 .collect(),
-        ))
+        )
     }
 
     /// `text` (JSON) with every sealed string opened with `keys`, or
@@ -289,24 +295,35 @@ impl Personal {
         executor: impl PgExecutor<'e>,
         envelopes: &mut [Envelope],
     ) -> Result<(), sqlx::Error> {
-        // Only user streams are sealed.
+        let ids = Self::envelopes_key_ids(envelopes);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let keys = self.read_keys(executor, &ids).await?;
+        Self::open_envelopes_with(envelopes, &keys);
+        Ok(())
+    }
+
+    /// The ids of the data keys the sealed values of `envelopes` name
+    /// (sorted, each once); only user streams are sealed.
+    pub fn envelopes_key_ids(envelopes: &[Envelope]) -> Vec<String> {
         let mut ids: Vec<String> = envelopes
             .iter()
             .filter(|e| e.aggregate_type == "user")
             .flat_map(|e| Self::key_ids(e.payload.get()))
             .collect();
-        if ids.is_empty() {
-            return Ok(());
-        }
         ids.sort();
         ids.dedup();
-        let keys = self.read_keys(executor, &ids).await?;
+        ids
+    }
+
+    /// Opens the payloads of `envelopes` (their `opened`) with `keys`.
+    pub fn open_envelopes_with(envelopes: &mut [Envelope], keys: &Keys) {
         for envelope in envelopes.iter_mut().filter(|e| e.aggregate_type == "user") {
-            if let Cow::Owned(opened) = Self::open_text(envelope.payload.get(), &keys) {
+            if let Cow::Owned(opened) = Self::open_text(envelope.payload.get(), keys) {
                 envelope.opened = RawValue::from_string(opened).ok();
             }
         }
-        Ok(())
     }
 }
 
