@@ -27,7 +27,7 @@
 //! its commit until its WAL is flushed, which would make every commit wait
 //! for the one before it. The relay polls the outbox instead: every
 //! `relay_poll_ms` while it is empty (an index probe of an empty table), and
-//! 2 ms after a round that published something.
+//! 2 ms after the start of a round that published something.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -460,8 +460,11 @@ impl Relay {
         &self,
         in_flight: &[i64],
     ) -> Result<Option<Flight>, (Option<Flight>, anyhow::Error)> {
-        self.check_fence().await.map_err(|e| (None, e))?;
-        let batch = self.read(in_flight).await.map_err(|e| (None, e))?;
+        // The lock is checked (on its own connection) while the batch is
+        // read; nothing is published unless both succeeded.
+        let (fence, batch) = tokio::join!(self.check_fence(), self.read(in_flight));
+        fence.map_err(|e| (None, e))?;
+        let batch = batch.map_err(|e| (None, e))?;
         if batch.rows.is_empty() {
             return Ok(None);
         }
@@ -649,6 +652,7 @@ impl Relay {
         let mut stream_ready = false;
         let mut backoff = Duration::from_millis(100);
         loop {
+            let round = Instant::now();
             if !stream_ready {
                 match ensure_stream_with(&self.js, &self.stream, &self.prefix, &self.limits).await {
                     Ok(()) => stream_ready = true,
@@ -665,14 +669,18 @@ impl Relay {
             };
             let wait = match result {
                 // Events are coming: look again soon, for the ones committed
-                // while this round was out.
+                // while this round was out. Either wait counts from the
+                // round's start, not its end: its acks and deletes do not add
+                // to the time an event committed meanwhile waits.
                 Ok(published) if published > 0 => {
                     backoff = Duration::from_millis(100);
-                    BUSY_POLL.min(self.poll_interval)
+                    BUSY_POLL
+                        .min(self.poll_interval)
+                        .saturating_sub(round.elapsed())
                 }
                 Ok(_) => {
                     backoff = Duration::from_millis(100);
-                    self.poll_interval
+                    self.poll_interval.saturating_sub(round.elapsed())
                 }
                 Err(e) if e.downcast_ref::<LockLost>().is_some() => return false,
                 Err(e) => {
