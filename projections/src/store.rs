@@ -152,26 +152,24 @@ impl BatchWrite {
             parts.push(format!("audit AS ({})", audit_insert_sql(n)));
             n += AUDIT_PARAMS;
         }
+        let p = params(n, 4);
         parts.push(format!(
             "moved AS ( \
                INSERT INTO projection_positions (projection, aggregate_type, aggregate_id, sequence) \
-               SELECT * FROM unnest(${n}::text[], ${}::text[], ${}::text[], ${}::bigint[]) \
+               SELECT * FROM unnest({}::text[], {}::text[], {}::text[], {}::bigint[]) \
                ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET sequence = EXCLUDED.sequence)",
-            n + 1,
-            n + 2,
-            n + 3
+            p[0], p[1], p[2], p[3]
         ));
-        n += 4;
+        let p = params(n + 4, 3);
         format!(
             "WITH {} \
              INSERT INTO projection_progress (projection, last_position, last_event_at, last_applied_at) \
-             SELECT p, l, e, now() FROM unnest(${n}::text[], ${}::bigint[], ${}::timestamptz[]) AS x(p, l, e) \
+             SELECT p, l, e, now() FROM unnest({}::text[], {}::bigint[], {}::timestamptz[]) AS x(p, l, e) \
              ON CONFLICT (projection) DO UPDATE SET \
                last_position = GREATEST(projection_progress.last_position, EXCLUDED.last_position), \
                last_event_at = EXCLUDED.last_event_at, last_applied_at = now()",
             parts.join(", "),
-            n + 1,
-            n + 2
+            p[0], p[1], p[2]
         )
     }
 
@@ -350,10 +348,10 @@ async fn fold_directory(
         .collect();
     ids.sort_unstable();
     ids.dedup();
-    let key_ids = Personal::envelopes_key_ids(records);
     if ids.is_empty() {
         return Ok((BTreeMap::new(), TenantCounts::new()));
     }
+    let key_ids = Personal::envelopes_key_ids(records);
     type Found = (
         String,
         Option<sqlx::types::Json<UserRow>>,
@@ -431,13 +429,18 @@ const COUNT_PARAMS: usize = 3;
 /// The upsert that adds to the Overview counts, its parameters from `$n`
 /// (bound by [`bind_counts`]).
 fn counts_upsert_sql(n: usize) -> String {
+    let p = params(n, COUNT_PARAMS);
     format!(
         "INSERT INTO rm_overview_counts AS c (tenant_id, key, value) \
-         SELECT * FROM unnest(${n}::text[], ${}::text[], ${}::bigint[]) ORDER BY 1, 2 \
+         SELECT * FROM unnest({}::text[], {}::text[], {}::bigint[]) ORDER BY 1, 2 \
          ON CONFLICT (tenant_id, key) DO UPDATE SET value = c.value + EXCLUDED.value",
-        n + 1,
-        n + 2
+        p[0], p[1], p[2]
     )
+}
+
+/// `$n`, `$n+1`, ...: `count` statement parameters from `$n`.
+fn params(n: usize, count: usize) -> Vec<String> {
+    (n..n + count).map(|i| format!("${i}")).collect()
 }
 
 fn bind_counts<'q>(query: Query<'q>, moved: &TenantCounts) -> Query<'q> {
@@ -468,7 +471,7 @@ const AUDIT_PARAMS: usize = 14;
 /// The insert of audit entries (those not there yet), its parameters from
 /// `$n` (bound by [`bind_audit`]).
 fn audit_insert_sql(n: usize) -> String {
-    let p: Vec<String> = (n..n + AUDIT_PARAMS).map(|i| format!("${i}")).collect();
+    let p = params(n, AUDIT_PARAMS);
     format!(
         "INSERT INTO rm_audit (position, tenant_id, aggregate_type, aggregate_id, sequence, event_type, at, \
            actor_kind, actor_id, ip, user_agent, reason, user_id, details) \
@@ -620,7 +623,7 @@ const USER_PARAMS: usize = 11;
 /// The insert of directory rows, its parameters from `$n` (bound by
 /// [`bind_users`]); with `replace`, a row already there is replaced.
 fn users_insert_sql(n: usize, replace: bool) -> String {
-    let p: Vec<String> = (n..n + USER_PARAMS).map(|i| format!("${i}")).collect();
+    let p = params(n, USER_PARAMS);
     let on_conflict = if replace {
         " ON CONFLICT (user_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, username = EXCLUDED.username, \
            two_factor = EXCLUDED.two_factor, locked = EXCLUDED.locked, service_account = EXCLUDED.service_account, \

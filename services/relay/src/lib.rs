@@ -669,18 +669,18 @@ impl Relay {
             };
             let wait = match result {
                 // Events are coming: look again soon, for the ones committed
-                // while this round was out. Either wait counts from the
-                // round's start, not its end: its acks and deletes do not add
-                // to the time an event committed meanwhile waits.
-                Ok(published) if published > 0 => {
+                // while this round was out; else every poll interval. Either
+                // wait counts from the round's start, not its end: its acks
+                // and deletes do not add to the time an event committed
+                // meanwhile waits.
+                Ok(published) => {
                     backoff = Duration::from_millis(100);
-                    BUSY_POLL
-                        .min(self.poll_interval)
-                        .saturating_sub(round.elapsed())
-                }
-                Ok(_) => {
-                    backoff = Duration::from_millis(100);
-                    self.poll_interval.saturating_sub(round.elapsed())
+                    let every = if published > 0 {
+                        BUSY_POLL.min(self.poll_interval)
+                    } else {
+                        self.poll_interval
+                    };
+                    every.saturating_sub(round.elapsed())
                 }
                 Err(e) if e.downcast_ref::<LockLost>().is_some() => return false,
                 Err(e) => {
