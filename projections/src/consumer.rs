@@ -5,9 +5,11 @@
 //! from PostgreSQL, the source of truth (the event and any before it not yet
 //! applied), and the message is acked only after the update committed. The
 //! messages that have arrived are applied together, by every builder, in one
-//! transaction. A projector killed mid-batch gets the unacked messages again
-//! and skips what it applied; a message that arrives after a later one of
-//! its stream finds nothing to do.
+//! transaction; the worker splits them by stream between [`LANES`] lanes
+//! ([`Lanes`]) that apply their batches at the same time. A projector
+//! killed mid-batch gets the unacked messages again and skips what it
+//! applied; a message that arrives after a later one of its stream finds
+//! nothing to do.
 //!
 //! Versions before this one had a durable consumer per builder
 //! (`projector-directory`, `projector-audit`): [`Consumer::bind`] starts the
@@ -15,6 +17,7 @@
 //! them.
 
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -22,6 +25,7 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy, AckKind};
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::mpsc;
 use twofold_platform::dead_letters::{deliveries, last_delivery, DeadLetters, MAX_DELIVER};
 use twofold_platform::envelope::{parse_msg_id, PUBLISHED_AT};
 use twofold_platform::jetstream::{durable_consumer, Batches};
@@ -154,7 +158,7 @@ pub async fn unapplied_events(pool: &PgPool, builder: Builder) -> anyhow::Result
 pub struct Consumer {
     pool: PgPool,
     /// The consumer's own connections, one per batch being applied (see
-    /// `Consumer::process_next`).
+    /// `Consumer::process_lane`).
     connections: std::sync::Mutex<Vec<PgConnection>>,
     /// The durable consumer, up to `BATCH` messages pulled ahead.
     batches: Batches,
@@ -279,17 +283,49 @@ impl Consumer {
         })
     }
 
-    /// Waits at most `wait` for a message, then takes whatever else has
-    /// arrived (up to `max` in all), applies them for every builder in one
-    /// transaction, and acks them after it committed.
+    /// Waits at most `wait` for a message in `lane` of `lanes` (which
+    /// [`Consumer::feed`] fills), then takes whatever else it holds (up to
+    /// `max` in all), applies them for every builder in one transaction,
+    /// recording the builders' progress in the lane's rows, and acks them
+    /// after it committed.
     ///
     /// A message that names no event is parked at once. When the batch
     /// fails while PostgreSQL answers, its messages are applied one by one:
     /// the one that fails is tried again after a delay, and parked on its
     /// last delivery. While PostgreSQL is away the batch is held and tried
     /// again when it is back.
-    pub async fn process_next(&self, max: usize, wait: Duration) -> anyhow::Result<Step> {
-        let batch = self.batches.next(max, wait).await?;
+    pub async fn process_lane(
+        &self,
+        lanes: &Lanes,
+        lane: usize,
+        max: usize,
+        wait: Duration,
+    ) -> anyhow::Result<Step> {
+        let batch = lanes.next(lane, max, wait).await;
+        self.process(batch, lane as i16).await
+    }
+
+    /// Hands each message the consumer delivers to its stream's lane, as
+    /// long as it runs; a lane that is full holds the others until it has
+    /// room.
+    pub async fn feed(&self, lanes: &Lanes) {
+        loop {
+            match self.batches.next(BATCH, Duration::from_secs(1)).await {
+                Ok(batch) => {
+                    for message in batch {
+                        lanes.send(message).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "projector cannot read its messages; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// Applies `batch` (see [`Consumer::process_lane`]).
+    async fn process(&self, batch: Vec<jetstream::Message>, lane: i16) -> anyhow::Result<Step> {
         let mut step = Step {
             received: (!batch.is_empty()).then(wall_clock),
             ..Step::default()
@@ -317,7 +353,7 @@ impl Consumer {
             let held: Vec<&jetstream::Message> = messages.iter().collect();
             let applied = self
                 .dead_letters
-                .keeping_alive(&held, self.apply(&Builder::ALL, &targets))
+                .keeping_alive(&held, self.apply(&Builder::ALL, &targets, lane))
                 .await;
             match applied {
                 Ok(applied) => break applied,
@@ -328,7 +364,7 @@ impl Consumer {
                     self.dead_letters.log().warn("batch", |skipped| {
                         tracing::warn!(error = %format!("{e:#}"), skipped, "a batch failed; applying its messages one by one");
                     });
-                    step.applied = self.one_by_one(messages, targets).await?;
+                    step.applied = self.one_by_one(messages, targets, lane).await?;
                     return Ok(step);
                 }
             }
@@ -360,15 +396,16 @@ impl Consumer {
         &self,
         messages: Vec<jetstream::Message>,
         targets: Vec<StreamTarget>,
+        lane: i16,
     ) -> anyhow::Result<Vec<Applied>> {
         let mut all = Vec::new();
         for (message, target) in messages.iter().zip(targets) {
             let target = std::slice::from_ref(&target);
-            let mut result = self.apply_held(message, &Builder::ALL, target).await;
+            let mut result = self.apply_held(message, &Builder::ALL, target, lane).await;
             if result.is_err() {
                 let mut failed = None;
                 for builder in Builder::ALL {
-                    match self.apply_held(message, &[builder], target).await {
+                    match self.apply_held(message, &[builder], target, lane).await {
                         Ok(applied) => all.extend(applied),
                         Err(e) => {
                             failed.get_or_insert(
@@ -416,11 +453,12 @@ impl Consumer {
         message: &jetstream::Message,
         builders: &[Builder],
         target: &[StreamTarget],
+        lane: i16,
     ) -> anyhow::Result<Vec<Applied>> {
         loop {
             let applied = self
                 .dead_letters
-                .keeping_alive(&[message], self.apply(builders, target))
+                .keeping_alive(&[message], self.apply(builders, target, lane))
                 .await;
             match applied {
                 Err(_) if !self.dead_letters.database_answers().await => {
@@ -439,6 +477,7 @@ impl Consumer {
         &self,
         builders: &[Builder],
         targets: &[StreamTarget],
+        lane: i16,
     ) -> anyhow::Result<Vec<Applied>> {
         // On a connection of the consumer's own: a pooled one is pinged
         // each time it is handed back, a round trip per batch.
@@ -453,7 +492,7 @@ impl Consumer {
                 .await
                 .context("connecting to PostgreSQL")?,
         };
-        let applied = catch_up(&mut conn, &self.personal, builders, targets).await;
+        let applied = catch_up(&mut conn, &self.personal, builders, targets, lane).await;
         // A connection that failed is dropped; the next batch opens another.
         if applied.is_ok() {
             self.connections
@@ -483,23 +522,107 @@ impl Consumer {
         Ok(applied)
     }
 
-    /// Runs until `shutdown` resolves; errors are logged and retried. Two
-    /// batches are applied at a time, so messages that arrive while one
-    /// commits do not wait for it (the streams' locked positions keep two
-    /// batches from applying the same events).
+    /// Runs until `shutdown` resolves; errors are logged and retried.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
-        let step = || async {
-            loop {
-                if let Err(e) = self.process_next(BATCH, Duration::from_secs(1)).await {
-                    tracing::warn!(error = %format!("{e:#}"), "projector step failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+        self.run_noting(shutdown, |_| {}).await
+    }
+
+    /// [`Consumer::run_until_stopped`], handing each step to `note`. The
+    /// messages are split by stream between [`LANES`] lanes, each applying
+    /// its batches while the others apply theirs, so messages that arrive
+    /// while one batch commits do not wait for it, and batches applied at
+    /// the same time never touch the same stream's positions or the same
+    /// progress rows (and so never wait on each other's locks).
+    pub async fn run_noting(&self, shutdown: impl Future<Output = ()>, note: impl Fn(Step)) {
+        let lanes: Lanes = Lanes::new(LANES);
+        let step = |lane| {
+            let (lanes, note) = (&lanes, &note);
+            async move {
+                loop {
+                    match self
+                        .process_lane(lanes, lane, BATCH, Duration::from_secs(1))
+                        .await
+                    {
+                        Ok(step) => note(step),
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "projector step failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
                 }
             }
         };
         tokio::select! {
             _ = shutdown => {}
-            _ = futures::future::join(step(), step()) => {}
+            _ = self.feed(&lanes) => {}
+            _ = futures::future::join_all((0..LANES).map(step)) => {}
         }
+    }
+}
+
+/// Lanes the live projector applies batches from at the same time.
+pub const LANES: usize = 2;
+
+/// A consumer's messages split by stream ([`Consumer::feed`]): all of a
+/// stream's messages go to the same lane, each lane holding at most a
+/// batch's worth.
+pub struct Lanes<M = jetstream::Message> {
+    senders: Vec<mpsc::Sender<M>>,
+    receivers: Vec<tokio::sync::Mutex<mpsc::Receiver<M>>>,
+}
+
+impl Lanes {
+    /// Puts `message` in its stream's lane (the first, for a message that
+    /// names no event: its batch parks it).
+    async fn send(&self, message: jetstream::Message) {
+        let lane = self.lane_of(target_of(&message).as_ref());
+        self.put(lane, message).await
+    }
+}
+
+impl<M> Lanes<M> {
+    pub fn new(lanes: usize) -> Self {
+        let (senders, receivers) = (0..lanes.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(BATCH);
+                (tx, tokio::sync::Mutex::new(rx))
+            })
+            .unzip();
+        Self { senders, receivers }
+    }
+
+    /// The lane of the stream `target` names (the same for each of its
+    /// events); the first for none.
+    fn lane_of(&self, target: Option<&StreamTarget>) -> usize {
+        target.map_or(0, |t| {
+            // SipHash with fixed keys: the same lane for a stream each time.
+            let mut hasher = std::hash::DefaultHasher::new();
+            (&t.aggregate_type, &t.aggregate_id).hash(&mut hasher);
+            (hasher.finish() % self.senders.len() as u64) as usize
+        })
+    }
+
+    /// Adds `message` to `lane`, waiting while it is full.
+    async fn put(&self, lane: usize, message: M) {
+        // The receivers live as long as the senders.
+        let _ = self.senders[lane].send(message).await;
+    }
+
+    /// Waits at most `wait` for a message in `lane`, then takes whatever
+    /// else it holds, up to `max` in all; empty when nothing came.
+    async fn next(&self, lane: usize, max: usize, wait: Duration) -> Vec<M> {
+        let mut messages = self.receivers[lane].lock().await;
+        let mut batch = Vec::new();
+        if let Ok(Some(first)) = tokio::time::timeout(wait, messages.recv()).await {
+            batch.push(first);
+            while batch.len() < max {
+                match messages.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+        }
+        batch
     }
 }
 
@@ -530,4 +653,77 @@ fn published_at(message: &jetstream::Message) -> Option<DateTime<Utc>> {
 #[allow(clippy::disallowed_methods)]
 fn wall_clock() -> DateTime<Utc> {
     Utc::now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(id: &str, sequence: i64) -> StreamTarget {
+        StreamTarget {
+            aggregate_type: "user".into(),
+            aggregate_id: id.into(),
+            sequence,
+        }
+    }
+
+    #[test]
+    fn a_streams_events_share_a_lane_and_the_streams_spread_over_the_lanes() {
+        let lanes: Lanes = Lanes::new(LANES);
+        let mut per_lane = [0; LANES];
+        for n in 0..1000 {
+            let id = format!("u{n}");
+            let lane = lanes.lane_of(Some(&target(&id, 1)));
+            for sequence in 2..5 {
+                assert_eq!(lanes.lane_of(Some(&target(&id, sequence))), lane);
+            }
+            per_lane[lane] += 1;
+        }
+        assert!(per_lane.iter().all(|n| *n > 400), "{per_lane:?}");
+        // Another type's stream of the same id is another stream.
+        let spread = (0..64)
+            .map(|n| {
+                let id = format!("t{n}");
+                let tenant = StreamTarget {
+                    aggregate_type: "tenant".into(),
+                    ..target(&id, 1)
+                };
+                lanes.lane_of(Some(&tenant)) == lanes.lane_of(Some(&target(&id, 1)))
+            })
+            .filter(|same| !same)
+            .count();
+        assert!(spread > 0);
+        assert_eq!(lanes.lane_of(None), 0);
+        assert_eq!(Lanes::<()>::new(1).lane_of(Some(&target("u1", 1))), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_gives_what_it_holds_in_order_up_to_the_most_asked() {
+        let lanes: Lanes<i32> = Lanes::new(LANES);
+        let wait = Duration::from_secs(1);
+        // Nothing there: empty once the wait is over.
+        let started = tokio::time::Instant::now();
+        assert!(lanes.next(0, 10, wait).await.is_empty());
+        assert_eq!(started.elapsed(), wait);
+        for n in 1..=5 {
+            lanes.put(1, n).await;
+        }
+        lanes.put(0, 9).await;
+        assert_eq!(lanes.next(1, 3, wait).await, [1, 2, 3]);
+        assert_eq!(lanes.next(1, 10, wait).await, [4, 5]);
+        assert_eq!(lanes.next(0, 10, wait).await, [9]);
+        // A message put while a lane waits ends the wait.
+        let (got, ()) = tokio::join!(lanes.next(0, 10, wait), async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            lanes.put(0, 7).await;
+        });
+        assert_eq!(got, [7]);
+        // A full lane holds the sender until it has room.
+        for n in 0..BATCH as i32 {
+            lanes.put(1, n).await;
+        }
+        let blocked = tokio::time::timeout(wait, lanes.put(1, -1)).await;
+        assert!(blocked.is_err());
+        assert_eq!(lanes.next(1, BATCH, wait).await.len(), BATCH);
+    }
 }

@@ -372,15 +372,18 @@ pub struct Freshness {
     pub last_applied_at: Option<DateTime<Utc>>,
 }
 
-/// Each builder's progress: the read models are current when every builder
-/// has applied up to the head.
+/// Each builder's progress (the furthest of its lanes): the read models are
+/// current when every builder has applied up to the head.
 pub async fn freshness(pool: &PgPool) -> anyhow::Result<Vec<Freshness>> {
     Ok(sqlx::query_as(
         "WITH head AS (SELECT coalesce(max(global_position), 0) AS head FROM events) \
          SELECT b.builder, coalesce(p.last_position, 0) AS applied_position, head.head AS head_position, \
                 p.last_event_at, p.last_applied_at \
          FROM unnest($1::text[]) AS b(builder) CROSS JOIN head \
-         LEFT JOIN projection_progress p ON p.projection = b.builder \
+         LEFT JOIN ( \
+           SELECT projection, max(last_position) AS last_position, \
+                  max(last_event_at) AS last_event_at, max(last_applied_at) AS last_applied_at \
+           FROM projection_progress GROUP BY projection) p ON p.projection = b.builder \
          ORDER BY b.builder",
     )
     .bind(

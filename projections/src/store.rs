@@ -66,7 +66,7 @@ impl Builder {
         personal: &Personal,
         targets: &[StreamTarget],
     ) -> anyhow::Result<Vec<EventRecord>> {
-        let mut applied = catch_up(conn, personal, &[*self], targets).await?;
+        let mut applied = catch_up(conn, personal, &[*self], targets, 0).await?;
         Ok(applied
             .pop()
             .map(|(_, records)| records)
@@ -130,6 +130,9 @@ struct BatchWrite {
     audit: Option<Vec<AuditEntry>>,
     /// Per builder and stream, the new position: builder, type, id, sequence.
     positions: (Vec<&'static str>, Vec<String>, Vec<String>, Vec<i64>),
+    /// The lane whose progress rows the batch moves (see
+    /// [`catch_up`]).
+    lane: i16,
     /// Per builder, its progress: builder, last position, its event's time.
     progress: (
         Vec<&'static str>,
@@ -160,16 +163,16 @@ impl BatchWrite {
                ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET sequence = EXCLUDED.sequence)",
             p[0], p[1], p[2], p[3]
         ));
-        let p = params(n + 4, 3);
+        let p = params(n + 4, 4);
         format!(
             "WITH {} \
-             INSERT INTO projection_progress (projection, last_position, last_event_at, last_applied_at) \
-             SELECT p, l, e, now() FROM unnest({}::text[], {}::bigint[], {}::timestamptz[]) AS x(p, l, e) \
-             ON CONFLICT (projection) DO UPDATE SET \
+             INSERT INTO projection_progress (projection, lane, last_position, last_event_at, last_applied_at) \
+             SELECT p, {}::smallint, l, e, now() FROM unnest({}::text[], {}::bigint[], {}::timestamptz[]) AS x(p, l, e) \
+             ON CONFLICT (projection, lane) DO UPDATE SET \
                last_position = GREATEST(projection_progress.last_position, EXCLUDED.last_position), \
                last_event_at = EXCLUDED.last_event_at, last_applied_at = now()",
             parts.join(", "),
-            p[0], p[1], p[2]
+            p[0], p[1], p[2], p[3]
         )
     }
 
@@ -188,6 +191,7 @@ impl BatchWrite {
             .bind(&self.positions.1)
             .bind(&self.positions.2)
             .bind(&self.positions.3)
+            .bind(self.lane)
             .bind(&self.progress.0)
             .bind(&self.progress.1)
             .bind(&self.progress.2)
@@ -202,13 +206,16 @@ impl BatchWrite {
 /// (one commit, one WAL flush): each stream's positions are claimed for
 /// every builder in one statement, its events are read once, from the
 /// lowest of them, and each builder applies those after its own position.
-/// Returns what each builder applied (the directory's with personal data
-/// opened, the audit's sealed, as each holds them).
+/// The builders' progress is recorded in `lane`'s rows: batches applied at
+/// the same time from different lanes do not wait on each other's. Returns
+/// what each builder applied (the directory's with personal data opened,
+/// the audit's sealed, as each holds them).
 pub async fn catch_up(
     conn: &mut PgConnection,
     personal: &Personal,
     builders: &[Builder],
     targets: &[StreamTarget],
+    lane: i16,
 ) -> anyhow::Result<Vec<(Builder, Vec<EventRecord>)>> {
     // The furthest sequence asked of each stream, in stream order.
     let mut upto: BTreeMap<(&str, &str), i64> = BTreeMap::new();
@@ -281,7 +288,10 @@ pub async fn catch_up(
         }
     }
     let mut applied = Vec::with_capacity(each.len());
-    let mut batch = BatchWrite::default();
+    let mut batch = BatchWrite {
+        lane,
+        ..BatchWrite::default()
+    };
     for (builder, records) in each {
         let records = if records.is_empty() {
             records

@@ -478,6 +478,7 @@ async fn the_live_overview_counts_move_with_each_change_as_a_rebuild_counts_them
         &app.state.personal,
         &[Builder::Directory],
         &targets,
+        0,
     )
     .await
     .unwrap();

@@ -130,32 +130,21 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<Scenario> {
         durable: "benchlag".into(),
         ack_wait: Duration::from_secs(30),
     };
-    let mut projectors = Vec::new();
-    let projector = Arc::new(
-        Consumer::connect(
-            pool.clone(),
-            twofold_platform::personal::Personal::new(keys.clone()),
-            &source,
-        )
-        .await?,
-    );
-    // Two batches at a time, as `Consumer::run_until_stopped` does.
-    for _ in 0..2 {
-        let (projector, applied) = (projector.clone(), applied.clone());
-        let mut stopped = stopped.clone();
-        projectors.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stopped.changed() => return,
-                    step = projector.process_next(500, Duration::from_millis(200)) => {
-                        if let Ok(step) = step {
-                            note(&applied, &step);
-                        }
-                    }
-                }
-            }
-        }));
-    }
+    let projector = Consumer::connect(
+        pool.clone(),
+        twofold_platform::personal::Personal::new(keys.clone()),
+        &source,
+    )
+    .await?;
+    // As the projector worker runs it, noting each step.
+    let projector_task = tokio::spawn({
+        let (applied, stopped) = (applied.clone(), stopped.clone());
+        async move {
+            projector
+                .run_noting(until_stopped(stopped), |step| note(&applied, &step))
+                .await
+        }
+    });
 
     let seeder = Seeder::new(pool.clone(), keys.clone(), TenantId(Uuid::new_v4())).await?;
     eprintln!("twofold-bench: seeding {USERS} users for the projection lag");
@@ -214,9 +203,7 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<Scenario> {
     .await;
     settle(&pool).await?;
     let _ = stop.send(true);
-    for p in projectors {
-        let _ = p.await;
-    }
+    let _ = projector_task.await;
     let _ = relay_task.await;
     let _ = js.delete_stream(&config.nats_stream).await;
     pool.close().await;
