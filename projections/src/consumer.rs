@@ -5,8 +5,8 @@
 //! from PostgreSQL, the source of truth (the event and any before it not yet
 //! applied), and the message is acked only after the update committed. The
 //! messages that have arrived are applied together, by every builder, in one
-//! transaction; the worker splits them by stream between [`LANES`] lanes
-//! ([`Lanes`]) that apply their batches at the same time. A projector
+//! transaction; the worker applies [`LANES`] batches at a time, never two
+//! holding the same stream ([`Lanes`]). A projector
 //! killed mid-batch gets the unacked messages again and skips what it
 //! applied; a message that arrives after a later one of its stream finds
 //! nothing to do.
@@ -16,8 +16,8 @@
 //! one consumer where the slower of them had acked everything, and deletes
 //! them.
 
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
-use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -25,7 +25,7 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy, AckKind};
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use sqlx::{Connection, PgConnection, PgPool};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use twofold_platform::dead_letters::{deliveries, last_delivery, DeadLetters, MAX_DELIVER};
 use twofold_platform::envelope::{parse_msg_id, PUBLISHED_AT};
 use twofold_platform::jetstream::{durable_consumer, Batches};
@@ -283,11 +283,11 @@ impl Consumer {
         })
     }
 
-    /// Waits at most `wait` for a message in `lane` of `lanes` (which
-    /// [`Consumer::feed`] fills), then takes whatever else it holds (up to
-    /// `max` in all), applies them for every builder in one transaction,
-    /// recording the builders' progress in the lane's rows, and acks them
-    /// after it committed.
+    /// Waits at most `wait` for messages `lane` may take from `lanes`
+    /// (which [`Consumer::feed`] fills), takes those there are (up to
+    /// `max`), applies them for every builder in one transaction, recording
+    /// the builders' progress in the lane's rows, and acks them after it
+    /// committed.
     ///
     /// A message that names no event is parked at once. When the batch
     /// fails while PostgreSQL answers, its messages are applied one by one:
@@ -302,12 +302,13 @@ impl Consumer {
         wait: Duration,
     ) -> anyhow::Result<Step> {
         let batch = lanes.next(lane, max, wait).await;
-        self.process(batch, lane as i16).await
+        let step = self.process(batch, lane as i16).await;
+        lanes.done(lane);
+        step
     }
 
-    /// Hands each message the consumer delivers to its stream's lane, as
-    /// long as it runs; a lane that is full holds the others until it has
-    /// room.
+    /// Queues the messages the consumer delivers for the lanes, as long as
+    /// it runs, waiting while the queue is full.
     pub async fn feed(&self, lanes: &Lanes) {
         loop {
             match self.batches.next(BATCH, Duration::from_secs(1)).await {
@@ -527,12 +528,12 @@ impl Consumer {
         self.run_noting(shutdown, |_| {}).await
     }
 
-    /// [`Consumer::run_until_stopped`], handing each step to `note`. The
-    /// messages are split by stream between [`LANES`] lanes, each applying
-    /// its batches while the others apply theirs, so messages that arrive
-    /// while one batch commits do not wait for it, and batches applied at
-    /// the same time never touch the same stream's positions or the same
-    /// progress rows (and so never wait on each other's locks).
+    /// [`Consumer::run_until_stopped`], handing each step to `note`.
+    /// [`LANES`] lanes apply batches at the same time, each taking what has
+    /// arrived when it is free, so messages that arrive while one batch
+    /// commits do not wait for it; batches applied at the same time never
+    /// hold the same stream (see [`Lanes`]) and write different progress
+    /// rows, so they never wait on each other's locks.
     pub async fn run_noting(&self, shutdown: impl Future<Output = ()>, note: impl Fn(Step)) {
         let lanes: Lanes = Lanes::new(LANES);
         let step = |lane| {
@@ -563,66 +564,126 @@ impl Consumer {
 /// Lanes the live projector applies batches from at the same time.
 pub const LANES: usize = 2;
 
-/// A consumer's messages split by stream ([`Consumer::feed`]): all of a
-/// stream's messages go to the same lane, each lane holding at most a
-/// batch's worth.
+/// The messages [`Consumer::feed`] has taken from the subscription, waiting
+/// for a lane: one queue that every lane takes from when it is free (so a
+/// message waits only while every lane is busy), where a lane passes over
+/// the messages of a stream another lane's batch holds (so two batches never
+/// apply the same stream; those wait for that batch to be done). At most
+/// [`Lanes::ROOM`] wait; the feed waits for room beyond that.
 pub struct Lanes<M = jetstream::Message> {
-    senders: Vec<mpsc::Sender<M>>,
-    receivers: Vec<tokio::sync::Mutex<mpsc::Receiver<M>>>,
+    waiting: std::sync::Mutex<Waiting<M>>,
+    /// Told when messages arrive or a lane's batch is done.
+    changed: Notify,
+    /// Told when a lane took messages.
+    room: Notify,
+}
+
+/// A stream: its aggregate type and id.
+type Stream = (String, String);
+
+struct Waiting<M> {
+    /// Messages not taken yet, in arrival order, each with its stream (none
+    /// for a message that names no event: its batch parks it).
+    queue: VecDeque<(Option<Stream>, M)>,
+    /// Per lane, the streams of the batch it is applying.
+    busy: Vec<HashSet<Stream>>,
 }
 
 impl Lanes {
-    /// Puts `message` in its stream's lane (the first, for a message that
-    /// names no event: its batch parks it).
+    /// Queues `message` for a lane, waiting while the queue is full.
     async fn send(&self, message: jetstream::Message) {
-        let lane = self.lane_of(target_of(&message).as_ref());
-        self.put(lane, message).await
+        let stream = target_of(&message).map(|t| (t.aggregate_type, t.aggregate_id));
+        self.put(stream, message).await
     }
 }
 
 impl<M> Lanes<M> {
+    /// Most messages waiting for a lane: two batches' worth.
+    pub const ROOM: usize = 2 * BATCH;
+
     pub fn new(lanes: usize) -> Self {
-        let (senders, receivers) = (0..lanes.max(1))
-            .map(|_| {
-                let (tx, rx) = mpsc::channel(BATCH);
-                (tx, tokio::sync::Mutex::new(rx))
-            })
-            .unzip();
-        Self { senders, receivers }
+        Self {
+            waiting: std::sync::Mutex::new(Waiting {
+                queue: VecDeque::new(),
+                busy: vec![HashSet::new(); lanes.max(1)],
+            }),
+            changed: Notify::new(),
+            room: Notify::new(),
+        }
     }
 
-    /// The lane of the stream `target` names (the same for each of its
-    /// events); the first for none.
-    fn lane_of(&self, target: Option<&StreamTarget>) -> usize {
-        target.map_or(0, |t| {
-            // SipHash with fixed keys: the same lane for a stream each time.
-            let mut hasher = std::hash::DefaultHasher::new();
-            (&t.aggregate_type, &t.aggregate_id).hash(&mut hasher);
-            (hasher.finish() % self.senders.len() as u64) as usize
-        })
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting<M>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds `message` to `lane`, waiting while it is full.
-    async fn put(&self, lane: usize, message: M) {
-        // The receivers live as long as the senders.
-        let _ = self.senders[lane].send(message).await;
-    }
-
-    /// Waits at most `wait` for a message in `lane`, then takes whatever
-    /// else it holds, up to `max` in all; empty when nothing came.
-    async fn next(&self, lane: usize, max: usize, wait: Duration) -> Vec<M> {
-        let mut messages = self.receivers[lane].lock().await;
-        let mut batch = Vec::new();
-        if let Ok(Some(first)) = tokio::time::timeout(wait, messages.recv()).await {
-            batch.push(first);
-            while batch.len() < max {
-                match messages.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
+    /// Adds `message` of `stream` to the queue, waiting while it is full.
+    async fn put(&self, stream: Option<Stream>, message: M) {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut waiting = self.waiting();
+                if waiting.queue.len() < Self::ROOM {
+                    waiting.queue.push_back((stream, message));
+                    break;
                 }
             }
+            room.await;
         }
+        self.changed.notify_waiters();
+    }
+
+    /// Waits at most `wait` for messages `lane` may take, then takes those
+    /// there are, in order, up to `max`: every waiting message but those of
+    /// streams another lane's batch holds. Their streams are `lane`'s until
+    /// [`Lanes::done`]. Empty when none came.
+    async fn next(&self, lane: usize, max: usize, wait: Duration) -> Vec<M> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let batch = self.take(lane, max);
+            if !batch.is_empty() {
+                self.room.notify_waiters();
+                return batch;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return batch;
+            }
+        }
+    }
+
+    fn take(&self, lane: usize, max: usize) -> Vec<M> {
+        let mut waiting = self.waiting();
+        let Waiting { queue, busy } = &mut *waiting;
+        let mut batch = Vec::new();
+        let mut passed = VecDeque::new();
+        while let Some((stream, message)) = queue.pop_front() {
+            let elsewhere = stream.as_ref().is_some_and(|s| {
+                busy.iter()
+                    .enumerate()
+                    .any(|(other, streams)| other != lane && streams.contains(s))
+            });
+            if elsewhere || batch.len() == max {
+                passed.push_back((stream, message));
+                continue;
+            }
+            if let Some(stream) = stream {
+                busy[lane].insert(stream);
+            }
+            batch.push(message);
+        }
+        *queue = passed;
         batch
+    }
+
+    /// `lane`'s batch is done (applied, left for redelivery or parked): its
+    /// streams are free for any lane.
+    fn done(&self, lane: usize) {
+        self.waiting().busy[lane].clear();
+        self.changed.notify_waiters();
     }
 }
 
@@ -659,71 +720,61 @@ fn wall_clock() -> DateTime<Utc> {
 mod tests {
     use super::*;
 
-    fn target(id: &str, sequence: i64) -> StreamTarget {
-        StreamTarget {
-            aggregate_type: "user".into(),
-            aggregate_id: id.into(),
-            sequence,
-        }
-    }
-
-    #[test]
-    fn a_streams_events_share_a_lane_and_the_streams_spread_over_the_lanes() {
-        let lanes: Lanes = Lanes::new(LANES);
-        let mut per_lane = [0; LANES];
-        for n in 0..1000 {
-            let id = format!("u{n}");
-            let lane = lanes.lane_of(Some(&target(&id, 1)));
-            for sequence in 2..5 {
-                assert_eq!(lanes.lane_of(Some(&target(&id, sequence))), lane);
-            }
-            per_lane[lane] += 1;
-        }
-        assert!(per_lane.iter().all(|n| *n > 400), "{per_lane:?}");
-        // Another type's stream of the same id is another stream.
-        let spread = (0..64)
-            .map(|n| {
-                let id = format!("t{n}");
-                let tenant = StreamTarget {
-                    aggregate_type: "tenant".into(),
-                    ..target(&id, 1)
-                };
-                lanes.lane_of(Some(&tenant)) == lanes.lane_of(Some(&target(&id, 1)))
-            })
-            .filter(|same| !same)
-            .count();
-        assert!(spread > 0);
-        assert_eq!(lanes.lane_of(None), 0);
-        assert_eq!(Lanes::<()>::new(1).lane_of(Some(&target("u1", 1))), 0);
+    fn stream(id: &str) -> Option<Stream> {
+        Some(("user".into(), id.into()))
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_lane_gives_what_it_holds_in_order_up_to_the_most_asked() {
+    async fn a_free_lane_takes_every_waiting_message_but_the_streams_another_lane_holds() {
         let lanes: Lanes<i32> = Lanes::new(LANES);
         let wait = Duration::from_secs(1);
         // Nothing there: empty once the wait is over.
         let started = tokio::time::Instant::now();
         assert!(lanes.next(0, 10, wait).await.is_empty());
         assert_eq!(started.elapsed(), wait);
-        for n in 1..=5 {
-            lanes.put(1, n).await;
-        }
-        lanes.put(0, 9).await;
-        assert_eq!(lanes.next(1, 3, wait).await, [1, 2, 3]);
-        assert_eq!(lanes.next(1, 10, wait).await, [4, 5]);
-        assert_eq!(lanes.next(0, 10, wait).await, [9]);
-        // A message put while a lane waits ends the wait.
-        let (got, ()) = tokio::join!(lanes.next(0, 10, wait), async {
+        lanes.put(stream("a"), 1).await;
+        lanes.put(stream("b"), 2).await;
+        lanes.put(stream("a"), 3).await;
+        // In order, up to the most asked; the rest wait.
+        assert_eq!(lanes.next(0, 2, wait).await, [1, 2]);
+        assert_eq!(lanes.next(0, 10, wait).await, [3]);
+        lanes.done(0);
+        // While lane 0's batch holds a, lane 1 passes over a's messages and
+        // takes the rest; lane 0 may take a's.
+        lanes.put(stream("a"), 4).await;
+        assert_eq!(lanes.next(0, 10, wait).await, [4]);
+        lanes.put(stream("a"), 6).await;
+        lanes.put(stream("c"), 7).await;
+        lanes.put(None, 8).await;
+        lanes.put(stream("a"), 9).await;
+        assert_eq!(lanes.next(1, 10, wait).await, [7, 8]);
+        assert_eq!(lanes.next(0, 10, wait).await, [6, 9]);
+        lanes.done(0);
+        lanes.done(1);
+        // Lane 1 waits for a until lane 0's batch is done.
+        lanes.put(stream("a"), 10).await;
+        assert_eq!(lanes.next(0, 10, wait).await, [10]);
+        lanes.put(stream("a"), 11).await;
+        let (got, ()) = tokio::join!(lanes.next(1, 10, wait), async {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            lanes.put(0, 7).await;
+            lanes.done(0);
         });
-        assert_eq!(got, [7]);
-        // A full lane holds the sender until it has room.
-        for n in 0..BATCH as i32 {
-            lanes.put(1, n).await;
+        assert_eq!(got, [11]);
+        assert_eq!(started.elapsed(), wait + Duration::from_millis(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_feed_waits_for_room_while_the_queue_is_full() {
+        let lanes: Lanes<usize> = Lanes::new(LANES);
+        let wait = Duration::from_secs(1);
+        for n in 0..Lanes::<usize>::ROOM {
+            lanes.put(None, n).await;
         }
-        let blocked = tokio::time::timeout(wait, lanes.put(1, -1)).await;
-        assert!(blocked.is_err());
-        assert_eq!(lanes.next(1, BATCH, wait).await.len(), BATCH);
+        assert!(tokio::time::timeout(wait, lanes.put(None, 0))
+            .await
+            .is_err());
+        let (taken, ()) = tokio::join!(lanes.next(0, 1, wait), lanes.put(None, 0));
+        assert_eq!(taken, [0]);
+        assert_eq!(lanes.waiting().queue.len(), Lanes::<usize>::ROOM);
     }
 }
