@@ -6,10 +6,9 @@
 //! applied), and the message is acked only after the update committed. The
 //! messages that have arrived are applied together, by every builder, in one
 //! transaction; the worker applies [`LANES`] batches at a time, never two
-//! holding the same stream ([`Lanes`]). A projector
-//! killed mid-batch gets the unacked messages again and skips what it
-//! applied; a message that arrives after a later one of its stream finds
-//! nothing to do.
+//! holding the same stream ([`Lanes`]). A projector killed mid-batch gets
+//! the unacked messages again and skips what it applied; a message that
+//! arrives after a later one of its stream finds nothing to do.
 //!
 //! Versions before this one had a durable consumer per builder
 //! (`projector-directory`, `projector-audit`): [`Consumer::bind`] starts the
@@ -660,13 +659,16 @@ impl<M> Lanes<M> {
         let Waiting { queue, busy } = &mut *waiting;
         let mut batch = Vec::new();
         let mut passed = VecDeque::new();
-        while let Some((stream, message)) = queue.pop_front() {
+        while batch.len() < max {
+            let Some((stream, message)) = queue.pop_front() else {
+                break;
+            };
             let elsewhere = stream.as_ref().is_some_and(|s| {
                 busy.iter()
                     .enumerate()
                     .any(|(other, streams)| other != lane && streams.contains(s))
             });
-            if elsewhere || batch.len() == max {
+            if elsewhere {
                 passed.push_back((stream, message));
                 continue;
             }
@@ -675,6 +677,8 @@ impl<M> Lanes<M> {
             }
             batch.push(message);
         }
+        // What was passed over comes before what was not looked at.
+        passed.append(queue);
         *queue = passed;
         batch
     }
@@ -761,6 +765,14 @@ mod tests {
         });
         assert_eq!(got, [11]);
         assert_eq!(started.elapsed(), wait + Duration::from_millis(10));
+        // A full batch leaves what it passed over ahead of what it did not
+        // look at.
+        for (s, n) in [("a", 12), ("b", 13), ("c", 14)] {
+            lanes.put(stream(s), n).await;
+        }
+        assert_eq!(lanes.next(0, 1, wait).await, [13]);
+        lanes.done(1);
+        assert_eq!(lanes.next(0, 10, wait).await, [12, 14]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -130,8 +130,7 @@ struct BatchWrite {
     audit: Option<Vec<AuditEntry>>,
     /// Per builder and stream, the new position: builder, type, id, sequence.
     positions: (Vec<&'static str>, Vec<String>, Vec<String>, Vec<i64>),
-    /// The lane whose progress rows the batch moves (see
-    /// [`catch_up`]).
+    /// The lane whose progress rows the batch moves (see [`catch_up`]).
     lane: i16,
     /// Per builder, its progress: builder, last position, its event's time.
     progress: (
