@@ -41,11 +41,7 @@ impl Builder {
         personal: &Personal,
         record: &EventRecord,
     ) -> anyhow::Result<bool> {
-        let target = StreamTarget {
-            aggregate_type: record.aggregate_type.clone(),
-            aggregate_id: record.aggregate_id.clone(),
-            sequence: record.sequence,
-        };
+        let target = StreamTarget::of(record);
         let mut conn = pool.acquire().await?;
         Ok(!self
             .catch_up(&mut conn, personal, &[target])
@@ -325,6 +321,17 @@ pub struct StreamTarget {
     pub aggregate_type: String,
     pub aggregate_id: String,
     pub sequence: i64,
+}
+
+impl StreamTarget {
+    /// `record`'s stream, up to `record`.
+    pub fn of(record: &EventRecord) -> Self {
+        Self {
+            aggregate_type: record.aggregate_type.clone(),
+            aggregate_id: record.aggregate_id.clone(),
+            sequence: record.sequence,
+        }
+    }
 }
 
 /// Folds the users' events into their rows: each row read once and updated

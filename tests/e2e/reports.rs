@@ -464,14 +464,7 @@ async fn the_live_overview_counts_move_with_each_change_as_a_rebuild_counts_them
             .await
             .unwrap();
     }
-    let targets: Vec<StreamTarget> = rest
-        .iter()
-        .map(|r| StreamTarget {
-            aggregate_type: r.aggregate_type.clone(),
-            aggregate_id: r.aggregate_id.clone(),
-            sequence: r.sequence,
-        })
-        .collect();
+    let targets: Vec<StreamTarget> = rest.iter().map(StreamTarget::of).collect();
     let mut conn = app.pool.acquire().await.unwrap();
     catch_up(
         &mut conn,
@@ -565,6 +558,60 @@ async fn a_rebuild_equals_the_read_models_it_replaces_and_replays_are_harmless()
     assert_eq!(snapshot(&app).await, first);
     rebuild(&app).await;
     assert_eq!(snapshot(&app).await, first);
+}
+
+#[tokio::test]
+async fn two_batches_of_the_same_streams_at_once_apply_each_event_once_as_a_rebuild_does() {
+    use twofold_projections::store::{catch_up, Builder, StreamTarget};
+    let app = spawn_app_with_sms().await;
+    scripted_history(&app).await;
+    let records = twofold_projections::record::load_batch(&app.pool, 0, 100_000)
+        .await
+        .unwrap();
+    assert!(records.len() > 30, "{} events", records.len());
+    // Two projector connections (as two instances would) bring the same
+    // streams up to the same events at the same time, a few events at a
+    // time: whichever claims a stream's positions second waits for the
+    // other's commit, and then finds its events applied.
+    let (mut a, mut b) = (
+        app.pool.acquire().await.unwrap(),
+        app.pool.acquire().await.unwrap(),
+    );
+    let mut applied = [0usize; 2];
+    for chunk in records.chunks(3) {
+        let targets: Vec<StreamTarget> = chunk.iter().map(StreamTarget::of).collect();
+        let (x, y) = tokio::join!(
+            catch_up(&mut a, &app.state.personal, &Builder::ALL, &targets, 0),
+            catch_up(&mut b, &app.state.personal, &Builder::ALL, &targets, 1),
+        );
+        for (builder, records) in x.unwrap().into_iter().chain(y.unwrap()) {
+            applied[Builder::ALL.iter().position(|b| *b == builder).unwrap()] += records.len();
+        }
+    }
+    // Every event once for each builder, between the two.
+    assert_eq!(applied, [records.len(); 2]);
+    let snapshot = || async {
+        let users: Vec<Value> = sqlx::query_scalar("SELECT row FROM rm_users ORDER BY user_id")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+        let audit: Vec<(i64, String)> =
+            sqlx::query_as("SELECT position, details::text FROM rm_audit ORDER BY position")
+                .fetch_all(&app.pool)
+                .await
+                .unwrap();
+        let counts: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT key, value FROM rm_overview_counts WHERE value <> 0 ORDER BY tenant_id, key",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        (users, audit, counts)
+    };
+    let live = snapshot().await;
+    assert!(!live.0.is_empty() && !live.1.is_empty() && !live.2.is_empty());
+    rebuild(&app).await;
+    assert_eq!(snapshot().await, live);
 }
 
 #[tokio::test]
