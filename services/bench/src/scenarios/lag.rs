@@ -5,7 +5,9 @@
 //! The peak is measured first, in the same run: the events per second the
 //! whole pipeline carries from commit into both read models when 16 writers
 //! commit sign-ins as fast as they can (events written, over the time until
-//! the read models have them all: above that rate the lag only grows). Then
+//! the read models have them all: above that rate the lag only grows). The
+//! writers decide each sign-in on the user's state as they remember it, as
+//! verifiers do, rather than reading the user first. Then
 //! sign-ins are committed on a fixed schedule (open loop) at half that event
 //! rate, and each event's lag is the time from its commit returning to the
 //! projector's commit of it, on the same clock (this process runs the
@@ -23,8 +25,10 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use tokio::sync::watch;
 use twofold_domain::tenant::TwoFactorSettings;
+use twofold_domain::user::User;
 use twofold_domain::TenantId;
 use twofold_platform::crypto::Keyring;
+use twofold_platform::store::Store;
 use twofold_projections::consumer::{Consumer, Source, Step};
 use twofold_projections::store::Builder;
 use uuid::Uuid;
@@ -160,7 +164,9 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<Scenario> {
             )
             .await?,
     );
-    let seeder = Arc::new(seeder);
+    // The writers stand in for verifiers, which decide on the states they
+    // remember (`remembered_streams`) instead of reading each user first.
+    let writers = Store::<User>::remembering(pool.clone(), USERS);
     settle(&pool).await?;
 
     // The peak: sign-ins as fast as the writers can commit them, for as long
@@ -170,12 +176,12 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<Scenario> {
     let started = Instant::now();
     let before = event_count(&pool).await?;
     let peak = closed_loop(PEAK_WRITERS, args.seconds / 2.0, {
-        let (seeder, users, ignore) = (seeder.clone(), users.clone(), ignore.clone());
+        let (writers, users, ignore) = (writers.clone(), users.clone(), ignore.clone());
         move |c, i| {
-            let (seeder, users, ignore) = (seeder.clone(), users.clone(), ignore.clone());
+            let (writers, users, ignore) = (writers.clone(), users.clone(), ignore.clone());
             async move {
                 let user = &users[(c + i as usize * PEAK_WRITERS) % users.len()];
-                Some(sign_in(&seeder, user, &ignore).await)
+                Some(sign_in(&writers, user, &ignore).await)
             }
         }
     })
@@ -194,10 +200,10 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<Scenario> {
     );
     let commits: Commits = Arc::default();
     let writes = open_loop(rate, args.seconds, {
-        let (seeder, users, commits) = (seeder.clone(), users.clone(), commits.clone());
+        let (writers, users, commits) = (writers.clone(), users.clone(), commits.clone());
         move |i| {
-            let (seeder, users, commits) = (seeder.clone(), users.clone(), commits.clone());
-            async move { sign_in(&seeder, &users[i as usize % users.len()], &commits).await }
+            let (writers, users, commits) = (writers.clone(), users.clone(), commits.clone());
+            async move { sign_in(&writers, &users[i as usize % users.len()], &commits).await }
         }
     })
     .await;
@@ -279,11 +285,10 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<Scenario> {
 /// `SessionStarted`.
 const EVENTS_PER_SIGN_IN: i64 = 2;
 
-async fn sign_in(seeder: &Seeder, user: &Seeded, commits: &Commits) -> crate::load::Outcome {
+async fn sign_in(writers: &Store<User>, user: &Seeded, commits: &Commits) -> crate::load::Outcome {
     let (_, command) = crate::seed::sign_in(user.id, &TwoFactorSettings::default(), wall_now());
     let id = user.id.to_string();
-    let executed = seeder
-        .store()
+    let executed = writers
         .execute_at(&id, None, &[], |_| Ok(command.clone()))
         .await;
     match executed {
