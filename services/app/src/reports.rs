@@ -8,7 +8,7 @@ use serde::Serialize;
 use sqlx::postgres::PgRow;
 use twofold_platform::audit_signing::PublishedKeys;
 use twofold_platform::personal::Keys;
-use twofold_projections::audit::{AuditEntry, EntryRef, ExportFilter, Exporter, Format};
+use twofold_projections::audit::{AuditEntry, EntryRows, ExportFilter, Exporter, Format};
 use twofold_projections::checkpoints::{self, Checkpoint, CheckpointPolicy};
 use twofold_projections::directory::{DirectoryQuery, UserRow};
 use twofold_projections::overview::{DailyPoint, Overview};
@@ -416,10 +416,11 @@ impl App {
             let mut rows = std::pin::pin!(read_ahead(pool.clone(), tenant.clone(), q.clone()));
             // Data keys read so far (an erased user's stays absent).
             let (mut keys, mut read) = (Keys::default(), std::collections::HashSet::new());
+            let mut entries = EntryRows::default();
             while let Some(row) = rows.next().await {
                 let written = async {
                     let row = row?;
-                    let entry = EntryRef::from_row(&row)?;
+                    let entry = entries.entry(&row)?;
                     // Personal data is opened only where the line shows it.
                     let opened = if exporter.shows_opened() && entry.is_sealed() {
                         let wanted: Vec<String> = entry
