@@ -11,6 +11,7 @@ mod scenarios;
 mod seed;
 mod stack;
 mod synthetic;
+mod watch;
 
 use std::path::PathBuf;
 

@@ -3,6 +3,8 @@
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::watch::Window;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Scenario {
     pub name: String,
@@ -23,11 +25,16 @@ pub struct Scenario {
 pub struct Report {
     pub machine: Value,
     pub settings: Value,
+    /// When the whole run went on and how busy the machine was.
+    pub run: Window,
+    /// The same for each part of it (the scenarios started together).
+    pub parts: Vec<Window>,
     pub scenarios: Vec<Scenario>,
 }
 
 pub fn table(report: &Report) -> String {
     let mut out = String::new();
+    out.push_str(&machine(report));
     out.push_str(
         "| scenario | value | baseline | ratio | target | met | latency p50 / p95 / p99 |\n|---|---|---|---|---|---|---|\n",
     );
@@ -50,6 +57,40 @@ pub fn table(report: &Report) -> String {
         ));
     }
     out.push_str(&growth(report));
+    out.push_str(&parts(report));
+    out
+}
+
+/// The run's machine and when it ran, as a line over the table.
+fn machine(report: &Report) -> String {
+    let m = &report.machine;
+    let w = &report.run;
+    let of = |v: Option<f32>| v.map_or("?".to_string(), |v| format!("{v:.2}"));
+    format!(
+        "Run {} to {} UTC on {} ({} cores, {} GiB); load average {} at the start, {} at the end; cores {} busy, {} stolen by the hypervisor.\n\n",
+        w.from.format("%Y-%m-%d %H:%M:%S"),
+        w.to.format("%H:%M:%S"),
+        m["cpu"].as_str().unwrap_or("an unknown CPU"),
+        m["cores"],
+        m["memory_gib"],
+        of(w.load_average_at_start),
+        of(w.load_average_at_end),
+        w.cpu_busy.map_or("?".to_string(), |b| format!("{:.0}%", b * 100.0)),
+        w.cpu_steal.map_or("?".to_string(), |b| format!("{:.1}%", b * 100.0)),
+    )
+}
+
+/// When each part of the run went on, and how busy the machine was.
+fn parts(report: &Report) -> String {
+    if report.parts.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\nWhen each part ran (UTC), the one-minute load average as it started and ended, and the share of all cores busy and stolen meanwhile (the benchmark's own processes included):\n\n| part | ran | load average | cores busy | stolen |\n|---|---|---|---|---|\n",
+    );
+    for w in &report.parts {
+        out.push_str(&w.row());
+    }
     out
 }
 
@@ -158,6 +199,8 @@ mod tests {
         let report = Report {
             machine: json!({}),
             settings: json!({}),
+            run: crate::watch::Watch::start("whole run").finish(),
+            parts: Vec::new(),
             scenarios: vec![
                 scenario("scale, 10k users / 0.2M events: GET /overview", 10_000, 2.0),
                 scenario("scale, 10k users / 0.2M events: directory", 10_000, 4.0),
@@ -188,5 +231,32 @@ mod tests {
             ..report
         };
         assert_eq!(super::growth(&one), "");
+    }
+
+    #[test]
+    fn the_table_says_when_the_run_and_each_part_ran_and_how_busy_the_machine_was() {
+        let part = crate::watch::Watch::start("relay").finish();
+        let report = Report {
+            machine: json!({"cpu": "Test CPU", "cores": 2, "memory_gib": 23.5}),
+            settings: json!({}),
+            run: crate::watch::Watch::start("whole run").finish(),
+            parts: vec![part.clone()],
+            scenarios: vec![],
+        };
+        let table = table(&report);
+        let first = table.lines().next().unwrap();
+        assert!(first.starts_with("Run 20"), "{first}");
+        assert!(
+            first.contains("UTC on Test CPU (2 cores, 23.5 GiB); load average "),
+            "{first}"
+        );
+        assert!(table.contains("| part | ran | load average | cores busy | stolen |"));
+        assert!(table.contains(&part.row()), "{table}");
+        // Without parts, no table of them.
+        let bare = Report {
+            parts: vec![],
+            ..report
+        };
+        assert!(!super::table(&bare).contains("| part |"));
     }
 }

@@ -16,6 +16,7 @@ use twofold_domain::values::Method;
 
 use crate::report::{Report, Scenario};
 use crate::stack::Stack;
+use crate::watch::Watch;
 use crate::Args;
 
 pub fn cores() -> usize {
@@ -48,9 +49,12 @@ pub fn two_factor_off() -> TwoFactorSettings {
 
 pub async fn run_all(args: &Args) -> anyhow::Result<Report> {
     let started = std::time::Instant::now();
+    let whole = Watch::start("whole run");
+    let mut parts = Vec::new();
     let mut scenarios: Vec<Scenario> = Vec::new();
     let facts = crate::stack::postgres_facts(&args.admin_url).await?;
     if wanted(args, "sign-ins") || wanted(args, "totp-verifications") {
+        let watch = Watch::start("sign-ins, totp-verifications");
         let stack = Stack::start(args).await?;
         let result = async {
             if wanted(args, "sign-ins") {
@@ -79,8 +83,10 @@ pub async fn run_all(args: &Args) -> anyhow::Result<Report> {
         }
         stack.stop().await;
         result?;
+        parts.push(watch.finish());
     }
     if wanted(args, "long-history") {
+        let watch = Watch::start("long-history");
         // Without the verifier's memory of recent states, so that every
         // sign-in reads the user (snapshot and later events) as a first
         // sign-in on a fresh verifier does.
@@ -89,25 +95,36 @@ pub async fn run_all(args: &Args) -> anyhow::Result<Report> {
         let result = history::run(args, &stack).await;
         stack.stop().await;
         scenarios.push(result?);
+        parts.push(watch.finish());
     }
     if wanted(args, "rebuild") {
+        let watch = Watch::start("rebuild");
         scenarios.push(rebuild::run(args).await?);
+        parts.push(watch.finish());
     }
     if wanted(args, "relay") {
+        let watch = Watch::start("relay");
         scenarios.push(relay::run(args).await?);
+        parts.push(watch.finish());
     }
     if wanted(args, "projection-lag") {
+        let watch = Watch::start("projection-lag");
         scenarios.push(lag::run(args).await?);
+        parts.push(watch.finish());
     }
     if wanted(args, "scale") {
+        let watch = Watch::start("scale");
         scenarios.extend(scale::run(args).await?);
+        parts.push(watch.finish());
     }
     let (smtp, sms) = (
         wanted(args, "dispatcher-smtp"),
         wanted(args, "dispatcher-scaling"),
     );
     if smtp || sms {
+        let watch = Watch::start("dispatcher-smtp, dispatcher-scaling");
         scenarios.extend(dispatch::run(args, smtp, sms).await?);
+        parts.push(watch.finish());
     }
     eprintln!(
         "twofold-bench: all scenarios in {:.0} s",
@@ -126,6 +143,8 @@ pub async fn run_all(args: &Args) -> anyhow::Result<Report> {
             "jetstream_storage": "file",
             "build_profile": if cfg!(debug_assertions) { "dev (dependencies and the domain, platform and projections crates at opt-level 2)" } else { "release" },
         }),
+        run: whole.finish(),
+        parts,
         scenarios,
     })
 }
