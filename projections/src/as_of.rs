@@ -289,7 +289,9 @@ pub(crate) async fn save(
 
 /// The tenant's user events after `end` up to `until` (found by time in the
 /// audit history), and every event after the checkpoint of the streams in
-/// `back_across`, in commit order, opened.
+/// `back_across`, in commit order, opened. Where the audit history was
+/// pruned past `end`, its times no longer find every event: then every user
+/// event of the tenant the checkpoint does not hold, read from the events.
 pub(crate) async fn later(
     pool: &PgPool,
     personal: &Personal,
@@ -298,6 +300,12 @@ pub(crate) async fn later(
     end: DateTime<Utc>,
     until: DateTime<Utc>,
 ) -> anyhow::Result<Vec<EventRecord>> {
+    // Every pruned entry happened before the checkpoint it was pruned up
+    // to was signed (give or take a clock's skew, well within SETTLE).
+    let pruned = crate::retention::mark(pool, tenant_id).await?;
+    if pruned.is_some_and(|p| end <= p.signed_at + SETTLE) {
+        return not_held(pool, personal, tenant_id, checkpoint).await;
+    }
     let mut records: Vec<EventRecord> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM events WHERE global_position IN \
            (SELECT position FROM rm_audit WHERE tenant_id = $1 AND aggregate_type = 'user' \
@@ -317,6 +325,39 @@ pub(crate) async fn later(
     records.dedup_by_key(|r| r.global_position);
     personal.open_envelopes(pool, &mut records).await?;
     Ok(records)
+}
+
+/// Every user event of the tenant that `checkpoint` has not folded, in
+/// commit order, opened, read from the events: slower than a lookup by time
+/// (it reads the tenant's whole history), and needed only for moments older
+/// than the audit history kept.
+async fn not_held(
+    pool: &PgPool,
+    personal: &Personal,
+    tenant_id: &str,
+    checkpoint: &Checkpoint,
+) -> anyhow::Result<Vec<EventRecord>> {
+    let folded: HashMap<&str, i64> = checkpoint
+        .rows
+        .iter()
+        .map(|k| (k.user_id.as_str(), k.after))
+        .collect();
+    let mut out = Vec::new();
+    record::each_of_tenant(pool, personal, tenant_id, 10_000, |records| {
+        out.extend(
+            records
+                .iter()
+                .filter(|r| {
+                    r.aggregate_type == "user"
+                        && folded
+                            .get(r.aggregate_id.as_str())
+                            .is_none_or(|after| r.sequence > *after)
+                })
+                .cloned(),
+        );
+    })
+    .await?;
+    Ok(out)
 }
 
 pub(crate) static TAKING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

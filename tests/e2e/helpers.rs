@@ -273,6 +273,18 @@ impl TestApp {
     /// A session token of the tenant's first admin. With 2FA on, the admin
     /// answers the email challenge with the code the dispatcher would send, so
     /// the session passes the admin endpoints' second-factor check.
+    /// Every event of the test's tenant and its users, in commit order,
+    /// opened: what folding the whole history folds.
+    pub async fn tenant_records(&self) -> Vec<twofold_projections::record::EventRecord> {
+        twofold_projections::record::load_tenant(
+            &self.pool,
+            &self.state.personal,
+            &self.tenant_id.to_string(),
+        )
+        .await
+        .unwrap()
+    }
+
     pub async fn admin_token(&self) -> String {
         let reply = self
             .sign_in(&self.admin_username, &self.admin_password)

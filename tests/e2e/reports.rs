@@ -305,13 +305,7 @@ async fn as_of_from_a_daily_checkpoint_answers_what_folding_every_event_answers(
     rebuild(&app).await;
     let admin = app.admin_token().await;
 
-    let records = twofold_projections::record::load_tenant(
-        &app.pool,
-        &app.state.personal,
-        &app.tenant_id.to_string(),
-    )
-    .await
-    .unwrap();
+    let records = app.tenant_records().await;
     let moments: Vec<_> = (0..=5)
         .flat_map(|n| {
             [

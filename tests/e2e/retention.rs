@@ -267,3 +267,115 @@ async fn the_checkpoint_pass_keeps_the_position_it_got_to() {
         .unwrap();
     assert_eq!(Some(chained), rows(&app).await.last().copied());
 }
+
+/// `as_of` and the daily series sweep forward from a kept Overview
+/// checkpoint, finding the events after it by their time in the audit
+/// history; across entries a pruning removed, they answer what folding every
+/// event answers all the same.
+#[tokio::test]
+async fn as_of_and_the_daily_series_across_pruned_entries_answer_what_folding_every_event_answers()
+{
+    use crate::helpers::ClockExt;
+    let app = spawn_app_with(every_five).await;
+    let midnight = app
+        .clock
+        .now_for_tests()
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
+    let day = |n: i64, h: i64| midnight + Duration::days(n) + Duration::hours(h);
+    let admin = app.admin_token().await;
+    add_user(&app, &admin, "ann").await;
+    let set = app
+        .set_settings(&admin, json!({"audit_retention_days": 30}))
+        .await;
+    assert_eq!(set.status, StatusCode::OK, "{:?}", set.body);
+    let as_of = |at: chrono::DateTime<chrono::Utc>| {
+        let app = &app;
+        async move {
+            let admin = app.admin_token().await;
+            let path = format!(
+                "/overview?as_of={}",
+                at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                    .replace('+', "%2B")
+            );
+            let reply = app.get_auth(&path, &admin).await;
+            assert_eq!(reply.status, StatusCode::OK, "{path}: {:?}", reply.body);
+            reply.body["overview"].clone()
+        }
+    };
+    // Day 0's checkpoint, taken when a moment of day 1 is asked for: the
+    // sweeps below start from it.
+    app.clock.set(day(1, 12));
+    signed_now(&app).await;
+    as_of(day(1, 6)).await;
+    // Day 2: users whose entries the pruning removes.
+    app.clock.set(day(2, 9));
+    let admin = app.admin_token().await;
+    for name in ["ben", "cat", "deb"] {
+        add_user(&app, &admin, name).await;
+    }
+    app.clock.set(day(40, 9));
+    let admin = app.admin_token().await;
+    add_user(&app, &admin, "eve").await;
+    signed_now(&app).await;
+    let day_2 = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM rm_audit WHERE tenant_id = $1 AND at >= $2 AND at < $3",
+        )
+        .bind(app.tenant_id.to_string())
+        .bind(day(2, 0))
+        .bind(day(3, 0))
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    let day_2_before = day_2().await;
+    let prunings = app.state.prune_audit().await.unwrap();
+    assert_eq!(prunings.len(), 1, "{prunings:?}");
+    // Up to the last signed checkpoint before the entries kept.
+    let left = day_2().await;
+    assert!(
+        left < day_2_before,
+        "day 2: {left} of {day_2_before} entries left"
+    );
+
+    let records = app.tenant_records().await;
+    for at in [day(2, 12), day(3, 6), day(20, 0), day(39, 23), day(40, 12)] {
+        let folded =
+            serde_json::to_value(twofold_projections::overview::as_of(&records, at)).unwrap();
+        // Once taking the checkpoint, once from the one taken.
+        for _ in 0..2 {
+            assert_eq!(as_of(at).await, folded, "as of {at}");
+        }
+    }
+    // The figures moved over the days, so the comparisons said something.
+    let before = twofold_projections::overview::as_of(&records, day(1, 6));
+    let after = twofold_projections::overview::as_of(&records, day(2, 12));
+    assert_eq!(after.active_users, before.active_users + 3);
+
+    // The daily series, swept from the checkpoints kept, says the same.
+    let expected: Vec<Value> = (1..=38)
+        .map(|n| {
+            let end = day(n + 1, 0) - Duration::microseconds(1);
+            serde_json::to_value(twofold_projections::overview::DailyPoint::of(
+                end.date_naive(),
+                &twofold_projections::overview::as_of(&records, end),
+            ))
+            .unwrap()
+        })
+        .collect();
+    let series = app
+        .get_auth(
+            &format!(
+                "/overview/daily?from={}&to={}",
+                day(1, 0).date_naive(),
+                day(38, 0).date_naive()
+            ),
+            &app.admin_token().await,
+        )
+        .await;
+    assert_eq!(series.status, StatusCode::OK, "{:?}", series.body);
+    assert_eq!(series.body["days"], json!(expected));
+}
