@@ -76,9 +76,8 @@ pub async fn spawn_app_with_sms() -> TestApp {
     .await
 }
 
-/// The same, with the verifier's configuration adjusted by `adjust` (after the
-/// test database is named in it).
-pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+/// A new database of the test's own, with nothing in it: its URL.
+pub async fn empty_database() -> String {
     let db_name = format!("twofold_test_{}", Uuid::new_v4().simple());
     let admin_url = admin_database_url();
     let mut conn = PgConnection::connect(&admin_url)
@@ -90,8 +89,13 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
         .unwrap();
     conn.close().await.unwrap();
     let base_url = admin_url.rsplit_once('/').unwrap().0;
-    let database_url = format!("{base_url}/{db_name}");
+    format!("{base_url}/{db_name}")
+}
 
+/// The same, with the verifier's configuration adjusted by `adjust` (after the
+/// test database is named in it).
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+    let database_url = empty_database().await;
     let mut config = Config {
         database_url: SecretString::from(database_url),
         database_max_connections: 8,

@@ -379,3 +379,69 @@ async fn as_of_and_the_daily_series_across_pruned_entries_answer_what_folding_ev
     assert_eq!(series.status, StatusCode::OK, "{:?}", series.body);
     assert_eq!(series.body["days"], json!(expected));
 }
+
+/// Upgrading from before the fix above: the Overview checkpoints and days of
+/// tenants whose audit history was pruned are forgotten (they may have been
+/// swept across the pruned entries), to be folded again when asked for; the
+/// other tenants' stay.
+#[tokio::test]
+async fn the_upgrade_forgets_the_overview_checkpoints_and_days_of_pruned_tenants() {
+    const FIX: i64 = 20261205000005;
+    let url = crate::helpers::empty_database().await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    // The migrations before the fix, from a copy of the directory without it.
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    let before = std::env::temp_dir().join(format!("twofold-migrations-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir(&before).unwrap();
+    let mut copied = 0;
+    for file in std::fs::read_dir(&here).unwrap() {
+        let file = file.unwrap();
+        let name = file.file_name().into_string().unwrap();
+        let version: i64 = name.split('_').next().unwrap().parse().unwrap();
+        if version < FIX {
+            std::fs::copy(file.path(), before.join(&name)).unwrap();
+            copied += 1;
+        }
+    }
+    assert!(copied > 10, "{copied} migrations before the fix");
+    sqlx::migrate::Migrator::new(before.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(&before).unwrap();
+    for tenant in ["pruned", "kept"] {
+        sqlx::query(
+            "INSERT INTO overview_checkpoints (tenant_id, day, body, users) VALUES ($1, '2026-03-01', '\\x7b7d', 0)",
+        )
+        .bind(tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO overview_days (tenant_id, day, counts) VALUES ($1, '2026-03-01', '{}')",
+        )
+        .bind(tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO audit_pruned (tenant_id, position, count, head, signed_at, pruned_at) \
+         VALUES ('pruned', 10, 10, 'h', now(), now())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    twofold_platform::db::migrate(&pool).await.unwrap();
+    for table in ["overview_checkpoints", "overview_days"] {
+        let left: Vec<String> =
+            sqlx::query_scalar(&format!("SELECT tenant_id FROM {table} ORDER BY tenant_id"))
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(left, ["kept"], "{table}");
+    }
+}
