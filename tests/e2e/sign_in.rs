@@ -298,7 +298,7 @@ async fn a_long_history_is_read_from_snapshots() {
     let quinn = app
         .create_user(
             &admin,
-            json!({"username": "quinn", "password": "correct horse battery"}),
+            json!({"username": "quinn", "password": "correct horse battery", "email": "quinn@acme.test"}),
         )
         .await;
     for _ in 0..40 {
@@ -338,6 +338,22 @@ async fn a_long_history_is_read_from_snapshots() {
     );
     // The state loaded from snapshot + later events equals a full replay.
     let loaded = app.state.users.load(&quinn).await.unwrap();
+    // The snapshot holds the personal data sealed, as the events do (the
+    // trusted addresses too: see `personal`'s tests).
+    let snapshot: String = sqlx::query_scalar(
+        "SELECT payload::text FROM snapshots WHERE aggregate_type = 'user' AND aggregate_id = $1",
+    )
+    .bind(&quinn)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    for plain in ["quinn", "quinn@acme.test"] {
+        assert!(!snapshot.contains(plain), "{plain} in {snapshot}");
+    }
+    assert!(
+        snapshot.contains(&format!("\"sealed:1:{quinn}:")),
+        "{snapshot}"
+    );
     let events = app.stream_events(&quinn).await;
     let mut replayed = twofold_domain::user::User::default();
     for e in events {

@@ -47,6 +47,10 @@ const PERSONAL: &[&str] = &[
     "Phone",
 ];
 
+/// The fields of a user's state (a snapshot) whose strings are personal
+/// beyond those of [`PERSONAL`]: the addresses the user signed in from.
+const PERSONAL_IN_STATE: &[&str] = &["trusted_ips"];
+
 /// Events written unsealed: they carry nothing of the user's (the erasure
 /// itself, whose context is the admin's, must stay readable after it).
 const UNSEALED_EVENTS: &[&str] = &["UserErased"];
@@ -157,27 +161,17 @@ impl Personal {
         if UNSEALED_EVENTS.contains(&event_type) {
             return Ok(payload);
         }
-        let mut value: Value = serde_json::from_str(&payload)?;
-        let cipher = XChaCha20Poly1305::new(&key.0.into());
-        let context = value_context(user_id);
-        let mut seal = |plain: &str| -> anyhow::Result<String> {
-            let mut nonce = [0u8; 24];
-            rand::rngs::OsRng.fill_bytes(&mut nonce);
-            let sealed = cipher
-                .encrypt(
-                    XNonce::from_slice(&nonce),
-                    Payload {
-                        msg: plain.as_bytes(),
-                        aad: &context,
-                    },
-                )
-                .map_err(|_| anyhow::anyhow!("sealing personal data failed"))?;
-            let mut blob = nonce.to_vec();
-            blob.extend_from_slice(&sealed);
-            Ok(format!("{SEALED_PREFIX}{user_id}:{}", B64.encode(blob)))
-        };
-        walk_fields(&mut value, &mut |v| seal_strings(v, &mut seal))?;
-        Ok(serde_json::to_string(&value)?)
+        seal_fields(user_id, key, &payload, &|k| PERSONAL.contains(&k))
+    }
+
+    /// A user's state as a snapshot holds it (JSON) with its personal
+    /// strings sealed under `key`, the data key of `user_id`: what the
+    /// events seal, and the addresses the user signed in from. A snapshot is
+    /// opened as events are ([`Personal::open_text`]).
+    pub fn seal_state(&self, user_id: &str, key: &DataKey, state: &str) -> anyhow::Result<String> {
+        seal_fields(user_id, key, state, &|k| {
+            PERSONAL.contains(&k) || PERSONAL_IN_STATE.contains(&k)
+        })
     }
 
     /// The ids of the data keys the sealed values in `text` name.
@@ -367,24 +361,56 @@ impl Keys {
     }
 }
 
+/// `json` with every string under a field `personal` names sealed under
+/// `key`, the data key of `user_id`.
+fn seal_fields(
+    user_id: &str,
+    key: &DataKey,
+    json: &str,
+    personal: &impl Fn(&str) -> bool,
+) -> anyhow::Result<String> {
+    let mut value: Value = serde_json::from_str(json)?;
+    let cipher = XChaCha20Poly1305::new(&key.0.into());
+    let context = value_context(user_id);
+    let mut seal = |plain: &str| -> anyhow::Result<String> {
+        let mut nonce = [0u8; 24];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let sealed = cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plain.as_bytes(),
+                    aad: &context,
+                },
+            )
+            .map_err(|_| anyhow::anyhow!("sealing personal data failed"))?;
+        let mut blob = nonce.to_vec();
+        blob.extend_from_slice(&sealed);
+        Ok(format!("{SEALED_PREFIX}{user_id}:{}", B64.encode(blob)))
+    };
+    walk_fields(&mut value, personal, &mut |v| seal_strings(v, &mut seal))?;
+    Ok(serde_json::to_string(&value)?)
+}
+
 /// Calls `f` on the value of every personal field, at any depth.
 fn walk_fields(
     value: &mut Value,
+    personal: &impl Fn(&str) -> bool,
     f: &mut impl FnMut(&mut Value) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     match value {
         Value::Object(map) => {
             for (k, v) in map.iter_mut() {
-                if PERSONAL.contains(&k.as_str()) {
+                if personal(k.as_str()) {
                     f(v)?;
                 } else {
-                    walk_fields(v, f)?;
+                    walk_fields(v, personal, f)?;
                 }
             }
         }
         Value::Array(items) => {
             for v in items {
-                walk_fields(v, f)?;
+                walk_fields(v, personal, f)?;
             }
         }
         _ => {}
@@ -447,6 +473,32 @@ mod tests {
         assert!(personal
             .unwrap("u2", &made.server_key_id, &made.wrapped)
             .is_none());
+    }
+
+    #[test]
+    fn a_users_state_is_sealed_with_the_addresses_it_trusts_and_opens_whole() {
+        let personal = Personal::new(Keyring::generate("k1"));
+        let made = personal.new_key("u1").unwrap();
+        let state = r#"{"id":"u1","username":"ann","email":"ann@x.test","phone":null,"roles":["staff"],"trusted_ips":["10.0.0.1","2001:db8::7"],"pending_contact":["c1",{"Phone":"+4915100000"}],"sign_ins":3}"#;
+        let sealed = personal.seal_state("u1", &made.key, state).unwrap();
+        for plain in [
+            "\"ann\"",
+            "ann@x.test",
+            "10.0.0.1",
+            "2001:db8::7",
+            "+4915100000",
+        ] {
+            assert!(!sealed.contains(plain), "{plain} in {sealed}");
+        }
+        assert!(sealed.contains("staff") && sealed.contains("\"sign_ins\":3"));
+        let keys = Keys::one("u1", Some(made.key.clone()));
+        let opened: Value = serde_json::from_str(&Personal::open_text(&sealed, &keys)).unwrap();
+        assert_eq!(opened, serde_json::from_str::<Value>(state).unwrap());
+        // An event's fields alone leave the trusted addresses as they are.
+        let as_event = personal
+            .seal_payload("u1", &made.key, "X", state.to_string())
+            .unwrap();
+        assert!(as_event.contains("10.0.0.1"));
     }
 
     #[test]

@@ -309,17 +309,19 @@ impl<A: Aggregate<Services = ()> + TenantScoped + Clone> Store<A> {
         let keys = self.opening_keys(id, rows.data_key.as_ref());
         let mut folded: Versioned<A> = match &rows.snapshot {
             None => Versioned::default(),
-            Some((sequence, payload)) => match serde_json::from_str(payload) {
-                Ok(state) => Versioned {
-                    state,
-                    sequence: *sequence,
-                    snapshot_sequence: *sequence,
-                },
-                Err(e) => {
-                    tracing::warn!(aggregate = A::TYPE, %id, error = %e, "snapshot does not decode; replaying the stream");
-                    return self.replay(id).await;
+            Some((sequence, payload)) => {
+                match serde_json::from_str(&Personal::open_text(payload, &keys)) {
+                    Ok(state) => Versioned {
+                        state,
+                        sequence: *sequence,
+                        snapshot_sequence: *sequence,
+                    },
+                    Err(e) => {
+                        tracing::warn!(aggregate = A::TYPE, %id, error = %e, "snapshot does not decode; replaying the stream");
+                        return self.replay(id).await;
+                    }
                 }
-            },
+            }
         };
         for (sequence, payload) in rows.events {
             folded
@@ -473,7 +475,7 @@ impl<A: Aggregate<Services = ()> + TenantScoped + Clone> Store<A> {
         .into())
     }
 
-    /// Seals the personal data of an append's payloads under `key`.
+    /// Seals the personal data of an append's payloads and snapshot under `key`.
     fn seal(&self, id: &str, key: Option<&DataKey>, append: &mut Append) -> Result<(), StoreError> {
         let (Some(personal), Some(key)) = (self.personal(), key) else {
             return Ok(());
@@ -482,6 +484,11 @@ impl<A: Aggregate<Services = ()> + TenantScoped + Clone> Store<A> {
             let plain = std::mem::take(payload);
             *payload = personal
                 .seal_payload(id, key, event_type, plain)
+                .map_err(StoreError::Unexpected)?;
+        }
+        if let Some(state) = &mut append.snapshot {
+            *state = personal
+                .seal_state(id, key, state)
                 .map_err(StoreError::Unexpected)?;
         }
         Ok(())
