@@ -14,7 +14,7 @@ async fn rebuild(app: &TestApp) {
         .unwrap();
 }
 
-async fn get(app: &TestApp, admin: &str, path: &str) -> Value {
+pub(crate) async fn get(app: &TestApp, admin: &str, path: &str) -> Value {
     let reply = app.get_auth(path, admin).await;
     assert_eq!(reply.status, StatusCode::OK, "{path}: {:?}", reply.body);
     reply.body
@@ -231,7 +231,7 @@ async fn as_of_a_past_moment_answers_what_the_read_model_answered_then() {
 }
 
 /// `as_of` for an RFC 3339 moment, as a query parameter.
-fn as_of_query(at: chrono::DateTime<chrono::Utc>) -> String {
+pub(crate) fn as_of_query(at: chrono::DateTime<chrono::Utc>) -> String {
     format!(
         "/overview?as_of={}",
         at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)

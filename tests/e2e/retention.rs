@@ -15,6 +15,7 @@ use twofold_projections::checkpoints;
 use crate::audit_checkpoints::{every_five, signed_now};
 use crate::audit_signed::{export, keys_of, published_keys};
 use crate::helpers::{spawn_app_with, TestApp};
+use crate::reports::{as_of_query, get};
 
 async fn add_user(app: &TestApp, admin: &str, name: &str) -> String {
     app.create_user(
@@ -295,14 +296,7 @@ async fn as_of_and_the_daily_series_across_pruned_entries_answer_what_folding_ev
         let app = &app;
         async move {
             let admin = app.admin_token().await;
-            let path = format!(
-                "/overview?as_of={}",
-                at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-                    .replace('+', "%2B")
-            );
-            let reply = app.get_auth(&path, &admin).await;
-            assert_eq!(reply.status, StatusCode::OK, "{path}: {:?}", reply.body);
-            reply.body["overview"].clone()
+            get(app, &admin, &as_of_query(at)).await["overview"].clone()
         }
     };
     // Day 0's checkpoint, taken when a moment of day 1 is asked for: the
@@ -366,18 +360,17 @@ async fn as_of_and_the_daily_series_across_pruned_entries_answer_what_folding_ev
             .unwrap()
         })
         .collect();
-    let series = app
-        .get_auth(
-            &format!(
-                "/overview/daily?from={}&to={}",
-                day(1, 0).date_naive(),
-                day(38, 0).date_naive()
-            ),
-            &app.admin_token().await,
-        )
-        .await;
-    assert_eq!(series.status, StatusCode::OK, "{:?}", series.body);
-    assert_eq!(series.body["days"], json!(expected));
+    let series = get(
+        &app,
+        &app.admin_token().await,
+        &format!(
+            "/overview/daily?from={}&to={}",
+            day(1, 0).date_naive(),
+            day(38, 0).date_naive()
+        ),
+    )
+    .await;
+    assert_eq!(series["days"], json!(expected));
 }
 
 /// Upgrading from before the fix above: the Overview checkpoints and days of
