@@ -3,7 +3,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::watch::Window;
+use crate::watch::{shown_load, shown_share, Window};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Scenario {
@@ -65,7 +65,6 @@ pub fn table(report: &Report) -> String {
 fn machine(report: &Report) -> String {
     let m = &report.machine;
     let w = &report.run;
-    let of = |v: Option<f32>| v.map_or("?".to_string(), |v| format!("{v:.2}"));
     format!(
         "Run {} to {} UTC on {} ({} cores, {} GiB); load average {} at the start, {} at the end; cores {} busy, {} stolen by the hypervisor.\n\n",
         w.from.format("%Y-%m-%d %H:%M:%S"),
@@ -73,10 +72,10 @@ fn machine(report: &Report) -> String {
         m["cpu"].as_str().unwrap_or("an unknown CPU"),
         m["cores"],
         m["memory_gib"],
-        of(w.load_average_at_start),
-        of(w.load_average_at_end),
-        w.cpu_busy.map_or("?".to_string(), |b| format!("{:.0}%", b * 100.0)),
-        w.cpu_steal.map_or("?".to_string(), |b| format!("{:.1}%", b * 100.0)),
+        shown_load(w.load_average_at_start),
+        shown_load(w.load_average_at_end),
+        shown_share(w.cpu_busy, 0),
+        shown_share(w.cpu_steal, 1),
     )
 }
 

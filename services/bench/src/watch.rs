@@ -93,8 +93,7 @@ impl Watch {
 impl Window {
     /// A row of the report's table of parts.
     pub fn row(&self) -> String {
-        let load = |l: Option<f32>| l.map_or("?".to_string(), |l| format!("{l:.2}"));
-        let share = |s: Option<f64>| s.map_or("?".to_string(), |s| format!("{:.0}%", s * 100.0));
+        let (load, share) = (shown_load, |s| shown_share(s, 0));
         format!(
             "| {} | {}–{} | {} → {} | {} | {} |\n",
             self.part,
@@ -106,6 +105,17 @@ impl Window {
             share(self.cpu_steal),
         )
     }
+}
+
+/// A load average as the report shows it (`?` when unknown).
+pub fn shown_load(load: Option<f32>) -> String {
+    load.map_or("?".to_string(), |l| format!("{l:.2}"))
+}
+
+/// A share (0 to 1) as the report shows it: a percentage with `decimals`
+/// decimals (`?` when unknown).
+pub fn shown_share(share: Option<f64>, decimals: usize) -> String {
+    share.map_or("?".to_string(), |s| format!("{:.*}%", decimals, s * 100.0))
 }
 
 #[cfg(test)]
