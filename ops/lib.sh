@@ -188,16 +188,47 @@ twofold_pg_trust_local() {
     [[ -n $ver && -f $hba ]] || return 1
     tmp=$(mktemp)
     {
-        echo "# Added by twofold ops/lib.sh for LOCAL DEVELOPMENT: passwordless TCP from this host."
+        echo "# Added by twofold ops/lib.sh for LOCAL DEVELOPMENT: passwordless connections from this host."
+        echo "local all postgres trust"
         echo "host all all 127.0.0.1/32 trust"
         echo "host all all ::1/128 trust"
         twofold_as_root cat "$hba"
     } >"$tmp"
     twofold_as_root cp "$tmp" "$hba" || { rm -f "$tmp"; return 1; }
     rm -f "$tmp"
-    twofold_say "configured $hba for trust auth on 127.0.0.1/::1 (local development only) and reloading PostgreSQL"
+    twofold_say "configured $hba for trust auth on 127.0.0.1/::1 and, for user postgres, its Unix socket (local development only) and reloading PostgreSQL"
     twofold_as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main reload ||
         twofold_as_root service postgresql reload
+}
+
+# The URL of the same server, user, database and parameters over the
+# server's Unix socket, when URL names this machine and a connection through
+# the socket works; URL itself otherwise. On one machine the socket is the
+# cheaper way in (no TCP, and no TLS: sqlx uses TLS over TCP when the server
+# offers it); ops/bench and ops/up connect through it (README, Benchmarks).
+twofold_pg_socket_url() { # url
+    local url=$1 host port dir scheme rest userinfo after socket_url
+    read -r host port < <(twofold_url_host_port "$url" 5432)
+    twofold_is_local "$host" || { echo "$url"; return; }
+    dir=$(PGCONNECT_TIMEOUT=5 psql -w -X -q -t -A "$url" -c 'show unix_socket_directories' 2>/dev/null) || dir=
+    dir=${dir%%,*}
+    dir=${dir#"${dir%%[![:space:]]*}"}
+    if [[ $dir != /* || ! -S $dir/.s.PGSQL.$port ]]; then
+        echo "$url"
+        return
+    fi
+    scheme=${url%%://*}
+    rest=${url#*://}
+    userinfo=
+    [[ ${rest%%/*} == *@* ]] && userinfo=${rest%%@*}@
+    after=${rest#*/}
+    [[ $rest == */* ]] || after=
+    socket_url="$scheme://$userinfo${dir//\//%2F}:$port/$after"
+    if PGCONNECT_TIMEOUT=5 psql -w -X -q -t -A "$socket_url" -c 'select 1' >/dev/null 2>&1; then
+        echo "$socket_url"
+    else
+        echo "$url"
+    fi
 }
 
 # psql's own error of the last failed query, for the message.

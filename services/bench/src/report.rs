@@ -66,7 +66,7 @@ fn machine(report: &Report) -> String {
     let m = &report.machine;
     let w = &report.run;
     format!(
-        "Run {} to {} UTC on {} ({} cores, {} GiB); load average {} at the start, {} at the end; cores {} busy, {} stolen by the hypervisor.\n\n",
+        "Run {} to {} UTC on {} ({} cores, {} GiB); load average {} at the start, {} at the end; cores {} busy, {} stolen by the hypervisor; PostgreSQL through {}.\n\n",
         w.from.format("%Y-%m-%d %H:%M:%S"),
         w.to.format("%H:%M:%S"),
         m["cpu"].as_str().unwrap_or("an unknown CPU"),
@@ -76,6 +76,9 @@ fn machine(report: &Report) -> String {
         shown_load(w.load_average_at_end),
         shown_share(w.cpu_busy, 0),
         shown_share(w.cpu_steal, 1),
+        report.settings["postgresql"]["connection"]
+            .as_str()
+            .unwrap_or("an unknown connection"),
     )
 }
 
@@ -197,7 +200,7 @@ mod tests {
     fn the_scale_reads_are_tabled_as_curves_over_tenant_size() {
         let report = Report {
             machine: json!({}),
-            settings: json!({}),
+            settings: json!({"postgresql": {"connection": "its Unix socket"}}),
             run: crate::watch::Watch::start("whole run").finish(),
             parts: Vec::new(),
             scenarios: vec![
@@ -237,7 +240,7 @@ mod tests {
         let part = crate::watch::Watch::start("relay").finish();
         let report = Report {
             machine: json!({"cpu": "Test CPU", "cores": 2, "memory_gib": 23.5}),
-            settings: json!({}),
+            settings: json!({"postgresql": {"connection": "its Unix socket"}}),
             run: crate::watch::Watch::start("whole run").finish(),
             parts: vec![part.clone()],
             scenarios: vec![],
@@ -247,6 +250,10 @@ mod tests {
         assert!(first.starts_with("Run 20"), "{first}");
         assert!(
             first.contains("UTC on Test CPU (2 cores, 23.5 GiB); load average "),
+            "{first}"
+        );
+        assert!(
+            first.ends_with("stolen by the hypervisor; PostgreSQL through its Unix socket."),
             "{first}"
         );
         assert!(table.contains("| part | ran | load average | cores busy | stolen |"));

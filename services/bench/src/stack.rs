@@ -346,5 +346,18 @@ pub async fn postgres_facts(url: &str) -> anyhow::Result<Value> {
             .await?;
         facts.insert(name.to_string(), Value::String(value));
     }
+    // How this run reaches it, as the server sees this connection.
+    let (tcp, tls): (bool, bool) = sqlx::query_as(
+        "SELECT inet_server_addr() IS NOT NULL, \
+                COALESCE((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    let connection = match (tcp, tls) {
+        (false, _) => "its Unix socket",
+        (true, true) => "TCP with TLS",
+        (true, false) => "TCP without TLS",
+    };
+    facts.insert("connection".into(), Value::String(connection.into()));
     Ok(Value::Object(facts))
 }
