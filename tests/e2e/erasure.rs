@@ -341,3 +341,105 @@ async fn the_operator_erases_a_user_with_a_reason() {
     assert_eq!(detail.code(), "user_erased");
     assert!(rows_containing(&app, EMAIL).await.is_empty());
 }
+
+/// A tenant-wide export longer than the batches it is read in (512 entries)
+/// opens every user's personal data, whichever batch first names the user,
+/// and shows an erased user's as `[erased]`; and it still verifies.
+#[tokio::test]
+async fn an_export_of_many_read_batches_opens_each_users_data_and_the_erased_as_erased() {
+    use twofold_domain::secrets::SecretHash;
+    use twofold_domain::user::{NewChallenge, NewSession, SignIn, UserCommand};
+    use twofold_domain::{Actor, ChallengeId, Ctx, SessionId};
+
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    // Sign-ins straight through the store, each user from an address and a
+    // browser of their own.
+    let sign_in = |id: String, i: usize| {
+        let users = app.state.users.clone();
+        async move {
+            let command = UserCommand::SignIn(SignIn {
+                password_ok: true,
+                address_retry_after: None,
+                settings: Default::default(),
+                challenge: NewChallenge {
+                    id: ChallengeId(uuid::Uuid::new_v4()),
+                    token_hash: SecretHash("c".into()),
+                },
+                session: NewSession {
+                    id: SessionId(uuid::Uuid::new_v4()),
+                    token_hash: SecretHash("s".into()),
+                    expires_at: None,
+                },
+                device: None,
+                enrollment_seed: None,
+                ctx: Ctx::new(crate::helpers::start_time(), Actor::System).with_request(
+                    Some(format!("198.51.100.{i}")),
+                    Some(format!("ManyBrowser/{i}")),
+                ),
+            });
+            users.execute(&id, |_| Ok(command.clone())).await.unwrap();
+        }
+    };
+    let create = |i: usize| {
+        let body = json!({"username": format!("many{i}"), "password": PASSWORD});
+        app.create_user(&admin, body)
+    };
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        ids.push(create(i).await);
+    }
+    // Taking turns, so every batch names several users.
+    for _ in 0..70 {
+        for (i, id) in ids.iter().enumerate() {
+            sign_in(id.clone(), i).await;
+        }
+    }
+    // A user registered after all that: a later batch is the first to name
+    // their data key.
+    ids.push(create(8).await);
+    sign_in(ids[8].clone(), 8).await;
+    app.state
+        .operator_erase(app.tenant_id, "many3", "erasure request #9")
+        .await
+        .unwrap();
+    twofold_projections::rebuild::rebuild(&app.pool, &app.state.personal, |_| {})
+        .await
+        .unwrap();
+
+    let text = export(&app, &admin).await;
+    let keys = app.get_auth("/audit/keys", &admin).await.body;
+    let keys = twofold_platform::audit_signing::VerifyingKeys::parse(&keys.to_string()).unwrap();
+    verify_signed(&text, &keys).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("trailer").is_none())
+        .collect();
+    assert!(lines.len() > 2 * 512, "{} entries", lines.len());
+    let mut checked = [0usize; 9];
+    for line in &lines {
+        let Some(i) = ids
+            .iter()
+            .position(|id| line["aggregate_id"] == id.as_str())
+        else {
+            continue;
+        };
+        if line["event_type"] != "SessionStarted" {
+            continue;
+        }
+        assert!(
+            line["ip"].as_str().unwrap().starts_with("sealed:1:"),
+            "{line}"
+        );
+        let (ip, browser) = if i == 3 {
+            ("[erased]".to_string(), "[erased]".to_string())
+        } else {
+            (format!("198.51.100.{i}"), format!("ManyBrowser/{i}"))
+        };
+        assert_eq!(line["opened"]["ip"], ip.as_str(), "{line}");
+        assert_eq!(line["opened"]["user_agent"], browser.as_str(), "{line}");
+        checked[i] += 1;
+    }
+    assert_eq!(checked, [70, 70, 70, 70, 70, 70, 70, 70, 1]);
+}

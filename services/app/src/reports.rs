@@ -2,12 +2,14 @@
 //! by day), delivery figures, the user directory, and the audit history with
 //! its exports.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, NaiveDate, Utc};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use sqlx::postgres::PgRow;
 use twofold_platform::audit_signing::PublishedKeys;
-use twofold_platform::personal::Keys;
+use twofold_platform::personal::{Keys, Personal};
 use twofold_projections::audit::{AuditEntry, EntryRows, ExportFilter, Exporter, Format};
 use twofold_projections::checkpoints::{self, Checkpoint, CheckpointPolicy};
 use twofold_projections::directory::{DirectoryQuery, UserRow};
@@ -43,39 +45,92 @@ fn text(chunk: Vec<u8>) -> Result<String, std::io::Error> {
 /// Audit entries an export reads ahead at once.
 const READ_AHEAD: usize = 512;
 
+/// A batch of audit rows read ahead and, when an export shows personal data
+/// opened, what each row shows opened (`None` for a row with nothing sealed).
+struct Ahead {
+    rows: Vec<Result<PgRow, sqlx::Error>>,
+    opened: Vec<anyhow::Result<Option<Vec<u8>>>>,
+}
+
 /// [`queries::audit_rows`], read on a task of its own, a batch of rows
 /// ahead, so that it runs beside the writing and hashing of the entries
-/// before (which the chain keeps on one task). Stops when the rows are no
-/// longer wanted.
+/// before (which the chain keeps on one task). With `opening`, the same
+/// task opens the rows' personal data: the data keys of the users a batch
+/// names that no batch before did, in one statement a batch (one a user was
+/// a round trip per user of the tenant), and each sealed value opened (the
+/// other core's work, where the writing task did it too). Stops when the
+/// rows are no longer wanted.
 fn read_ahead(
     pool: sqlx::PgPool,
     tenant: String,
     q: AuditQuery,
-) -> impl Stream<Item = Result<PgRow, sqlx::Error>> + Send + 'static {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Result<PgRow, sqlx::Error>>>(2);
+    opening: Option<Personal>,
+) -> impl Stream<Item = Ahead> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Ahead>(2);
     tokio::spawn(async move {
         let mut rows = queries::audit_rows(&pool, &tenant, &q);
+        let mut decoder = EntryRows::default();
+        // Data keys read so far (an erased user's stays absent), and the
+        // users they were looked for.
+        let (mut keys, mut asked) = (Keys::default(), HashSet::new());
         let mut batch = Vec::with_capacity(READ_AHEAD);
-        while let Some(row) = rows.next().await {
-            let failed = row.is_err();
-            batch.push(row);
-            if batch.len() == READ_AHEAD || failed {
-                let full = std::mem::replace(&mut batch, Vec::with_capacity(READ_AHEAD));
-                if tx.send(full).await.is_err() || failed {
-                    return;
+        loop {
+            let row = rows.next().await;
+            let (end, failed) = (row.is_none(), matches!(row, Some(Err(_))));
+            batch.extend(row);
+            if batch.len() < READ_AHEAD && !end && !failed {
+                continue;
+            }
+            let mut ahead = Ahead {
+                rows: std::mem::replace(&mut batch, Vec::with_capacity(READ_AHEAD)),
+                opened: Vec::new(),
+            };
+            if let Some(personal) = &opening {
+                let mut wanted = Vec::new();
+                for row in ahead.rows.iter().flatten() {
+                    if let Ok(entry) = decoder.entry(row) {
+                        if entry.is_sealed() {
+                            for id in entry.key_ids() {
+                                if !asked.contains(&id) {
+                                    asked.insert(id.clone());
+                                    wanted.push(id);
+                                }
+                            }
+                        }
+                    }
                 }
+                if !wanted.is_empty() && keys_read_once_for_mutation() {
+                    match personal.read_keys(&pool, &wanted).await {
+                        Ok(read) => keys.extend(read),
+                        Err(e) => {
+                            ahead.rows.push(Err(e));
+                            let _ = tx.send(ahead).await;
+                            return;
+                        }
+                    }
+                }
+                ahead.opened = ahead
+                    .rows
+                    .iter()
+                    .map(|row| match row {
+                        Ok(row) => match decoder.entry(row) {
+                            Ok(entry) => entry.opened(&keys),
+                            // The writing task meets the same error.
+                            Err(_) => Ok(None),
+                        },
+                        Err(_) => Ok(None),
+                    })
+                    .collect();
+            }
+            if !ahead.rows.is_empty() && tx.send(ahead).await.is_err() {
+                return;
+            }
+            if end || failed {
+                return;
             }
         }
-        if !batch.is_empty() {
-            let _ = tx.send(batch).await;
-        }
     });
-    futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|batch| (futures::stream::iter(batch), rx))
-    })
-    .flatten()
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|a| (a, rx)) })
 }
 
 /// The longest daily series answered at once.
@@ -413,43 +468,34 @@ impl App {
             let new_chunk = || Vec::with_capacity(EXPORT_CHUNK + EXPORT_CHUNK / 4);
             let mut chunk = new_chunk();
             chunk.extend_from_slice(exporter.header().as_bytes());
-            let mut rows = std::pin::pin!(read_ahead(pool.clone(), tenant.clone(), q.clone()));
-            // Data keys read so far (an erased user's stays absent).
-            let (mut keys, mut read) = (Keys::default(), std::collections::HashSet::new());
+            let opening = exporter.shows_opened().then(|| personal.clone());
+            let mut batches =
+                std::pin::pin!(read_ahead(pool.clone(), tenant.clone(), q.clone(), opening));
             let mut entries = EntryRows::default();
-            while let Some(row) = rows.next().await {
-                let written = async {
-                    let row = row?;
-                    let entry = entries.entry(&row)?;
-                    // Personal data is opened only where the line shows it.
-                    let opened = if exporter.shows_opened() && entry.is_sealed() {
-                        let wanted: Vec<String> = entry
-                            .key_ids()
-                            .into_iter()
-                            .filter(|id| read.insert(id.clone()))
-                            .collect();
-                        if !wanted.is_empty() {
-                            keys.extend(personal.read_keys(&pool, &wanted).await?);
-                        }
-                        entry.opened(&keys)?
-                    } else {
-                        None
-                    };
-                    exporter.write_entry(&entry, opened.as_deref(), &mut chunk)
-                }
-                .await;
-                if let Err(e) = written {
-                    tracing::error!(error = %e, "audit export failed");
-                    let _ = tx.send(Err(failed())).await;
-                    return;
-                }
-                if chunk.len() >= EXPORT_CHUNK
-                    && tx
-                        .send(text(std::mem::replace(&mut chunk, new_chunk())))
-                        .await
-                        .is_err()
-                {
-                    return;
+            while let Some(ahead) = batches.next().await {
+                let mut opened = ahead.opened.into_iter();
+                for row in ahead.rows {
+                    // Personal data is opened only where the line shows it
+                    // (by the reading task).
+                    let shown = opened.next().transpose();
+                    let written = (|| -> anyhow::Result<()> {
+                        let row = row?;
+                        let entry = entries.entry(&row)?;
+                        exporter.write_entry(&entry, shown?.flatten().as_deref(), &mut chunk)
+                    })();
+                    if let Err(e) = written {
+                        tracing::error!(error = %e, "audit export failed");
+                        let _ = tx.send(Err(failed())).await;
+                        return;
+                    }
+                    if chunk.len() >= EXPORT_CHUNK
+                        && tx
+                            .send(text(std::mem::replace(&mut chunk, new_chunk())))
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
                 }
             }
             // A pruning while the entries were read may have removed some
@@ -477,3 +523,5 @@ impl App {
         Ok((format, lines))
     }
 }
+
+fn keys_read_once_for_mutation() -> bool { static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true); ONCE.swap(false, std::sync::atomic::Ordering::SeqCst) }
