@@ -15,6 +15,7 @@ use twofold_domain::user::{NewChallenge, NewSession, SignIn, User, UserCommand, 
 use twofold_domain::values::{Email, Phone, Username};
 use twofold_domain::{Actor, ChallengeId, Ctx, SessionId, TenantId, UserId};
 use twofold_platform::crypto::Keyring;
+use twofold_platform::personal::Personal;
 use twofold_platform::store::Store;
 use twofold_platform::tokens::{self, TokenKind};
 use twofold_platform::totp;
@@ -68,7 +69,9 @@ impl Seeder {
         .await??;
         Ok(Self {
             phones: std::sync::atomic::AtomicU64::new(0),
-            users: Store::new(pool.clone()),
+            // Sealing personal data as the verifier's store does, with a
+            // data key per user that the verifier and the workers open.
+            users: Store::new(pool.clone()).sealing(Personal::new(keys.clone())),
             pool,
             keys,
             tenant,

@@ -1,5 +1,7 @@
 //! A large, realistic event store for the rebuild scenario: users with the
-//! events a sign-in with a second factor leaves, written with COPY.
+//! events a sign-in with a second factor leaves, written with COPY, their
+//! personal data sealed under data keys of their own as the verifier's
+//! store seals it.
 
 use chrono::{Duration, TimeZone, Utc};
 use sqlx::postgres::PgPoolCopyExt;
@@ -7,6 +9,7 @@ use twofold_domain::secrets::{PasswordHash, SecretHash};
 use twofold_domain::user::{ProofKind, SecondFactorUse, SessionEndReason, UserEvent};
 use twofold_domain::values::{Email, Method, Role, Username};
 use twofold_domain::{Actor, ChallengeId, Ctx, SessionId, TenantId, UserId};
+use twofold_platform::personal::{DataKey, Personal};
 use uuid::Uuid;
 
 /// Users per COPY.
@@ -27,6 +30,63 @@ const EVENTS_PER_USER: u64 = 100;
 
 fn csv(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Seals users' events as the verifier's event store does: each user gets a
+/// data key of their own (kept in `data_keys`, wrapped under the server
+/// key), and the personal strings of their events (username, email, the
+/// request's address and user agent) are sealed under it, so that readers
+/// of this history open them as they open production's.
+struct Sealing<'p> {
+    personal: &'p Personal,
+    /// `data_keys` rows not written yet, as CSV.
+    keys: String,
+}
+
+impl<'p> Sealing<'p> {
+    fn new(personal: &'p Personal) -> Self {
+        Self {
+            personal,
+            keys: String::new(),
+        }
+    }
+
+    /// A new user's data key.
+    fn key(&mut self, user: UserId) -> anyhow::Result<DataKey> {
+        let made = self.personal.new_key(&user.to_string())?;
+        self.keys.push_str(&format!(
+            "{user},{},{}\n",
+            csv(&made.server_key_id),
+            csv(&made.wrapped)
+        ));
+        Ok(made.key)
+    }
+
+    /// An event's payload as stored: its personal strings sealed.
+    fn payload(&self, user: UserId, key: &DataKey, event: &UserEvent) -> anyhow::Result<String> {
+        self.personal.seal_payload(
+            &user.to_string(),
+            key,
+            event.name(),
+            serde_json::to_string(event)?,
+        )
+    }
+
+    /// Writes the keys made since the last time.
+    async fn flush(&mut self, pool: &sqlx::PgPool) -> anyhow::Result<()> {
+        if self.keys.is_empty() {
+            return Ok(());
+        }
+        let mut copy = pool
+            .copy_in_raw(
+                "COPY data_keys (user_id, server_key_id, wrapped) FROM STDIN WITH (FORMAT csv)",
+            )
+            .await?;
+        copy.send(std::mem::take(&mut self.keys).into_bytes())
+            .await?;
+        copy.finish().await?;
+        Ok(())
+    }
 }
 
 /// A user's registration as the verifier records it, with an email address
@@ -59,7 +119,12 @@ fn registration(
     })
 }
 
-pub async fn write_events(pool: &sqlx::PgPool, total: u64) -> anyhow::Result<()> {
+pub async fn write_events(
+    pool: &sqlx::PgPool,
+    personal: &Personal,
+    total: u64,
+) -> anyhow::Result<()> {
+    let mut sealing = Sealing::new(personal);
     let tenant = TenantId(Uuid::new_v4());
     let users = total.div_ceil(EVENTS_PER_USER);
     let start = Utc
@@ -70,6 +135,7 @@ pub async fn write_events(pool: &sqlx::PgPool, total: u64) -> anyhow::Result<()>
     let mut buf = String::with_capacity(4 * 1024 * 1024);
     for u in 0..users {
         let user = UserId(Uuid::new_v4());
+        let key = sealing.key(user)?;
         let mut seq = 0u64;
         let ctx = |s: u64| {
             Ctx::new(
@@ -78,9 +144,9 @@ pub async fn write_events(pool: &sqlx::PgPool, total: u64) -> anyhow::Result<()>
             )
             .with_request(Some("192.0.2.10".into()), Some("bench".into()))
         };
-        let mut push = |event: UserEvent, seq: &mut u64| {
+        let mut push = |event: UserEvent, seq: &mut u64| -> anyhow::Result<()> {
             *seq += 1;
-            let payload = serde_json::to_string(&event).unwrap_or_default();
+            let payload = sealing.payload(user, &key, &event)?;
             let metadata = format!("{{\"tenant_id\":\"{tenant}\"}}");
             buf.push_str(&format!(
                 "user,{user},{seq},{},1.0,{},{}\n",
@@ -88,6 +154,7 @@ pub async fn write_events(pool: &sqlx::PgPool, total: u64) -> anyhow::Result<()>
                 csv(&payload),
                 csv(&metadata)
             ));
+            Ok(())
         };
         push(
             registration(
@@ -99,7 +166,7 @@ pub async fn write_events(pool: &sqlx::PgPool, total: u64) -> anyhow::Result<()>
                 ctx(0),
             )?,
             &mut seq,
-        );
+        )?;
         while seq < EVENTS_PER_USER && written + seq < total {
             let challenge = ChallengeId(Uuid::new_v4());
             let session = SessionId(Uuid::new_v4());
@@ -138,13 +205,14 @@ pub async fn write_events(pool: &sqlx::PgPool, total: u64) -> anyhow::Result<()>
             ];
             for event in round {
                 if seq < EVENTS_PER_USER && written + seq < total {
-                    push(event, &mut seq);
+                    push(event, &mut seq)?;
                 }
             }
         }
         written += seq;
         if (u + 1) % USERS_PER_COPY == 0 || written >= total {
             copy(pool, std::mem::take(&mut buf)).await?;
+            sealing.flush(pool).await?;
         }
         if written >= total {
             break;
@@ -153,7 +221,9 @@ pub async fn write_events(pool: &sqlx::PgPool, total: u64) -> anyhow::Result<()>
     if !buf.is_empty() {
         copy(pool, buf).await?;
     }
+    sealing.flush(pool).await?;
     sqlx::query("ANALYZE events").execute(pool).await?;
+    sqlx::query("ANALYZE data_keys").execute(pool).await?;
     Ok(())
 }
 
@@ -174,7 +244,12 @@ pub struct Shape {
 /// users enrolled with an authenticator and backup codes (some low on them),
 /// by email code, not started, locked, service accounts, over several roles.
 /// Answers the events written.
-pub async fn write_tenant(pool: &sqlx::PgPool, shape: Shape) -> anyhow::Result<u64> {
+pub async fn write_tenant(
+    pool: &sqlx::PgPool,
+    personal: &Personal,
+    shape: Shape,
+) -> anyhow::Result<u64> {
+    let mut sealing = Sealing::new(personal);
     let Shape {
         tenant,
         users,
@@ -190,16 +265,18 @@ pub async fn write_tenant(pool: &sqlx::PgPool, shape: Shape) -> anyhow::Result<u
     let (mut buf, mut names) = (String::with_capacity(4 << 20), String::new());
     for u in 0..users {
         let user = UserId(Uuid::new_v4());
+        let key = sealing.key(user)?;
         let registered = (u as f64 + 0.5) / users as f64 / 2.0;
         let mut seq = 0u64;
-        let mut push = |event: UserEvent| {
+        let mut push = |event: UserEvent| -> anyhow::Result<()> {
             seq += 1;
-            let payload = serde_json::to_string(&event).unwrap_or_default();
+            let payload = sealing.payload(user, &key, &event)?;
             buf.push_str(&format!(
                 "user,{user},{seq},{},1.0,{},{metadata}\n",
                 event.name(),
                 csv(&payload),
             ));
+            Ok(())
         };
         let ctx = |fraction: f64| {
             Ctx::new(step(fraction), Actor::User(user))
@@ -213,7 +290,7 @@ pub async fn write_tenant(pool: &sqlx::PgPool, shape: Shape) -> anyhow::Result<u
             ["staff", "finance", "support", "engineering"][(u % 4) as usize],
             u % 50 == 49,
             ctx(registered),
-        )?);
+        )?)?;
         names.push_str(&format!("{tenant},{name},{user}\n"));
         // Rounds of sign-ins from registration to the end of the history.
         let rounds = events_per_user.div_ceil(4).max(1);
@@ -226,11 +303,11 @@ pub async fn write_tenant(pool: &sqlx::PgPool, shape: Shape) -> anyhow::Result<u
                 method: Method::Totp,
                 totp_step: 1,
                 ctx: c.clone(),
-            });
+            })?;
             push(UserEvent::BackupCodesIssued {
                 hashes: vec![SecretHash("2".repeat(64)); 10],
                 ctx: c,
-            });
+            })?;
         }
         for k in 0..rounds {
             let c = ctx(at(k));
@@ -252,13 +329,13 @@ pub async fn write_tenant(pool: &sqlx::PgPool, shape: Shape) -> anyhow::Result<u
                     resend_limit: None,
                     purpose: Default::default(),
                     ctx: c.clone(),
-                });
+                })?;
                 push(UserEvent::CodeVerified {
                     challenge_id: challenge,
                     method: m,
                     totp_step: None,
                     ctx: c.clone(),
-                });
+                })?;
             }
             push(UserEvent::SessionStarted {
                 session_id: session,
@@ -272,12 +349,12 @@ pub async fn write_tenant(pool: &sqlx::PgPool, shape: Shape) -> anyhow::Result<u
                     SecondFactorUse::Used { method }
                 },
                 ctx: c.clone(),
-            });
+            })?;
             push(UserEvent::SessionEnded {
                 session_id: session,
                 reason: SessionEndReason::SignedOut,
                 ctx: c,
-            });
+            })?;
         }
         if totp && u % 30 == 0 {
             push(UserEvent::BackupCodeUsed {
@@ -285,23 +362,25 @@ pub async fn write_tenant(pool: &sqlx::PgPool, shape: Shape) -> anyhow::Result<u
                 slot: 0,
                 remaining: (u / 30 % 3) as usize,
                 ctx: ctx(at(rounds - 1)),
-            });
+            })?;
         }
         if u % 97 == 5 {
             push(UserEvent::UserLockedOut {
                 failures: 5,
                 ended_sessions: Vec::new(),
                 ctx: ctx(at(rounds - 1)),
-            });
+            })?;
         }
         written += seq;
         if (u + 1) % USERS_PER_COPY == 0 {
             copy(pool, std::mem::take(&mut buf)).await?;
+            sealing.flush(pool).await?;
         }
     }
     if !buf.is_empty() {
         copy(pool, buf).await?;
     }
+    sealing.flush(pool).await?;
     let mut copy = pool
         .copy_in_raw("COPY usernames (tenant_id, username, user_id) FROM STDIN WITH (FORMAT csv)")
         .await?;
@@ -309,5 +388,6 @@ pub async fn write_tenant(pool: &sqlx::PgPool, shape: Shape) -> anyhow::Result<u
     copy.finish().await?;
     sqlx::query("ANALYZE events").execute(pool).await?;
     sqlx::query("ANALYZE usernames").execute(pool).await?;
+    sqlx::query("ANALYZE data_keys").execute(pool).await?;
     Ok(written)
 }

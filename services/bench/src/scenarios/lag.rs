@@ -165,8 +165,10 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<Scenario> {
             .await?,
     );
     // The writers stand in for verifiers, which decide on the states they
-    // remember (`remembered_streams`) instead of reading each user first.
-    let writers = Store::<User>::remembering(pool.clone(), USERS);
+    // remember (`remembered_streams`) instead of reading each user first,
+    // and seal personal data as they do.
+    let writers = Store::<User>::remembering(pool.clone(), USERS)
+        .sealing(twofold_platform::personal::Personal::new(keys.clone()));
     settle(&pool).await?;
 
     // The peak: sign-ins as fast as the writers can commit them, for as long

@@ -14,17 +14,15 @@ pub async fn run(args: &Args) -> anyhow::Result<Scenario> {
     let result = async {
         let pool = twofold_platform::db::pool_options(4).connect(&url).await?;
         twofold_platform::db::migrate(&pool).await?;
+        // The events' personal data sealed, as in production, under keys
+        // the rebuild opens.
+        let personal = twofold_platform::personal::Personal::new(
+            twofold_platform::crypto::Keyring::generate("bench"),
+        );
         eprintln!("twofold-bench: writing {} events", args.rebuild_events);
-        crate::synthetic::write_events(&pool, args.rebuild_events).await?;
+        crate::synthetic::write_events(&pool, &personal, args.rebuild_events).await?;
         eprintln!("twofold-bench: rebuilding");
-        let done = twofold_projections::rebuild::rebuild(
-            &pool,
-            &twofold_platform::personal::Personal::new(
-                twofold_platform::crypto::Keyring::generate("bench"),
-            ),
-            |_| {},
-        )
-        .await?;
+        let done = twofold_projections::rebuild::rebuild(&pool, &personal, |_| {}).await?;
         pool.close().await;
         let rate = done.events as f64 / done.seconds;
         anyhow::Ok(Scenario {

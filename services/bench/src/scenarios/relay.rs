@@ -24,7 +24,11 @@ pub async fn run(args: &Args) -> anyhow::Result<Scenario> {
     let result = async {
         let pool = twofold_platform::db::pool_options(4).connect(&url).await?;
         twofold_platform::db::migrate(&pool).await?;
-        crate::synthetic::write_events(&pool, events).await?;
+        // Sealed as production's events are (the relay sends them as stored).
+        let personal = twofold_platform::personal::Personal::new(
+            twofold_platform::crypto::Keyring::generate("bench"),
+        );
+        crate::synthetic::write_events(&pool, &personal, events).await?;
         let id = std::process::id();
         let config = twofold_platform::Config {
             nats_url: args.nats_url.clone(),
