@@ -99,7 +99,7 @@ fn read_ahead(
                         }
                     }
                 }
-                if !wanted.is_empty() && keys_read_once_for_mutation() {
+                if !wanted.is_empty() {
                     match personal.read_keys(&pool, &wanted).await {
                         Ok(read) => keys.extend(read),
                         Err(e) => {
@@ -523,5 +523,3 @@ impl App {
         Ok((format, lines))
     }
 }
-
-fn keys_read_once_for_mutation() -> bool { static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true); ONCE.swap(false, std::sync::atomic::Ordering::SeqCst) }
