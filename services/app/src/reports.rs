@@ -86,41 +86,42 @@ fn read_ahead(
                 opened: Vec::new(),
             };
             if let Some(personal) = &opening {
-                let mut wanted = Vec::new();
-                for row in ahead.rows.iter().flatten() {
-                    if let Ok(entry) = decoder.entry(row) {
-                        if entry.is_sealed() {
-                            for id in entry.key_ids() {
-                                if !asked.contains(&id) {
-                                    asked.insert(id.clone());
-                                    wanted.push(id);
-                                }
-                            }
-                        }
-                    }
-                }
-                if !wanted.is_empty() {
-                    match personal.read_keys(&pool, &wanted).await {
-                        Ok(read) => keys.extend(read),
-                        Err(e) => {
-                            ahead.rows.push(Err(e));
-                            let _ = tx.send(ahead).await;
-                            return;
-                        }
-                    }
-                }
-                ahead.opened = ahead
+                // Each row decoded once, for its key ids and its opening; a
+                // row that does not decode opens nothing (the writing task
+                // meets the same error).
+                let entries: Vec<_> = ahead
                     .rows
                     .iter()
-                    .map(|row| match row {
-                        Ok(row) => match decoder.entry(row) {
-                            Ok(entry) => entry.opened(&keys),
-                            // The writing task meets the same error.
-                            Err(_) => Ok(None),
-                        },
-                        Err(_) => Ok(None),
-                    })
+                    .map(|row| row.as_ref().ok().and_then(|r| decoder.entry(r).ok()))
                     .collect();
+                let mut wanted = Vec::new();
+                for entry in entries.iter().flatten().filter(|e| e.is_sealed()) {
+                    for id in entry.key_ids() {
+                        if !asked.contains(&id) {
+                            asked.insert(id.clone());
+                            wanted.push(id);
+                        }
+                    }
+                }
+                let read = match wanted.is_empty() {
+                    true => Ok(Keys::default()),
+                    false => personal.read_keys(&pool, &wanted).await,
+                };
+                let opened = read.map(|read| {
+                    keys.extend(read);
+                    entries
+                        .iter()
+                        .map(|entry| entry.as_ref().map_or(Ok(None), |e| e.opened(&keys)))
+                        .collect()
+                });
+                match opened {
+                    Ok(opened) => ahead.opened = opened,
+                    Err(e) => {
+                        ahead.rows.push(Err(e));
+                        let _ = tx.send(ahead).await;
+                        return;
+                    }
+                }
             }
             if !ahead.rows.is_empty() && tx.send(ahead).await.is_err() {
                 return;
