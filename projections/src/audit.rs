@@ -397,6 +397,108 @@ impl From<&AuditQuery> for ExportFilter {
     }
 }
 
+/// Entries' lines made ready apart from the chain, on any thread and in any
+/// order: each entry's canonical JSON (what the chain hashes) and its line
+/// but for the chain's `prev` and `hash`. [`Exporter::write_prepared`] then
+/// links them in order, which is all an export's work that must go one
+/// entry after another.
+#[derive(Debug)]
+pub struct Prepared {
+    format: Format,
+    /// Every entry's parts, one after another.
+    bytes: Vec<u8>,
+    lines: Vec<PreparedLine>,
+}
+
+/// Where one entry's parts are in [`Prepared::bytes`].
+#[derive(Debug)]
+struct PreparedLine {
+    position: i64,
+    canonical: std::ops::Range<usize>,
+    /// The line before `prev`: NDJSON's is the canonical JSON but its
+    /// closing brace.
+    head: std::ops::Range<usize>,
+    /// NDJSON's line after `hash` (`opened` when there is one), less its
+    /// closing brace.
+    rest: std::ops::Range<usize>,
+}
+
+impl Prepared {
+    /// Room for about `entries` of `format`'s lines.
+    pub fn new(format: Format, entries: usize) -> Self {
+        Self {
+            format,
+            bytes: Vec::with_capacity(entries * 1024),
+            lines: Vec::with_capacity(entries),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    /// Adds `entry`'s parts, with `opened` (JSON text) beside it in NDJSON.
+    pub fn push(&mut self, entry: &EntryRef<'_>, opened: Option<&[u8]>) -> anyhow::Result<()> {
+        let start = self.bytes.len();
+        entry.write_json(&mut self.bytes)?;
+        let canonical = start..self.bytes.len();
+        let (head, rest) = match self.format {
+            Format::Ndjson => {
+                if self.bytes.last() != Some(&b'}') {
+                    bail!("an entry's JSON is not an object");
+                }
+                let head = start..self.bytes.len() - 1;
+                let at = self.bytes.len();
+                if let Some(opened) = opened {
+                    self.bytes.extend_from_slice(b",\"opened\":");
+                    self.bytes.extend_from_slice(opened);
+                }
+                (head, at..self.bytes.len())
+            }
+            Format::Csv => {
+                let at = self.bytes.len();
+                csv_cells(
+                    [
+                        Some(entry.position.to_string().as_str()),
+                        Some(entry.tenant_id),
+                        Some(entry.aggregate_type),
+                        Some(entry.aggregate_id),
+                        Some(&entry.sequence.to_string()),
+                        Some(entry.event_type),
+                        Some(
+                            &entry
+                                .at
+                                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                        ),
+                        Some(entry.actor_kind),
+                        entry.actor_id,
+                        entry.ip,
+                        entry.user_agent,
+                        entry.reason,
+                        entry.user_id,
+                        Some(entry.details),
+                    ],
+                    false,
+                    &mut self.bytes,
+                )?;
+                let end = self.bytes.len();
+                (at..end, end..end)
+            }
+        };
+        self.lines.push(PreparedLine {
+            position: entry.position,
+            canonical,
+            head,
+            rest,
+        });
+        Ok(())
+    }
+}
+
 /// Writes entries one by one, carrying the chain along.
 pub struct Exporter {
     format: Format,
@@ -407,8 +509,6 @@ pub struct Exporter {
     first_position: Option<i64>,
     last_position: Option<i64>,
     pruned: Option<Pruned>,
-    /// The entry being written as canonical JSON; one buffer for them all.
-    canonical: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -519,6 +619,17 @@ fn csv_record<'a>(
     fields: impl IntoIterator<Item = Option<&'a str>>,
     out: &mut Vec<u8>,
 ) -> anyhow::Result<()> {
+    csv_cells(fields, true, out)
+}
+
+/// [`csv_record`]'s cells, ended by the record's terminator (`end`) or by a
+/// delimiter, for the record's other cells to follow: each cell is written
+/// on its own, so a record written in parts is the record written at once.
+fn csv_cells<'a>(
+    fields: impl IntoIterator<Item = Option<&'a str>>,
+    end: bool,
+    out: &mut Vec<u8>,
+) -> anyhow::Result<()> {
     use csv_core::WriteResult;
     let mut writer = csv_core::WriterBuilder::new()
         .terminator(csv_core::Terminator::Any(b'\n'))
@@ -546,7 +657,10 @@ fn csv_record<'a>(
             (result, written)
         })?;
     }
-    append(4, &mut |o| writer.terminator(o))
+    match end {
+        true => append(4, &mut |o| writer.terminator(o)),
+        false => append(2, &mut |o| writer.delimiter(o)),
+    }
 }
 
 impl Exporter {
@@ -577,7 +691,6 @@ impl Exporter {
             first_position: None,
             last_position: None,
             pruned,
-            canonical: Vec::new(),
         }
     }
 
@@ -624,70 +737,62 @@ impl Exporter {
     }
 
     /// Appends `entry`'s line to `out`, with `opened` (JSON text) beside it
-    /// in NDJSON: the entry serialized once, into a buffer kept from one
-    /// entry to the next, and hashed and written from there.
+    /// in NDJSON.
     pub fn write_entry(
         &mut self,
         entry: &EntryRef<'_>,
         opened: Option<&[u8]>,
         out: &mut Vec<u8>,
     ) -> anyhow::Result<()> {
-        self.canonical.clear();
-        entry.write_json(&mut self.canonical)?;
-        let hash = link(&self.prev, &self.canonical)?;
+        let mut prepared = Prepared::new(self.format, 1);
+        prepared.push(entry, opened)?;
+        self.write_prepared(&prepared, out)
+    }
+
+    /// Appends the lines of `prepared` to `out`, in its order, carrying the
+    /// chain along: what is left of writing an entry once its line is
+    /// prepared (one hash, and copying).
+    pub fn write_prepared(&mut self, prepared: &Prepared, out: &mut Vec<u8>) -> anyhow::Result<()> {
+        for i in 0..prepared.len() {
+            self.write_prepared_one(prepared, i, out)?;
+        }
+        Ok(())
+    }
+
+    /// [`Exporter::write_prepared`] for the `i`th entry of `prepared` alone,
+    /// for a caller sending `out` on as it fills.
+    pub fn write_prepared_one(
+        &mut self,
+        prepared: &Prepared,
+        i: usize,
+        out: &mut Vec<u8>,
+    ) -> anyhow::Result<()> {
+        if prepared.format != self.format {
+            bail!("an entry prepared for another format");
+        }
+        let line = prepared.lines.get(i).context("no such prepared entry")?;
+        let bytes = |range: &std::ops::Range<usize>| &prepared.bytes[range.clone()];
+        let hash = link(&self.prev, bytes(&line.canonical))?;
         let hash = std::str::from_utf8(&hash)?;
+        out.extend_from_slice(bytes(&line.head));
         match self.format {
             Format::Ndjson => {
                 // An `NdjsonLine`: the entry's fields, then `prev`, `hash`
                 // and `opened`, as serde writes the flattened struct.
-                let fields = self
-                    .canonical
-                    .strip_suffix(b"}")
-                    .context("an entry's JSON is not an object")?;
-                out.extend_from_slice(fields);
                 out.extend_from_slice(b",\"prev\":");
                 serde_json::to_writer(&mut *out, &self.prev)?;
                 out.extend_from_slice(b",\"hash\":");
                 serde_json::to_writer(&mut *out, hash)?;
-                if let Some(opened) = opened {
-                    out.extend_from_slice(b",\"opened\":");
-                    out.extend_from_slice(opened);
-                }
+                out.extend_from_slice(bytes(&line.rest));
                 out.extend_from_slice(b"}\n");
             }
-            Format::Csv => {
-                csv_record(
-                    [
-                        Some(entry.position.to_string().as_str()),
-                        Some(entry.tenant_id),
-                        Some(entry.aggregate_type),
-                        Some(entry.aggregate_id),
-                        Some(&entry.sequence.to_string()),
-                        Some(entry.event_type),
-                        Some(
-                            &entry
-                                .at
-                                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-                        ),
-                        Some(entry.actor_kind),
-                        entry.actor_id,
-                        entry.ip,
-                        entry.user_agent,
-                        entry.reason,
-                        entry.user_id,
-                        Some(entry.details),
-                        Some(&self.prev),
-                        Some(hash),
-                    ],
-                    out,
-                )?;
-            }
+            Format::Csv => csv_cells([Some(self.prev.as_str()), Some(hash)], true, out)?,
         }
         self.prev.clear();
         self.prev.push_str(hash);
         self.count += 1;
-        self.first_position.get_or_insert(entry.position);
-        self.last_position = Some(entry.position);
+        self.first_position.get_or_insert(line.position);
+        self.last_position = Some(line.position);
         Ok(())
     }
 
@@ -1380,6 +1485,46 @@ pub(crate) mod tests {
                 4,
                 "{format:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_batch_prepared_at_once_writes_the_lines_written_one_by_one() {
+        for format in [Format::Ndjson, Format::Csv] {
+            let mut one_by_one = Exporter::new(format, "t", ExportFilter::default());
+            let expected: String = odd_entries()
+                .into_iter()
+                .map(|(entry, opened)| one_by_one.line_opened(entry, opened).unwrap())
+                .collect();
+            // Prepared in two batches, as an export's reading makes them.
+            let mut batched = Exporter::new(format, "t", ExportFilter::default());
+            let mut out = Vec::new();
+            for part in odd_entries().chunks(3) {
+                let mut prepared = Prepared::new(format, part.len());
+                for (entry, opened) in part {
+                    let details = serde_json::to_string(&entry.details).unwrap();
+                    let opened = opened.as_ref().map(|v| serde_json::to_vec(v).unwrap());
+                    prepared
+                        .push(&EntryRef::of(entry, &details), opened.as_deref())
+                        .unwrap();
+                }
+                batched.write_prepared(&prepared, &mut out).unwrap();
+            }
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "{format:?}");
+            assert_eq!(
+                batched.trailer(&signer()).unwrap(),
+                one_by_one.trailer(&signer()).unwrap()
+            );
+            // An exporter takes no entries prepared for the other format.
+            let other = match format {
+                Format::Ndjson => Format::Csv,
+                Format::Csv => Format::Ndjson,
+            };
+            let (entry, _) = &odd_entries()[0];
+            let details = serde_json::to_string(&entry.details).unwrap();
+            let mut prepared = Prepared::new(other, 1);
+            prepared.push(&EntryRef::of(entry, &details), None).unwrap();
+            assert!(batched.write_prepared(&prepared, &mut Vec::new()).is_err());
         }
     }
 

@@ -10,7 +10,7 @@ use serde::Serialize;
 use sqlx::postgres::PgRow;
 use twofold_platform::audit_signing::PublishedKeys;
 use twofold_platform::personal::{Keys, Personal};
-use twofold_projections::audit::{AuditEntry, EntryRows, ExportFilter, Exporter, Format};
+use twofold_projections::audit::{AuditEntry, EntryRows, ExportFilter, Exporter, Format, Prepared};
 use twofold_projections::checkpoints::{self, Checkpoint, CheckpointPolicy};
 use twofold_projections::directory::{DirectoryQuery, UserRow};
 use twofold_projections::overview::{DailyPoint, Overview};
@@ -45,28 +45,32 @@ fn text(chunk: Vec<u8>) -> Result<String, std::io::Error> {
 /// Audit entries an export reads ahead at once.
 const READ_AHEAD: usize = 512;
 
-/// A batch of audit rows read ahead and, when an export shows personal data
-/// opened, what each row shows opened (`None` for a row with nothing sealed).
-struct Ahead {
-    rows: Vec<Result<PgRow, sqlx::Error>>,
-    opened: Vec<anyhow::Result<Option<Vec<u8>>>>,
-}
+/// Batches read and not yet written: how many are prepared at once (beside
+/// the one the writer waits for).
+const BATCHES_AHEAD: usize = 4;
 
-/// [`queries::audit_rows`], read on a task of its own, a batch of rows
-/// ahead, so that it runs beside the writing and hashing of the entries
-/// before (which the chain keeps on one task). With `opening`, the same
-/// task opens the rows' personal data: the data keys of the users a batch
-/// names that no batch before did, in one statement a batch (one a user was
-/// a round trip per user of the tenant), and each sealed value opened (the
-/// other core's work, where the writing task did it too). Stops when the
-/// rows are no longer wanted.
+/// A batch of entries as the writer takes it: being prepared on a thread of
+/// the blocking pool, or the error that ended the reading.
+type Coming = Result<tokio::task::JoinHandle<anyhow::Result<Prepared>>, anyhow::Error>;
+
+/// [`queries::audit_rows`] read on a task of its own, batches of entries
+/// ahead, each batch's lines prepared on the blocking pool (see
+/// [`Prepared`]), several batches at once, so that all but the chain's
+/// hashing (on the writer's thread, `write_entries`) spreads over the cores:
+/// on the runtime's workers, reading, preparing and writing ran mostly on
+/// one core while the other idled (a task woken by a send runs next on the
+/// sender's worker). With `opening` (an export that shows personal data
+/// opened), the data keys of the users a batch names that no batch before
+/// did are read in one statement a batch, and the batch's preparing opens
+/// its sealed values. Stops when the entries are no longer wanted.
 fn read_ahead(
     pool: sqlx::PgPool,
     tenant: String,
     q: AuditQuery,
+    format: Format,
     opening: Option<Personal>,
-) -> impl Stream<Item = Ahead> + Send + 'static {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Ahead>(2);
+) -> tokio::sync::mpsc::Receiver<Coming> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Coming>(BATCHES_AHEAD);
     tokio::spawn(async move {
         let mut rows = queries::audit_rows(&pool, &tenant, &q);
         let mut decoder = EntryRows::default();
@@ -75,63 +79,133 @@ fn read_ahead(
         let (mut keys, mut asked) = (Keys::default(), HashSet::new());
         let mut batch = Vec::with_capacity(READ_AHEAD);
         loop {
-            let row = rows.next().await;
-            let (end, failed) = (row.is_none(), matches!(row, Some(Err(_))));
+            let (end, row) = match rows.next().await {
+                None => (true, None),
+                Some(Ok(row)) => (false, Some(row)),
+                Some(Err(e)) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
             batch.extend(row);
-            if batch.len() < READ_AHEAD && !end && !failed {
+            if batch.len() < READ_AHEAD && !end {
                 continue;
             }
-            let mut ahead = Ahead {
-                rows: std::mem::replace(&mut batch, Vec::with_capacity(READ_AHEAD)),
-                opened: Vec::new(),
-            };
-            if let Some(personal) = &opening {
-                // Each row decoded once, for its key ids and its opening; a
-                // row that does not decode opens nothing (the writing task
-                // meets the same error).
-                let entries: Vec<_> = ahead
-                    .rows
-                    .iter()
-                    .map(|row| row.as_ref().ok().and_then(|r| decoder.entry(r).ok()))
-                    .collect();
-                let mut wanted = Vec::new();
-                for entry in entries.iter().flatten().filter(|e| e.is_sealed()) {
-                    for id in entry.key_ids() {
-                        if !asked.contains(&id) {
-                            asked.insert(id.clone());
-                            wanted.push(id);
+            let rows = std::mem::replace(&mut batch, Vec::with_capacity(READ_AHEAD));
+            let keys = match &opening {
+                None => None,
+                Some(personal) => {
+                    // The users the batch's sealed entries name.
+                    let (mut named, mut wanted) = (HashSet::new(), Vec::new());
+                    for row in &rows {
+                        let entry = match decoder.entry(row) {
+                            Ok(entry) => entry,
+                            Err(e) => {
+                                let _ = tx.send(Err(e.into())).await;
+                                return;
+                            }
+                        };
+                        if !entry.is_sealed() {
+                            continue;
+                        }
+                        for id in entry.key_ids() {
+                            if asked.insert(id.clone()) {
+                                wanted.push(id.clone());
+                            }
+                            named.insert(id);
                         }
                     }
-                }
-                let read = match wanted.is_empty() {
-                    true => Ok(Keys::default()),
-                    false => personal.read_keys(&pool, &wanted).await,
-                };
-                let opened = read.map(|read| {
-                    keys.extend(read);
-                    entries
-                        .iter()
-                        .map(|entry| entry.as_ref().map_or(Ok(None), |e| e.opened(&keys)))
-                        .collect()
-                });
-                match opened {
-                    Ok(opened) => ahead.opened = opened,
-                    Err(e) => {
-                        ahead.rows.push(Err(e));
-                        let _ = tx.send(ahead).await;
-                        return;
+                    if !wanted.is_empty() {
+                        match personal.read_keys(&pool, &wanted).await {
+                            Ok(read) => keys.extend(read),
+                            Err(e) => {
+                                let _ = tx.send(Err(e.into())).await;
+                                return;
+                            }
+                        }
                     }
+                    Some(keys.only(&named))
+                }
+            };
+            if !rows.is_empty() {
+                let preparing =
+                    tokio::task::spawn_blocking(move || prepare(format, &rows, keys.as_ref()));
+                if tx.send(Ok(preparing)).await.is_err() {
+                    return;
                 }
             }
-            if !ahead.rows.is_empty() && tx.send(ahead).await.is_err() {
-                return;
-            }
-            if end || failed {
+            if end {
                 return;
             }
         }
     });
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|a| (a, rx)) })
+    rx
+}
+
+/// The lines of a batch of audit rows, ready to be chained; with `keys`,
+/// each sealed entry's personal data opened beside it.
+fn prepare(format: Format, rows: &[PgRow], keys: Option<&Keys>) -> anyhow::Result<Prepared> {
+    let mut prepared = Prepared::new(format, rows.len());
+    let mut entries = EntryRows::default();
+    for row in rows {
+        let entry = entries.entry(row)?;
+        let opened = match keys {
+            Some(keys) => entry.opened(keys)?,
+            None => None,
+        };
+        prepared.push(&entry, opened.as_deref())?;
+    }
+    Ok(prepared)
+}
+
+/// How writing an export's entries ended short of its trailer.
+enum Cut {
+    /// Reading or preparing the entries failed.
+    Failed,
+    /// The client went away.
+    Gone,
+}
+
+/// Chains and writes the entries of `batches` into chunks of about
+/// [`EXPORT_CHUNK`] bytes sent to `tx`, `chunk` left holding the last one
+/// unsent. Runs on a thread of the blocking pool, apart from the runtime's
+/// workers (see `read_ahead`): what is left of an entry here is its hash
+/// and copying its line.
+fn write_entries(
+    exporter: &mut Exporter,
+    mut batches: tokio::sync::mpsc::Receiver<Coming>,
+    runtime: &tokio::runtime::Handle,
+    tx: &tokio::sync::mpsc::Sender<Result<String, std::io::Error>>,
+    chunk: &mut Vec<u8>,
+) -> Result<(), Cut> {
+    let failed = |e: anyhow::Error| {
+        tracing::error!(error = %format!("{e:#}"), "audit export failed");
+        Cut::Failed
+    };
+    while let Some(coming) = batches.blocking_recv() {
+        let prepared = runtime
+            .block_on(coming.map_err(failed)?)
+            .map_err(|e| failed(e.into()))?
+            .map_err(failed)?;
+        for i in 0..prepared.len() {
+            exporter
+                .write_prepared_one(&prepared, i, chunk)
+                .map_err(failed)?;
+            if chunk.len() >= EXPORT_CHUNK
+                && tx
+                    .blocking_send(text(std::mem::replace(chunk, new_chunk())))
+                    .is_err()
+            {
+                return Err(Cut::Gone);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An empty chunk of an export, with room for the line that fills it.
+fn new_chunk() -> Vec<u8> {
+    Vec::with_capacity(EXPORT_CHUNK + EXPORT_CHUNK / 4)
 }
 
 /// The longest daily series answered at once.
@@ -466,39 +540,24 @@ impl App {
                 Exporter::after_pruning(format, &tenant, ExportFilter::from(&q), pruned.clone());
             // Lines are gathered into chunks of about EXPORT_CHUNK bytes: one
             // message and one HTTP chunk per line cost more than the line.
-            let new_chunk = || Vec::with_capacity(EXPORT_CHUNK + EXPORT_CHUNK / 4);
             let mut chunk = new_chunk();
             chunk.extend_from_slice(exporter.header().as_bytes());
             let opening = exporter.shows_opened().then(|| personal.clone());
-            let mut batches =
-                std::pin::pin!(read_ahead(pool.clone(), tenant.clone(), q.clone(), opening));
-            let mut entries = EntryRows::default();
-            while let Some(ahead) = batches.next().await {
-                let mut opened = ahead.opened.into_iter();
-                for row in ahead.rows {
-                    // Personal data is opened only where the line shows it
-                    // (by the reading task).
-                    let shown = opened.next().transpose();
-                    let written = (|| -> anyhow::Result<()> {
-                        let row = row?;
-                        let entry = entries.entry(&row)?;
-                        exporter.write_entry(&entry, shown?.flatten().as_deref(), &mut chunk)
-                    })();
-                    if let Err(e) = written {
-                        tracing::error!(error = %e, "audit export failed");
-                        let _ = tx.send(Err(failed())).await;
-                        return;
-                    }
-                    if chunk.len() >= EXPORT_CHUNK
-                        && tx
-                            .send(text(std::mem::replace(&mut chunk, new_chunk())))
-                            .await
-                            .is_err()
-                    {
-                        return;
-                    }
+            let batches = read_ahead(pool.clone(), tenant.clone(), q.clone(), format, opening);
+            let (sender, runtime) = (tx.clone(), tokio::runtime::Handle::current());
+            let written = tokio::task::spawn_blocking(move || {
+                let cut = write_entries(&mut exporter, batches, &runtime, &sender, &mut chunk);
+                (exporter, chunk, cut)
+            })
+            .await;
+            let (exporter, mut chunk) = match written {
+                Ok((exporter, chunk, Ok(()))) => (exporter, chunk),
+                Ok((_, _, Err(Cut::Gone))) => return,
+                Ok((_, _, Err(Cut::Failed))) | Err(_) => {
+                    let _ = tx.send(Err(failed())).await;
+                    return;
                 }
-            }
+            };
             // A pruning while the entries were read may have removed some
             // the mark above does not account for: cut the export short
             // (no trailer, so it fails verification) rather than sign it.

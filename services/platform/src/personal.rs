@@ -335,6 +335,18 @@ impl Keys {
         self.0.extend(other.0);
     }
 
+    /// The keys of `user_ids` among these (an erased user's stays absent):
+    /// what opens a part of what these open, handed to another thread
+    /// without the rest.
+    pub fn only<'a>(&self, user_ids: impl IntoIterator<Item = &'a String>) -> Keys {
+        Self(
+            user_ids
+                .into_iter()
+                .filter_map(|id| Some((id.clone(), self.0.get(id)?.clone())))
+                .collect(),
+        )
+    }
+
     fn open(&self, sealed: &str) -> String {
         self.try_open(sealed).unwrap_or_else(|| ERASED.to_string())
     }
