@@ -3,6 +3,7 @@
 //! its exports.
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use futures::{Stream, StreamExt};
@@ -54,15 +55,14 @@ const BATCHES_AHEAD: usize = 4;
 type Coming = Result<tokio::task::JoinHandle<anyhow::Result<Prepared>>, anyhow::Error>;
 
 /// [`queries::audit_rows`] read on a task of its own, batches of entries
-/// ahead, each batch's lines prepared on the blocking pool (see
-/// [`Prepared`]), several batches at once, so that all but the chain's
-/// hashing (on the writer's thread, `write_entries`) spreads over the cores:
-/// on the runtime's workers, reading, preparing and writing ran mostly on
-/// one core while the other idled (a task woken by a send runs next on the
-/// sender's worker). With `opening` (an export that shows personal data
-/// opened), the data keys of the users a batch names that no batch before
-/// did are read in one statement a batch, and the batch's preparing opens
-/// its sealed values. Stops when the entries are no longer wanted.
+/// ahead, each batch prepared on the blocking pool (`prepare`), several
+/// batches at once, so that all but the chain's hashing (on the writer's
+/// thread, `write_entries`) spreads over the cores: on the runtime's
+/// workers, reading, opening and writing ran mostly on one core while the
+/// other idled (a task woken by a send runs next on the sender's worker).
+/// With `opening` (an export that shows personal data opened), each
+/// batch's preparing opens its sealed values (see [`Opening`]). Stops when
+/// the entries are no longer wanted.
 fn read_ahead(
     pool: sqlx::PgPool,
     tenant: String,
@@ -71,12 +71,16 @@ fn read_ahead(
     opening: Option<Personal>,
 ) -> tokio::sync::mpsc::Receiver<Coming> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Coming>(BATCHES_AHEAD);
+    let opening = opening.map(|personal| {
+        Arc::new(Opening {
+            personal,
+            pool: pool.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            read: Mutex::default(),
+        })
+    });
     tokio::spawn(async move {
         let mut rows = queries::audit_rows(&pool, &tenant, &q);
-        let mut decoder = EntryRows::default();
-        // Data keys read so far (an erased user's stays absent), and the
-        // users they were looked for.
-        let (mut keys, mut asked) = (Keys::default(), HashSet::new());
         let mut batch = Vec::with_capacity(READ_AHEAD);
         loop {
             let (end, row) = match rows.next().await {
@@ -92,44 +96,10 @@ fn read_ahead(
                 continue;
             }
             let rows = std::mem::replace(&mut batch, Vec::with_capacity(READ_AHEAD));
-            let keys = match &opening {
-                None => None,
-                Some(personal) => {
-                    // The users the batch's sealed entries name.
-                    let (mut named, mut wanted) = (HashSet::new(), Vec::new());
-                    for row in &rows {
-                        let entry = match decoder.entry(row) {
-                            Ok(entry) => entry,
-                            Err(e) => {
-                                let _ = tx.send(Err(e.into())).await;
-                                return;
-                            }
-                        };
-                        if !entry.is_sealed() {
-                            continue;
-                        }
-                        for id in entry.key_ids() {
-                            if asked.insert(id.clone()) {
-                                wanted.push(id.clone());
-                            }
-                            named.insert(id);
-                        }
-                    }
-                    if !wanted.is_empty() {
-                        match personal.read_keys(&pool, &wanted).await {
-                            Ok(read) => keys.extend(read),
-                            Err(e) => {
-                                let _ = tx.send(Err(e.into())).await;
-                                return;
-                            }
-                        }
-                    }
-                    Some(keys.only(&named))
-                }
-            };
             if !rows.is_empty() {
+                let opening = opening.clone();
                 let preparing =
-                    tokio::task::spawn_blocking(move || prepare(format, &rows, keys.as_ref()));
+                    tokio::task::spawn_blocking(move || prepare(format, &rows, opening.as_deref()));
                 if tx.send(Ok(preparing)).await.is_err() {
                     return;
                 }
@@ -142,18 +112,77 @@ fn read_ahead(
     rx
 }
 
-/// The lines of a batch of audit rows, ready to be chained; with `keys`,
-/// each sealed entry's personal data opened beside it.
-fn prepare(format: Format, rows: &[PgRow], keys: Option<&Keys>) -> anyhow::Result<Prepared> {
+/// What opens an export's personal data: the data keys of the users its
+/// entries name, read as the batches being prepared name them.
+struct Opening {
+    personal: Personal,
+    pool: sqlx::PgPool,
+    runtime: tokio::runtime::Handle,
+    read: Mutex<KeysRead>,
+}
+
+/// The data keys an export has read (an erased user's stays absent), and
+/// the users they were looked for.
+#[derive(Default)]
+struct KeysRead {
+    keys: Keys,
+    asked: HashSet<String>,
+}
+
+impl Opening {
+    /// The keys of the users in `named`, those no batch looked for before
+    /// read in one statement. Called from the blocking pool. A user two
+    /// batches name at once may be read by both (a user is counted as
+    /// looked for once the read is done, so no batch opens with a key still
+    /// being read).
+    fn keys_of(&self, named: &HashSet<String>) -> anyhow::Result<Keys> {
+        let read = || self.read.lock().unwrap_or_else(|p| p.into_inner());
+        let wanted: Vec<String> = {
+            let read = read();
+            named
+                .iter()
+                .filter(|id| !read.asked.contains(*id))
+                .cloned()
+                .collect()
+        };
+        if !wanted.is_empty() {
+            let keys = self
+                .runtime
+                .block_on(self.personal.read_keys(&self.pool, &wanted))?;
+            let mut read = read();
+            read.keys.extend(keys);
+            read.asked.extend(wanted);
+        }
+        Ok(read().keys.only(named))
+    }
+}
+
+/// The lines of a batch of audit rows, ready to be chained; with
+/// `opening`, each sealed entry's personal data opened beside it.
+fn prepare(format: Format, rows: &[PgRow], opening: Option<&Opening>) -> anyhow::Result<Prepared> {
+    let mut decoder = EntryRows::default();
+    let entries = rows
+        .iter()
+        .map(|row| decoder.entry(row))
+        .collect::<Result<Vec<_>, _>>()?;
+    let keys = match opening {
+        Some(opening) => {
+            let named = entries
+                .iter()
+                .filter(|entry| entry.is_sealed())
+                .flat_map(|entry| entry.key_ids())
+                .collect();
+            Some(opening.keys_of(&named)?)
+        }
+        None => None,
+    };
     let mut prepared = Prepared::new(format, rows.len());
-    let mut entries = EntryRows::default();
-    for row in rows {
-        let entry = entries.entry(row)?;
-        let opened = match keys {
+    for entry in &entries {
+        let opened = match &keys {
             Some(keys) => entry.opened(keys)?,
             None => None,
         };
-        prepared.push(&entry, opened.as_deref())?;
+        prepared.push(entry, opened.as_deref())?;
     }
     Ok(prepared)
 }
