@@ -17,6 +17,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
+/// The allocator `twofold` runs with, so the relay and the load measured in
+/// this process allocate as they do in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Clone)]
 pub struct Args {
     /// The `twofold` binary to start.

@@ -11,6 +11,11 @@ use twofold_platform::{Clock, Config, SystemClock};
 
 use cli::{AuditCommand, Cli, Command, ProjectionsCommand};
 
+/// mimalloc rather than glibc's malloc: the workers allocate and free many
+/// small buffers from several threads (README, "The allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     twofold_platform::telemetry::init_tracing()?;
