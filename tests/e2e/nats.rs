@@ -377,31 +377,10 @@ async fn a_backlog_of_many_batches_is_published_once_each_and_in_order_per_strea
         "{events} events in {rows} outbox rows"
     );
 
-    let config = nats_config(&nats_url());
-    let relay = start_relay(&app, &config).await;
-    eventually("the outbox to drain", async || {
-        count(&app, "SELECT count(*) FROM outbox").await == 0
-    })
-    .await;
-    relay.abort();
-
-    let client = async_nats::connect(&config.nats_url).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let stream = js.get_stream(&config.nats_stream).await.unwrap();
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
+    let (messages, in_stream) = relay_all(&app, events as usize).await;
     let mut seen = std::collections::HashSet::new();
     let mut last: std::collections::HashMap<String, i64> = Default::default();
-    use futures::StreamExt;
-    while (seen.len() as i64) < events {
-        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .expect("every event arrives")
-            .unwrap()
-            .unwrap();
+    for message in messages {
         let id = message
             .headers
             .as_ref()
@@ -415,13 +394,104 @@ async fn a_backlog_of_many_batches_is_published_once_each_and_in_order_per_strea
         let before = last.insert(stream_id.to_string(), sequence).unwrap_or(0);
         assert!(sequence > before, "{stream_id}: {sequence} after {before}");
     }
+    assert_eq!(in_stream as i64, events, "nothing more");
+}
+
+/// Starts a relay on a stream of its own, waits until it has drained the
+/// outbox, and answers the first `expected` messages of the stream, in its
+/// order, and how many it holds in all.
+async fn relay_all(app: &TestApp, expected: usize) -> (Vec<async_nats::jetstream::Message>, u64) {
+    let config = nats_config(&nats_url());
+    let relay = start_relay(app, &config).await;
+    eventually("the outbox to drain", async || {
+        count(app, "SELECT count(*) FROM outbox").await == 0
+    })
+    .await;
+    relay.abort();
+
+    let client = async_nats::connect(&config.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(&config.nats_stream).await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut read = Vec::with_capacity(expected);
+    use futures::StreamExt;
+    while read.len() < expected {
+        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("every event arrives")
+            .unwrap()
+            .unwrap();
+        read.push(message);
+    }
     let info = js
         .get_stream(&config.nats_stream)
         .await
         .unwrap()
         .cached_info()
         .clone();
-    assert_eq!(info.state.messages as i64, events, "nothing more");
+    (read, info.state.messages)
+}
+
+/// The relay reads an outbox row's events with one walk of the positions'
+/// index when they lie close together, and one by one when they do not:
+/// either way exactly the events the row names, in its order, and nothing
+/// in between that belongs to another row.
+#[tokio::test]
+async fn outbox_rows_whose_events_lie_apart_or_interleaved_publish_exactly_theirs() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    for i in 0..30 {
+        app.create_user(
+            &admin,
+            json!({"username": format!("apart{i}"), "password": "correct horse battery"}),
+        )
+        .await;
+    }
+    let positions: Vec<i64> =
+        sqlx::query_scalar("SELECT global_position FROM events ORDER BY global_position")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert!(positions.len() >= 30, "{} events", positions.len());
+    // One row of every tenth event (far apart: read one by one), then the
+    // rest dealt alternately into two rows (close together, each with the
+    // other's events in between).
+    let apart: Vec<i64> = positions.iter().copied().step_by(10).collect();
+    let rest: Vec<i64> = positions
+        .iter()
+        .copied()
+        .filter(|p| !apart.contains(p))
+        .collect();
+    let even: Vec<i64> = rest.iter().copied().step_by(2).collect();
+    let odd: Vec<i64> = rest.iter().copied().skip(1).step_by(2).collect();
+    let close = |row: &[i64]| row[row.len() - 1] - row[0] < twofold_relay::SPAN * row.len() as i64;
+    assert!(!close(&apart) && close(&even) && close(&odd));
+    sqlx::query("DELETE FROM outbox")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    for row in [&apart, &even, &odd] {
+        sqlx::query("INSERT INTO outbox (positions) VALUES ($1)")
+            .bind(row)
+            .execute(&app.pool)
+            .await
+            .unwrap();
+    }
+
+    let (messages, in_stream) = relay_all(&app, positions.len()).await;
+    let published: Vec<i64> = messages
+        .iter()
+        .map(|m| {
+            let body: Value = serde_json::from_slice(&m.payload).unwrap();
+            body["global_position"].as_i64().unwrap()
+        })
+        .collect();
+    assert_eq!(published, [apart, even, odd].concat());
+    assert_eq!(in_stream as usize, positions.len(), "nothing more");
 }
 
 #[tokio::test]

@@ -53,6 +53,9 @@ pub const BATCH_ROWS: i64 = 20;
 const IN_FLIGHT: usize = 2;
 /// Most events in a batch: the trigger writes at most 100 per outbox row.
 const BATCH_EVENTS: usize = BATCH_ROWS as usize * 100;
+/// How far apart an outbox row's positions may lie, per position, for the
+/// row to be read with one walk of the index (see [`Relay::read`]).
+pub const SPAN: i64 = 4;
 /// The wait before the next look at the outbox after a round that published.
 const BUSY_POLL: Duration = Duration::from_millis(2);
 /// JetStream drops a re-published event within this window.
@@ -303,12 +306,17 @@ impl Relay {
     /// The events of up to `BATCH_ROWS` outbox rows, oldest first, leaving
     /// out the rows `in_flight`.
     ///
-    /// Each event is looked up by its position (`OFFSET 0` keeps PostgreSQL
-    /// from turning the lookup into a join, which its general plan, used for
-    /// a statement run often, makes a scan of every event). Read on a
-    /// connection of the relay's own, which tells PostgreSQL not to memoize
-    /// the lookups: every position is distinct, so the memo only costs (it
-    /// doubled the read's time).
+    /// A row's positions (sorted) are read with one walk of the positions'
+    /// index from its first to its last, keeping those it names, when they
+    /// lie close together, as one statement's do: at most [`SPAN`] times as
+    /// far apart as there are of them (events of other transactions in
+    /// between are skipped). Otherwise each event is looked up by its
+    /// position (`OFFSET 0` keeps PostgreSQL from turning the lookup into a
+    /// join, which its general plan, used for a statement run often, makes a
+    /// scan of every event). The walk costs PostgreSQL about half what 100
+    /// lookups do. Read on a connection of the relay's own, which tells
+    /// PostgreSQL not to memoize the lookups: every position is distinct, so
+    /// the memo only costs (it doubled the read's time).
     pub async fn read(&self, in_flight: &[i64]) -> anyhow::Result<Batch> {
         let mut reader = self.reader.lock().await;
         let mut conn = match reader.take() {
@@ -325,11 +333,20 @@ impl Relay {
         };
         let rows = sqlx::query(&format!(
             "SELECT n.id AS outbox_id, e.* \
-             FROM (SELECT id, positions FROM outbox WHERE id <> ALL($2) ORDER BY id LIMIT $1) n \
-             CROSS JOIN LATERAL unnest(n.positions) AS p(position) \
+             FROM (SELECT id, positions, \
+                     positions[cardinality(positions)] - positions[1] < {SPAN} * cardinality(positions) AS close \
+                   FROM outbox WHERE id <> ALL($2) ORDER BY id LIMIT $1) n \
              CROSS JOIN LATERAL ( \
-               SELECT {COLUMNS} FROM events WHERE global_position = p.position OFFSET 0) e \
-             ORDER BY n.id, p.position"
+               SELECT {COLUMNS} FROM events \
+               WHERE n.close \
+                 AND global_position BETWEEN n.positions[1] AND n.positions[cardinality(n.positions)] \
+                 AND (global_position = ANY(n.positions)) IS TRUE \
+               UNION ALL \
+               SELECT l.* FROM unnest(n.positions) AS p(position) \
+               CROSS JOIN LATERAL ( \
+                 SELECT {COLUMNS} FROM events WHERE global_position = p.position OFFSET 0) l \
+               WHERE NOT n.close) e \
+             ORDER BY n.id, e.global_position"
         ))
         .bind(BATCH_ROWS)
         .bind(in_flight)
