@@ -52,6 +52,14 @@ async fn count(app: &TestApp, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&app.pool).await.unwrap()
 }
 
+/// Waits (bounded) until a relay has published the whole outbox.
+async fn outbox_drained(app: &TestApp) {
+    eventually("the outbox to drain", async || {
+        count(app, "SELECT count(*) FROM outbox").await == 0
+    })
+    .await;
+}
+
 /// Waits (bounded) until `done` holds.
 pub(crate) async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
     for _ in 0..200 {
@@ -140,10 +148,7 @@ async fn history_in_the_stream() -> (TestApp, Config, tokio::task::JoinHandle<()
     let config = nats_config(&nats_url());
     let relay = start_relay(&app, &config).await;
     some_history(&app).await;
-    eventually("the outbox to drain", async || {
-        count(&app, "SELECT count(*) FROM outbox").await == 0
-    })
-    .await;
+    outbox_drained(&app).await;
     (app, config, relay)
 }
 
@@ -290,10 +295,7 @@ async fn with_nats_down_sign_in_works_and_every_event_arrives_once_it_is_back() 
     let config = nats_config(&format!("nats://127.0.0.1:{port}"));
     let relay = start_relay(&app, &config).await;
     some_history(&app).await;
-    eventually("the outbox to drain", async || {
-        count(&app, "SELECT count(*) FROM outbox").await == 0
-    })
-    .await;
+    outbox_drained(&app).await;
 
     // NATS goes away: sign-ins still work, the outbox grows.
     let (port, dir) = nats.stop();
@@ -403,10 +405,7 @@ async fn a_backlog_of_many_batches_is_published_once_each_and_in_order_per_strea
 async fn relay_all(app: &TestApp, expected: usize) -> (Vec<async_nats::jetstream::Message>, u64) {
     let config = nats_config(&nats_url());
     let relay = start_relay(app, &config).await;
-    eventually("the outbox to drain", async || {
-        count(app, "SELECT count(*) FROM outbox").await == 0
-    })
-    .await;
+    outbox_drained(app).await;
     relay.abort();
 
     let client = async_nats::connect(&config.nats_url).await.unwrap();
