@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 
 use twofold_domain::Ctx;
 use twofold_platform::audit_signing::{AuditSigner, VerifyingKeys, ALGORITHM};
-use twofold_platform::personal::{Keys, Personal, SEALED_PREFIX};
+use twofold_platform::json::push_str_field;
+use twofold_platform::personal::{holds_sealed, Keys, Personal, SEALED_PREFIX};
 
 use crate::queries::AuditQuery;
 use crate::record::{EventRecord, RecordExt};
@@ -211,20 +212,20 @@ impl<'a> EntryRef<'a> {
     /// Appends the entry's canonical JSON to `out`: the bytes serde writes
     /// for the [`AuditEntry`], fields in its order.
     fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
-        use twofold_platform::json::{push_field, push_raw_field};
+        use twofold_platform::json::{push_field, push_raw_field, push_time_field};
         push_field(out, true, "position", &self.position)?;
-        push_field(out, false, "tenant_id", self.tenant_id)?;
-        push_field(out, false, "aggregate_type", self.aggregate_type)?;
-        push_field(out, false, "aggregate_id", self.aggregate_id)?;
+        push_str_field(out, false, "tenant_id", self.tenant_id)?;
+        push_str_field(out, false, "aggregate_type", self.aggregate_type)?;
+        push_str_field(out, false, "aggregate_id", self.aggregate_id)?;
         push_field(out, false, "sequence", &self.sequence)?;
-        push_field(out, false, "event_type", self.event_type)?;
-        push_field(out, false, "at", &self.at)?;
-        push_field(out, false, "actor_kind", self.actor_kind)?;
-        push_field(out, false, "actor_id", &self.actor_id)?;
-        push_field(out, false, "ip", &self.ip)?;
-        push_field(out, false, "user_agent", &self.user_agent)?;
-        push_field(out, false, "reason", &self.reason)?;
-        push_field(out, false, "user_id", &self.user_id)?;
+        push_str_field(out, false, "event_type", self.event_type)?;
+        push_time_field(out, false, "at", &self.at)?;
+        push_str_field(out, false, "actor_kind", self.actor_kind)?;
+        push_str_field(out, false, "actor_id", self.actor_id)?;
+        push_str_field(out, false, "ip", self.ip)?;
+        push_str_field(out, false, "user_agent", self.user_agent)?;
+        push_str_field(out, false, "reason", self.reason)?;
+        push_str_field(out, false, "user_id", self.user_id)?;
         push_raw_field(out, false, "details", self.details);
         out.push(b'}');
         Ok(())
@@ -239,7 +240,7 @@ impl<'a> EntryRef<'a> {
             .into_iter()
             .flatten()
             .any(|v| v.starts_with(SEALED_PREFIX))
-            || self.details.contains(SEALED_PREFIX)
+            || holds_sealed(self.details)
     }
 
     /// The data keys the entry's sealed values name.
@@ -262,18 +263,22 @@ impl<'a> EntryRef<'a> {
         }
         let open = |v: Option<&str>| v.map(|v| Personal::open_str(v, keys));
         // Keys in sorted order, as serde_json writes a map.
-        let mut out = b"{\"details\":".to_vec();
-        if self.details.contains(SEALED_PREFIX) {
+        let mut out = Vec::with_capacity(self.details.len() + 192);
+        out.extend_from_slice(b"{\"details\":");
+        if holds_sealed(self.details) {
             let mut details: Value = serde_json::from_str(self.details)?;
             Personal::open_value(&mut details, keys);
             serde_json::to_writer(&mut out, &details)?;
         } else {
             out.extend_from_slice(self.details.as_bytes());
         }
-        out.extend_from_slice(b",\"ip\":");
-        serde_json::to_writer(&mut out, &open(self.ip))?;
-        out.extend_from_slice(b",\"user_agent\":");
-        serde_json::to_writer(&mut out, &open(self.user_agent))?;
+        push_str_field(&mut out, false, "ip", open(self.ip).as_deref())?;
+        push_str_field(
+            &mut out,
+            false,
+            "user_agent",
+            open(self.user_agent).as_deref(),
+        )?;
         out.push(b'}');
         Ok(Some(out))
     }

@@ -59,16 +59,16 @@ struct Fields<'a> {
 impl Fields<'_> {
     /// What serde writes for the [`Envelope`], fields in its order.
     fn to_json(&self) -> serde_json::Result<Vec<u8>> {
-        use crate::json::{push_field, push_raw_field};
+        use crate::json::{push_field, push_raw_field, push_str_field, push_time_field};
         let mut out = Vec::with_capacity(256 + self.payload.len());
         push_field(&mut out, true, "global_position", &self.global_position)?;
-        push_field(&mut out, false, "aggregate_type", self.aggregate_type)?;
-        push_field(&mut out, false, "aggregate_id", self.aggregate_id)?;
+        push_str_field(&mut out, false, "aggregate_type", self.aggregate_type)?;
+        push_str_field(&mut out, false, "aggregate_id", self.aggregate_id)?;
         push_field(&mut out, false, "sequence", &self.sequence)?;
-        push_field(&mut out, false, "event_type", self.event_type)?;
-        push_field(&mut out, false, "event_version", self.event_version)?;
-        push_field(&mut out, false, "tenant_id", &self.tenant_id)?;
-        push_field(&mut out, false, "recorded_at", &self.recorded_at)?;
+        push_str_field(&mut out, false, "event_type", self.event_type)?;
+        push_str_field(&mut out, false, "event_version", self.event_version)?;
+        push_str_field(&mut out, false, "tenant_id", self.tenant_id)?;
+        push_time_field(&mut out, false, "recorded_at", &self.recorded_at)?;
         push_raw_field(&mut out, false, "payload", self.payload);
         out.push(b'}');
         Ok(out)

@@ -35,6 +35,16 @@ pub use twofold_domain::user::ERASED;
 /// (the user's id) and the sealed bytes.
 pub const SEALED_PREFIX: &str = "sealed:1:";
 
+/// Finds [`SEALED_PREFIX`] in a text (built once: an export searches every
+/// entry's text for it).
+static SEALED_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(SEALED_PREFIX));
+
+/// Whether `text` holds [`SEALED_PREFIX`] anywhere.
+pub fn holds_sealed(text: &str) -> bool {
+    SEALED_FINDER.find(text.as_bytes()).is_some()
+}
+
 /// The payload fields whose strings are personal.
 const PERSONAL: &[&str] = &[
     "username",
@@ -176,9 +186,9 @@ impl Personal {
 
     /// The ids of the data keys the sealed values in `text` name.
     pub fn key_ids(text: &str) -> Vec<String> {
-        let mut ids: Vec<String> = text
-            .match_indices(SEALED_PREFIX)
-            .filter_map(|(at, _)| {
+        let mut ids: Vec<String> = SEALED_FINDER
+            .find_iter(text.as_bytes())
+            .filter_map(|at| {
                 let rest = &text[at + SEALED_PREFIX.len()..];
                 rest.split_once(':').map(|(id, _)| id.to_string())
             })
