@@ -103,7 +103,9 @@ impl AuditEntry {
 
     /// The data keys the entry's sealed values name.
     pub fn key_ids(&self) -> Vec<String> {
-        EntryRef::of(self, &self.details.to_string()).key_ids()
+        let details = self.details.to_string();
+        let entry = EntryRef::of(self, &details);
+        entry.key_ids().into_iter().map(str::to_string).collect()
     }
 
     /// The entry as shown: its personal data opened with `keys`, or
@@ -243,13 +245,14 @@ impl<'a> EntryRef<'a> {
             || holds_sealed(self.details)
     }
 
-    /// The data keys the entry's sealed values name.
-    pub fn key_ids(&self) -> Vec<String> {
-        let mut ids = Personal::key_ids(self.details);
-        for v in [self.ip, self.user_agent].into_iter().flatten() {
-            ids.extend(Personal::key_ids(v));
-        }
-        ids.sort();
+    /// The data keys the entry's sealed values name, as the row holds them.
+    pub fn key_ids(&self) -> Vec<&'a str> {
+        let mut ids: Vec<&'a str> = [Some(self.details), self.ip, self.user_agent]
+            .into_iter()
+            .flatten()
+            .flat_map(Personal::key_ids_in)
+            .collect();
+        ids.sort_unstable();
         ids.dedup();
         ids
     }

@@ -135,14 +135,14 @@ impl Opening {
     /// batches name at once may be read by both (a user is counted as
     /// looked for once the read is done, so no batch opens with a key still
     /// being read).
-    fn keys_of(&self, named: &HashSet<String>) -> anyhow::Result<Keys> {
+    fn keys_of(&self, named: &HashSet<&str>) -> anyhow::Result<Keys> {
         let read = || self.read.lock().unwrap_or_else(|p| p.into_inner());
         let wanted: Vec<String> = {
             let read = read();
             named
                 .iter()
-                .filter(|id| !read.asked.contains(*id))
-                .cloned()
+                .filter(|id| !read.asked.contains(**id))
+                .map(|id| id.to_string())
                 .collect()
         };
         if !wanted.is_empty() {
@@ -153,7 +153,7 @@ impl Opening {
             read.keys.extend(keys);
             read.asked.extend(wanted);
         }
-        Ok(read().keys.only(named))
+        Ok(read().keys.only(named.iter().copied()))
     }
 }
 

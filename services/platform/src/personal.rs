@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 use serde_json::value::RawValue;
@@ -186,16 +186,19 @@ impl Personal {
 
     /// The ids of the data keys the sealed values in `text` name.
     pub fn key_ids(text: &str) -> Vec<String> {
-        let mut ids: Vec<String> = SEALED_FINDER
-            .find_iter(text.as_bytes())
-            .filter_map(|at| {
-                let rest = &text[at + SEALED_PREFIX.len()..];
-                rest.split_once(':').map(|(id, _)| id.to_string())
-            })
-            .collect();
+        let mut ids: Vec<String> = Self::key_ids_in(text).map(str::to_string).collect();
         ids.sort();
         ids.dedup();
         ids
+    }
+
+    /// The ids of the data keys the sealed values in `text` name, as
+    /// they stand in it (a key's id once for each value it seals).
+    pub fn key_ids_in(text: &str) -> impl Iterator<Item = &str> {
+        SEALED_FINDER.find_iter(text.as_bytes()).filter_map(|at| {
+            let rest = &text[at + SEALED_PREFIX.len()..];
+            rest.split_once(':').map(|(id, _)| id)
+        })
     }
 
     /// The data keys of `user_ids` as they stand in `data_keys` now (an
@@ -348,11 +351,11 @@ impl Keys {
     /// The keys of `user_ids` among these (an erased user's stays absent):
     /// what opens a part of what these open, handed to another thread
     /// without the rest.
-    pub fn only<'a>(&self, user_ids: impl IntoIterator<Item = &'a String>) -> Keys {
+    pub fn only<'a>(&self, user_ids: impl IntoIterator<Item = &'a str>) -> Keys {
         Self(
             user_ids
                 .into_iter()
-                .filter_map(|id| Some((id.clone(), self.0.get(id)?.clone())))
+                .filter_map(|id| Some((id.to_string(), self.0.get(id)?.clone())))
                 .collect(),
         )
     }
@@ -365,21 +368,17 @@ impl Keys {
         let rest = sealed.strip_prefix(SEALED_PREFIX)?;
         let (user_id, blob) = rest.split_once(':')?;
         let key = self.0.get(user_id)?;
-        let blob = B64.decode(blob).ok()?;
+        let mut blob = B64.decode(blob).ok()?;
         if blob.len() < 24 {
             return None;
         }
-        let (nonce, ciphertext) = blob.split_at(24);
-        let plain = XChaCha20Poly1305::new(&key.0.into())
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: &value_context(user_id),
-                },
-            )
+        // Opened where it was decoded: the plaintext becomes the string.
+        let nonce = *XNonce::from_slice(&blob[..24]);
+        blob.drain(..24);
+        XChaCha20Poly1305::new(&key.0.into())
+            .decrypt_in_place(&nonce, &value_context(user_id), &mut blob)
             .ok()?;
-        String::from_utf8(plain).ok()
+        String::from_utf8(blob).ok()
     }
 }
 
