@@ -65,8 +65,8 @@ pub fn push_str(out: &mut Vec<u8>, value: &str) -> serde_json::Result<()> {
 
 /// Appends `"name":` and `at` as serde writes a UTC time (RFC 3339, `Z`,
 /// the fraction in 0, 3, 6 or 9 digits as it needs), without the
-/// formatting machinery serde goes through (a tenth of an export's
-/// formatting). Years outside 0–9999 go through serde.
+/// `Display` machinery serde goes through (about 1.5% of a tenant-wide
+/// export's CPU in a profile). Years outside 0–9999 go through serde.
 pub fn push_time_field(
     out: &mut Vec<u8>,
     first: bool,
