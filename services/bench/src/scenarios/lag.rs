@@ -170,9 +170,9 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<Scenario> {
     let writers = Store::<User>::remembering(pool.clone(), USERS)
         .sealing(twofold_platform::personal::Personal::new(keys.clone()));
     settle(&pool).await?;
-    // As a running database's: without it the projector's and the writers'
-    // statements kept plans made while the seeding had just begun, and the
-    // projector read the users' rows by scanning them all.
+    // Statistics as a database that has been running has them: without
+    // them the projector's statements kept plans made while the seeding had
+    // just begun, and it read the users' rows by scanning them all.
     analyze_filled(&pool).await?;
 
     // The peak: sign-ins as fast as the writers can commit them, for as long
