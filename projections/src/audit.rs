@@ -238,11 +238,15 @@ impl<'a> EntryRef<'a> {
     /// (which a search of the details' JSON text finds: the prefix has no
     /// character JSON escapes).
     pub fn is_sealed(&self) -> bool {
+        self.fields_sealed() || holds_sealed(self.details)
+    }
+
+    /// Whether its IP or user agent is sealed.
+    fn fields_sealed(&self) -> bool {
         [self.ip, self.user_agent]
             .into_iter()
             .flatten()
             .any(|v| v.starts_with(SEALED_PREFIX))
-            || holds_sealed(self.details)
     }
 
     /// The data keys the entry's sealed values name, as the row holds them.
@@ -261,14 +265,16 @@ impl<'a> EntryRef<'a> {
     /// user agent and details opened (`{details, ip, user_agent}`); the
     /// details are parsed only when they hold sealed values.
     pub fn opened(&self, keys: &Keys) -> anyhow::Result<Option<Vec<u8>>> {
-        if !self.is_sealed() {
+        // The details searched once, for both questions.
+        let details_sealed = holds_sealed(self.details);
+        if !details_sealed && !self.fields_sealed() {
             return Ok(None);
         }
         let open = |v: Option<&str>| v.map(|v| Personal::open_str(v, keys));
         // Keys in sorted order, as serde_json writes a map.
         let mut out = Vec::with_capacity(self.details.len() + 192);
         out.extend_from_slice(b"{\"details\":");
-        if holds_sealed(self.details) {
+        if details_sealed {
             let mut details: Value = serde_json::from_str(self.details)?;
             Personal::open_value(&mut details, keys);
             serde_json::to_writer(&mut out, &details)?;
