@@ -678,6 +678,89 @@ async fn the_audit_history_and_its_exports_are_tamper_evident() {
     assert!(twofold_projections::audit::verify(&filtered).is_ok());
 }
 
+/// Exports past `audit_exports_at_once` are refused with a stable code and
+/// leave no trace; once one has been read to its end, or dropped, the next
+/// goes through.
+#[tokio::test]
+async fn audit_exports_past_the_limit_are_refused_until_one_is_done() {
+    use futures::StreamExt;
+    let app = crate::helpers::spawn_app_with(|c| c.audit_exports_at_once = 1).await;
+    let admin = app.admin_token().await;
+    let q = || twofold_projections::queries::AuditQuery {
+        format: Some("ndjson".to_string()),
+        ..Default::default()
+    };
+    let export = |format: &str| {
+        app.client
+            .get(format!("{}/audit?format={format}", app.base))
+            .bearer_auth(&admin)
+            .send()
+    };
+    let audit_reads = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE event_type = 'AuditRead'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+    };
+
+    // An export not yet read holds the one place.
+    let (_, streaming) = app
+        .state
+        .operator_audit_export(app.tenant_id, q())
+        .await
+        .unwrap();
+    let before = audit_reads().await;
+    for format in ["ndjson", "csv"] {
+        let refused = export(format).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "exports_busy", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("Try again when one has finished"),
+            "{message}"
+        );
+    }
+    let second = app.state.operator_audit_export(app.tenant_id, q()).await;
+    assert!(
+        matches!(
+            second,
+            Err(twofold_app::AppError::ExportsBusy { running: 1 })
+        ),
+        "a second export went through"
+    );
+    assert_eq!(
+        audit_reads().await,
+        before,
+        "a refused export was recorded as a read"
+    );
+
+    // Read to its end, it frees the place.
+    let text: Vec<_> = streaming.collect().await;
+    let text: String = text.into_iter().map(Result::unwrap).collect();
+    assert!(twofold_projections::audit::verify(&text).is_ok());
+    let over_http = export("ndjson").await.unwrap();
+    assert_eq!(over_http.status(), StatusCode::OK);
+    let over_http = over_http.text().await.unwrap();
+    assert!(twofold_projections::audit::verify(&over_http).is_ok());
+    assert_eq!(audit_reads().await, before + 1);
+
+    // Dropped unread, it frees the place too.
+    let (_, abandoned) = app
+        .state
+        .operator_audit_export(app.tenant_id, q())
+        .await
+        .unwrap();
+    drop(abandoned);
+    let (_, next) = app
+        .state
+        .operator_audit_export(app.tenant_id, q())
+        .await
+        .expect("an abandoned export still held its place");
+    let text: Vec<_> = next.collect().await;
+    assert!(text.iter().all(Result::is_ok));
+}
+
 /// What `twofold audit verify` decides for a file (the binary's own test,
 /// `services/twofold/tests/cli.rs`, checks it answers the same).
 fn verify_cli(file: &std::path::Path) -> bool {

@@ -61,6 +61,10 @@ pub enum AppError {
     /// Input of the wrong shape, named by `code` (`invalid_code_format`, ...).
     #[error("{message}")]
     BadInput { code: &'static str, message: String },
+    /// As many tenant-wide audit exports as this server streams at once are
+    /// streaming.
+    #[error("Too many audit exports are being downloaded from this server right now (it streams at most {running} at once). Try again when one has finished.")]
+    ExportsBusy { running: usize },
     /// A report's query parameters do not fit.
     #[error("{0}")]
     InvalidQuery(String),
@@ -114,6 +118,7 @@ impl AppError {
             Self::UnknownSmsProvider { .. } => "invalid_settings",
             Self::BadInput { code, .. } => code,
             Self::InvalidQuery(_) => "invalid_query",
+            Self::ExportsBusy { .. } => "exports_busy",
             Self::Refused(e) => user_error_code(e),
             Self::Tenant(e) => match e {
                 TenantError::NotFound => "tenant_not_found",

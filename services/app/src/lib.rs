@@ -68,6 +68,19 @@ pub struct Inner {
     pub overview_checkpoints: twofold_projections::as_of::Remembered,
     /// The directory counts matching users up to this many.
     pub directory_count_limit: u32,
+    /// A permit per tenant-wide audit export streaming now; none left, and
+    /// the next is refused.
+    pub audit_exports: Arc<tokio::sync::Semaphore>,
+    pub audit_exports_at_once: usize,
+}
+
+/// How far the admins' and auditors' reads go at once (see `Config`).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    /// The directory counts matching users up to this many.
+    pub directory_count_limit: u32,
+    /// Audit exports streamed at once.
+    pub audit_exports_at_once: usize,
 }
 
 impl std::ops::Deref for App {
@@ -85,8 +98,12 @@ impl App {
         clock: Arc<dyn Clock>,
         remembered_streams: usize,
         sms_providers: Vec<String>,
-        directory_count_limit: u32,
+        limits: ReadLimits,
     ) -> Self {
+        let ReadLimits {
+            directory_count_limit,
+            audit_exports_at_once,
+        } = limits;
         let budget_connections = (*pool.connect_options())
             .clone()
             .options([("synchronous_commit", "off")]);
@@ -97,6 +114,8 @@ impl App {
             budgets_pool,
             sms_providers,
             directory_count_limit,
+            audit_exports: Arc::new(tokio::sync::Semaphore::new(audit_exports_at_once)),
+            audit_exports_at_once,
             tenants: Store::remembering(pool.clone(), remembered_streams),
             users: Store::remembering(pool.clone(), remembered_streams).sealing(personal.clone()),
             personal,
@@ -120,7 +139,10 @@ impl App {
             clock,
             config.remembered_streams,
             config.sms_providers.keys().cloned().collect(),
-            config.directory_count_limit,
+            ReadLimits {
+                directory_count_limit: config.directory_count_limit,
+                audit_exports_at_once: config.audit_exports_at_once,
+            },
         ))
     }
 

@@ -549,6 +549,16 @@ impl App {
                 ))
             }
         };
+        // Refused, not queued, when as many are streaming as this server
+        // allows: each holds a connection while it reads, and queued exports
+        // would hold their requests open with nothing to show. The response
+        // holds the permit: its lines end only once the task writing them has
+        // (a dropped response stops the task at its next send).
+        let permit = Arc::clone(&self.audit_exports)
+            .try_acquire_owned()
+            .map_err(|_| AppError::ExportsBusy {
+                running: self.audit_exports_at_once,
+            })?;
         let pool = self.pool.clone();
         let tenant = tenant_id.to_string();
         let signer = self.keys.audit_signer().clone();
@@ -606,8 +616,8 @@ impl App {
             });
             let _ = tx.send(last.map_err(|_| failed()).and_then(text)).await;
         });
-        let lines = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
+        let lines = futures::stream::unfold((rx, permit), |(mut rx, permit)| async move {
+            rx.recv().await.map(|item| (item, (rx, permit)))
         });
         Ok((format, lines))
     }

@@ -55,6 +55,10 @@ pub struct Config {
     /// The directory counts the users matching a query up to this many;
     /// past it the total is "more than" this (or than the page's end).
     pub directory_count_limit: u32,
+    /// Audit exports (`GET /audit`, filtered or not) one verifier streams at
+    /// once; one more is refused (`exports_busy`) until one has finished. Each
+    /// holds a database connection and a share of the cores while it runs.
+    pub audit_exports_at_once: usize,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// NATS server the relay publishes to and the workers consume from.
@@ -162,6 +166,7 @@ impl Default for Config {
             audit_checkpoint_secs: 3600,
             audit_checkpoint_settle_secs: 30,
             directory_count_limit: 1000,
+            audit_exports_at_once: 2,
             max_body_bytes: 16 * 1024,
             trusted_proxies: Vec::new(),
             nats_url: "nats://127.0.0.1:4222".to_string(),
@@ -216,6 +221,7 @@ const KEYS: &[&str] = &[
     "audit_checkpoint_secs",
     "audit_checkpoint_settle_secs",
     "directory_count_limit",
+    "audit_exports_at_once",
     "max_body_bytes",
     "nats_url",
     "nats_stream",
@@ -257,6 +263,7 @@ const NUMBERS: &[&str] = &[
     "remembered_streams",
     "max_body_bytes",
     "directory_count_limit",
+    "audit_exports_at_once",
     "audit_checkpoint_entries",
     "audit_checkpoint_secs",
     "audit_checkpoint_settle_secs",
@@ -447,6 +454,9 @@ impl Config {
         }
         if self.database_max_connections == 0 {
             bail!("database_max_connections must be at least 1");
+        }
+        if self.audit_exports_at_once == 0 {
+            bail!("audit_exports_at_once must be at least 1");
         }
         self.keyring()?;
         Ok(())

@@ -109,7 +109,7 @@ pub fn status_of(err: &AppError) -> StatusCode {
         | AppError::NoUsableMethod
         | AppError::PasswordChangeRequired => S::FORBIDDEN,
         AppError::Locked => S::LOCKED,
-        AppError::CodeLimitReached { .. } => S::TOO_MANY_REQUESTS,
+        AppError::CodeLimitReached { .. } | AppError::ExportsBusy { .. } => S::TOO_MANY_REQUESTS,
         AppError::UsernameTaken | AppError::WouldLockYouOut => S::CONFLICT,
         AppError::InvalidField(_)
         | AppError::InvalidQuery(_)

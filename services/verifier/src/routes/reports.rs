@@ -226,6 +226,7 @@ pub async fn audit_checkpoints(
             )),
         AnyErrors, SessionErrors,
         (status = 422, description = "`invalid_query`", body = ErrorBody),
+        (status = 429, description = "`exports_busy`: as many exports are streaming as this server runs at once (`audit_exports_at_once`)", body = ErrorBody),
     )
 )]
 pub async fn audit_export(
