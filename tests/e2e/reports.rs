@@ -761,6 +761,76 @@ async fn audit_exports_past_the_limit_are_refused_until_one_is_done() {
     assert!(text.iter().all(Result::is_ok));
 }
 
+/// A client that keeps its connection and reads nothing does not keep its
+/// export's place: after `audit_export_idle_secs` the export is cut short
+/// (no trailer, so what the client got fails verification) and the next
+/// export goes through.
+#[tokio::test]
+async fn a_stalled_export_gives_up_its_place() {
+    use futures::StreamExt;
+    let app = crate::helpers::spawn_app_with(|c| {
+        c.audit_exports_at_once = 1;
+        c.audit_export_idle_secs = 1;
+    })
+    .await;
+    // About 2 MB of history: far more than the chunks waiting for a client.
+    sqlx::query(
+        r#"INSERT INTO rm_audit (position, tenant_id, aggregate_type, aggregate_id, sequence,
+             event_type, at, actor_kind, details)
+           SELECT 1000000 + g, $1, 'tenant', $1, g, 'TenantSettingsChanged', now(), 'system',
+             ('{"note":"' || repeat('x', 500) || '"}')::json
+           FROM generate_series(1, 3000) g"#,
+    )
+    .bind(app.tenant_id.to_string())
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let q = || twofold_projections::queries::AuditQuery {
+        format: Some("ndjson".to_string()),
+        ..Default::default()
+    };
+    let (_, stalled) = app
+        .state
+        .operator_audit_export(app.tenant_id, q())
+        .await
+        .unwrap();
+    assert!(matches!(
+        app.state.operator_audit_export(app.tenant_id, q()).await,
+        Err(twofold_app::AppError::ExportsBusy { .. })
+    ));
+    // Nothing reads `stalled`: its writer stops once the waiting chunks
+    // have sat for the idle time, and the place is free again.
+    let mut next = None;
+    for _ in 0..200 {
+        if let Ok((_, lines)) = app.state.operator_audit_export(app.tenant_id, q()).await {
+            next = Some(lines);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let next = next.expect("the stalled export kept its place");
+    let whole: Vec<_> = next.collect().await;
+    let whole: String = whole.into_iter().map(Result::unwrap).collect();
+    let verified = twofold_projections::audit::verify(&whole);
+    assert!(
+        verified.is_ok(),
+        "{verified:?} {}",
+        &whole[whole.len().saturating_sub(600)..]
+    );
+    assert!(whole.lines().count() > 3000);
+
+    // What the stalled client still gets is the beginning, and it ends in
+    // an error, with no trailer.
+    let got: Vec<_> = stalled.collect().await;
+    assert!(
+        got.last().is_some_and(Result::is_err),
+        "the cut export ended cleanly"
+    );
+    let text: String = got.into_iter().filter_map(Result::ok).collect();
+    assert!(text.lines().count() < 3000);
+    assert!(twofold_projections::audit::verify(&text).is_err());
+}
+
 /// What `twofold audit verify` decides for a file (the binary's own test,
 /// `services/twofold/tests/cli.rs`, checks it answers the same).
 fn verify_cli(file: &std::path::Path) -> bool {

@@ -72,6 +72,9 @@ pub struct Inner {
     /// the next is refused.
     pub audit_exports: Arc<tokio::sync::Semaphore>,
     pub audit_exports_at_once: usize,
+    /// How long an export waits for its client to take the next chunk
+    /// before it is cut short and gives its place up.
+    pub audit_export_idle: std::time::Duration,
 }
 
 /// How far the admins' and auditors' reads go at once (see `Config`).
@@ -81,6 +84,8 @@ pub struct ReadLimits {
     pub directory_count_limit: u32,
     /// Audit exports streamed at once.
     pub audit_exports_at_once: usize,
+    /// How long an export waits for its client to take a chunk.
+    pub audit_export_idle: std::time::Duration,
 }
 
 impl std::ops::Deref for App {
@@ -103,6 +108,7 @@ impl App {
         let ReadLimits {
             directory_count_limit,
             audit_exports_at_once,
+            audit_export_idle,
         } = limits;
         let budget_connections = (*pool.connect_options())
             .clone()
@@ -116,6 +122,7 @@ impl App {
             directory_count_limit,
             audit_exports: Arc::new(tokio::sync::Semaphore::new(audit_exports_at_once)),
             audit_exports_at_once,
+            audit_export_idle,
             tenants: Store::remembering(pool.clone(), remembered_streams),
             users: Store::remembering(pool.clone(), remembered_streams).sealing(personal.clone()),
             personal,
@@ -142,6 +149,7 @@ impl App {
             ReadLimits {
                 directory_count_limit: config.directory_count_limit,
                 audit_exports_at_once: config.audit_exports_at_once,
+                audit_export_idle: std::time::Duration::from_secs(config.audit_export_idle_secs),
             },
         ))
     }

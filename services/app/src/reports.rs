@@ -3,7 +3,8 @@
 //! its exports.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use futures::{Stream, StreamExt};
@@ -193,6 +194,45 @@ enum Cut {
     Failed,
     /// The client went away.
     Gone,
+    /// The client kept its connection and took nothing for too long.
+    Stalled,
+}
+
+/// An export's place among those streaming at once, while it has it: the
+/// response holds it (see `App::audit_export_in`).
+type Place = Mutex<Option<tokio::sync::OwnedSemaphorePermit>>;
+
+/// Where an export's writer hands its chunks to the response.
+#[derive(Clone)]
+struct Handover {
+    tx: tokio::sync::mpsc::Sender<Result<String, std::io::Error>>,
+    /// How long a chunk may wait for the client to take the ones before it.
+    idle: Duration,
+    place: Weak<Place>,
+}
+
+impl Handover {
+    async fn send(&self, item: Result<String, std::io::Error>) -> Result<(), Cut> {
+        match tokio::time::timeout(self.idle, self.tx.send(item)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Cut::Gone),
+            Err(_) => {
+                // A client that keeps its connection open and reads nothing
+                // (a download paused, a pipe nobody empties) would hold the
+                // place for good: the export stops here, without its trailer
+                // (so what the client has fails verification), and gives the
+                // place up while the response lingers.
+                if let Some(place) = self.place.upgrade() {
+                    drop(place.lock().unwrap_or_else(|p| p.into_inner()).take());
+                }
+                tracing::warn!(
+                    idle_secs = self.idle.as_secs(),
+                    "an audit export's client took nothing for too long; export cut short"
+                );
+                Err(Cut::Stalled)
+            }
+        }
+    }
 }
 
 /// Chains and writes the entries of `batches` into chunks of about
@@ -204,7 +244,7 @@ fn write_entries(
     exporter: &mut Exporter,
     mut batches: tokio::sync::mpsc::Receiver<Coming>,
     runtime: &tokio::runtime::Handle,
-    tx: &tokio::sync::mpsc::Sender<Result<String, std::io::Error>>,
+    handover: &Handover,
     chunk: &mut Vec<u8>,
 ) -> Result<(), Cut> {
     let failed = |e: anyhow::Error| {
@@ -220,12 +260,9 @@ fn write_entries(
             exporter
                 .write_prepared_one(&prepared, i, chunk)
                 .map_err(failed)?;
-            if chunk.len() >= EXPORT_CHUNK
-                && tx
-                    .blocking_send(text(std::mem::replace(chunk, new_chunk())))
-                    .is_err()
-            {
-                return Err(Cut::Gone);
+            if chunk.len() >= EXPORT_CHUNK {
+                let full = text(std::mem::replace(chunk, new_chunk()));
+                runtime.block_on(handover.send(full))?;
             }
         }
     }
@@ -552,18 +589,25 @@ impl App {
         // Refused, not queued, when as many are streaming as this server
         // allows: each holds a connection while it reads, and queued exports
         // would hold their requests open with nothing to show. The response
-        // holds the permit: its lines end only once the task writing them has
-        // (a dropped response stops the task at its next send).
+        // holds the place: its lines end only once the task writing them has
+        // (a dropped response stops the task at its next send), or the
+        // writer gives it up when the client stops reading.
         let permit = Arc::clone(&self.audit_exports)
             .try_acquire_owned()
             .map_err(|_| AppError::ExportsBusy {
                 running: self.audit_exports_at_once,
             })?;
+        let place: Arc<Place> = Arc::new(Mutex::new(Some(permit)));
         let pool = self.pool.clone();
         let tenant = tenant_id.to_string();
         let signer = self.keys.audit_signer().clone();
         let personal = self.personal.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(4);
+        let handover = Handover {
+            tx,
+            idle: self.audit_export_idle,
+            place: Arc::downgrade(&place),
+        };
         // The export owns what it reads from, so it can outlive the request.
         tokio::spawn(async move {
             let failed = || std::io::Error::other("audit export failed");
@@ -571,7 +615,7 @@ impl App {
                 Ok(pruned) => pruned,
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "audit export failed");
-                    let _ = tx.send(Err(failed())).await;
+                    let _ = handover.send(Err(failed())).await;
                     return;
                 }
             };
@@ -583,7 +627,7 @@ impl App {
             chunk.extend_from_slice(exporter.header().as_bytes());
             let opening = exporter.shows_opened().then(|| personal.clone());
             let batches = read_ahead(pool.clone(), tenant.clone(), q.clone(), format, opening);
-            let (sender, runtime) = (tx.clone(), tokio::runtime::Handle::current());
+            let (sender, runtime) = (handover.clone(), tokio::runtime::Handle::current());
             let written = tokio::task::spawn_blocking(move || {
                 let cut = write_entries(&mut exporter, batches, &runtime, &sender, &mut chunk);
                 (exporter, chunk, cut)
@@ -591,9 +635,9 @@ impl App {
             .await;
             let (exporter, mut chunk) = match written {
                 Ok((exporter, chunk, Ok(()))) => (exporter, chunk),
-                Ok((_, _, Err(Cut::Gone))) => return,
+                Ok((_, _, Err(Cut::Gone | Cut::Stalled))) => return,
                 Ok((_, _, Err(Cut::Failed))) | Err(_) => {
-                    let _ = tx.send(Err(failed())).await;
+                    let _ = handover.send(Err(failed())).await;
                     return;
                 }
             };
@@ -606,7 +650,7 @@ impl App {
                     tracing::warn!(
                         "the audit history was pruned during an export; export cut short"
                     );
-                    let _ = tx.send(Err(failed())).await;
+                    let _ = handover.send(Err(failed())).await;
                     return;
                 }
             }
@@ -614,10 +658,22 @@ impl App {
                 chunk.extend_from_slice(trailer.as_bytes());
                 chunk
             });
-            let _ = tx.send(last.map_err(|_| failed()).and_then(text)).await;
+            let _ = handover
+                .send(last.map_err(|_| failed()).and_then(text))
+                .await;
         });
-        let lines = futures::stream::unfold((rx, permit), |(mut rx, permit)| async move {
-            rx.recv().await.map(|item| (item, (rx, permit)))
+        let lines = futures::stream::unfold(Some((rx, place)), |state| async move {
+            let (mut rx, place) = state?;
+            match rx.recv().await {
+                Some(item) => Some((item, Some((rx, place)))),
+                // Its writer gave the place up (`Handover::send`): the export
+                // ends in an error, not as if it were whole.
+                None if place.lock().unwrap_or_else(|p| p.into_inner()).is_none() => {
+                    let cut = std::io::Error::other("audit export cut short: its client stalled");
+                    Some((Err(cut), None))
+                }
+                None => None,
+            }
         });
         Ok((format, lines))
     }

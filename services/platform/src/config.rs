@@ -59,6 +59,9 @@ pub struct Config {
     /// once; one more is refused (`exports_busy`) until one has finished. Each
     /// holds a database connection and a share of the cores while it runs.
     pub audit_exports_at_once: usize,
+    /// An export whose client takes nothing for this many seconds (its
+    /// connection open, nothing read) is cut short and gives its place up.
+    pub audit_export_idle_secs: u64,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// NATS server the relay publishes to and the workers consume from.
@@ -167,6 +170,7 @@ impl Default for Config {
             audit_checkpoint_settle_secs: 30,
             directory_count_limit: 1000,
             audit_exports_at_once: 2,
+            audit_export_idle_secs: 60,
             max_body_bytes: 16 * 1024,
             trusted_proxies: Vec::new(),
             nats_url: "nats://127.0.0.1:4222".to_string(),
@@ -222,6 +226,7 @@ const KEYS: &[&str] = &[
     "audit_checkpoint_settle_secs",
     "directory_count_limit",
     "audit_exports_at_once",
+    "audit_export_idle_secs",
     "max_body_bytes",
     "nats_url",
     "nats_stream",
@@ -264,6 +269,7 @@ const NUMBERS: &[&str] = &[
     "max_body_bytes",
     "directory_count_limit",
     "audit_exports_at_once",
+    "audit_export_idle_secs",
     "audit_checkpoint_entries",
     "audit_checkpoint_secs",
     "audit_checkpoint_settle_secs",
@@ -457,6 +463,9 @@ impl Config {
         }
         if self.audit_exports_at_once == 0 {
             bail!("audit_exports_at_once must be at least 1");
+        }
+        if self.audit_export_idle_secs == 0 {
+            bail!("audit_export_idle_secs must be at least 1");
         }
         self.keyring()?;
         Ok(())
