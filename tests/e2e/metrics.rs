@@ -17,7 +17,7 @@ fn nats_url() -> String {
     std::env::var("TWOFOLD_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string())
 }
 
-async fn scrape(addr: SocketAddr) -> String {
+pub(crate) async fn scrape(addr: SocketAddr) -> String {
     reqwest::get(format!("http://{addr}/metrics"))
         .await
         .unwrap()
@@ -56,7 +56,7 @@ fn families(text: &str) -> BTreeSet<String> {
 }
 
 /// The value of the sample `series` (name and labels as rendered).
-fn value(text: &str, series: &str) -> Option<f64> {
+pub(crate) fn value(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())

@@ -759,6 +759,11 @@ async fn audit_exports_past_the_limit_are_refused_until_one_is_done() {
         .expect("an abandoned export still held its place");
     let text: Vec<_> = next.collect().await;
     assert!(text.iter().all(Result::is_ok));
+
+    let metrics = crate::metrics::scrape(app.metrics_addr).await;
+    let counted = |series| crate::metrics::value(&metrics, series);
+    assert_eq!(counted("twofold_audit_exports_refused_total"), Some(3.0));
+    assert_eq!(counted("twofold_audit_exports_stalled_total"), Some(0.0));
 }
 
 /// A client that keeps its connection and reads nothing does not keep its
@@ -829,6 +834,10 @@ async fn a_stalled_export_gives_up_its_place() {
     let text: String = got.into_iter().filter_map(Result::ok).collect();
     assert!(text.lines().count() < 3000);
     assert!(twofold_projections::audit::verify(&text).is_err());
+
+    let metrics = crate::metrics::scrape(app.metrics_addr).await;
+    let stalled = crate::metrics::value(&metrics, "twofold_audit_exports_stalled_total");
+    assert_eq!(stalled, Some(1.0), "{metrics}");
 }
 
 /// What `twofold audit verify` decides for a file (the binary's own test,

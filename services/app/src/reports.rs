@@ -225,6 +225,7 @@ impl Handover {
                 if let Some(place) = self.place.upgrade() {
                     drop(place.lock().unwrap_or_else(|p| p.into_inner()).take());
                 }
+                metrics::counter!("twofold_audit_exports_stalled_total").increment(1);
                 tracing::warn!(
                     idle_secs = self.idle.as_secs(),
                     "an audit export's client took nothing for too long; export cut short"
@@ -594,8 +595,11 @@ impl App {
         // writer gives it up when the client stops reading.
         let permit = Arc::clone(&self.audit_exports)
             .try_acquire_owned()
-            .map_err(|_| AppError::ExportsBusy {
-                running: self.audit_exports_at_once,
+            .map_err(|_| {
+                metrics::counter!("twofold_audit_exports_refused_total").increment(1);
+                AppError::ExportsBusy {
+                    running: self.audit_exports_at_once,
+                }
             })?;
         let place: Arc<Place> = Arc::new(Mutex::new(Some(permit)));
         let pool = self.pool.clone();

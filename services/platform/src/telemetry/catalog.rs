@@ -70,6 +70,18 @@ const METRICS: &[(&str, Kind, Unit, &str)] = &[
         "Audit entries removed from the read models by the tenants' retention setting (the events stay).",
     ),
     (
+        "twofold_audit_exports_refused_total",
+        Kind::Counter,
+        Unit::Count,
+        "Audit exports refused because as many were streaming as audit_exports_at_once allows.",
+    ),
+    (
+        "twofold_audit_exports_stalled_total",
+        Kind::Counter,
+        Unit::Count,
+        "Audit exports cut short because their client took nothing for audit_export_idle_secs.",
+    ),
+    (
         "twofold_http_request_duration_seconds",
         Kind::Histogram,
         Unit::Seconds,
@@ -281,6 +293,8 @@ pub fn register_zeros(worker: &str) {
             metrics::counter!("twofold_password_checks_total").increment(0);
             metrics::counter!("twofold_users_created_total").increment(0);
             metrics::counter!("twofold_audit_pruned_entries_total").increment(0);
+            metrics::counter!("twofold_audit_exports_refused_total").increment(0);
+            metrics::counter!("twofold_audit_exports_stalled_total").increment(0);
             for budget in [
                 "codes_per_account",
                 "codes_per_recipient",
