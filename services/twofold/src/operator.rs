@@ -184,7 +184,13 @@ pub async fn audit_export(
 ) -> anyhow::Result<()> {
     use futures::StreamExt;
     use std::io::Write;
-    let app = App::connect(config, clock).await?;
+    // Standard output is the export's one reader, and no other export here
+    // waits for its place: one read slowly (`| less`) is not cut short.
+    let config = Config {
+        audit_export_idle_secs: u64::MAX,
+        ..config.clone()
+    };
+    let app = App::connect(&config, clock).await?;
     let q = twofold_projections::queries::AuditQuery {
         user_id,
         format: Some(format),

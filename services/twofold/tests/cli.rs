@@ -220,16 +220,17 @@ fn the_break_glass_commands_work_without_any_session() {
     psql(&format!("CREATE DATABASE {db}"));
     let url = format!("{}/{db}", admin_url.rsplit_once('/').unwrap().0);
     let key = String::from_utf8(twofold().arg("keygen").output().unwrap().stdout).unwrap();
-    let run = |args: &[&str]| {
-        twofold()
+    let cli = |args: &[&str]| {
+        let mut command = twofold();
+        command
             .args(args)
             .env("TWOFOLD_DATABASE_URL", &url)
             .env("TWOFOLD_KEYS", format!("k={}", key.trim()))
             .env("TWOFOLD_CURRENT_KEY_ID", "k")
-            .env_remove("TWOFOLD_CONFIG")
-            .output()
-            .unwrap()
+            .env_remove("TWOFOLD_CONFIG");
+        command
     };
+    let run = |args: &[&str]| cli(args).output().unwrap();
     let created = run(&[
         "tenant",
         "create",
@@ -299,16 +300,53 @@ fn the_break_glass_commands_work_without_any_session() {
     assert!(keys.status.success(), "{keys:?}");
     let keys_file = dir.join("keys.json");
     std::fs::write(&keys_file, &keys.stdout).unwrap();
-    let verified = twofold()
-        .args(["audit", "verify", "--public-key"])
-        .arg(&keys_file)
-        .arg(&file)
-        .output()
-        .unwrap();
+    let verify = || {
+        twofold()
+            .args(["audit", "verify", "--public-key"])
+            .arg(&keys_file)
+            .arg(&file)
+            .output()
+            .unwrap()
+    };
+    let verified = verify();
     assert!(verified.status.success(), "{verified:?}");
     assert!(
         String::from_utf8_lossy(&verified.stdout).contains("signed by this server's key server-k")
     );
+
+    // An export read slowly through a pipe is not cut short, whatever the
+    // idle limit the verifiers' clients get: about 2 MB, far more than the
+    // pipe holds, left unread for longer than that limit.
+    let filled = Command::new("psql")
+        .args(["-w", "-X", "-q", &url, "-c"])
+        .arg(format!(
+            r#"INSERT INTO rm_audit (position, tenant_id, aggregate_type, aggregate_id, sequence,
+                 event_type, at, actor_kind, details)
+               SELECT 1000000 + g, '{tenant}', 'tenant', '{tenant}', g, 'TenantSettingsChanged',
+                 now(), 'system', ('{{"note":"' || repeat('x', 500) || '"}}')::json
+               FROM generate_series(1, 3000) g"#
+        ))
+        .output()
+        .unwrap();
+    assert!(filled.status.success(), "{filled:?}");
+    let slow = cli(&["audit", "export", "--tenant", &tenant])
+        .env("TWOFOLD_AUDIT_EXPORT_IDLE_SECS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let slow = slow.wait_with_output().unwrap();
+    assert!(
+        slow.status.success(),
+        "{:?}",
+        String::from_utf8_lossy(&slow.stderr)
+    );
+    std::fs::write(&file, &slow.stdout).unwrap();
+    assert!(slow.stdout.len() > 1_500_000);
+    let verified = verify();
+    assert!(verified.status.success(), "{verified:?}");
+
     let _ = std::fs::remove_dir_all(&dir);
     psql(&format!("DROP DATABASE IF EXISTS {db}"));
 }
