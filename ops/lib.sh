@@ -21,8 +21,10 @@ export TWOFOLD_TEST_NATS_URL="${TWOFOLD_TEST_NATS_URL:-nats://127.0.0.1:4222}"
 # CI runs with no stdin: never let apt, sudo or psql wait for an answer.
 export DEBIAN_FRONTEND=noninteractive
 
-# Set once apt-get update has run; exported so ops/test -> ops/deps shares it.
-export TWOFOLD_APT_UPDATED="${TWOFOLD_APT_UPDATED:-0}"
+# Set once apt-get update has run; exported so ops/test -> ops/deps shares it
+# (not TWOFOLD_...: the binary reads those as settings, and warns at one it
+# does not know).
+export OPS_APT_UPDATED="${OPS_APT_UPDATED:-0}"
 
 # "host port" of a URL such as postgres://user:pw@host:port/db or
 # nats://host:port (the first of a comma-separated list), with the default
@@ -89,11 +91,11 @@ twofold_wait_for() {
 
 # apt-get update at most once per run (it is slow and hits the network).
 twofold_apt_update() {
-    [[ $TWOFOLD_APT_UPDATED == 1 ]] && return 0
+    [[ $OPS_APT_UPDATED == 1 ]] && return 0
     twofold_say "running apt-get update"
     # apt's chatter goes to stderr so stdout stays a clean summary.
     twofold_as_root apt-get update -q >&2 || return 1
-    TWOFOLD_APT_UPDATED=1
+    OPS_APT_UPDATED=1
 }
 
 # ensure_packages PKG...: install those Debian packages that are missing.
